@@ -1,0 +1,408 @@
+//! One reqwest client, reused: an action and its parameters in, Aliyun's parsed answer out.
+//!
+//! Every call is signed afresh (new nonce, new timestamp), so a retry is never mistaken for a
+//! replay by Aliyun's nonce check.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::Value;
+use thiserror::Error;
+
+use super::sign;
+use crate::config::{AliyunConfig, SignatureVersion};
+use crate::phone;
+
+pub const API_VERSION: &str = "2017-05-25";
+/// Aliyun answers are a few hundred bytes; anything far larger is an error page or an attack.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Product {
+    /// Number authentication service: verification codes.
+    Dypnsapi,
+    /// Short message service: templated and batch SMS, delivery receipts.
+    Dysmsapi,
+}
+
+/// Why no answer came back. The distinction that matters is whether the request may have
+/// reached Aliyun: only [`CallError::NotSent`] proves it did not.
+#[derive(Debug, Error)]
+pub enum CallError {
+    #[error("could not reach Aliyun: {0}")]
+    NotSent(String),
+    #[error("no answer from Aliyun within {0:?}")]
+    Timeout(Duration),
+    #[error("the connection to Aliyun broke mid-request: {0}")]
+    Broken(String),
+    #[error("Aliyun answered HTTP {0} with more than {MAX_RESPONSE_BYTES} bytes")]
+    TooLarge(u16),
+}
+
+/// Aliyun's answer: HTTP status plus the common fields of its JSON body. Business failures
+/// arrive as HTTP 200 with `Code != "OK"`, so callers branch on `code`, not on the status.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub http_status: u16,
+    pub code: Option<String>,
+    pub message: Option<String>,
+    pub request_id: Option<String>,
+    pub body: Value,
+}
+
+impl Answer {
+    fn parse(http_status: u16, bytes: &[u8]) -> Self {
+        let body: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+        let text = |v: Option<&Value>| match v {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        let message = text(body.get("Message")).or_else(|| {
+            (!body.is_object()).then(|| {
+                format!(
+                    "HTTP {http_status} with a body that is not Aliyun JSON ({} bytes)",
+                    bytes.len()
+                )
+            })
+        });
+        Self {
+            http_status,
+            code: text(body.get("Code")),
+            message,
+            request_id: text(body.get("RequestId"))
+                .or_else(|| text(body.get("Model").and_then(|m| m.get("RequestId")))),
+            body,
+        }
+    }
+
+    fn model_field(&self, name: &str) -> Option<String> {
+        let v = self
+            .body
+            .get("Model")
+            .and_then(|m| m.get(name))
+            .or_else(|| self.body.get(name))?;
+        match v {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+
+    pub fn biz_id(&self) -> Option<String> {
+        self.model_field("BizId")
+    }
+
+    pub fn verify_code(&self) -> Option<String> {
+        self.model_field("VerifyCode")
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.code.as_deref() == Some("OK")
+    }
+}
+
+#[derive(Clone)]
+pub struct AliyunClient {
+    http: reqwest::Client,
+    config: AliyunConfig,
+}
+
+impl AliyunClient {
+    pub fn new(config: AliyunConfig) -> Result<Self, reqwest::Error> {
+        crate::tls::install_crypto_provider();
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.http.connect_timeout)
+            .timeout(config.http.request_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("aliyun-sms-worker/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { http, config })
+    }
+
+    fn endpoint(&self, product: Product) -> &str {
+        match product {
+            Product::Dypnsapi => &self.config.dypnsapi_endpoint,
+            Product::Dysmsapi => &self.config.dysmsapi_endpoint,
+        }
+    }
+
+    /// Signs and sends one call (POST, all parameters in the query, as Aliyun's SDKs do).
+    pub async fn call(
+        &self,
+        product: Product,
+        action: &str,
+        params: &[(&'static str, String)],
+    ) -> Result<Answer, CallError> {
+        let endpoint = self.endpoint(product).trim_end_matches('/');
+        let api: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        let request = match self.config.signature_version {
+            SignatureVersion::V1 => self.sign_v1(endpoint, action, api),
+            SignatureVersion::V3 => self.sign_v3(endpoint, action, api),
+        };
+        let started = std::time::Instant::now();
+        let response = request.send().await.map_err(|e| self.classify_error(&e))?;
+        let status = response.status().as_u16();
+        let bytes = read_limited(response, status)
+            .await
+            .map_err(|e| self.classify_error(&e))??;
+        let answer = Answer::parse(status, &bytes);
+        tracing::debug!(
+            action,
+            http_status = status,
+            code = answer.code.as_deref().unwrap_or(""),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "aliyun answered"
+        );
+        if answer.code.as_deref() == Some("SignatureDoesNotMatch") {
+            self.log_signature_mismatch(action, &answer, params);
+        }
+        Ok(answer)
+    }
+
+    fn common_v1(&self, action: &str) -> Vec<(String, String)> {
+        let creds = &self.config.credentials;
+        let mut p = vec![
+            ("AccessKeyId".into(), creds.access_key_id.clone()),
+            ("Action".into(), action.to_owned()),
+            ("Format".into(), "JSON".into()),
+            ("SignatureMethod".into(), "HMAC-SHA1".into()),
+            ("SignatureNonce".into(), uuid::Uuid::new_v4().to_string()),
+            ("SignatureVersion".into(), "1.0".into()),
+            (
+                "Timestamp".into(),
+                Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            ),
+            ("Version".into(), API_VERSION.into()),
+        ];
+        if let Some(token) = &creds.security_token {
+            p.push(("SecurityToken".into(), token.expose().to_owned()));
+        }
+        p
+    }
+
+    fn sign_v1(
+        &self,
+        endpoint: &str,
+        action: &str,
+        api: Vec<(String, String)>,
+    ) -> reqwest::RequestBuilder {
+        let mut params = self.common_v1(action);
+        params.extend(api);
+        let string_to_sign = sign::v1_string_to_sign("POST", &params);
+        let signature = sign::v1_signature(
+            self.config.credentials.access_key_secret.expose(),
+            &string_to_sign,
+        );
+        params.push(("Signature".into(), signature));
+        // The exact canonical encoding goes on the wire too, so what Aliyun decodes is
+        // byte-for-byte what was signed.
+        let url = format!("{endpoint}/?{}", sign::canonical_query(&params));
+        self.http.post(url).header("content-length", "0")
+    }
+
+    fn sign_v3(
+        &self,
+        endpoint: &str,
+        action: &str,
+        query: Vec<(String, String)>,
+    ) -> reqwest::RequestBuilder {
+        let creds = &self.config.credentials;
+        let host = endpoint
+            .split("://")
+            .nth(1)
+            .unwrap_or(endpoint)
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let mut headers = vec![
+            ("host".to_owned(), host),
+            ("x-acs-action".to_owned(), action.to_owned()),
+            ("x-acs-content-sha256".to_owned(), sign::sha256_hex(b"")),
+            (
+                "x-acs-date".to_owned(),
+                Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            ),
+            (
+                "x-acs-signature-nonce".to_owned(),
+                uuid::Uuid::new_v4().simple().to_string(),
+            ),
+            ("x-acs-version".to_owned(), API_VERSION.to_owned()),
+        ];
+        if let Some(token) = &creds.security_token {
+            headers.push(("x-acs-security-token".into(), token.expose().to_owned()));
+        }
+        let (authorization, _) = sign::v3_authorization(
+            &sign::V3Request {
+                method: "POST",
+                pathname: "/",
+                query: &query,
+                headers: &headers,
+                body: b"",
+            },
+            &creds.access_key_id,
+            creds.access_key_secret.expose(),
+        );
+        let url = format!("{endpoint}/?{}", sign::canonical_query(&query));
+        let mut request = self
+            .http
+            .post(url)
+            .header("content-length", "0")
+            .header("authorization", authorization);
+        for (name, value) in headers.into_iter().filter(|(n, _)| n != "host") {
+            request = request.header(name, value);
+        }
+        request
+    }
+
+    fn classify_error(&self, e: &reqwest::Error) -> CallError {
+        // A connect error (refused, DNS, TLS handshake, connect timeout) proves the request
+        // never left; anything later may have been executed by Aliyun.
+        if e.is_connect() {
+            CallError::NotSent(error_chain(e))
+        } else if e.is_timeout() {
+            CallError::Timeout(self.config.http.request_timeout)
+        } else if e.is_builder() {
+            CallError::NotSent(error_chain(e))
+        } else {
+            CallError::Broken(error_chain(e))
+        }
+    }
+
+    /// On a signature mismatch Aliyun returns its own string-to-sign; logging it beside ours
+    /// shows which parameter was encoded differently. Phone numbers, codes, template values and
+    /// tokens are masked in both; the secret is never part of a string-to-sign.
+    fn log_signature_mismatch(
+        &self,
+        action: &str,
+        answer: &Answer,
+        params: &[(&'static str, String)],
+    ) {
+        let theirs = answer
+            .message
+            .as_deref()
+            .and_then(|m| m.split("server string to sign is:").nth(1))
+            .map(|s| redact_string_to_sign(s.trim()))
+            .unwrap_or_else(|| "(not given)".into());
+        let ours: Vec<String> = params
+            .iter()
+            .map(|(k, v)| format!("{k}={}", redact_value(k, v)))
+            .collect();
+        tracing::error!(
+            action,
+            aliyun_string_to_sign = %theirs,
+            our_api_params = %ours.join("&"),
+            "Aliyun says SignatureDoesNotMatch: check ALIBABA_CLOUD_ACCESS_KEY_SECRET, then compare the two"
+        );
+    }
+}
+
+async fn read_limited(
+    mut response: reqwest::Response,
+    status: u16,
+) -> Result<Result<Vec<u8>, CallError>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Ok(Err(CallError::TooLarge(status)));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Ok(body))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Values of these parameters never reach a log.
+fn redact_value(name: &str, value: &str) -> String {
+    match name {
+        "PhoneNumber" | "PhoneNumbers" => value
+            .split(',')
+            .map(phone::mask)
+            .collect::<Vec<_>>()
+            .join(","),
+        "VerifyCode" | "TemplateParam" | "TemplateParamJson" | "PhoneNumberJson"
+        | "SecurityToken" => format!("<{} chars hidden>", value.chars().count()),
+        _ => value.to_owned(),
+    }
+}
+
+fn redact_string_to_sign(sts: &str) -> String {
+    match sign::v1_params_from_string_to_sign(sts) {
+        Some((method, params)) => {
+            let shown: Vec<String> = params
+                .iter()
+                .map(|(k, v)| format!("{k}={}", redact_value(k, v)))
+                .collect();
+            format!("{method} {}", shown.join("&"))
+        }
+        None => format!("<unparseable, {} chars>", sts.len()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_parse_from_json_html_and_garbage() {
+        let ok = Answer::parse(
+            200,
+            br#"{"Code":"OK","Message":"OK","RequestId":"R1","Model":{"BizId":"B^1","VerifyCode":"4232"}}"#,
+        );
+        assert!(ok.is_ok());
+        assert_eq!(ok.biz_id().as_deref(), Some("B^1"));
+        assert_eq!(ok.verify_code().as_deref(), Some("4232"));
+        assert_eq!(ok.request_id.as_deref(), Some("R1"));
+
+        let sms = Answer::parse(200, br#"{"Code":"OK","BizId":"134523^4351232"}"#);
+        assert_eq!(sms.biz_id().as_deref(), Some("134523^4351232"));
+
+        let html = Answer::parse(502, b"<html><body>Bad gateway</body></html>");
+        assert_eq!(html.code, None);
+        assert!(html.message.unwrap().contains("not Aliyun JSON"));
+
+        for garbage in [
+            &b"{\"Code\":"[..],
+            b"",
+            b"\xff\xfe",
+            b"[1,2,3]",
+            b"{\"Code\":7}",
+        ] {
+            let a = Answer::parse(200, garbage);
+            assert!(!a.is_ok());
+        }
+    }
+
+    #[test]
+    fn redaction_hides_numbers_codes_and_tokens() {
+        let sts = sign::v1_string_to_sign(
+            "POST",
+            &[
+                ("PhoneNumber".into(), "13800138000".into()),
+                ("VerifyCode".into(), "482913".into()),
+                ("SecurityToken".into(), "tok".into()),
+                ("SignName".into(), "x".into()),
+            ],
+        );
+        let shown = redact_string_to_sign(&sts);
+        assert!(!shown.contains("13800138000"), "{shown}");
+        assert!(!shown.contains("482913"), "{shown}");
+        assert!(!shown.contains("tok&"), "{shown}");
+        assert!(shown.contains("138****8000"), "{shown}");
+        assert!(shown.contains("SignName=x"), "{shown}");
+    }
+}

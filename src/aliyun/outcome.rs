@@ -1,0 +1,269 @@
+//! The one classification table: what the worker does with each answer (or non-answer).
+//!
+//! Rules, from `shared/aliyun-api.md` §5:
+//! - retry only what cannot have executed a send (not connected, throttled, 503, 429);
+//! - never repeat a paid send whose answer was lost (timeout, 5xx, nonce reuse): `unknown`;
+//! - per-number flow control is final for the job (`rate_limited`): the code would expire
+//!   before the window reopens;
+//! - credentials, permissions and account state are `failed` (an operator must act);
+//! - every other refusal is permanent: `rejected`.
+
+use super::client::{Answer, CallError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Success,
+    RateLimited,
+    Rejected,
+    Failed,
+    /// Safe to try again after a backoff.
+    Retry,
+    /// The request may have executed; no answer to trust.
+    Unknown,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Success => "success",
+            Verdict::RateLimited => "rate_limited",
+            Verdict::Rejected => "rejected",
+            Verdict::Failed => "failed",
+            Verdict::Retry => "retry",
+            Verdict::Unknown => "unknown",
+        }
+    }
+}
+
+/// Whether repeating the call could cost money or change state twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// SendSmsVerifyCode, SendSms, SendBatchSms: not idempotent at Aliyun.
+    PaidSend,
+    /// Reads and checks, safe to repeat.
+    Idempotent,
+}
+
+/// The worker's own codes, for outcomes without an Aliyun code.
+pub mod codes {
+    pub const NOT_CONNECTED: &str = "ALIYUN_UNREACHABLE";
+    pub const TIMEOUT: &str = "ALIYUN_TIMEOUT";
+    pub const CONNECTION_BROKEN: &str = "ALIYUN_CONNECTION_BROKEN";
+    pub const RESPONSE_TOO_LARGE: &str = "ALIYUN_RESPONSE_TOO_LARGE";
+    pub const BAD_RESPONSE: &str = "ALIYUN_BAD_RESPONSE";
+}
+
+const ACCOUNT_OR_CREDENTIALS: &[&str] = &[
+    "SignatureDoesNotMatch",
+    "IncompleteSignature",
+    "InvalidAccessKeyId.NotFound",
+    "InvalidAccessKeyId.Inactive",
+    "InvalidAccessKeyId",
+    "MissingSecurityToken",
+    "Forbidden.RAM",
+    "Forbidden.RiskControl",
+    "isp.RAM_PERMISSION_DENY",
+    "isv.RAM_PERMISSION_DENY",
+    "isv.OUT_OF_SERVICE",
+    "isv.AMOUNT_NOT_ENOUGH",
+    "isv.PRODUCT_UN_SUBSCRIPT",
+    "isv.PRODUCT_UNSUBSCRIBE",
+    "isv.ACCOUNT_NOT_EXISTS",
+    "isv.ACCOUNT_ABNORMAL",
+    "FUNCTION_NOT_OPENED",
+    "BIZ_NOT_OPEN_STATUS",
+    "RESOURCE_NOT_ENOUGH",
+];
+
+/// Aliyun's own failures: the request may or may not have executed.
+const SERVER_ERROR: &[&str] = &[
+    "InternalError",
+    "ServiceTimeout",
+    "isp.SYSTEM_ERROR",
+    "SMS_SYSTEM_ERROR",
+];
+
+/// Refused before execution, explicitly temporary.
+const TRANSIENT: &[&str] = &[
+    "ServiceUnavailable",
+    "SENTINEL_BLOCK_EXCEPTION",
+    "InvalidTimeStamp.Expired",
+];
+
+fn eq(a: &str, b: &str) -> bool {
+    a.eq_ignore_ascii_case(b)
+}
+
+fn in_list(code: &str, list: &[&str]) -> bool {
+    list.iter().any(|c| eq(code, c))
+}
+
+/// Maps one call's result to a verdict. The call is `effect`; the answer's HTTP status is
+/// informational except where Aliyun gives no code.
+pub fn classify(effect: Effect, result: &Result<Answer, CallError>) -> Verdict {
+    let maybe_executed = match effect {
+        Effect::PaidSend => Verdict::Unknown,
+        Effect::Idempotent => Verdict::Retry,
+    };
+    let answer = match result {
+        Err(CallError::NotSent(_)) => return Verdict::Retry,
+        Err(CallError::Timeout(_) | CallError::Broken(_) | CallError::TooLarge(_)) => {
+            return maybe_executed;
+        }
+        Ok(answer) => answer,
+    };
+    if matches!(answer.http_status, 429 | 503) {
+        return Verdict::Retry;
+    }
+    let Some(code) = answer.code.as_deref() else {
+        return match answer.http_status {
+            500..=599 => maybe_executed,
+            400..=499 => Verdict::Failed,
+            // 2xx/3xx without an Aliyun body: something answered, but not in a way we can
+            // trust for a send.
+            _ => maybe_executed,
+        };
+    };
+    let upper = code.to_ascii_uppercase();
+    if eq(code, "OK") && (200..300).contains(&answer.http_status) {
+        Verdict::Success
+    } else if upper.starts_with("THROTTLING") || in_list(code, TRANSIENT) {
+        Verdict::Retry
+    } else if upper.contains("LIMIT_CONTROL") || upper.contains("FREQUENCY") {
+        Verdict::RateLimited
+    } else if eq(code, "SignatureNonceUsed") {
+        // The same signed bytes already reached Aliyun.
+        maybe_executed
+    } else if in_list(code, SERVER_ERROR) {
+        maybe_executed
+    } else if in_list(code, ACCOUNT_OR_CREDENTIALS) || upper.starts_with("INVALIDSECURITYTOKEN") {
+        Verdict::Failed
+    } else if answer.http_status >= 500 {
+        maybe_executed
+    } else {
+        Verdict::Rejected
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn answer(status: u16, code: Option<&str>) -> Result<Answer, CallError> {
+        Ok(Answer {
+            http_status: status,
+            code: code.map(str::to_owned),
+            message: None,
+            request_id: None,
+            body: serde_json::Value::Null,
+        })
+    }
+
+    use Effect::{Idempotent, PaidSend};
+    use Verdict::*;
+
+    #[test]
+    fn success() {
+        assert_eq!(classify(PaidSend, &answer(200, Some("OK"))), Success);
+    }
+
+    #[test]
+    fn retryable_cannot_have_executed() {
+        for (status, code) in [
+            (400, Some("Throttling.User")),
+            (400, Some("Throttling.Api")),
+            (400, Some("Throttling")),
+            (503, Some("ServiceUnavailable")),
+            (503, None),
+            (429, None),
+            (429, Some("SomethingElse")),
+            (200, Some("SENTINEL_BLOCK_EXCEPTION")),
+            (400, Some("InvalidTimeStamp.Expired")),
+        ] {
+            assert_eq!(
+                classify(PaidSend, &answer(status, code)),
+                Retry,
+                "{status} {code:?}"
+            );
+        }
+        assert_eq!(
+            classify(PaidSend, &Err(CallError::NotSent("refused".into()))),
+            Retry
+        );
+    }
+
+    #[test]
+    fn per_number_flow_control_is_rate_limited() {
+        for code in [
+            "isv.BUSINESS_LIMIT_CONTROL",
+            "BUSINESS_LIMIT_CONTROL",
+            "biz.FREQUENCY",
+            "FREQUENCY_FAIL",
+            "isv.DAY_LIMIT_CONTROL",
+            "isv.month_limit_control",
+        ] {
+            assert_eq!(
+                classify(PaidSend, &answer(200, Some(code))),
+                RateLimited,
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn lost_answers_to_sends_are_unknown_but_retried_for_reads() {
+        let lost = [
+            Err(CallError::Timeout(Duration::from_secs(1))),
+            Err(CallError::Broken("reset".into())),
+            Err(CallError::TooLarge(200)),
+            answer(500, Some("InternalError")),
+            answer(200, Some("isp.SYSTEM_ERROR")),
+            answer(400, Some("SignatureNonceUsed")),
+            answer(502, None),
+            answer(504, Some("GatewayTimeout")),
+            answer(200, None),
+        ];
+        for r in &lost {
+            assert_eq!(classify(PaidSend, r), Unknown, "{r:?}");
+            assert_eq!(classify(Idempotent, r), Retry, "{r:?}");
+        }
+    }
+
+    #[test]
+    fn credentials_and_account_state_fail() {
+        for (status, code) in [
+            (400, "SignatureDoesNotMatch"),
+            (404, "InvalidAccessKeyId.NotFound"),
+            (400, "InvalidSecurityToken.Expired"),
+            (403, "Forbidden.RAM"),
+            (200, "isv.AMOUNT_NOT_ENOUGH"),
+            (200, "FUNCTION_NOT_OPENED"),
+        ] {
+            assert_eq!(
+                classify(PaidSend, &answer(status, Some(code))),
+                Failed,
+                "{code}"
+            );
+        }
+        assert_eq!(classify(PaidSend, &answer(404, None)), Failed);
+    }
+
+    #[test]
+    fn other_refusals_are_permanent() {
+        for (status, code) in [
+            (200, "isv.MOBILE_NUMBER_ILLEGAL"),
+            (400, "MOBILE_NUMBER_ILLEGAL"),
+            (200, "isv.SMS_SIGNATURE_ILLEGAL"),
+            (200, "isv.INVALID_PARAMETERS"),
+            (400, "MissingPhoneNumber"),
+            (404, "InvalidApi.NotFound"),
+        ] {
+            assert_eq!(
+                classify(PaidSend, &answer(status, Some(code))),
+                Rejected,
+                "{code}"
+            );
+        }
+    }
+}

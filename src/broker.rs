@@ -1,0 +1,249 @@
+//! RabbitMQ: connection, topology, consuming jobs, publishing results and dead letters.
+
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+
+use crate::config::{QueueConfig, QueueType};
+use crate::store::ReplyRoute;
+use crate::wire::JobResult;
+
+/// RabbitMQ's direct reply-to pseudo-queue: backends waiting on a result consume from it.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// Header on a dead-lettered job: the worker's code for why it was refused.
+pub const HEADER_INVALID_CODE: &str = "x-sms-invalid-code";
+/// Header on a dead-lettered job: the human-readable reason.
+pub const HEADER_INVALID_REASON: &str = "x-sms-invalid-reason";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("RabbitMQ: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ refused to take the message (publisher nack)")]
+    Nacked,
+}
+
+/// Whether a confirmed publish reached a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routed {
+    Yes,
+    /// Returned as unroutable: the reply_to queue does not exist (any more).
+    NoQueue,
+}
+
+#[derive(Clone)]
+pub struct Broker {
+    connection: std::sync::Arc<Connection>,
+    consume: Channel,
+    publish: Channel,
+    queues: QueueConfig,
+}
+
+fn short(s: &str) -> ShortString {
+    ShortString::from(s)
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+impl Broker {
+    pub async fn connect(url: &str, name: &str, queues: QueueConfig) -> Result<Self, BrokerError> {
+        crate::tls::install_crypto_provider();
+        let connection = Connection::connect(
+            url,
+            ConnectionProperties::default().with_connection_name(name.into()),
+        )
+        .await?;
+        let consume = connection.create_channel().await?;
+        let publish = connection.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self {
+            connection: std::sync::Arc::new(connection),
+            consume,
+            publish,
+            queues,
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// Declares the queues and the dead-letter exchange. Idempotent; run on every (re)connect
+    /// because a broker that lost its state must get the topology back before jobs arrive.
+    pub async fn declare_topology(&self) -> Result<(), BrokerError> {
+        let q = &self.queues;
+        let ch = &self.publish;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        ch.exchange_declare(
+            short(&q.dead_letter_exchange),
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_declare(short(&q.dead_letter), durable, FieldTable::default())
+            .await?;
+        ch.queue_bind(
+            short(&q.dead_letter),
+            short(&q.dead_letter_exchange),
+            short(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        ch.queue_declare(short(&q.jobs), durable, jobs_queue_arguments(q))
+            .await?;
+        ch.queue_declare(short(&q.results), durable, FieldTable::default())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn consume(&self, prefetch: u16, tag: &str) -> Result<Consumer, BrokerError> {
+        self.consume
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        Ok(self
+            .consume
+            .basic_consume(
+                short(&self.queues.jobs),
+                short(tag),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?)
+    }
+
+    /// Stops new deliveries; deliveries already received can still be acked.
+    pub async fn cancel(&self, tag: &str) -> Result<(), BrokerError> {
+        Ok(self
+            .consume
+            .basic_cancel(short(tag), BasicCancelOptions::default())
+            .await?)
+    }
+
+    pub async fn close(&self) {
+        // Closing returns every unacked delivery to its queue; errors mean it is closed already.
+        let _ = self.connection.close(200, short("worker stopping")).await;
+    }
+
+    /// Publishes a job's result (persistent, mandatory, confirmed) to its `reply_to`, or to
+    /// the results queue.
+    pub async fn publish_result(
+        &self,
+        result: &JobResult,
+        route: &ReplyRoute,
+    ) -> Result<Routed, BrokerError> {
+        let destination = route.reply_to.as_deref().unwrap_or(&self.queues.results);
+        let correlation = route.correlation_id.as_deref().or(result.id.as_deref());
+        let mut props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(short("application/json"))
+            .with_type(short("sms.result"))
+            .with_timestamp(u64::try_from(result.finished_at.timestamp()).unwrap_or(0));
+        if let Some(c) = correlation {
+            props = props.with_correlation_id(short(c));
+        }
+        if let Some(id) = &result.id {
+            props = props.with_message_id(short(id));
+        }
+        let confirmation = self
+            .publish
+            .basic_publish(
+                short(""),
+                short(destination),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &result.to_json(),
+                props,
+            )
+            .await?
+            .await?;
+        interpret(confirmation, destination)
+    }
+
+    /// Re-publishes a refused job to the dead-letter exchange, body and properties untouched,
+    /// with the reason in headers.
+    pub async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        code: &str,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(short(HEADER_INVALID_CODE), long(code));
+        headers.insert(short(HEADER_INVALID_REASON), long(reason));
+        let props = delivery.properties.clone().with_headers(headers);
+        let confirmation = self
+            .publish
+            .basic_publish(
+                short(&self.queues.dead_letter_exchange),
+                short(&self.queues.jobs),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                props,
+            )
+            .await?
+            .await?;
+        interpret(confirmation, &self.queues.dead_letter_exchange).map(|_| ())
+    }
+}
+
+fn jobs_queue_arguments(q: &QueueConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        short("x-dead-letter-exchange"),
+        long(&q.dead_letter_exchange),
+    );
+    if q.jobs_queue_type == QueueType::Quorum {
+        args.insert(short("x-queue-type"), long("quorum"));
+        args.insert(
+            short("x-delivery-limit"),
+            AMQPValue::LongLongInt(i64::from(q.delivery_limit)),
+        );
+    }
+    args
+}
+
+fn interpret(confirmation: Confirmation, destination: &str) -> Result<Routed, BrokerError> {
+    match confirmation {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Routed::Yes),
+        // RabbitMQ 3.10 returns mandatory publishes to a direct reply-to name as unroutable
+        // even though it delivered them.
+        Confirmation::Ack(Some(_)) if destination.starts_with(DIRECT_REPLY_TO) => Ok(Routed::Yes),
+        Confirmation::Ack(Some(_)) => Ok(Routed::NoQueue),
+        Confirmation::Nack(_) => Err(BrokerError::Nacked),
+    }
+}
+
+/// The reply route a delivery asks for.
+pub fn reply_route(delivery: &Delivery) -> ReplyRoute {
+    let p = &delivery.properties;
+    ReplyRoute {
+        reply_to: p
+            .reply_to()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .filter(|s| !s.is_empty()),
+        correlation_id: p
+            .correlation_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned())
+            .filter(|s| !s.is_empty()),
+    }
+}

@@ -1,0 +1,432 @@
+//! Settings from the environment, validated once at start.
+//!
+//! Every setting has one name, one default and one parser, listed in [`SETTINGS`] so that the
+//! README table, `--help` and the compose-file check all agree with what the code reads.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// A value that must never reach a log line or an error message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The only way to read the secret: grep for it when auditing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{name} is required but not set ({hint})")]
+    Missing {
+        name: &'static str,
+        hint: &'static str,
+    },
+    #[error("{name} is malformed: {reason}")]
+    Malformed { name: &'static str, reason: String },
+}
+
+/// Which RabbitMQ queue type carries jobs. Quorum queues give the delivery limit that stops a
+/// poison message from looping forever; classic exists for brokers without quorum support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureVersion {
+    V1,
+    V3,
+}
+
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub access_key_secret: Secret,
+    pub security_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub jobs: String,
+    pub results: String,
+    pub dead_letter: String,
+    pub dead_letter_exchange: String,
+    pub jobs_queue_type: QueueType,
+    pub delivery_limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    /// No new attempt starts once this much time has passed since the first one.
+    pub max_elapsed: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AliyunConfig {
+    pub credentials: Credentials,
+    pub dypnsapi_endpoint: String,
+    pub dysmsapi_endpoint: String,
+    pub signature_version: SignatureVersion,
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub amqp_url: Secret,
+    pub database_url: Secret,
+    pub database_max_connections: u32,
+    pub queues: QueueConfig,
+    pub aliyun: AliyunConfig,
+    pub concurrency: u16,
+    pub retry: RetryPolicy,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+}
+
+/// One documented environment variable.
+pub struct Setting {
+    pub name: &'static str,
+    pub default: Option<&'static str>,
+    pub help: &'static str,
+}
+
+macro_rules! settings {
+    ($($ident:ident = $name:literal, $default:expr, $help:literal;)*) => {
+        $(pub const $ident: &str = $name;)*
+        /// Every variable the worker reads, in README order.
+        pub const SETTINGS: &[Setting] = &[$(Setting { name: $name, default: $default, help: $help }),*];
+    };
+}
+
+settings! {
+    AMQP_URL = "AMQP_URL", Some("amqp://guest:guest@127.0.0.1:5672/%2f"), "RabbitMQ connection URL (amqps:// for TLS)";
+    DATABASE_URL = "DATABASE_URL", Some("postgres://postgres@127.0.0.1:5432/postgres"), "Postgres connection URL";
+    DATABASE_MAX_CONNECTIONS = "DATABASE_MAX_CONNECTIONS", Some("16"), "size of the Postgres connection pool";
+    SMS_JOBS_QUEUE = "SMS_JOBS_QUEUE", Some("sms.jobs"), "queue the worker consumes jobs from";
+    SMS_RESULTS_QUEUE = "SMS_RESULTS_QUEUE", Some("sms.results"), "queue results go to when a job has no reply_to";
+    SMS_DEAD_LETTER_QUEUE = "SMS_DEAD_LETTER_QUEUE", Some("sms.jobs.dead"), "queue that receives invalid and poison jobs";
+    SMS_DEAD_LETTER_EXCHANGE = "SMS_DEAD_LETTER_EXCHANGE", Some("sms.jobs.dlx"), "exchange that routes dead letters to SMS_DEAD_LETTER_QUEUE";
+    SMS_JOBS_QUEUE_TYPE = "SMS_JOBS_QUEUE_TYPE", Some("quorum"), "quorum | classic (quorum enforces the delivery limit)";
+    SMS_JOBS_DELIVERY_LIMIT = "SMS_JOBS_DELIVERY_LIMIT", Some("5"), "redeliveries before a message is dead-lettered (quorum queues)";
+    ALIBABA_CLOUD_ACCESS_KEY_ID = "ALIBABA_CLOUD_ACCESS_KEY_ID", None, "AccessKey ID (required; `run --sandbox` generates one)";
+    ALIBABA_CLOUD_ACCESS_KEY_SECRET = "ALIBABA_CLOUD_ACCESS_KEY_SECRET", None, "AccessKey secret (required; never printed)";
+    ALIBABA_CLOUD_SECURITY_TOKEN = "ALIBABA_CLOUD_SECURITY_TOKEN", Some(""), "STS security token, for temporary credentials";
+    ALIYUN_DYPNSAPI_ENDPOINT = "ALIYUN_DYPNSAPI_ENDPOINT", Some("https://dypnsapi.aliyuncs.com"), "Dypnsapi endpoint (verification codes)";
+    ALIYUN_DYSMSAPI_ENDPOINT = "ALIYUN_DYSMSAPI_ENDPOINT", Some("https://dysmsapi.aliyuncs.com"), "Dysmsapi endpoint (templated SMS)";
+    ALIYUN_SIGNATURE_VERSION = "ALIYUN_SIGNATURE_VERSION", Some("v1"), "v1 (HMAC-SHA1 RPC signature) | v3 (ACS3-HMAC-SHA256)";
+    HTTP_CONNECT_TIMEOUT_MS = "HTTP_CONNECT_TIMEOUT_MS", Some("3000"), "TCP+TLS connect timeout for Aliyun calls";
+    HTTP_REQUEST_TIMEOUT_MS = "HTTP_REQUEST_TIMEOUT_MS", Some("10000"), "whole-request timeout for one Aliyun call";
+    WORKER_CONCURRENCY = "WORKER_CONCURRENCY", Some("64"), "jobs in flight at once (also the AMQP prefetch)";
+    RETRY_MAX_ATTEMPTS = "RETRY_MAX_ATTEMPTS", Some("5"), "Aliyun calls per job at most, first one included";
+    RETRY_INITIAL_DELAY_MS = "RETRY_INITIAL_DELAY_MS", Some("200"), "first backoff step (full jitter applies)";
+    RETRY_MAX_DELAY_MS = "RETRY_MAX_DELAY_MS", Some("5000"), "largest backoff step";
+    RETRY_MAX_ELAPSED_MS = "RETRY_MAX_ELAPSED_MS", Some("30000"), "no retry starts later than this after the first attempt";
+    SHUTDOWN_GRACE_MS = "SHUTDOWN_GRACE_MS", Some("30000"), "on SIGTERM, how long in-flight jobs may take to finish";
+    LOG_FORMAT = "LOG_FORMAT", Some("pretty"), "pretty | json";
+}
+
+fn default_of(name: &str) -> Option<&'static str> {
+    SETTINGS
+        .iter()
+        .find(|s| s.name == name)
+        .and_then(|s| s.default)
+}
+
+/// Reads settings through a lookup function, so tests can configure without touching the
+/// process environment.
+struct Reader<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Reader<'_> {
+    fn raw(&self, name: &'static str) -> Option<String> {
+        (self.lookup)(name)
+            .filter(|v| !v.trim().is_empty())
+            .or_else(|| default_of(name).map(str::to_owned))
+            .filter(|v| !v.is_empty())
+    }
+
+    fn required(&self, name: &'static str, hint: &'static str) -> Result<String, ConfigError> {
+        self.raw(name).ok_or(ConfigError::Missing { name, hint })
+    }
+
+    fn string(&self, name: &'static str) -> Result<String, ConfigError> {
+        self.required(name, "it has no default")
+    }
+
+    fn number<T>(&self, name: &'static str, min: T, max: T) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+    {
+        let raw = self.string(name)?;
+        let value: T = raw.trim().parse().map_err(|_| ConfigError::Malformed {
+            name,
+            reason: format!("expected a whole number, got {raw:?}"),
+        })?;
+        if value < min || value > max {
+            return Err(ConfigError::Malformed {
+                name,
+                reason: format!("{value} is outside {min}..={max}"),
+            });
+        }
+        Ok(value)
+    }
+
+    fn millis(&self, name: &'static str, min: u64, max: u64) -> Result<Duration, ConfigError> {
+        self.number::<u64>(name, min, max)
+            .map(Duration::from_millis)
+    }
+
+    fn url(&self, name: &'static str, schemes: &[&str]) -> Result<String, ConfigError> {
+        let value = self.string(name)?;
+        let scheme = value.split("://").next().unwrap_or_default();
+        if !value.contains("://") || !schemes.contains(&scheme) {
+            return Err(ConfigError::Malformed {
+                name,
+                reason: format!("expected a URL starting with one of {schemes:?}"),
+            });
+        }
+        Ok(value)
+    }
+
+    fn queue_name(&self, name: &'static str) -> Result<String, ConfigError> {
+        let value = self.string(name)?;
+        if value.len() > 255 || value.starts_with("amq.") {
+            return Err(ConfigError::Malformed {
+                name,
+                reason: "queue names are at most 255 bytes and may not start with \"amq.\"".into(),
+            });
+        }
+        Ok(value)
+    }
+
+    fn choice<T: Copy>(&self, name: &'static str, options: &[(&str, T)]) -> Result<T, ConfigError> {
+        let value = self.string(name)?.to_ascii_lowercase();
+        options
+            .iter()
+            .find(|(k, _)| *k == value)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| ConfigError::Malformed {
+                name,
+                reason: format!(
+                    "expected one of {:?}, got {value:?}",
+                    options.iter().map(|(k, _)| *k).collect::<Vec<_>>()
+                ),
+            })
+    }
+}
+
+/// Reads the process environment, after loading `.env` if there is one.
+pub fn env_lookup(name: &str) -> Option<String> {
+    static DOTENV: std::sync::Once = std::sync::Once::new();
+    // A missing .env is the normal case in production.
+    DOTENV.call_once(|| {
+        let _ = dotenvy::dotenv();
+    });
+    std::env::var(name).ok()
+}
+
+/// What a program that only publishes jobs needs (no Aliyun credentials).
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    pub amqp_url: Secret,
+    pub jobs_queue: String,
+}
+
+impl ClientSettings {
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let r = Reader { lookup };
+        Ok(Self {
+            amqp_url: Secret::new(r.url(AMQP_URL, &["amqp", "amqps"])?),
+            jobs_queue: r.queue_name(SMS_JOBS_QUEUE)?,
+        })
+    }
+}
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(&env_lookup)
+    }
+
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::from_lookup(&|name| map.get(name).cloned())
+    }
+
+    pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let r = Reader { lookup };
+        let credentials = Credentials {
+            access_key_id: r.required(
+                ALIBABA_CLOUD_ACCESS_KEY_ID,
+                "set your AccessKey, or use `run --sandbox` to try the worker without one",
+            )?,
+            access_key_secret: Secret::new(r.required(
+                ALIBABA_CLOUD_ACCESS_KEY_SECRET,
+                "set your AccessKey secret, or use `run --sandbox`",
+            )?),
+            security_token: r.raw(ALIBABA_CLOUD_SECURITY_TOKEN).map(Secret::new),
+        };
+        let retry = RetryPolicy {
+            max_attempts: r.number(RETRY_MAX_ATTEMPTS, 1, 100)?,
+            initial_delay: r.millis(RETRY_INITIAL_DELAY_MS, 1, 600_000)?,
+            max_delay: r.millis(RETRY_MAX_DELAY_MS, 1, 600_000)?,
+            max_elapsed: r.millis(RETRY_MAX_ELAPSED_MS, 0, 3_600_000)?,
+        };
+        if retry.max_delay < retry.initial_delay {
+            return Err(ConfigError::Malformed {
+                name: RETRY_MAX_DELAY_MS,
+                reason: "must not be smaller than RETRY_INITIAL_DELAY_MS".into(),
+            });
+        }
+        Ok(Self {
+            amqp_url: Secret::new(r.url(AMQP_URL, &["amqp", "amqps"])?),
+            database_url: Secret::new(r.url(DATABASE_URL, &["postgres", "postgresql"])?),
+            database_max_connections: r.number(DATABASE_MAX_CONNECTIONS, 1, 1000)?,
+            queues: QueueConfig {
+                jobs: r.queue_name(SMS_JOBS_QUEUE)?,
+                results: r.queue_name(SMS_RESULTS_QUEUE)?,
+                dead_letter: r.queue_name(SMS_DEAD_LETTER_QUEUE)?,
+                dead_letter_exchange: r.queue_name(SMS_DEAD_LETTER_EXCHANGE)?,
+                jobs_queue_type: r.choice(
+                    SMS_JOBS_QUEUE_TYPE,
+                    &[
+                        ("quorum", QueueType::Quorum),
+                        ("classic", QueueType::Classic),
+                    ],
+                )?,
+                delivery_limit: r.number(SMS_JOBS_DELIVERY_LIMIT, 1, 1000)?,
+            },
+            aliyun: AliyunConfig {
+                credentials,
+                dypnsapi_endpoint: r.url(ALIYUN_DYPNSAPI_ENDPOINT, &["https", "http"])?,
+                dysmsapi_endpoint: r.url(ALIYUN_DYSMSAPI_ENDPOINT, &["https", "http"])?,
+                signature_version: r.choice(
+                    ALIYUN_SIGNATURE_VERSION,
+                    &[("v1", SignatureVersion::V1), ("v3", SignatureVersion::V3)],
+                )?,
+                http: HttpConfig {
+                    connect_timeout: r.millis(HTTP_CONNECT_TIMEOUT_MS, 1, 600_000)?,
+                    request_timeout: r.millis(HTTP_REQUEST_TIMEOUT_MS, 1, 600_000)?,
+                },
+            },
+            concurrency: r.number(WORKER_CONCURRENCY, 1, 10_000)?,
+            retry,
+            shutdown_grace: r.millis(SHUTDOWN_GRACE_MS, 0, 3_600_000)?,
+            log_format: r.choice(
+                LOG_FORMAT,
+                &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)],
+            )?,
+        })
+    }
+
+    /// How long one job may keep its `sending` claim: every attempt, every backoff, plus slack.
+    /// A claim older than this belongs to a worker that died mid-call.
+    pub fn job_lease(&self) -> Duration {
+        let per_attempt = self.aliyun.http.request_timeout + self.aliyun.http.connect_timeout;
+        self.retry.max_elapsed + self.retry.max_delay + per_attempt * 2 + Duration::from_secs(5)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_map(&map)
+    }
+
+    const CREDS: [(&str, &str); 2] = [
+        (ALIBABA_CLOUD_ACCESS_KEY_ID, "id"),
+        (ALIBABA_CLOUD_ACCESS_KEY_SECRET, "very-secret"),
+    ];
+
+    #[test]
+    fn defaults_apply_when_only_credentials_are_set() {
+        let c = with(&CREDS).unwrap();
+        assert_eq!(c.queues.jobs, "sms.jobs");
+        assert_eq!(c.queues.results, "sms.results");
+        assert_eq!(c.queues.dead_letter, "sms.jobs.dead");
+        assert_eq!(c.aliyun.dypnsapi_endpoint, "https://dypnsapi.aliyuncs.com");
+        assert_eq!(c.concurrency, 64);
+        assert!(c.aliyun.credentials.security_token.is_none());
+    }
+
+    #[test]
+    fn missing_credentials_name_the_variable() {
+        let err = with(&[]).unwrap_err();
+        assert!(
+            err.to_string().contains(ALIBABA_CLOUD_ACCESS_KEY_ID),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_numbers_name_the_variable() {
+        let mut pairs = CREDS.to_vec();
+        pairs.push((WORKER_CONCURRENCY, "lots"));
+        let err = with(&pairs).unwrap_err();
+        assert!(err.to_string().contains(WORKER_CONCURRENCY), "{err}");
+        pairs.pop();
+        pairs.push((WORKER_CONCURRENCY, "0"));
+        assert!(with(&pairs).is_err());
+    }
+
+    #[test]
+    fn bad_urls_and_choices_are_refused() {
+        let mut pairs = CREDS.to_vec();
+        pairs.push((DATABASE_URL, "mysql://x"));
+        assert!(matches!(
+            with(&pairs),
+            Err(ConfigError::Malformed {
+                name: DATABASE_URL,
+                ..
+            })
+        ));
+        let mut pairs = CREDS.to_vec();
+        pairs.push((SMS_JOBS_QUEUE_TYPE, "stream"));
+        assert!(with(&pairs).is_err());
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = with(&CREDS).unwrap();
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+        assert!(!debug.contains("guest:guest"), "{debug}");
+    }
+}

@@ -1,0 +1,138 @@
+//! What the fake remembers: nonces, issued codes, every request it executed, and the faults
+//! queued for the next requests.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// A fault injected into matching requests, by flag or at run time (`POST /__fake/faults`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// Answer normally, after a delay.
+    Latency { ms: u64 },
+    /// HTTP 500 InternalError, without executing the request.
+    Http500,
+    /// HTTP 503 ServiceUnavailable, without executing the request.
+    Http503,
+    /// HTTP 400 Throttling.User, without executing the request.
+    Throttling,
+    /// Never answer and never execute.
+    Hang,
+    /// Execute (record the send, issue the code), then never answer: the lost-answer case.
+    HangAfterSend,
+    /// Answer with this code, without executing.
+    Error {
+        code: String,
+        message: String,
+        #[serde(default = "http_200")]
+        http_status: u16,
+    },
+}
+
+fn http_200() -> u16 {
+    200
+}
+
+/// Which requests a fault applies to, and how many times.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultRule {
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Matches PhoneNumber (Dypnsapi) or any number in PhoneNumbers.
+    #[serde(default)]
+    pub phone: Option<String>,
+    pub fault: Fault,
+    /// How many matching requests get the fault; absent means every one.
+    #[serde(default)]
+    pub times: Option<u32>,
+}
+
+/// One request that passed authentication.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecordedRequest {
+    pub action: String,
+    pub phone: Option<String>,
+    pub out_id: Option<String>,
+    /// The code the fake answered (or would have, for a hang after send).
+    pub code: String,
+    pub biz_id: Option<String>,
+    /// True when the request took effect (a send was made, a code was consumed).
+    pub executed: bool,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct IssuedCode {
+    pub code: String,
+    pub expires: Instant,
+}
+
+#[derive(Default)]
+pub(crate) struct Inner {
+    pub nonces: HashMap<String, Instant>,
+    pub faults: Vec<FaultRule>,
+    pub requests: Vec<RecordedRequest>,
+    /// Live codes per (phone, scheme).
+    pub codes: HashMap<(String, String), Vec<IssuedCode>>,
+    /// Send times per phone, for the per-number limit.
+    pub sends: HashMap<String, Vec<Instant>>,
+    pub biz_counter: u64,
+}
+
+/// How long a nonce is remembered: the timestamp window, after which replays fail anyway.
+pub(crate) const NONCE_TTL: Duration = Duration::from_secs(16 * 60);
+
+#[derive(Default)]
+pub struct State {
+    pub(crate) inner: Mutex<Inner>,
+}
+
+impl State {
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        // A poisoned lock only means a handler panicked; the data is still usable for a fake.
+        let mut guard = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut guard)
+    }
+
+    /// Takes the first fault that matches, counting it down.
+    pub(crate) fn take_fault(&self, action: &str, phones: &[String]) -> Option<Fault> {
+        self.with(|s| {
+            let index = s.faults.iter().position(|r| {
+                r.action.as_deref().is_none_or(|a| a == action)
+                    && r.phone.as_ref().is_none_or(|p| phones.contains(p))
+                    && r.times != Some(0)
+            })?;
+            let rule = &mut s.faults[index];
+            let fault = rule.fault.clone();
+            if let Some(n) = rule.times.as_mut() {
+                *n -= 1;
+                if *n == 0 {
+                    s.faults.remove(index);
+                }
+            }
+            Some(fault)
+        })
+    }
+
+    /// Records a nonce; false if it was seen within the window.
+    pub(crate) fn use_nonce(&self, nonce: &str) -> bool {
+        self.with(|s| {
+            let now = Instant::now();
+            if s.nonces.len() > 100_000 {
+                s.nonces.retain(|_, t| now.duration_since(*t) < NONCE_TTL);
+            }
+            s.nonces.insert(nonce.to_owned(), now).is_none()
+        })
+    }
+
+    pub(crate) fn record(&self, r: RecordedRequest) {
+        self.with(|s| s.requests.push(r));
+    }
+}

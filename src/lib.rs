@@ -1,0 +1,21 @@
+//! aliyun-sms-worker: SMS verification-code jobs from RabbitMQ, through Alibaba Cloud, into
+//! Postgres and a reply queue.
+//!
+//! The way a job travels: [`broker`] delivers it → [`wire`] decodes and validates it →
+//! [`store`] claims its id → [`aliyun`] signs, calls and classifies → [`store`] commits the
+//! outcome → [`broker`] publishes the result → ack. [`pipeline`] strings these together for
+//! one delivery; [`worker`] runs the consume loop around it.
+
+pub mod aliyun;
+pub mod broker;
+pub mod config;
+pub mod fake_aliyun;
+pub mod phone;
+pub mod pipeline;
+pub mod sandbox;
+pub mod sms_client;
+pub mod store;
+pub mod telemetry;
+pub mod tls;
+pub mod wire;
+pub mod worker;

@@ -1,0 +1,278 @@
+//! The command line: `run`, `migrate`, `enqueue`, `fake-aliyun`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tokio::sync::watch;
+
+use aliyun_sms_worker::config::{self, ClientSettings, Config, LogFormat};
+use aliyun_sms_worker::fake_aliyun::{FakeAliyun, FakeConfig, FaultRule};
+use aliyun_sms_worker::sms_client::SmsClient;
+use aliyun_sms_worker::store::Store;
+use aliyun_sms_worker::wire::Status;
+use aliyun_sms_worker::{sandbox, telemetry, worker};
+
+#[derive(Parser)]
+#[command(
+    name = "aliyun-sms-worker",
+    version,
+    about = "Sends and checks SMS verification codes through Alibaba Cloud, fed by RabbitMQ, recorded in Postgres",
+    after_help = "Configuration is read from the environment (and .env); see README.md for every variable."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker: consume jobs, call Aliyun, record and publish results.
+    Run(RunArgs),
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Publish one job the way a backend would.
+    #[command(subcommand)]
+    Enqueue(EnqueueCommand),
+    /// Serve the fake Aliyun (signature-checking, fault-injecting) over HTTP.
+    FakeAliyun(FakeArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Start an in-process fake Aliyun with generated credentials instead of calling Aliyun.
+    #[arg(long)]
+    sandbox: bool,
+    /// Do not apply pending migrations at start.
+    #[arg(long)]
+    no_migrate: bool,
+}
+
+#[derive(Subcommand)]
+enum EnqueueCommand {
+    /// A `send_verify_code` job (Dypnsapi SendSmsVerifyCode).
+    SendVerifyCode(SendVerifyCodeArgs),
+}
+
+#[derive(Args)]
+struct SendVerifyCodeArgs {
+    #[arg(long)]
+    phone: String,
+    /// Job id (idempotency key); a random one by default.
+    #[arg(long)]
+    id: Option<String>,
+    #[arg(long, default_value = "速通互联验证码")]
+    sign_name: String,
+    #[arg(long, default_value = "100001")]
+    template_code: String,
+    #[arg(long, default_value = r###"{"code":"##code##","min":"5"}"###)]
+    template_param: String,
+    #[arg(long)]
+    code_length: Option<u8>,
+    /// Ask Aliyun to return the code in the result (printed only with --wait).
+    #[arg(long)]
+    return_verify_code: bool,
+    /// Wait for the result and print it.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits, in seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout_secs: u64,
+}
+
+#[derive(Args)]
+struct FakeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8088")]
+    listen: SocketAddr,
+    /// Credentials the fake accepts.
+    #[arg(
+        long,
+        env = "ALIBABA_CLOUD_ACCESS_KEY_ID",
+        default_value = "sandbox-access-key-id"
+    )]
+    access_key_id: String,
+    #[arg(
+        long,
+        env = "ALIBABA_CLOUD_ACCESS_KEY_SECRET",
+        default_value = "sandbox-access-key-secret",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    access_key_secret: String,
+    /// Delay added to every answer.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Sends per number per minute before biz.FREQUENCY.
+    #[arg(long)]
+    per_number_per_minute: Option<u32>,
+    /// A fault rule as JSON, e.g. '{"fault":{"kind":"http503"},"times":1}'; repeatable.
+    #[arg(long = "fault", value_parser = parse_fault)]
+    faults: Vec<FaultRule>,
+}
+
+fn parse_fault(s: &str) -> Result<FaultRule, String> {
+    serde_json::from_str(s).map_err(|e| format!("not a fault rule: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn log_format() -> LogFormat {
+    match config::env_lookup(config::LOG_FORMAT).as_deref() {
+        Some("json") => LogFormat::Json,
+        _ => LogFormat::Pretty,
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    telemetry::init(log_format());
+    match command {
+        Command::Run(args) => run(args).await,
+        Command::Migrate => {
+            let config = Config::from_env()?;
+            let store = Store::connect(config.database_url.expose(), 2)
+                .await
+                .context("connecting to Postgres")?;
+            store.migrate().await?;
+            println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Enqueue(EnqueueCommand::SendVerifyCode(args)) => enqueue(args).await,
+        Command::FakeAliyun(args) => fake(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let (config, _fake) = if args.sandbox {
+        let (config, fake) = sandbox::start(&config::env_lookup).await?;
+        let banner = format!(
+            "SANDBOX MODE: no real SMS is sent. Aliyun is played by the in-process fake at {} with generated credentials.",
+            fake.endpoint()
+        );
+        eprintln!(
+            "\n{}\n{banner}\n{}\n",
+            "=".repeat(banner.len().min(100)),
+            "=".repeat(banner.len().min(100))
+        );
+        tracing::warn!(fake_aliyun = %fake.endpoint(), "sandbox mode: no real SMS is sent");
+        (config, Some(fake))
+    } else {
+        (Config::from_env()?, None)
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ready_tx, _ready_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested: finishing in-flight jobs");
+        let _ = stop_tx.send(true);
+    });
+    let options = worker::RunOptions {
+        migrate: !args.no_migrate,
+        ..worker::RunOptions::default()
+    };
+    worker::run(config, options, stop_rx, ready_tx).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn enqueue(args: SendVerifyCodeArgs) -> anyhow::Result<ExitCode> {
+    let settings = ClientSettings::from_lookup(&config::env_lookup)?;
+    let template_param: serde_json::Value = serde_json::from_str(&args.template_param)
+        .context("--template-param must be a JSON object")?;
+    let id = args
+        .id
+        .unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4().simple()));
+    let mut job = json!({
+        "id": id,
+        "type": "send_verify_code",
+        "phone_number": args.phone,
+        "sign_name": args.sign_name,
+        "template_code": args.template_code,
+        "template_param": template_param,
+    });
+    if let Some(n) = args.code_length {
+        job["code_length"] = json!(n);
+    }
+    if args.return_verify_code {
+        job["return_verify_code"] = json!(true);
+    }
+    let body = serde_json::to_vec(&job)?;
+    let client = SmsClient::connect(settings.amqp_url.expose(), &settings.jobs_queue).await?;
+    let code = if args.wait {
+        let result = client
+            .request(&body, &id, Duration::from_secs(args.timeout_secs))
+            .await?;
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        if result.status == Status::Sent {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(2)
+        }
+    } else {
+        client.publish(&body, &id).await?;
+        println!("published job {id} to {}", settings.jobs_queue);
+        ExitCode::SUCCESS
+    };
+    client.close().await;
+    Ok(code)
+}
+
+async fn fake(args: FakeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = FakeConfig::new(args.access_key_id, args.access_key_secret);
+    config.latency = Duration::from_millis(args.latency_ms);
+    config.per_number_per_minute = args.per_number_per_minute;
+    config.faults = args.faults;
+    let fake = FakeAliyun::start(config, args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(endpoint = %fake.endpoint(), "fake Aliyun listening");
+    println!("fake Aliyun listening on {}", fake.endpoint());
+    tokio::select! {
+        _ = fake.serve_forever() => {}
+        _ = shutdown_signal() => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}

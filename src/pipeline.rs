@@ -1,0 +1,351 @@
+//! One delivery, from decode to ack: the only place that knows RabbitMQ, Postgres and Aliyun
+//! at once.
+//!
+//! Order matters and is the whole exactly-once argument:
+//! 1. the `sending` row is committed before Aliyun is called;
+//! 2. the outcome is committed before the result is published;
+//! 3. the delivery is acked only after the result publish is confirmed.
+//!
+//! A crash between any two steps leaves a state the next delivery of the same job resolves
+//! without a second call.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use chrono::Utc;
+use lapin::message::Delivery;
+use rand::Rng;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::aliyun::outcome::codes;
+use crate::aliyun::{AliyunClient, Answer, CallError, Effect, Product, Verdict, classify};
+use crate::broker::{self, Broker, BrokerError, Routed};
+use crate::config::{Config, RetryPolicy};
+use crate::store::{AttemptRecord, Claim, JobRow, Outcome, ReplyRoute, Store, StoreError};
+use crate::wire::{self, Invalid, Job, JobKind, JobResult, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// What to do with the delivery once the pipeline is done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Ack,
+    /// Put it back: the job's state is safe in Postgres (or was never written) and a later
+    /// delivery will finish it without a second Aliyun call.
+    Requeue,
+}
+
+pub struct Pipeline {
+    config: Arc<Config>,
+    store: Store,
+    aliyun: AliyunClient,
+    /// This process's identity on the `sending` claims it holds.
+    worker_id: Uuid,
+}
+
+/// The Aliyun call a job makes.
+struct CallPlan {
+    product: Product,
+    action: &'static str,
+    effect: Effect,
+    params: Vec<(&'static str, String)>,
+}
+
+fn plan(job: &Job) -> CallPlan {
+    match &job.kind {
+        JobKind::SendVerifyCode(j) => CallPlan {
+            product: Product::Dypnsapi,
+            action: "SendSmsVerifyCode",
+            effect: Effect::PaidSend,
+            params: j.api_params(),
+        },
+    }
+}
+
+fn wants_verify_code(job: &Job) -> bool {
+    match &job.kind {
+        JobKind::SendVerifyCode(j) => j.return_verify_code,
+    }
+}
+
+impl Pipeline {
+    pub fn new(config: Arc<Config>, store: Store, aliyun: AliyunClient) -> Self {
+        Self {
+            config,
+            store,
+            aliyun,
+            worker_id: Uuid::new_v4(),
+        }
+    }
+
+    /// Handles one delivery and says whether to ack it. Never panics on message content.
+    pub async fn handle(&self, delivery: &Delivery, broker: &Broker) -> Disposition {
+        match self.try_handle(delivery, broker).await {
+            Ok(()) => Disposition::Ack,
+            Err(e) => {
+                tracing::warn!(error = %e, "job not finished; returning it to the queue");
+                Disposition::Requeue
+            }
+        }
+    }
+
+    async fn try_handle(&self, delivery: &Delivery, broker: &Broker) -> Result<(), PipelineError> {
+        let route = broker::reply_route(delivery);
+        let message_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str());
+        match wire::decode_job(&delivery.data, message_id) {
+            Err(invalid) => self.refuse(delivery, broker, &route, invalid).await,
+            Ok(job) => {
+                let span = tracing::info_span!(
+                    "job",
+                    job_id = %job.id,
+                    job_type = %job.job_type(),
+                    phone = %job.phone(),
+                );
+                async {
+                    let result = self.run_job(&job, &route).await?;
+                    publish(broker, &result, &route).await
+                }
+                .instrument(span)
+                .await
+            }
+        }
+    }
+
+    async fn refuse(
+        &self,
+        delivery: &Delivery,
+        broker: &Broker,
+        route: &ReplyRoute,
+        invalid: Invalid,
+    ) -> Result<(), PipelineError> {
+        tracing::warn!(
+            job_id = invalid.id.as_deref().unwrap_or(""),
+            code = invalid.code,
+            reason = %invalid.message,
+            "invalid job: answered and dead-lettered"
+        );
+        if let Some(id) = &invalid.id {
+            self.store
+                .record_invalid(
+                    id,
+                    invalid.job_type.as_deref(),
+                    route,
+                    invalid.code,
+                    &invalid.message,
+                )
+                .await?;
+        }
+        broker
+            .dead_letter(delivery, invalid.code, &invalid.message)
+            .await?;
+        let result = JobResult {
+            id: invalid.id,
+            job_type: invalid.job_type,
+            status: Status::Invalid,
+            code: invalid.code.to_owned(),
+            message: invalid.message,
+            biz_id: None,
+            request_id: None,
+            attempts: 0,
+            finished_at: Utc::now(),
+            verify_code: None,
+        };
+        publish(broker, &result, route).await
+    }
+
+    /// Claims the job and produces its one final result: by calling Aliyun if this worker
+    /// owns the claim, by replaying the stored result otherwise.
+    pub async fn run_job(&self, job: &Job, route: &ReplyRoute) -> Result<JobResult, StoreError> {
+        let lease = self.config.job_lease();
+        match self.store.claim(job, route, self.worker_id, lease).await? {
+            Claim::Owned => self.call_aliyun(job).await,
+            Claim::Seen(row) => self.resolve_seen(*row).await,
+        }
+    }
+
+    async fn resolve_seen(&self, mut row: JobRow) -> Result<JobResult, StoreError> {
+        let mut poll = Duration::from_millis(100);
+        loop {
+            if row.status()?.is_final() {
+                tracing::info!(status = %row.status, "job seen before: replaying its stored result");
+                return row.to_result();
+            }
+            // Still `sending`: its worker is mid-call (wait for it) or died (end it `unknown`).
+            let now = Utc::now();
+            let lease_over = row.lease_until.is_none_or(|until| until <= now);
+            if lease_over {
+                if let Some(ended) = self.store.interrupt_if_stale(&row.id).await? {
+                    tracing::warn!("job was interrupted mid-call by a dead worker: unknown");
+                    return ended.to_result();
+                }
+            } else {
+                tokio::time::sleep(poll).await;
+                poll = (poll * 2).min(Duration::from_secs(2));
+            }
+            row = match self.store.fetch(&row.id).await? {
+                Some(r) => r,
+                None => return Err(StoreError::Database(sqlx::Error::RowNotFound)),
+            };
+        }
+    }
+
+    async fn call_aliyun(&self, job: &Job) -> Result<JobResult, StoreError> {
+        let plan = plan(job);
+        let policy = &self.config.retry;
+        let first = Instant::now();
+        let mut delays = backoff(policy);
+        let mut attempt = 0u32;
+        let (verdict, answer) = loop {
+            attempt += 1;
+            let started_at = Utc::now();
+            let result = self
+                .aliyun
+                .call(plan.product, plan.action, &plan.params)
+                .await;
+            let verdict = classify(plan.effect, &result);
+            let (code, message) = describe(&result);
+            let answer = result.as_ref().ok();
+            self.store
+                .record_attempt(
+                    &job.id,
+                    &AttemptRecord {
+                        attempt,
+                        action: plan.action,
+                        started_at,
+                        finished_at: Utc::now(),
+                        http_status: answer.map(|a| a.http_status),
+                        code: Some(code),
+                        message: Some(message),
+                        request_id: answer.and_then(|a| a.request_id.clone()),
+                        outcome: verdict.as_str(),
+                    },
+                )
+                .await?;
+            if verdict != Verdict::Retry {
+                break (verdict, result);
+            }
+            let next = delays.next().map(full_jitter);
+            let elapsed_after = next.map(|d| first.elapsed() + d);
+            match elapsed_after {
+                Some(at) if attempt < policy.max_attempts && at <= policy.max_elapsed => {
+                    tracing::info!(attempt, "retryable answer from Aliyun; backing off");
+                    if let Some(d) = next {
+                        tokio::time::sleep(d).await;
+                    }
+                }
+                _ => break (verdict, result),
+            }
+        };
+        let outcome = final_outcome(verdict, &answer, attempt);
+        let verify_code = answer
+            .as_ref()
+            .ok()
+            .filter(|_| outcome.status == Status::Sent && wants_verify_code(job))
+            .and_then(Answer::verify_code);
+        let row = self.store.finish(&job.id, self.worker_id, &outcome).await?;
+        let mut result = row.to_result()?;
+        if result.status == outcome.status {
+            result.verify_code = verify_code;
+        }
+        tracing::info!(
+            status = %result.status,
+            code = %result.code,
+            attempts = result.attempts,
+            biz_id = result.biz_id.as_deref().unwrap_or(""),
+            "job finished"
+        );
+        Ok(result)
+    }
+}
+
+async fn publish(
+    broker: &Broker,
+    result: &JobResult,
+    route: &ReplyRoute,
+) -> Result<(), PipelineError> {
+    if broker.publish_result(result, route).await? == Routed::NoQueue {
+        // Nobody can receive it; the result stays readable in sms_jobs.
+        tracing::warn!(
+            reply_to = route.reply_to.as_deref().unwrap_or(""),
+            "result was unroutable: no such reply queue"
+        );
+    }
+    Ok(())
+}
+
+fn backoff(policy: &RetryPolicy) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(policy.initial_delay)
+        .with_max_delay(policy.max_delay)
+        .with_factor(2.0)
+        .without_max_times()
+        .build()
+}
+
+/// "Full jitter": a uniform pick in [0, d], so a burst of throttled jobs spreads out instead
+/// of retrying in lockstep.
+fn full_jitter(d: Duration) -> Duration {
+    rand::rng().random_range(Duration::ZERO..=d)
+}
+
+/// The code and message recorded for an attempt.
+fn describe(result: &Result<Answer, CallError>) -> (String, String) {
+    match result {
+        Ok(a) => (
+            a.code
+                .clone()
+                .unwrap_or_else(|| codes::BAD_RESPONSE.to_owned()),
+            a.message.clone().unwrap_or_default(),
+        ),
+        Err(e) => {
+            let code = match e {
+                CallError::NotSent(_) => codes::NOT_CONNECTED,
+                CallError::Timeout(_) => codes::TIMEOUT,
+                CallError::Broken(_) => codes::CONNECTION_BROKEN,
+                CallError::TooLarge(_) => codes::RESPONSE_TOO_LARGE,
+            };
+            (code.to_owned(), e.to_string())
+        }
+    }
+}
+
+fn final_outcome(verdict: Verdict, result: &Result<Answer, CallError>, attempts: u32) -> Outcome {
+    let (code, mut message) = describe(result);
+    let status = match verdict {
+        Verdict::Success => Status::Sent,
+        Verdict::RateLimited => Status::RateLimited,
+        Verdict::Rejected => Status::Rejected,
+        Verdict::Failed => Status::Failed,
+        Verdict::Unknown => {
+            message = format!(
+                "{message} (the request may have reached Aliyun; it is not resent blindly)"
+            );
+            Status::Unknown
+        }
+        Verdict::Retry => {
+            message = format!("gave up after {attempts} attempts: {message}");
+            Status::Failed
+        }
+    };
+    let answer = result.as_ref().ok();
+    Outcome {
+        status,
+        code,
+        message,
+        biz_id: answer.and_then(Answer::biz_id),
+        request_id: answer.and_then(|a| a.request_id.clone()),
+        attempts,
+    }
+}

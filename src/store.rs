@@ -1,0 +1,312 @@
+//! Postgres: the job's claim, its attempts and its final outcome.
+//!
+//! The row is the idempotency record. A job is only ever sent by the worker that inserted (or
+//! re-claimed) its row as `sending`, and the outcome is written back only by that worker.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{FromRow, PgPool};
+use uuid::Uuid;
+
+use crate::wire::{Job, JobResult, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("row for job {0} has an unknown status {1:?}")]
+    CorruptStatus(String, String),
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Where a job's result goes, taken from the delivery's AMQP properties.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplyRoute {
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+}
+
+/// A `sms_jobs` row as the pipeline needs it.
+#[derive(Debug, Clone, FromRow)]
+pub struct JobRow {
+    pub id: String,
+    #[sqlx(rename = "type")]
+    pub job_type: String,
+    pub status: String,
+    pub biz_id: Option<String>,
+    pub request_id: Option<String>,
+    pub code: Option<String>,
+    pub message: Option<String>,
+    pub attempts: i32,
+    pub claimed_by: Option<Uuid>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl JobRow {
+    pub fn status(&self) -> Result<Status, StoreError> {
+        self.status
+            .parse()
+            .map_err(|_| StoreError::CorruptStatus(self.id.clone(), self.status.clone()))
+    }
+
+    /// The stored result, as it was first published (minus any verification code).
+    pub fn to_result(&self) -> Result<JobResult, StoreError> {
+        Ok(JobResult {
+            id: Some(self.id.clone()),
+            job_type: Some(self.job_type.clone()),
+            status: self.status()?,
+            code: self.code.clone().unwrap_or_default(),
+            message: self.message.clone().unwrap_or_default(),
+            biz_id: self.biz_id.clone(),
+            request_id: self.request_id.clone(),
+            attempts: u32::try_from(self.attempts).unwrap_or(0),
+            finished_at: self.finished_at.unwrap_or_else(Utc::now),
+            verify_code: None,
+        })
+    }
+}
+
+/// What claiming a job id found.
+#[derive(Debug)]
+pub enum Claim {
+    /// This worker now owns the `sending` row and may call Aliyun.
+    Owned,
+    /// Someone already finished it: replay, don't call.
+    Seen(Box<JobRow>),
+}
+
+/// One Aliyun call, as recorded in `sms_attempts`.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub action: &'static str,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub http_status: Option<u16>,
+    pub code: Option<String>,
+    pub message: Option<String>,
+    pub request_id: Option<String>,
+    pub outcome: &'static str,
+}
+
+/// The final outcome written back to the row.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: Status,
+    pub code: String,
+    pub message: String,
+    pub biz_id: Option<String>,
+    pub request_id: Option<String>,
+    pub attempts: u32,
+}
+
+/// The columns of [`JobRow`], spelled once for every SELECT and RETURNING.
+macro_rules! job_columns {
+    () => {
+        "id, type, status, biz_id, request_id, code, message, attempts, claimed_by, \
+         lease_until, finished_at"
+    };
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Inserts the job as `sending`, or finds the row that is already there.
+    ///
+    /// A row left `invalid` may be re-claimed: an invalid message never reached Aliyun, so a
+    /// corrected job with the same id is a first attempt, not a duplicate.
+    pub async fn claim(
+        &self,
+        job: &Job,
+        route: &ReplyRoute,
+        worker: Uuid,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let params = job.stored_params();
+        let out_id = params
+            .get("OutId")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let inserted = sqlx::query(
+            "INSERT INTO sms_jobs (id, type, status, phone_number, params, out_id, reply_to,
+                                   correlation_id, claimed_by, lease_until)
+             VALUES ($1, $2, 'sending', $3, $4, $5, $6, $7, $8,
+                     now() + make_interval(secs => $9::double precision / 1000))
+             ON CONFLICT (id) DO UPDATE SET
+                 type = EXCLUDED.type, status = 'sending', phone_number = EXCLUDED.phone_number,
+                 params = EXCLUDED.params, out_id = EXCLUDED.out_id,
+                 reply_to = EXCLUDED.reply_to, correlation_id = EXCLUDED.correlation_id,
+                 claimed_by = EXCLUDED.claimed_by, lease_until = EXCLUDED.lease_until,
+                 code = NULL, message = NULL, attempts = 0, finished_at = NULL,
+                 updated_at = now()
+             WHERE sms_jobs.status = 'invalid'
+             RETURNING id",
+        )
+        .bind(&job.id)
+        .bind(job.job_type().as_str())
+        .bind(job.phone().as_str())
+        .bind(&params)
+        .bind(out_id)
+        .bind(&route.reply_to)
+        .bind(&route.correlation_id)
+        .bind(worker)
+        .bind(lease_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        if inserted.is_some() {
+            return Ok(Claim::Owned);
+        }
+        match self.fetch(&job.id).await? {
+            Some(row) => Ok(Claim::Seen(Box::new(row))),
+            // Deleted between the two statements (retention purge): claim again.
+            None => Box::pin(self.claim(job, route, worker, lease)).await,
+        }
+    }
+
+    pub async fn fetch(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
+        Ok(sqlx::query_as::<_, JobRow>(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM sms_jobs WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn record_attempt(&self, job_id: &str, a: &AttemptRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sms_attempts (job_id, attempt, action, started_at, finished_at,
+                                       http_status, code, message, request_id, outcome)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (job_id, attempt) DO NOTHING",
+        )
+        .bind(job_id)
+        .bind(i32::try_from(a.attempt).unwrap_or(i32::MAX))
+        .bind(a.action)
+        .bind(a.started_at)
+        .bind(a.finished_at)
+        .bind(a.http_status.map(i32::from))
+        .bind(&a.code)
+        .bind(&a.message)
+        .bind(&a.request_id)
+        .bind(a.outcome)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Writes the outcome of a job this worker owns. If the claim was lost meanwhile (another
+    /// worker declared it interrupted), the row already holds a final answer and that one is
+    /// returned instead, so every result message for a job says the same thing.
+    pub async fn finish(
+        &self,
+        job_id: &str,
+        worker: Uuid,
+        o: &Outcome,
+    ) -> Result<JobRow, StoreError> {
+        let row = sqlx::query_as::<_, JobRow>(concat!(
+            "UPDATE sms_jobs SET status = $3, code = $4, message = $5, biz_id = $6,
+                    request_id = $7, attempts = $8, finished_at = now(), updated_at = now(),
+                    lease_until = NULL
+             WHERE id = $1 AND status = 'sending' AND claimed_by = $2
+             RETURNING ",
+            job_columns!()
+        ))
+        .bind(job_id)
+        .bind(worker)
+        .bind(o.status.as_str())
+        .bind(&o.code)
+        .bind(&o.message)
+        .bind(&o.biz_id)
+        .bind(&o.request_id)
+        .bind(i32::try_from(o.attempts).unwrap_or(i32::MAX))
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row),
+            None => self
+                .fetch(job_id)
+                .await?
+                .ok_or_else(|| StoreError::Database(sqlx::Error::RowNotFound)),
+        }
+    }
+
+    /// Ends a job whose `sending` claim outlived its lease: the worker holding it died while
+    /// Aliyun may have been called, so the only honest answer is `unknown`.
+    pub async fn interrupt_if_stale(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
+        Ok(sqlx::query_as::<_, JobRow>(concat!(
+            "UPDATE sms_jobs SET status = 'unknown', code = 'WORKER_INTERRUPTED',
+                    message = 'the worker stopped while this job was being sent; it may or may not have reached Aliyun and is not resent',
+                    finished_at = now(), updated_at = now(), lease_until = NULL
+             WHERE id = $1 AND status = 'sending' AND lease_until <= now()
+             RETURNING ",
+            job_columns!()
+        ),
+        )
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Records a message that failed validation, when it carried an id, so operators find it.
+    /// A real job already stored under that id is left alone.
+    pub async fn record_invalid(
+        &self,
+        id: &str,
+        job_type: Option<&str>,
+        route: &ReplyRoute,
+        code: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sms_jobs (id, type, status, reply_to, correlation_id, code, message,
+                                   finished_at)
+             VALUES ($1, $2, 'invalid', $3, $4, $5, $6, now())
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(job_type.unwrap_or(""))
+        .bind(&route.reply_to)
+        .bind(&route.correlation_id)
+        .bind(code)
+        .bind(message)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,665 @@
+//! The public contract: the JSON jobs backends publish and the JSON results they read back.
+//!
+//! Decoding is strict on purpose: unknown fields, wrong types and out-of-range values are
+//! answered with an `invalid` result naming the field, before anything reaches Aliyun.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::phone::PhoneNumber;
+
+/// Larger bodies are refused unread: a job is a few hundred bytes.
+pub const MAX_JOB_BYTES: usize = 64 * 1024;
+const MAX_ID_CHARS: usize = 128;
+
+/// The `type` field of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobType {
+    SendVerifyCode,
+}
+
+impl JobType {
+    pub const ALL: &'static [JobType] = &[JobType::SendVerifyCode];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobType::SendVerifyCode => "send_verify_code",
+        }
+    }
+
+    /// Sends cost money and are not idempotent at Aliyun; an unanswered send must never be
+    /// repeated blindly.
+    pub fn is_paid_send(self) -> bool {
+        match self {
+            JobType::SendVerifyCode => true,
+        }
+    }
+}
+
+impl FromStr for JobType {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        JobType::ALL
+            .iter()
+            .copied()
+            .find(|t| t.as_str() == s)
+            .ok_or(())
+    }
+}
+
+impl fmt::Display for JobType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a job stands. `Sending` is internal (the row is claimed and Aliyun may be called);
+/// every other status is final and is what the result message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Sending,
+    Sent,
+    RateLimited,
+    Rejected,
+    Failed,
+    Unknown,
+    Invalid,
+    Expired,
+}
+
+impl Status {
+    pub const FINAL: &'static [Status] = &[
+        Status::Sent,
+        Status::RateLimited,
+        Status::Rejected,
+        Status::Failed,
+        Status::Unknown,
+        Status::Invalid,
+        Status::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Sending => "sending",
+            Status::Sent => "sent",
+            Status::RateLimited => "rate_limited",
+            Status::Rejected => "rejected",
+            Status::Failed => "failed",
+            Status::Unknown => "unknown",
+            Status::Invalid => "invalid",
+            Status::Expired => "expired",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        self != Status::Sending
+    }
+}
+
+impl FromStr for Status {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        std::iter::once(Status::Sending)
+            .chain(Status::FINAL.iter().copied())
+            .find(|st| st.as_str() == s)
+            .ok_or(())
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The result message: one per job, published to `reply_to` or the results queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub job_type: Option<String>,
+    pub status: Status,
+    pub code: String,
+    pub message: String,
+    pub biz_id: Option<String>,
+    pub request_id: Option<String>,
+    pub attempts: u32,
+    #[serde(serialize_with = "rfc3339_seconds")]
+    pub finished_at: DateTime<Utc>,
+    /// Only when the job asked for it and Aliyun returned one; never stored, so a replayed
+    /// result does not carry it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_code: Option<String>,
+}
+
+fn rfc3339_seconds<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+impl JobResult {
+    pub fn to_json(&self) -> Vec<u8> {
+        // A struct of strings and numbers cannot fail to serialise.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// A job as the worker understands it, after validation.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub kind: JobKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum JobKind {
+    SendVerifyCode(SendVerifyCode),
+}
+
+impl Job {
+    pub fn job_type(&self) -> JobType {
+        match self.kind {
+            JobKind::SendVerifyCode(_) => JobType::SendVerifyCode,
+        }
+    }
+
+    pub fn phone(&self) -> &PhoneNumber {
+        match &self.kind {
+            JobKind::SendVerifyCode(j) => &j.phone_number,
+        }
+    }
+
+    /// What operators may see of the request: everything but codes and credentials.
+    pub fn stored_params(&self) -> Value {
+        match &self.kind {
+            JobKind::SendVerifyCode(j) => j.stored_params(),
+        }
+    }
+}
+
+/// Dypnsapi `SendSmsVerifyCode`. Optional fields left out take Aliyun's defaults.
+#[derive(Debug, Clone)]
+pub struct SendVerifyCode {
+    pub phone_number: PhoneNumber,
+    pub sign_name: String,
+    pub template_code: String,
+    pub template_param: TemplateParam,
+    pub scheme_name: Option<String>,
+    pub country_code: Option<String>,
+    pub code_length: Option<u8>,
+    pub code_type: Option<u8>,
+    pub valid_time: Option<u32>,
+    pub interval: Option<u32>,
+    pub duplicate_policy: Option<u8>,
+    pub return_verify_code: bool,
+    pub auto_retry: Option<u8>,
+    pub out_id: Option<String>,
+    pub sms_up_extend_code: Option<String>,
+}
+
+impl SendVerifyCode {
+    /// The Aliyun API parameters of this job, by their Aliyun names.
+    pub fn api_params(&self) -> Vec<(&'static str, String)> {
+        let mut p = vec![
+            ("PhoneNumber", self.phone_number.as_str().to_owned()),
+            ("SignName", self.sign_name.clone()),
+            ("TemplateCode", self.template_code.clone()),
+            ("TemplateParam", self.template_param.to_json()),
+        ];
+        let opt = |p: &mut Vec<_>, k, v: Option<String>| {
+            if let Some(v) = v {
+                p.push((k, v));
+            }
+        };
+        opt(&mut p, "SchemeName", self.scheme_name.clone());
+        opt(&mut p, "CountryCode", self.country_code.clone());
+        opt(
+            &mut p,
+            "CodeLength",
+            self.code_length.map(|v| v.to_string()),
+        );
+        opt(&mut p, "CodeType", self.code_type.map(|v| v.to_string()));
+        opt(&mut p, "ValidTime", self.valid_time.map(|v| v.to_string()));
+        opt(&mut p, "Interval", self.interval.map(|v| v.to_string()));
+        opt(
+            &mut p,
+            "DuplicatePolicy",
+            self.duplicate_policy.map(|v| v.to_string()),
+        );
+        if self.return_verify_code {
+            p.push(("ReturnVerifyCode", "true".into()));
+        }
+        opt(&mut p, "AutoRetry", self.auto_retry.map(|v| v.to_string()));
+        opt(&mut p, "OutId", self.out_id.clone());
+        opt(&mut p, "SmsUpExtendCode", self.sms_up_extend_code.clone());
+        p
+    }
+
+    fn stored_params(&self) -> Value {
+        let mut m = Map::new();
+        for (k, v) in self.api_params() {
+            if k == "PhoneNumber" {
+                continue;
+            }
+            let v = if k == "TemplateParam" {
+                self.template_param.redacted_json()
+            } else {
+                v
+            };
+            m.insert(k.to_owned(), Value::String(v));
+        }
+        Value::Object(m)
+    }
+}
+
+/// Template variables: a flat object of strings (Aliyun answers `isv.INVALID_JSON_PARAM` to
+/// anything else).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TemplateParam(pub BTreeMap<String, String>);
+
+/// The placeholder that asks Aliyun to generate the code (only then can it be checked).
+pub const CODE_PLACEHOLDER: &str = "##code##";
+
+impl TemplateParam {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&self.0).unwrap_or_default()
+    }
+
+    /// A literal `code` value is a verification code and must not be stored.
+    fn redacted_json(&self) -> String {
+        let redacted: BTreeMap<&str, &str> = self
+            .0
+            .iter()
+            .map(|(k, v)| {
+                let hide = k.eq_ignore_ascii_case("code") && v != CODE_PLACEHOLDER;
+                (k.as_str(), if hide { "***" } else { v.as_str() })
+            })
+            .collect();
+        serde_json::to_string(&redacted).unwrap_or_default()
+    }
+}
+
+/// Why a message was refused. `code` is the worker's own upper-case code for the result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Invalid {
+    pub code: &'static str,
+    pub message: String,
+    /// The job id, when it could be read, so the result can still name the job.
+    pub id: Option<String>,
+    pub job_type: Option<String>,
+}
+
+impl Invalid {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            id: None,
+            job_type: None,
+        }
+    }
+
+    fn field(field: &str, why: impl fmt::Display) -> Self {
+        Self::new("INVALID_FIELD", format!("field `{field}`: {why}"))
+    }
+}
+
+/// Decodes and validates one message body. `message_id` is the AMQP property, used as the
+/// idempotency key when the body has no `id`.
+pub fn decode_job(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid> {
+    if body.len() > MAX_JOB_BYTES {
+        return Err(Invalid::new(
+            "TOO_LARGE",
+            format!(
+                "message body is {} bytes; the limit is {MAX_JOB_BYTES}",
+                body.len()
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(body)
+        .map_err(|e| Invalid::new("INVALID_UTF8", format!("message body is not UTF-8: {e}")))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Invalid::new("INVALID_JSON", format!("message body is not JSON: {e}")))?;
+    let Value::Object(mut map) = value else {
+        return Err(Invalid::new(
+            "INVALID_JSON",
+            "message body must be a JSON object",
+        ));
+    };
+
+    let id = take_id(&mut map, message_id);
+    let job_type = map.remove("type");
+    let type_text = job_type.as_ref().and_then(Value::as_str).map(str::to_owned);
+    let known_id = id.as_ref().ok().cloned();
+    let with_context = |mut e: Invalid| {
+        e.id = known_id.clone();
+        e.job_type = type_text.clone();
+        e
+    };
+
+    let id = id.map_err(with_context)?;
+    let job_type = match job_type {
+        None => return Err(with_context(Invalid::field("type", "is required"))),
+        Some(Value::String(s)) => s.parse::<JobType>().map_err(|_| {
+            with_context(Invalid::new(
+                "UNKNOWN_TYPE",
+                format!(
+                    "field `type`: {s:?} is not a job type (expected one of: {})",
+                    JobType::ALL
+                        .iter()
+                        .map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ))
+        })?,
+        Some(_) => return Err(with_context(Invalid::field("type", "must be a string"))),
+    };
+    let kind = match job_type {
+        JobType::SendVerifyCode => {
+            JobKind::SendVerifyCode(decode_send_verify_code(map, &id).map_err(with_context)?)
+        }
+    };
+    Ok(Job { id, kind })
+}
+
+fn take_id(map: &mut Map<String, Value>, message_id: Option<&str>) -> Result<String, Invalid> {
+    let id = match map.remove("id") {
+        Some(Value::String(s)) => s,
+        Some(Value::Null) | None => match message_id {
+            Some(m) => m.to_owned(),
+            None => {
+                return Err(Invalid::new(
+                    "MISSING_ID",
+                    "field `id`: is required (or set the AMQP message_id property)",
+                ));
+            }
+        },
+        Some(_) => return Err(Invalid::field("id", "must be a string")),
+    };
+    let chars = id.chars().count();
+    if chars == 0 || chars > MAX_ID_CHARS || id.chars().any(char::is_control) {
+        return Err(Invalid::field(
+            "id",
+            format!("must be 1-{MAX_ID_CHARS} characters without control characters"),
+        ));
+    }
+    Ok(id)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendVerifyCodeRaw {
+    phone_number: String,
+    sign_name: String,
+    template_code: String,
+    template_param: Value,
+    scheme_name: Option<String>,
+    country_code: Option<String>,
+    code_length: Option<i64>,
+    code_type: Option<i64>,
+    valid_time: Option<i64>,
+    interval: Option<i64>,
+    duplicate_policy: Option<i64>,
+    return_verify_code: Option<bool>,
+    auto_retry: Option<i64>,
+    out_id: Option<String>,
+    sms_up_extend_code: Option<String>,
+}
+
+fn fields_error(e: serde_json::Error) -> Invalid {
+    // serde's messages already name the field ("missing field `sign_name`",
+    // "unknown field `phone`, expected one of …").
+    Invalid::new("INVALID_FIELD", e.to_string())
+}
+
+/// `out_id` defaults to the job id, so a send can always be traced back to its job at Aliyun.
+fn decode_send_verify_code(map: Map<String, Value>, id: &str) -> Result<SendVerifyCode, Invalid> {
+    let raw: SendVerifyCodeRaw =
+        serde_json::from_value(Value::Object(map)).map_err(fields_error)?;
+    let phone_number =
+        PhoneNumber::parse(&raw.phone_number).map_err(|e| Invalid::field("phone_number", e))?;
+    if let Some(cc) = &raw.country_code
+        && cc != "86"
+    {
+        return Err(Invalid::field(
+            "country_code",
+            "Dypnsapi only supports \"86\"",
+        ));
+    }
+    Ok(SendVerifyCode {
+        phone_number,
+        sign_name: text("sign_name", raw.sign_name, 1, 64)?,
+        template_code: text("template_code", raw.template_code, 1, 64)?,
+        template_param: template_param("template_param", raw.template_param)?,
+        scheme_name: opt_text("scheme_name", raw.scheme_name, 1, 20)?,
+        country_code: raw.country_code,
+        code_length: in_range("code_length", raw.code_length, 4, 8)?,
+        code_type: in_range("code_type", raw.code_type, 1, 7)?,
+        valid_time: in_range("valid_time", raw.valid_time, 1, 86_400)?,
+        interval: in_range("interval", raw.interval, 0, 86_400)?,
+        duplicate_policy: in_range("duplicate_policy", raw.duplicate_policy, 1, 2)?,
+        return_verify_code: raw.return_verify_code.unwrap_or(false),
+        auto_retry: in_range("auto_retry", raw.auto_retry, 0, 1)?,
+        out_id: Some(opt_text("out_id", raw.out_id, 1, 255)?.unwrap_or_else(|| id.to_owned())),
+        sms_up_extend_code: opt_text("sms_up_extend_code", raw.sms_up_extend_code, 1, 20)?,
+    })
+}
+
+fn text(field: &str, value: String, min: usize, max: usize) -> Result<String, Invalid> {
+    let n = value.chars().count();
+    if n < min || n > max || value.chars().any(char::is_control) {
+        return Err(Invalid::field(
+            field,
+            format!("must be {min}-{max} characters without control characters (got {n})"),
+        ));
+    }
+    Ok(value)
+}
+
+fn opt_text(
+    field: &str,
+    value: Option<String>,
+    min: usize,
+    max: usize,
+) -> Result<Option<String>, Invalid> {
+    value.map(|v| text(field, v, min, max)).transpose()
+}
+
+fn in_range<T: TryFrom<i64>>(
+    field: &str,
+    value: Option<i64>,
+    min: i64,
+    max: i64,
+) -> Result<Option<T>, Invalid> {
+    value
+        .map(|v| {
+            if (min..=max).contains(&v) {
+                T::try_from(v).map_err(|_| Invalid::field(field, "out of range"))
+            } else {
+                Err(Invalid::field(
+                    field,
+                    format!("{v} is outside {min}..={max}"),
+                ))
+            }
+        })
+        .transpose()
+}
+
+/// An object of strings, or a string holding one (what Aliyun's own API takes).
+fn template_param(field: &str, value: Value) -> Result<TemplateParam, Invalid> {
+    let object = match value {
+        Value::Object(m) => m,
+        Value::String(s) => match serde_json::from_str::<Value>(&s) {
+            Ok(Value::Object(m)) => m,
+            _ => {
+                return Err(Invalid::field(
+                    field,
+                    "a string here must hold a JSON object",
+                ));
+            }
+        },
+        _ => {
+            return Err(Invalid::field(
+                field,
+                "must be an object of strings, e.g. {\"code\":\"##code##\"}",
+            ));
+        }
+    };
+    let mut out = BTreeMap::new();
+    for (k, v) in object {
+        match v {
+            Value::String(s) if !k.is_empty() && k.len() <= 64 && s.chars().count() <= 512 => {
+                out.insert(k, s);
+            }
+            Value::String(_) => {
+                return Err(Invalid::field(
+                    field,
+                    format!("key {k:?}: names are 1-64 bytes and values at most 512 characters"),
+                ));
+            }
+            _ => {
+                return Err(Invalid::field(
+                    field,
+                    format!("value of {k:?} must be a string (Aliyun refuses numbers)"),
+                ));
+            }
+        }
+    }
+    Ok(TemplateParam(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(json: &str) -> Result<Job, Invalid> {
+        decode_job(json.as_bytes(), None)
+    }
+
+    const FULL: &str = r###"{"id": "signup-42-7f3a", "type": "send_verify_code",
+        "phone_number": "13800138000", "sign_name": "速通互联验证码", "template_code": "100001",
+        "template_param": {"code": "##code##", "min": "5"},
+        "scheme_name": "默认方案", "country_code": "86", "code_length": 6, "code_type": 1,
+        "valid_time": 300, "interval": 60, "duplicate_policy": 1, "return_verify_code": false,
+        "auto_retry": 1, "out_id": "optional", "sms_up_extend_code": "12"}"###;
+
+    #[test]
+    fn the_documented_example_decodes() {
+        let j = job(FULL).unwrap();
+        assert_eq!(j.id, "signup-42-7f3a");
+        let JobKind::SendVerifyCode(s) = &j.kind;
+        assert_eq!(s.code_length, Some(6));
+        let params = s.api_params();
+        assert!(params.contains(&(
+            "TemplateParam",
+            r###"{"code":"##code##","min":"5"}"###.into()
+        )));
+        assert!(params.contains(&("CodeLength", "6".into())));
+        assert!(!params.iter().any(|(k, _)| *k == "ReturnVerifyCode"));
+    }
+
+    #[test]
+    fn message_id_stands_in_for_a_missing_id() {
+        let body = r###"{"type":"send_verify_code","phone_number":"13800138000","sign_name":"s","template_code":"100001","template_param":"{\"code\":\"##code##\"}"}"###;
+        assert_eq!(decode_job(body.as_bytes(), Some("m-1")).unwrap().id, "m-1");
+        let err = decode_job(body.as_bytes(), None).unwrap_err();
+        assert_eq!(err.code, "MISSING_ID");
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            (r#""phone_number": "12345""#, "phone_number"),
+            (r#""code_length": 9"#, "code_length"),
+            (r#""code_type": 0"#, "code_type"),
+            (r#""duplicate_policy": 3"#, "duplicate_policy"),
+            (
+                r#""scheme_name": "一二三四五六七八九十一二三四五六七八九十一""#,
+                "scheme_name",
+            ),
+            (r#""country_code": "1""#, "country_code"),
+            (r#""template_param": {"code": 1234}"#, "template_param"),
+            (r#""phone_numbr": "13800138000""#, "phone_numbr"),
+            (r#""code_length": "6""#, "invalid type"),
+        ];
+        for (patch, needle) in cases {
+            let mut v: Value = serde_json::from_str(FULL).unwrap();
+            let p: Value = serde_json::from_str(&format!("{{{patch}}}")).unwrap();
+            for (k, val) in p.as_object().unwrap() {
+                v[k] = val.clone();
+            }
+            let err = job(&v.to_string()).unwrap_err();
+            assert!(err.message.contains(needle), "{patch}: {}", err.message);
+            assert_eq!(err.id.as_deref(), Some("signup-42-7f3a"), "{patch}");
+        }
+    }
+
+    #[test]
+    fn missing_required_field_is_named() {
+        let mut v: Value = serde_json::from_str(FULL).unwrap();
+        v.as_object_mut().unwrap().remove("sign_name");
+        let err = job(&v.to_string()).unwrap_err();
+        assert!(err.message.contains("sign_name"), "{}", err.message);
+    }
+
+    #[test]
+    fn malformed_bodies_are_refused_with_their_own_codes() {
+        assert_eq!(job("{not json").unwrap_err().code, "INVALID_JSON");
+        assert_eq!(job("[1,2]").unwrap_err().code, "INVALID_JSON");
+        assert_eq!(
+            decode_job(&[0xff, 0xfe], None).unwrap_err().code,
+            "INVALID_UTF8"
+        );
+        let huge = vec![b' '; MAX_JOB_BYTES + 1];
+        assert_eq!(decode_job(&huge, None).unwrap_err().code, "TOO_LARGE");
+        assert_eq!(
+            job(r#"{"id":"x","type":"send_fax"}"#).unwrap_err().code,
+            "UNKNOWN_TYPE"
+        );
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(job(&deep).unwrap_err().code, "INVALID_JSON");
+    }
+
+    #[test]
+    fn stored_params_hide_literal_codes_and_the_phone() {
+        let literal = FULL.replace("##code##", "482913");
+        let stored = job(&literal).unwrap().stored_params().to_string();
+        assert!(!stored.contains("482913"), "{stored}");
+        assert!(!stored.contains("13800138000"), "{stored}");
+        let placeholder = job(FULL).unwrap().stored_params().to_string();
+        assert!(placeholder.contains("##code##"), "{placeholder}");
+    }
+
+    #[test]
+    fn results_serialise_as_documented() {
+        let r = JobResult {
+            id: Some("a".into()),
+            job_type: Some("send_verify_code".into()),
+            status: Status::RateLimited,
+            code: "biz.FREQUENCY".into(),
+            message: "m".into(),
+            biz_id: None,
+            request_id: None,
+            attempts: 1,
+            finished_at: DateTime::parse_from_rfc3339("2026-11-23T10:00:00Z")
+                .unwrap()
+                .with_timezone(&Utc),
+            verify_code: None,
+        };
+        let v: Value = serde_json::from_slice(&r.to_json()).unwrap();
+        assert_eq!(v["status"], "rate_limited");
+        assert_eq!(v["type"], "send_verify_code");
+        assert_eq!(v["finished_at"], "2026-11-23T10:00:00.000Z");
+        assert!(v.get("verify_code").is_none());
+        for s in Status::FINAL {
+            assert_eq!(s.as_str().parse::<Status>(), Ok(*s));
+        }
+    }
+}

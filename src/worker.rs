@@ -1,0 +1,205 @@
+//! The worker's lifecycle: connect, consume, reconnect, drain on shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::aliyun::AliyunClient;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::pipeline::{Disposition, Pipeline};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("could not build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// Whether the worker is consuming. Tests and readiness checks wait on it.
+pub type Readiness = watch::Receiver<bool>;
+
+/// Options that are about how this process runs, not about the job contract.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub migrate: bool,
+    /// Shown to RabbitMQ as the connection name.
+    pub name: String,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            migrate: true,
+            name: format!("aliyun-sms-worker@{}", std::process::id()),
+        }
+    }
+}
+
+/// Runs until `shutdown` turns true: then stops consuming, lets in-flight jobs finish within
+/// the grace period and closes (unfinished deliveries return to the queue).
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+    ready: watch::Sender<bool>,
+) -> Result<(), WorkerError> {
+    let config = Arc::new(config);
+    let store = Store::connect(
+        config.database_url.expose(),
+        config.database_max_connections,
+    )
+    .await?;
+    if options.migrate {
+        store.migrate().await?;
+    }
+    let aliyun = AliyunClient::new(config.aliyun.clone())?;
+    let pipeline = Arc::new(Pipeline::new(config.clone(), store, aliyun));
+    let tag = format!("{}-{}", options.name, uuid::Uuid::new_v4().simple());
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut reconnect = reconnect_backoff();
+    let mut last_broker: Option<Broker> = None;
+
+    'connect: while !*shutdown.borrow() {
+        let broker = match open(&config, &options, &tag).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                let wait = reconnect.next().unwrap_or(Duration::from_secs(10));
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "RabbitMQ unavailable");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue 'connect,
+                    _ = shutdown.changed() => break 'connect,
+                }
+            }
+        };
+        let (broker, mut consumer) = broker;
+        reconnect = reconnect_backoff();
+        let _ = ready.send(true);
+        tracing::info!(queue = %config.queues.jobs, concurrency = config.concurrency, "consuming jobs");
+        last_broker = Some(broker.clone());
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => {
+                    if let Err(e) = broker.cancel(&tag).await {
+                        tracing::debug!(error = %e, "cancel on shutdown");
+                    }
+                    break 'connect;
+                }
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(e) = joined {
+                        tracing::error!(error = %e, "a job task ended abnormally");
+                    }
+                }
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let pipeline = pipeline.clone();
+                        let broker = broker.clone();
+                        tasks.spawn(async move { process(&pipeline, &broker, delivery).await });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "RabbitMQ consumer failed; reconnecting");
+                        break;
+                    }
+                    None => {
+                        tracing::warn!("RabbitMQ consumer closed; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = ready.send(false);
+    }
+
+    let _ = ready.send(false);
+    drain(&mut tasks, config.shutdown_grace).await;
+    if let Some(broker) = last_broker {
+        broker.close().await;
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn open(
+    config: &Config,
+    options: &RunOptions,
+    tag: &str,
+) -> Result<(Broker, lapin::Consumer), crate::broker::BrokerError> {
+    let broker = Broker::connect(
+        config.amqp_url.expose(),
+        &options.name,
+        config.queues.clone(),
+    )
+    .await?;
+    broker.declare_topology().await?;
+    let consumer = broker.consume(config.concurrency, tag).await?;
+    Ok((broker, consumer))
+}
+
+/// One delivery end to end, including its ack. A panic in the pipeline (a bug) requeues the
+/// message so the jobs queue's delivery limit, not this process, decides its fate.
+async fn process(pipeline: &Pipeline, broker: &Broker, delivery: lapin::message::Delivery) {
+    let disposition = std::panic::AssertUnwindSafe(pipeline.handle(&delivery, broker))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            tracing::error!("job handling panicked; requeueing the delivery");
+            Disposition::Requeue
+        });
+    let acked = match disposition {
+        Disposition::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+        Disposition::Requeue => {
+            // Give a failing dependency a moment before the job comes round again.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+    };
+    if let Err(e) = acked {
+        // The channel is gone; RabbitMQ redelivers the message and the store makes that safe.
+        tracing::warn!(error = %e, "could not settle delivery; it will be redelivered");
+        let _ = delivery
+            .acker
+            .reject(BasicRejectOptions { requeue: true })
+            .await;
+    }
+}
+
+async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+    if tasks.is_empty() {
+        return;
+    }
+    tracing::info!(
+        in_flight = tasks.len(),
+        grace_ms = grace.as_millis() as u64,
+        "draining in-flight jobs"
+    );
+    let all_done = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, all_done).await.is_err() {
+        tracing::warn!(
+            left = tasks.len(),
+            "grace period over; unfinished jobs go back to the queue"
+        );
+        tasks.abort_all();
+    }
+}
+
+fn reconnect_backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}

@@ -1,0 +1,359 @@
+//! A worker per test: its own Postgres database, its own queues, its own fake Aliyun on a
+//! free port, all on the real local services. Tests wait on events (readiness, messages), with
+//! timeouts only as a safety net.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use aliyun_sms_worker::config::{self, Config};
+use aliyun_sms_worker::fake_aliyun::{FakeAliyun, FakeConfig};
+use aliyun_sms_worker::wire::JobResult;
+use aliyun_sms_worker::worker::{self, RunOptions};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
+};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use serde_json::{Value, json};
+use sqlx::{Connection as _, PgConnection, PgPool};
+use tokio::sync::{Mutex, watch};
+
+/// How long a test waits for something that should happen in milliseconds.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn admin_database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The same server, another database.
+fn database_url(name: &str) -> String {
+    let base = admin_database_url();
+    let (server, query) = match base.split_once('?') {
+        Some((s, q)) => (s.to_owned(), format!("?{q}")),
+        None => (base.clone(), String::new()),
+    };
+    let server = match server.rfind('/') {
+        Some(i) if i > "postgres://".len() => server[..i].to_owned(),
+        _ => server,
+    };
+    format!("{server}/{name}{query}")
+}
+
+/// Creates an empty database for one test. Test databases are prefixed `smsw_test_` so CI can
+/// sweep the ones left by killed runs.
+pub async fn create_database() -> (String, String) {
+    let name = format!("smsw_test_{}", uuid::Uuid::new_v4().simple());
+    let mut admin = PgConnection::connect(&admin_database_url())
+        .await
+        .expect("connect to Postgres (is it running? see README)");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+        .execute(&mut admin)
+        .await
+        .expect("create test database");
+    let _ = admin.close().await;
+    let url = database_url(&name);
+    (name, url)
+}
+
+pub async fn drop_database(name: &str) {
+    if let Ok(mut admin) = PgConnection::connect(&admin_database_url()).await {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&mut admin)
+        .await;
+        let _ = admin.close().await;
+    }
+}
+
+/// Settings for one test: unique queues, its database, the fake's endpoint and keys, and
+/// fast retries.
+pub fn test_settings(db_url: &str, fake: &FakeAliyun, prefix: &str) -> HashMap<String, String> {
+    let endpoint = fake.endpoint();
+    [
+        (config::AMQP_URL, amqp_url()),
+        (config::DATABASE_URL, db_url.to_owned()),
+        (config::DATABASE_MAX_CONNECTIONS, "8".into()),
+        (config::SMS_JOBS_QUEUE, format!("{prefix}.jobs")),
+        (config::SMS_RESULTS_QUEUE, format!("{prefix}.results")),
+        (config::SMS_DEAD_LETTER_QUEUE, format!("{prefix}.dead")),
+        (config::SMS_DEAD_LETTER_EXCHANGE, format!("{prefix}.dlx")),
+        (config::ALIBABA_CLOUD_ACCESS_KEY_ID, TEST_KEY_ID.into()),
+        (config::ALIBABA_CLOUD_ACCESS_KEY_SECRET, TEST_SECRET.into()),
+        (config::ALIYUN_DYPNSAPI_ENDPOINT, endpoint.clone()),
+        (config::ALIYUN_DYSMSAPI_ENDPOINT, endpoint),
+        (config::WORKER_CONCURRENCY, "32".into()),
+        (config::RETRY_MAX_ATTEMPTS, "4".into()),
+        (config::RETRY_INITIAL_DELAY_MS, "10".into()),
+        (config::RETRY_MAX_DELAY_MS, "40".into()),
+        (config::RETRY_MAX_ELAPSED_MS, "5000".into()),
+        (config::HTTP_CONNECT_TIMEOUT_MS, "1000".into()),
+        (config::HTTP_REQUEST_TIMEOUT_MS, "3000".into()),
+        (config::SHUTDOWN_GRACE_MS, "5000".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+pub const TEST_KEY_ID: &str = "LTAI5tTestKeyId";
+/// Characters that need percent-encoding, so signing bugs show.
+pub const TEST_SECRET: &str = "kH8/s3cr3t+With=Chars~*";
+
+pub struct TestApp {
+    pub fake: FakeAliyun,
+    pub config: Config,
+    pub pool: PgPool,
+    db_name: String,
+    channel: Channel,
+    connection: Connection,
+    results: Mutex<Consumer>,
+    dead: Mutex<Consumer>,
+    stop: watch::Sender<bool>,
+    worker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Starts a worker after `tweak` has adjusted the test settings (by variable name, as an
+    /// operator would).
+    pub async fn spawn_with(tweak: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+        let fake = FakeAliyun::start(
+            FakeConfig::new(TEST_KEY_ID, TEST_SECRET),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        )
+        .await
+        .expect("start fake Aliyun");
+        let (db_name, db_url) = create_database().await;
+        let prefix = format!(
+            "smsw-test-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut settings = test_settings(&db_url, &fake, &prefix);
+        tweak(&mut settings);
+        let config = Config::from_map(&settings).expect("test configuration is valid");
+
+        let (stop, stop_rx) = watch::channel(false);
+        let (ready_tx, mut ready) = watch::channel(false);
+        let worker_config = config.clone();
+        let worker = tokio::spawn(async move {
+            worker::run(worker_config, RunOptions::default(), stop_rx, ready_tx)
+                .await
+                .expect("worker ran");
+        });
+        tokio::time::timeout(PATIENCE, ready.wait_for(|r| *r))
+            .await
+            .expect("worker became ready in time")
+            .expect("worker is running");
+
+        let pool = PgPool::connect(&db_url).await.expect("connect test db");
+        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("connect RabbitMQ");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let results = consume(&connection, &config.queues.results).await;
+        let dead = consume(&connection, &config.queues.dead_letter).await;
+        Self {
+            fake,
+            config,
+            pool,
+            db_name,
+            channel,
+            connection,
+            results: Mutex::new(results),
+            dead: Mutex::new(dead),
+            stop,
+            worker: Some(worker),
+        }
+    }
+
+    /// Publishes raw bytes to the jobs queue with the given properties, confirmed.
+    pub async fn publish_raw(&self, body: &[u8], props: BasicProperties) {
+        let confirm = self
+            .channel
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(self.config.queues.jobs.as_str()),
+                BasicPublishOptions::default(),
+                body,
+                props.with_delivery_mode(2),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "job publish was not confirmed");
+    }
+
+    pub async fn publish(&self, job: &Value) {
+        self.publish_raw(
+            &serde_json::to_vec(job).expect("json"),
+            BasicProperties::default(),
+        )
+        .await;
+    }
+
+    /// The next result on the results queue.
+    pub async fn next_result(&self) -> (JobResult, BasicProperties) {
+        let delivery = next(&self.results, "a result").await;
+        let result = serde_json::from_slice(&delivery.data).unwrap_or_else(|e| {
+            panic!(
+                "result is not a JobResult ({e}): {}",
+                String::from_utf8_lossy(&delivery.data)
+            )
+        });
+        (result, delivery.properties)
+    }
+
+    pub async fn results(&self, n: usize) -> Vec<JobResult> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next_result().await.0);
+        }
+        out
+    }
+
+    pub async fn next_dead_letter(&self) -> Delivery {
+        next(&self.dead, "a dead letter").await
+    }
+
+    /// A consumer on a fresh, exclusive, server-named queue (for reply_to tests).
+    pub async fn reply_queue(&self) -> (String, Consumer) {
+        let ch = self.connection.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                ShortString::from(""),
+                lapin::options::QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare reply queue");
+        let name = q.name().as_str().to_owned();
+        let consumer = consume(&self.connection, &name).await;
+        (name, consumer)
+    }
+
+    pub async fn job_row(&self, id: &str) -> Value {
+        let row: Option<(Value,)> =
+            sqlx::query_as("SELECT to_jsonb(j) FROM sms_jobs j WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .expect("query sms_jobs");
+        row.map(|r| r.0).unwrap_or(Value::Null)
+    }
+
+    pub async fn attempts(&self, id: &str) -> Vec<Value> {
+        let rows: Vec<(Value,)> = sqlx::query_as(
+            "SELECT to_jsonb(a) FROM sms_attempts a WHERE job_id = $1 ORDER BY attempt",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .expect("query sms_attempts");
+        rows.into_iter().map(|r| r.0).collect()
+    }
+
+    /// Stops the worker the way SIGTERM does, then removes the test's queues and database.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(worker) = self.worker.take() {
+            tokio::time::timeout(PATIENCE, worker)
+                .await
+                .expect("worker stopped within the grace period")
+                .expect("worker task did not panic");
+        }
+        let q = &self.config.queues;
+        for name in [&q.jobs, &q.results, &q.dead_letter] {
+            let _ = self
+                .channel
+                .queue_delete(
+                    ShortString::from(name.as_str()),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = self
+            .channel
+            .exchange_delete(
+                ShortString::from(q.dead_letter_exchange.as_str()),
+                Default::default(),
+            )
+            .await;
+        let _ = self
+            .connection
+            .close(200, ShortString::from("test done"))
+            .await;
+        self.pool.close().await;
+        drop_database(&self.db_name).await;
+    }
+}
+
+pub async fn consume(connection: &Connection, queue: &str) -> Consumer {
+    let ch = connection.create_channel().await.expect("channel");
+    ch.basic_consume(
+        ShortString::from(queue),
+        ShortString::from(""),
+        BasicConsumeOptions {
+            no_ack: true,
+            ..BasicConsumeOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("consume")
+}
+
+pub async fn next_from(consumer: &mut Consumer, what: &str) -> Delivery {
+    tokio::time::timeout(PATIENCE, consumer.next())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap_or_else(|| panic!("consumer closed while waiting for {what}"))
+        .unwrap_or_else(|e| panic!("consumer failed while waiting for {what}: {e}"))
+}
+
+async fn next(consumer: &Mutex<Consumer>, what: &str) -> Delivery {
+    let mut c = consumer.lock().await;
+    next_from(&mut c, what).await
+}
+
+/// A valid send_verify_code job with a unique id and phone number.
+pub fn send_job(id: &str) -> Value {
+    json!({
+        "id": id,
+        "type": "send_verify_code",
+        "phone_number": unique_phone(),
+        "sign_name": "速通互联验证码",
+        "template_code": "100001",
+        "template_param": {"code": "##code##", "min": "5"},
+        "code_length": 6,
+    })
+}
+
+pub fn unique_id(label: &str) -> String {
+    format!("{label}-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub fn unique_phone() -> String {
+    let n: u64 = rand::random_range(0..100_000_000);
+    format!("139{n:08}")
+}

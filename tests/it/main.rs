@@ -1,0 +1,8 @@
+//! The integration suite: one binary, real RabbitMQ and Postgres, the fake Aliyun over HTTP.
+//! Every test has its own database and queues, so the suite runs in parallel.
+
+mod cli;
+mod compose;
+mod helpers;
+mod invalid;
+mod send_verify_code;
