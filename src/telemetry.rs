@@ -9,9 +9,21 @@ use crate::config::LogFormat;
 
 const DEFAULT_FILTER: &str = "info,lapin=warn,sqlx=warn,hyper=warn,reqwest=warn";
 
-pub fn init(format: LogFormat) {
+/// lapin logs every returned message with its whole body, and RabbitMQ 3.10 returns every
+/// direct reply-to result, which may carry a verification code. Off whatever RUST_LOG says.
+const ALWAYS_OFF: &str = "lapin::returned_messages=off";
+
+pub fn filter() -> EnvFilter {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    match ALWAYS_OFF.parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    }
+}
+
+pub fn init(format: LogFormat) {
+    let filter = filter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -15,7 +15,8 @@ fn command(envs: &[(&str, String)]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "info")
+        // The most verbose setting an operator is likely to use.
+        .env("RUST_LOG", "debug")
         .kill_on_drop(true);
     for (k, v) in envs {
         cmd.env(k, v);
@@ -125,9 +126,15 @@ async fn sandbox_worker_answers_an_enqueued_job_and_stops_cleanly_on_sigterm() {
         .expect("worker exits within the grace period")
         .expect("wait for worker");
     assert!(status.success(), "worker exit status {status:?}");
-    while let Ok(line) = lines.try_recv() {
-        log.push(line);
-    }
+    // Read to the end of its stderr: the sender closes when the process's stderr does.
+    let rest = async {
+        while let Some(line) = lines.recv().await {
+            log.push(line);
+        }
+    };
+    tokio::time::timeout(PATIENCE, rest)
+        .await
+        .expect("worker stderr closed");
     let whole = log.join("\n");
     assert!(whole.contains("worker stopped"), "{whole}");
     assert!(
@@ -141,6 +148,16 @@ async fn sandbox_worker_answers_an_enqueued_job_and_stops_cleanly_on_sigterm() {
     assert!(
         !whole.contains(&code),
         "verification code in the log:\n{whole}"
+    );
+    // Debug-printed payloads show bytes as decimal lists; look for the code that way too.
+    let as_bytes = code
+        .bytes()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    assert!(
+        !whole.contains(&format!("34, {as_bytes}, 34")),
+        "verification code (as bytes) in the log:\n{whole}"
     );
     drop_database(&db_name).await;
 }

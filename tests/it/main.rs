@@ -5,4 +5,5 @@ mod cli;
 mod compose;
 mod helpers;
 mod invalid;
+mod readme;
 mod send_verify_code;
