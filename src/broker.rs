@@ -109,7 +109,39 @@ impl Broker {
             .await?;
         ch.queue_declare(short(&q.results), durable, FieldTable::default())
             .await?;
+        if let Some(receipts) = &q.receipts {
+            ch.queue_declare(short(receipts), durable, FieldTable::default())
+                .await?;
+        }
         Ok(())
+    }
+
+    /// Publishes a delivery event (persistent, confirmed) to the receipts queue, if enabled.
+    pub async fn publish_receipt(
+        &self,
+        event: &serde_json::Value,
+        id: &str,
+    ) -> Result<(), BrokerError> {
+        let Some(queue) = &self.queues.receipts else {
+            return Ok(());
+        };
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(short("application/json"))
+            .with_type(short("sms.delivery"))
+            .with_message_id(short(id));
+        let confirmation = self
+            .publish
+            .basic_publish(
+                short(""),
+                short(queue),
+                BasicPublishOptions::default(),
+                event.to_string().as_bytes(),
+                props,
+            )
+            .await?
+            .await?;
+        interpret(confirmation, queue).map(|_| ())
     }
 
     pub async fn consume(&self, prefetch: u16, tag: &str) -> Result<Consumer, BrokerError> {

@@ -76,6 +76,8 @@ pub struct QueueConfig {
     pub dead_letter_exchange: String,
     pub jobs_queue_type: QueueType,
     pub delivery_limit: u32,
+    /// Where final delivery receipts are published; None turns the events off.
+    pub receipts: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -102,6 +104,18 @@ pub struct AliyunConfig {
     pub http: HttpConfig,
 }
 
+/// The receipt poller and the reconciler of unknown Dysmsapi sends.
+#[derive(Debug, Clone)]
+pub struct ReceiptsConfig {
+    pub enabled: bool,
+    pub poll_interval: Duration,
+    /// QuerySendDetails calls per second at most (Aliyun's budget is 5000/s per account,
+    /// shared with every other user of the account).
+    pub max_qps: u32,
+    /// How long an unknown send is looked up before it is declared never sent.
+    pub reconcile_grace: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub amqp_url: Secret,
@@ -111,6 +125,7 @@ pub struct Config {
     pub aliyun: AliyunConfig,
     pub concurrency: u16,
     pub retry: RetryPolicy,
+    pub receipts: ReceiptsConfig,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
 }
@@ -153,6 +168,12 @@ settings! {
     RETRY_INITIAL_DELAY_MS = "RETRY_INITIAL_DELAY_MS", Some("200"), "first backoff step (full jitter applies)";
     RETRY_MAX_DELAY_MS = "RETRY_MAX_DELAY_MS", Some("5000"), "largest backoff step";
     RETRY_MAX_ELAPSED_MS = "RETRY_MAX_ELAPSED_MS", Some("30000"), "no retry starts later than this after the first attempt";
+    RECEIPTS_ENABLED = "RECEIPTS_ENABLED", Some("true"), "poll delivery receipts and reconcile unknown Dysmsapi sends";
+    RECEIPTS_POLL_INTERVAL_MS = "RECEIPTS_POLL_INTERVAL_MS", Some("30000"), "how often due receipts are checked; a number still waiting is checked less and less often";
+    RECEIPTS_MAX_QPS = "RECEIPTS_MAX_QPS", Some("50"), "QuerySendDetails calls per second at most";
+    RECONCILE_GRACE_MS = "RECONCILE_GRACE_MS", Some("300000"), "how long an unknown Dysmsapi send is looked up by OutId before it is declared never sent";
+    SMS_RECEIPTS_QUEUE = "SMS_RECEIPTS_QUEUE", Some("sms.receipts"), "queue that receives a delivery event when a receipt turns final";
+    RECEIPT_EVENTS_ENABLED = "RECEIPT_EVENTS_ENABLED", Some("true"), "publish delivery events to SMS_RECEIPTS_QUEUE";
     SHUTDOWN_GRACE_MS = "SHUTDOWN_GRACE_MS", Some("30000"), "on SIGTERM, how long in-flight jobs may take to finish";
     LOG_FORMAT = "LOG_FORMAT", Some("pretty"), "pretty | json";
 }
@@ -230,6 +251,20 @@ impl Reader<'_> {
             });
         }
         Ok(value)
+    }
+
+    fn flag(&self, name: &'static str) -> Result<bool, ConfigError> {
+        self.choice(
+            name,
+            &[
+                ("true", true),
+                ("1", true),
+                ("yes", true),
+                ("false", false),
+                ("0", false),
+                ("no", false),
+            ],
+        )
     }
 
     fn choice<T: Copy>(&self, name: &'static str, options: &[(&str, T)]) -> Result<T, ConfigError> {
@@ -326,6 +361,11 @@ impl Config {
                     ],
                 )?,
                 delivery_limit: r.number(SMS_JOBS_DELIVERY_LIMIT, 1, 1000)?,
+                receipts: if r.flag(RECEIPT_EVENTS_ENABLED)? {
+                    Some(r.queue_name(SMS_RECEIPTS_QUEUE)?)
+                } else {
+                    None
+                },
             },
             aliyun: AliyunConfig {
                 credentials,
@@ -342,6 +382,12 @@ impl Config {
             },
             concurrency: r.number(WORKER_CONCURRENCY, 1, 10_000)?,
             retry,
+            receipts: ReceiptsConfig {
+                enabled: r.flag(RECEIPTS_ENABLED)?,
+                poll_interval: r.millis(RECEIPTS_POLL_INTERVAL_MS, 10, 86_400_000)?,
+                max_qps: r.number(RECEIPTS_MAX_QPS, 1, 5000)?,
+                reconcile_grace: r.millis(RECONCILE_GRACE_MS, 0, 30 * 86_400_000)?,
+            },
             shutdown_grace: r.millis(SHUTDOWN_GRACE_MS, 0, 3_600_000)?,
             log_format: r.choice(
                 LOG_FORMAT,

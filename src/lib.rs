@@ -12,6 +12,7 @@ pub mod config;
 pub mod fake_aliyun;
 pub mod phone;
 pub mod pipeline;
+pub mod receipts;
 pub mod sandbox;
 pub mod sms_client;
 pub mod store;

@@ -55,15 +55,67 @@ struct RunArgs {
 enum EnqueueCommand {
     /// A `send_verify_code` job (Dypnsapi SendSmsVerifyCode).
     SendVerifyCode(SendVerifyCodeArgs),
+    /// A `check_verify_code` job (Dypnsapi CheckSmsVerifyCode).
+    CheckVerifyCode(CheckVerifyCodeArgs),
+    /// A `send_sms` job (Dysmsapi SendSms).
+    SendSms(SendSmsArgs),
+    /// Any job, given as its JSON body (`-` reads standard input).
+    Json(JsonArgs),
+}
+
+/// What every enqueue takes besides the job itself.
+#[derive(Args)]
+struct Delivery {
+    /// Job id (idempotency key); a random one by default.
+    #[arg(long)]
+    id: Option<String>,
+    /// Wait for the result and print it.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits, in seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout_secs: u64,
+}
+
+#[derive(Args)]
+struct CheckVerifyCodeArgs {
+    #[arg(long)]
+    phone: String,
+    /// The code the user typed.
+    #[arg(long)]
+    code: String,
+    #[command(flatten)]
+    delivery: Delivery,
+}
+
+#[derive(Args)]
+struct SendSmsArgs {
+    /// One number, or several separated by commas.
+    #[arg(long)]
+    phone: String,
+    #[arg(long)]
+    sign_name: String,
+    #[arg(long)]
+    template_code: String,
+    /// Template variables as a JSON object of strings.
+    #[arg(long)]
+    template_param: Option<String>,
+    #[command(flatten)]
+    delivery: Delivery,
+}
+
+#[derive(Args)]
+struct JsonArgs {
+    /// The job's JSON body, or `-` for standard input.
+    body: String,
+    #[command(flatten)]
+    delivery: Delivery,
 }
 
 #[derive(Args)]
 struct SendVerifyCodeArgs {
     #[arg(long)]
     phone: String,
-    /// Job id (idempotency key); a random one by default.
-    #[arg(long)]
-    id: Option<String>,
     #[arg(long, default_value = "速通互联验证码")]
     sign_name: String,
     #[arg(long, default_value = "100001")]
@@ -75,12 +127,8 @@ struct SendVerifyCodeArgs {
     /// Ask Aliyun to return the code in the result (printed only with --wait).
     #[arg(long)]
     return_verify_code: bool,
-    /// Wait for the result and print it.
-    #[arg(long)]
-    wait: bool,
-    /// How long --wait waits, in seconds.
-    #[arg(long, default_value_t = 30)]
-    timeout_secs: u64,
+    #[command(flatten)]
+    delivery: Delivery,
 }
 
 #[derive(Args)]
@@ -159,7 +207,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Enqueue(EnqueueCommand::SendVerifyCode(args)) => enqueue(args).await,
+        Command::Enqueue(command) => {
+            let (job, delivery) = job_of(command)?;
+            enqueue(job, delivery).await
+        }
         Command::FakeAliyun(args) => fake(args).await,
     }
 }
@@ -218,35 +269,75 @@ async fn shutdown_signal() {
     }
 }
 
-async fn enqueue(args: SendVerifyCodeArgs) -> anyhow::Result<ExitCode> {
+fn json_object(flag: &str, raw: &str) -> anyhow::Result<serde_json::Value> {
+    let v: serde_json::Value =
+        serde_json::from_str(raw).with_context(|| format!("{flag} must be a JSON object"))?;
+    anyhow::ensure!(v.is_object(), "{flag} must be a JSON object");
+    Ok(v)
+}
+
+/// The job body a subcommand describes.
+fn job_of(command: EnqueueCommand) -> anyhow::Result<(serde_json::Value, Delivery)> {
+    Ok(match command {
+        EnqueueCommand::SendVerifyCode(a) => {
+            let mut job = json!({
+                "type": "send_verify_code",
+                "phone_number": a.phone,
+                "sign_name": a.sign_name,
+                "template_code": a.template_code,
+                "template_param": json_object("--template-param", &a.template_param)?,
+            });
+            if let Some(n) = a.code_length {
+                job["code_length"] = json!(n);
+            }
+            if a.return_verify_code {
+                job["return_verify_code"] = json!(true);
+            }
+            (job, a.delivery)
+        }
+        EnqueueCommand::CheckVerifyCode(a) => (
+            json!({"type": "check_verify_code", "phone_number": a.phone, "verify_code": a.code}),
+            a.delivery,
+        ),
+        EnqueueCommand::SendSms(a) => {
+            let mut job = json!({
+                "type": "send_sms",
+                "phone_numbers": a.phone.split(',').map(str::trim).collect::<Vec<_>>(),
+                "sign_name": a.sign_name,
+                "template_code": a.template_code,
+            });
+            if let Some(t) = &a.template_param {
+                job["template_param"] = json_object("--template-param", t)?;
+            }
+            (job, a.delivery)
+        }
+        EnqueueCommand::Json(a) => {
+            let raw = if a.body == "-" {
+                std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+            } else {
+                a.body
+            };
+            (json_object("the job", &raw)?, a.delivery)
+        }
+    })
+}
+
+async fn enqueue(mut job: serde_json::Value, delivery: Delivery) -> anyhow::Result<ExitCode> {
     let settings = ClientSettings::from_lookup(&config::env_lookup)?;
-    let template_param: serde_json::Value = serde_json::from_str(&args.template_param)
-        .context("--template-param must be a JSON object")?;
-    let id = args
-        .id
-        .unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4().simple()));
-    let mut job = json!({
-        "id": id,
-        "type": "send_verify_code",
-        "phone_number": args.phone,
-        "sign_name": args.sign_name,
-        "template_code": args.template_code,
-        "template_param": template_param,
-    });
-    if let Some(n) = args.code_length {
-        job["code_length"] = json!(n);
-    }
-    if args.return_verify_code {
-        job["return_verify_code"] = json!(true);
-    }
+    let id = match (delivery.id, job.get("id").and_then(|v| v.as_str())) {
+        (Some(id), _) => id,
+        (None, Some(id)) => id.to_owned(),
+        (None, None) => format!("cli-{}", uuid::Uuid::new_v4().simple()),
+    };
+    job["id"] = json!(id);
     let body = serde_json::to_vec(&job)?;
     let client = SmsClient::connect(settings.amqp_url.expose(), &settings.jobs_queue).await?;
-    let code = if args.wait {
+    let code = if delivery.wait {
         let result = client
-            .request(&body, &id, Duration::from_secs(args.timeout_secs))
+            .request(&body, &id, Duration::from_secs(delivery.timeout_secs))
             .await?;
         println!("{}", serde_json::to_string_pretty(&result)?);
-        if result.status == Status::Sent {
+        if matches!(result.status, Status::Sent | Status::Verified) {
             ExitCode::SUCCESS
         } else {
             ExitCode::from(2)

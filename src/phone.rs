@@ -10,10 +10,16 @@ use std::fmt;
 pub struct PhoneNumber(String);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error(
-    "expected a mainland China mobile number (11 digits starting 13-19, optionally prefixed +86, 0086 or 86)"
-)]
-pub struct PhoneError;
+pub enum PhoneError {
+    #[error(
+        "expected a mainland China mobile number (11 digits starting 13-19, optionally prefixed +86, 0086 or 86)"
+    )]
+    Mainland,
+    #[error(
+        "expected a mainland China mobile number or an international one as country code + number (8-15 digits, optionally prefixed + or 00)"
+    )]
+    International,
+}
 
 impl PhoneNumber {
     pub fn parse(raw: &str) -> Result<Self, PhoneError> {
@@ -34,7 +40,30 @@ impl PhoneNumber {
         if ok {
             Ok(Self(digits.to_owned()))
         } else {
-            Err(PhoneError)
+            Err(PhoneError::Mainland)
+        }
+    }
+
+    /// Dysmsapi also sends abroad: a mainland number as above, or country code + number
+    /// (what Aliyun wants for international SMS), digits only.
+    pub fn parse_international(raw: &str) -> Result<Self, PhoneError> {
+        if let Ok(mainland) = Self::parse(raw) {
+            return Ok(mainland);
+        }
+        let trimmed = raw.trim();
+        let digits = trimmed
+            .strip_prefix('+')
+            .or_else(|| trimmed.strip_prefix("00"))
+            .unwrap_or(trimmed);
+        let ok = (8..=15).contains(&digits.len())
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && !digits.starts_with('0')
+            // A number that claims China must be a valid mainland one.
+            && !digits.starts_with("86");
+        if ok {
+            Ok(Self(digits.to_owned()))
+        } else {
+            Err(PhoneError::International)
         }
     }
 
@@ -109,6 +138,31 @@ mod tests {
                 PhoneNumber::parse(raw).is_err(),
                 "{raw:?} should be refused"
             );
+        }
+    }
+
+    #[test]
+    fn international_numbers_for_dysmsapi() {
+        assert_eq!(
+            PhoneNumber::parse_international("+8613800138000")
+                .unwrap()
+                .as_str(),
+            "13800138000"
+        );
+        assert_eq!(
+            PhoneNumber::parse_international("+85291234567")
+                .unwrap()
+                .as_str(),
+            "85291234567"
+        );
+        assert_eq!(
+            PhoneNumber::parse_international("0014155550100")
+                .unwrap()
+                .as_str(),
+            "14155550100"
+        );
+        for raw in ["+8612345", "861234567890", "12", "+1 415", "abc"] {
+            assert!(PhoneNumber::parse_international(raw).is_err(), "{raw}");
         }
     }
 

@@ -23,8 +23,10 @@ use crate::aliyun::outcome::codes;
 use crate::aliyun::{AliyunClient, Answer, CallError, Effect, Product, Verdict, classify};
 use crate::broker::{self, Broker, BrokerError, Routed};
 use crate::config::{Config, RetryPolicy};
-use crate::store::{AttemptRecord, Claim, JobRow, Outcome, ReplyRoute, Store, StoreError};
-use crate::wire::{self, Invalid, Job, JobKind, JobResult, Status};
+use crate::store::{
+    AttemptRecord, Claim, Followup, JobRow, Outcome, ReplyRoute, Store, StoreError,
+};
+use crate::wire::{self, Invalid, Job, JobKind, JobResult, JobType, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -51,29 +53,55 @@ pub struct Pipeline {
     worker_id: Uuid,
 }
 
-/// The Aliyun call a job makes.
+/// The Aliyun call a job makes. Every job action is not idempotent: the three sends cost a
+/// second SMS, and a repeated check of a right code answers UNKNOWN.
 struct CallPlan {
     product: Product,
     action: &'static str,
-    effect: Effect,
     params: Vec<(&'static str, String)>,
+    form: Vec<(&'static str, String)>,
 }
 
 fn plan(job: &Job) -> CallPlan {
-    match &job.kind {
-        JobKind::SendVerifyCode(j) => CallPlan {
-            product: Product::Dypnsapi,
-            action: "SendSmsVerifyCode",
-            effect: Effect::PaidSend,
-            params: j.api_params(),
-        },
+    let (product, action, params, form) = match &job.kind {
+        JobKind::SendVerifyCode(j) => (
+            Product::Dypnsapi,
+            "SendSmsVerifyCode",
+            j.api_params(),
+            Vec::new(),
+        ),
+        JobKind::CheckVerifyCode(j) => (
+            Product::Dypnsapi,
+            "CheckSmsVerifyCode",
+            j.api_params(),
+            Vec::new(),
+        ),
+        JobKind::SendSms(j) => (Product::Dysmsapi, "SendSms", j.api_params(), Vec::new()),
+        JobKind::SendBatchSms(j) => (
+            Product::Dysmsapi,
+            "SendBatchSms",
+            j.api_params(),
+            j.form_params(),
+        ),
+    };
+    CallPlan {
+        product,
+        action,
+        params,
+        form,
     }
 }
 
 fn wants_verify_code(job: &Job) -> bool {
     match &job.kind {
         JobKind::SendVerifyCode(j) => j.return_verify_code,
+        _ => false,
     }
+}
+
+/// Dysmsapi sends have receipts to poll, and can be looked up when their answer is lost.
+fn is_dysmsapi_send(job: &Job) -> bool {
+    matches!(job.kind, JobKind::SendSms(_) | JobKind::SendBatchSms(_))
 }
 
 impl Pipeline {
@@ -212,9 +240,9 @@ impl Pipeline {
             let started_at = Utc::now();
             let result = self
                 .aliyun
-                .call(plan.product, plan.action, &plan.params)
+                .call(plan.product, plan.action, &plan.params, &plan.form)
                 .await;
-            let verdict = classify(plan.effect, &result);
+            let verdict = classify(Effect::NotIdempotent, &result);
             let (code, message) = describe(&result);
             let answer = result.as_ref().ok();
             self.store
@@ -248,7 +276,18 @@ impl Pipeline {
                 _ => break (verdict, result),
             }
         };
-        let outcome = final_outcome(verdict, &answer, attempt);
+        let mut outcome = final_outcome(job, verdict, &answer, attempt);
+        if is_dysmsapi_send(job) {
+            let phones = job.phones().iter().map(|p| p.as_str().to_owned()).collect();
+            outcome.followup = match outcome.status {
+                Status::Sent => Followup::TrackReceipts { phones },
+                Status::Unknown => Followup::Reconcile {
+                    phones,
+                    grace: self.config.receipts.reconcile_grace,
+                },
+                _ => Followup::None,
+            };
+        }
         let verify_code = answer
             .as_ref()
             .ok()
@@ -321,16 +360,30 @@ fn describe(result: &Result<Answer, CallError>) -> (String, String) {
     }
 }
 
-fn final_outcome(verdict: Verdict, result: &Result<Answer, CallError>, attempts: u32) -> Outcome {
+fn final_outcome(
+    job: &Job,
+    verdict: Verdict,
+    result: &Result<Answer, CallError>,
+    attempts: u32,
+) -> Outcome {
     let (code, mut message) = describe(result);
+    let answer = result.as_ref().ok();
     let status = match verdict {
+        // `Code: OK` on a check only means the call worked; the verdict is VerifyResult.
+        Verdict::Success if job.job_type() == JobType::CheckVerifyCode => {
+            if answer.and_then(Answer::verify_result).as_deref() == Some("PASS") {
+                Status::Verified
+            } else {
+                Status::NotVerified
+            }
+        }
         Verdict::Success => Status::Sent,
         Verdict::RateLimited => Status::RateLimited,
         Verdict::Rejected => Status::Rejected,
         Verdict::Failed => Status::Failed,
         Verdict::Unknown => {
             message = format!(
-                "{message} (the request may have reached Aliyun; it is not resent blindly)"
+                "{message} (the request may have reached Aliyun; it is not repeated blindly)"
             );
             Status::Unknown
         }
@@ -339,7 +392,6 @@ fn final_outcome(verdict: Verdict, result: &Result<Answer, CallError>, attempts:
             Status::Failed
         }
     };
-    let answer = result.as_ref().ok();
     Outcome {
         status,
         code,
@@ -347,5 +399,6 @@ fn final_outcome(verdict: Verdict, result: &Result<Answer, CallError>, attempts:
         biz_id: answer.and_then(Answer::biz_id),
         request_id: answer.and_then(|a| a.request_id.clone()),
         attempts,
+        followup: Followup::None,
     }
 }

@@ -13,6 +13,7 @@ use crate::aliyun::AliyunClient;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::pipeline::{Disposition, Pipeline};
+use crate::receipts::Receipts;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,11 @@ pub async fn run(
         store.migrate().await?;
     }
     let aliyun = AliyunClient::new(config.aliyun.clone())?;
+    let (broker_tx, broker_rx) = watch::channel::<Option<Broker>>(None);
+    let receipts = config.receipts.enabled.then(|| {
+        let poller = Receipts::new(config.clone(), store.clone(), aliyun.clone(), broker_rx);
+        tokio::spawn(poller.run(shutdown.clone()))
+    });
     let pipeline = Arc::new(Pipeline::new(config.clone(), store, aliyun));
     let tag = format!("{}-{}", options.name, uuid::Uuid::new_v4().simple());
     let mut tasks: JoinSet<()> = JoinSet::new();
@@ -81,6 +87,7 @@ pub async fn run(
         };
         let (broker, mut consumer) = broker;
         reconnect = reconnect_backoff();
+        let _ = broker_tx.send(Some(broker.clone()));
         let _ = ready.send(true);
         tracing::info!(queue = %config.queues.jobs, concurrency = config.concurrency, "consuming jobs");
         last_broker = Some(broker.clone());
@@ -115,10 +122,15 @@ pub async fn run(
             }
         }
         let _ = ready.send(false);
+        let _ = broker_tx.send(None);
     }
 
     let _ = ready.send(false);
     drain(&mut tasks, config.shutdown_grace).await;
+    if let Some(receipts) = receipts {
+        // It watches the same shutdown signal and stops between two calls.
+        let _ = receipts.await;
+    }
     if let Some(broker) = last_broker {
         broker.close().await;
     }

@@ -97,6 +97,11 @@ impl Answer {
         self.model_field("VerifyCode")
     }
 
+    /// CheckSmsVerifyCode's verdict: `PASS` or `UNKNOWN`.
+    pub fn verify_result(&self) -> Option<String> {
+        self.model_field("VerifyResult")
+    }
+
     pub fn is_ok(&self) -> bool {
         self.code.as_deref() == Some("OK")
     }
@@ -127,21 +132,24 @@ impl AliyunClient {
         }
     }
 
-    /// Signs and sends one call (POST, all parameters in the query, as Aliyun's SDKs do).
+    /// Signs and sends one call: POST, parameters in the query and `form` (if any) as an
+    /// url-encoded body, as Aliyun's SDKs do.
     pub async fn call(
         &self,
         product: Product,
         action: &str,
         params: &[(&'static str, String)],
+        form: &[(&'static str, String)],
     ) -> Result<Answer, CallError> {
         let endpoint = self.endpoint(product).trim_end_matches('/');
-        let api: Vec<(String, String)> = params
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.clone()))
-            .collect();
+        let owned = |p: &[(&'static str, String)]| -> Vec<(String, String)> {
+            p.iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect()
+        };
         let request = match self.config.signature_version {
-            SignatureVersion::V1 => self.sign_v1(endpoint, action, api),
-            SignatureVersion::V3 => self.sign_v3(endpoint, action, api),
+            SignatureVersion::V1 => self.sign_v1(endpoint, action, owned(params), owned(form)),
+            SignatureVersion::V3 => self.sign_v3(endpoint, action, owned(params), owned(form)),
         };
         let started = std::time::Instant::now();
         let response = request.send().await.map_err(|e| self.classify_error(&e))?;
@@ -158,7 +166,8 @@ impl AliyunClient {
             "aliyun answered"
         );
         if answer.code.as_deref() == Some("SignatureDoesNotMatch") {
-            self.log_signature_mismatch(action, &answer, params);
+            let all: Vec<_> = params.iter().chain(form).cloned().collect();
+            self.log_signature_mismatch(action, &answer, &all);
         }
         Ok(answer)
     }
@@ -189,10 +198,14 @@ impl AliyunClient {
         endpoint: &str,
         action: &str,
         api: Vec<(String, String)>,
+        form: Vec<(String, String)>,
     ) -> reqwest::RequestBuilder {
         let mut params = self.common_v1(action);
         params.extend(api);
-        let string_to_sign = sign::v1_string_to_sign("POST", &params);
+        // Body parameters are signed together with the query ones.
+        let mut signed = params.clone();
+        signed.extend(form.iter().cloned());
+        let string_to_sign = sign::v1_string_to_sign("POST", &signed);
         let signature = sign::v1_signature(
             self.config.credentials.access_key_secret.expose(),
             &string_to_sign,
@@ -201,7 +214,7 @@ impl AliyunClient {
         // The exact canonical encoding goes on the wire too, so what Aliyun decodes is
         // byte-for-byte what was signed.
         let url = format!("{endpoint}/?{}", sign::canonical_query(&params));
-        self.http.post(url).header("content-length", "0")
+        with_body(self.http.post(url), &form)
     }
 
     fn sign_v3(
@@ -209,7 +222,13 @@ impl AliyunClient {
         endpoint: &str,
         action: &str,
         query: Vec<(String, String)>,
+        form: Vec<(String, String)>,
     ) -> reqwest::RequestBuilder {
+        let body = if form.is_empty() {
+            String::new()
+        } else {
+            sign::canonical_query(&form)
+        };
         let creds = &self.config.credentials;
         let host = endpoint
             .split("://")
@@ -222,7 +241,10 @@ impl AliyunClient {
         let mut headers = vec![
             ("host".to_owned(), host),
             ("x-acs-action".to_owned(), action.to_owned()),
-            ("x-acs-content-sha256".to_owned(), sign::sha256_hex(b"")),
+            (
+                "x-acs-content-sha256".to_owned(),
+                sign::sha256_hex(body.as_bytes()),
+            ),
             (
                 "x-acs-date".to_owned(),
                 Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
@@ -236,13 +258,19 @@ impl AliyunClient {
         if let Some(token) = &creds.security_token {
             headers.push(("x-acs-security-token".into(), token.expose().to_owned()));
         }
+        if !form.is_empty() {
+            headers.push((
+                "content-type".into(),
+                "application/x-www-form-urlencoded".into(),
+            ));
+        }
         let (authorization, _) = sign::v3_authorization(
             &sign::V3Request {
                 method: "POST",
                 pathname: "/",
                 query: &query,
                 headers: &headers,
-                body: b"",
+                body: body.as_bytes(),
             },
             &creds.access_key_id,
             creds.access_key_secret.expose(),
@@ -251,12 +279,12 @@ impl AliyunClient {
         let mut request = self
             .http
             .post(url)
-            .header("content-length", "0")
-            .header("authorization", authorization);
+            .header("authorization", authorization)
+            .header("content-length", body.len().to_string());
         for (name, value) in headers.into_iter().filter(|(n, _)| n != "host") {
             request = request.header(name, value);
         }
-        request
+        request.body(body)
     }
 
     fn classify_error(&self, e: &reqwest::Error) -> CallError {
@@ -299,6 +327,19 @@ impl AliyunClient {
             "Aliyun says SignatureDoesNotMatch: check ALIBABA_CLOUD_ACCESS_KEY_SECRET, then compare the two"
         );
     }
+}
+
+/// The form body, encoded exactly as it was signed.
+fn with_body(
+    request: reqwest::RequestBuilder,
+    form: &[(String, String)],
+) -> reqwest::RequestBuilder {
+    if form.is_empty() {
+        return request.header("content-length", "0");
+    }
+    request
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(sign::canonical_query(form))
 }
 
 async fn read_limited(

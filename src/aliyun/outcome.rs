@@ -2,7 +2,7 @@
 //!
 //! Rules, from `shared/aliyun-api.md` §5:
 //! - retry only what cannot have executed a send (not connected, throttled, 503, 429);
-//! - never repeat a paid send whose answer was lost (timeout, 5xx, nonce reuse): `unknown`;
+//! - never repeat a send (or a check) whose answer was lost (timeout, 5xx, nonce reuse): `unknown`;
 //! - per-number flow control is final for the job (`rate_limited`): the code would expire
 //!   before the window reopens;
 //! - credentials, permissions and account state are `failed` (an operator must act);
@@ -38,9 +38,10 @@ impl Verdict {
 /// Whether repeating the call could cost money or change state twice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Effect {
-    /// SendSmsVerifyCode, SendSms, SendBatchSms: not idempotent at Aliyun.
-    PaidSend,
-    /// Reads and checks, safe to repeat.
+    /// The sends (a second SMS, billed) and CheckSmsVerifyCode (a PASS consumes the code, so a
+    /// repeated check of a right code answers UNKNOWN).
+    NotIdempotent,
+    /// QuerySendDetails: safe to repeat.
     Idempotent,
 }
 
@@ -102,7 +103,7 @@ fn in_list(code: &str, list: &[&str]) -> bool {
 /// informational except where Aliyun gives no code.
 pub fn classify(effect: Effect, result: &Result<Answer, CallError>) -> Verdict {
     let maybe_executed = match effect {
-        Effect::PaidSend => Verdict::Unknown,
+        Effect::NotIdempotent => Verdict::Unknown,
         Effect::Idempotent => Verdict::Retry,
     };
     let answer = match result {
@@ -160,12 +161,12 @@ mod tests {
         })
     }
 
-    use Effect::{Idempotent, PaidSend};
+    use Effect::{Idempotent, NotIdempotent};
     use Verdict::*;
 
     #[test]
     fn success() {
-        assert_eq!(classify(PaidSend, &answer(200, Some("OK"))), Success);
+        assert_eq!(classify(NotIdempotent, &answer(200, Some("OK"))), Success);
     }
 
     #[test]
@@ -182,13 +183,13 @@ mod tests {
             (400, Some("InvalidTimeStamp.Expired")),
         ] {
             assert_eq!(
-                classify(PaidSend, &answer(status, code)),
+                classify(NotIdempotent, &answer(status, code)),
                 Retry,
                 "{status} {code:?}"
             );
         }
         assert_eq!(
-            classify(PaidSend, &Err(CallError::NotSent("refused".into()))),
+            classify(NotIdempotent, &Err(CallError::NotSent("refused".into()))),
             Retry
         );
     }
@@ -204,7 +205,7 @@ mod tests {
             "isv.month_limit_control",
         ] {
             assert_eq!(
-                classify(PaidSend, &answer(200, Some(code))),
+                classify(NotIdempotent, &answer(200, Some(code))),
                 RateLimited,
                 "{code}"
             );
@@ -225,7 +226,7 @@ mod tests {
             answer(200, None),
         ];
         for r in &lost {
-            assert_eq!(classify(PaidSend, r), Unknown, "{r:?}");
+            assert_eq!(classify(NotIdempotent, r), Unknown, "{r:?}");
             assert_eq!(classify(Idempotent, r), Retry, "{r:?}");
         }
     }
@@ -241,12 +242,12 @@ mod tests {
             (200, "FUNCTION_NOT_OPENED"),
         ] {
             assert_eq!(
-                classify(PaidSend, &answer(status, Some(code))),
+                classify(NotIdempotent, &answer(status, Some(code))),
                 Failed,
                 "{code}"
             );
         }
-        assert_eq!(classify(PaidSend, &answer(404, None)), Failed);
+        assert_eq!(classify(NotIdempotent, &answer(404, None)), Failed);
     }
 
     #[test]
@@ -260,7 +261,7 @@ mod tests {
             (404, "InvalidApi.NotFound"),
         ] {
             assert_eq!(
-                classify(PaidSend, &answer(status, Some(code))),
+                classify(NotIdempotent, &answer(status, Some(code))),
                 Rejected,
                 "{code}"
             );

@@ -12,11 +12,22 @@ use crate::wire::CODE_PLACEHOLDER;
 
 const DEFAULT_SCHEME: &str = "默认方案";
 
-fn get<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+pub(super) fn get<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
     params
         .iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_str())
+}
+
+/// Aliyun's answer to an absent required parameter, for the first one missing.
+pub(super) fn require(params: &[(String, String)], names: &[&str]) -> Result<(), Reply> {
+    match names
+        .iter()
+        .find(|n| get(params, n).is_none_or(str::is_empty))
+    {
+        Some(name) => Err(missing(name)),
+        None => Ok(()),
+    }
 }
 
 fn missing(name: &str) -> Reply {
@@ -37,7 +48,7 @@ fn business(code: &str, message: &str) -> Reply {
     }))
 }
 
-fn is_mobile(p: &str) -> bool {
+pub(super) fn is_mobile(p: &str) -> bool {
     let b = p.as_bytes();
     b.len() == 11
         && b.iter().all(u8::is_ascii_digit)
@@ -94,10 +105,11 @@ pub(super) fn send_sms_verify_code(
         biz_id: None,
         executed: false,
     };
-    for name in ["PhoneNumber", "SignName", "TemplateCode", "TemplateParam"] {
-        if get(params, name).is_none_or(str::is_empty) {
-            return not_executed(missing(name));
-        }
+    if let Err(reply) = require(
+        params,
+        &["PhoneNumber", "SignName", "TemplateCode", "TemplateParam"],
+    ) {
+        return not_executed(reply);
     }
     let phone = get(params, "PhoneNumber").unwrap_or_default();
     if !is_mobile(phone) {
@@ -205,10 +217,8 @@ pub(super) fn check_sms_verify_code(state: &State, params: &[(String, String)]) 
         biz_id: None,
         executed: false,
     };
-    for name in ["PhoneNumber", "VerifyCode"] {
-        if get(params, name).is_none_or(str::is_empty) {
-            return not_executed(missing(name));
-        }
+    if let Err(reply) = require(params, &["PhoneNumber", "VerifyCode"]) {
+        return not_executed(reply);
     }
     let phone = get(params, "PhoneNumber").unwrap_or_default();
     if !is_mobile(phone) {

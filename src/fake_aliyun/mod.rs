@@ -11,6 +11,7 @@
 
 mod auth;
 mod dypnsapi;
+mod dysmsapi;
 mod state;
 
 use std::net::SocketAddr;
@@ -45,6 +46,8 @@ pub struct FakeConfig {
     pub per_number_per_minute: Option<u32>,
     /// Faults active from the start (the `--fault` flag).
     pub faults: Vec<FaultRule>,
+    /// How long after a Dysmsapi send its delivery receipt turns `DELIVERED`.
+    pub receipt_delay: Duration,
 }
 
 impl FakeConfig {
@@ -57,6 +60,7 @@ impl FakeConfig {
             latency: Duration::ZERO,
             per_number_per_minute: None,
             faults: Vec::new(),
+            receipt_delay: Duration::from_secs(1),
         }
     }
 }
@@ -76,14 +80,14 @@ pub(crate) struct Reply {
 }
 
 impl Reply {
-    fn ok_json(body: Value) -> Self {
+    pub(crate) fn ok_json(body: Value) -> Self {
         Self {
             status: StatusCode::OK,
             body,
         }
     }
 
-    fn gateway_error(status: u16, code: &str, message: &str) -> Self {
+    pub(crate) fn gateway_error(status: u16, code: &str, message: &str) -> Self {
         Self {
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
             body: json!({
@@ -335,6 +339,10 @@ async fn handle(
             query,
             &body,
         )
+        .map(|mut a| {
+            a.params.extend(form);
+            a
+        })
     } else {
         let mut all = query;
         all.extend(form);
@@ -355,11 +363,14 @@ async fn execute(shared: &Shared, request: auth::Authorised) -> Reply {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     };
-    let phones: Vec<String> = ["PhoneNumber", "PhoneNumbers"]
+    let mut phones: Vec<String> = ["PhoneNumber", "PhoneNumbers"]
         .iter()
         .filter_map(|n| param(n))
         .flat_map(|v| v.split(',').map(str::to_owned).collect::<Vec<_>>())
         .collect();
+    if let Some(json) = param("PhoneNumberJson") {
+        phones.extend(serde_json::from_str::<Vec<String>>(&json).unwrap_or_default());
+    }
     let record = |code: String, biz_id: Option<String>, executed: bool| RecordedRequest {
         action: action.clone(),
         phone: phones.first().cloned(),
@@ -424,6 +435,9 @@ async fn execute(shared: &Shared, request: auth::Authorised) -> Reply {
             dypnsapi::send_sms_verify_code(&shared.config, &shared.state, &params)
         }
         "CheckSmsVerifyCode" => dypnsapi::check_sms_verify_code(&shared.state, &params),
+        "SendSms" => dysmsapi::send_sms(&shared.config, &shared.state, &params),
+        "SendBatchSms" => dysmsapi::send_batch_sms(&shared.config, &shared.state, &params),
+        "QuerySendDetails" => dysmsapi::query_send_details(&shared.state, &params),
         _ => {
             return Reply::gateway_error(
                 404,

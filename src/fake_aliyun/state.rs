@@ -71,8 +71,21 @@ pub(crate) struct IssuedCode {
     pub expires: Instant,
 }
 
+/// One number of a Dysmsapi send, as QuerySendDetails reports it.
+#[derive(Debug, Clone)]
+pub(crate) struct SmsRecord {
+    pub phone: String,
+    pub biz_id: String,
+    pub out_id: Option<String>,
+    pub template_code: String,
+    pub sent_at: DateTime<Utc>,
+    /// When the carrier's receipt arrives (SendStatus turns 3).
+    pub receipt_at: DateTime<Utc>,
+}
+
 #[derive(Default)]
 pub(crate) struct Inner {
+    pub sms: Vec<SmsRecord>,
     pub nonces: HashMap<String, Instant>,
     pub faults: Vec<FaultRule>,
     pub requests: Vec<RecordedRequest>,

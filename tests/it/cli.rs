@@ -115,6 +115,26 @@ async fn sandbox_worker_answers_an_enqueued_job_and_stops_cleanly_on_sigterm() {
         .expect("code requested")
         .to_owned();
 
+    let check = command(&envs)
+        .args([
+            "enqueue",
+            "check-verify-code",
+            "--phone",
+            "13800138000",
+            "--code",
+            &code,
+            "--wait",
+        ])
+        .output();
+    let out = tokio::time::timeout(PATIENCE, check)
+        .await
+        .expect("check returned in time")
+        .expect("check ran");
+    let checked: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the check result as JSON");
+    assert_eq!(checked["status"], "verified", "{checked}");
+    assert!(out.status.success());
+
     let pid = worker.id().expect("worker pid");
     let kill = std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])

@@ -98,6 +98,9 @@ pub fn test_settings(db_url: &str, fake: &FakeAliyun, prefix: &str) -> HashMap<S
         (config::HTTP_CONNECT_TIMEOUT_MS, "1000".into()),
         (config::HTTP_REQUEST_TIMEOUT_MS, "3000".into()),
         (config::SHUTDOWN_GRACE_MS, "5000".into()),
+        (config::SMS_RECEIPTS_QUEUE, format!("{prefix}.receipts")),
+        (config::RECEIPTS_POLL_INTERVAL_MS, "100".into()),
+        (config::RECONCILE_GRACE_MS, "600".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -117,6 +120,7 @@ pub struct TestApp {
     connection: Connection,
     results: Mutex<Consumer>,
     dead: Mutex<Consumer>,
+    receipts: Mutex<Consumer>,
     stop: watch::Sender<bool>,
     worker: Option<tokio::task::JoinHandle<()>>,
 }
@@ -129,12 +133,11 @@ impl TestApp {
     /// Starts a worker after `tweak` has adjusted the test settings (by variable name, as an
     /// operator would).
     pub async fn spawn_with(tweak: impl FnOnce(&mut HashMap<String, String>)) -> Self {
-        let fake = FakeAliyun::start(
-            FakeConfig::new(TEST_KEY_ID, TEST_SECRET),
-            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        )
-        .await
-        .expect("start fake Aliyun");
+        let mut fake_config = FakeConfig::new(TEST_KEY_ID, TEST_SECRET);
+        fake_config.receipt_delay = Duration::from_millis(150);
+        let fake = FakeAliyun::start(fake_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .expect("start fake Aliyun");
         let (db_name, db_url) = create_database().await;
         let prefix = format!(
             "smsw-test-{}",
@@ -168,6 +171,11 @@ impl TestApp {
             .expect("confirms");
         let results = consume(&connection, &config.queues.results).await;
         let dead = consume(&connection, &config.queues.dead_letter).await;
+        let receipts = consume(
+            &connection,
+            config.queues.receipts.as_deref().unwrap_or_default(),
+        )
+        .await;
         Self {
             fake,
             config,
@@ -177,6 +185,7 @@ impl TestApp {
             connection,
             results: Mutex::new(results),
             dead: Mutex::new(dead),
+            receipts: Mutex::new(receipts),
             stop,
             worker: Some(worker),
         }
@@ -232,6 +241,40 @@ impl TestApp {
         next(&self.dead, "a dead letter").await
     }
 
+    /// The next delivery event on the receipts queue, as JSON.
+    pub async fn next_receipt(&self) -> Value {
+        let d = next(&self.receipts, "a delivery receipt").await;
+        serde_json::from_slice(&d.data).expect("receipt event is JSON")
+    }
+
+    pub async fn deliveries(&self, id: &str) -> Vec<Value> {
+        let rows: Vec<(Value,)> = sqlx::query_as(
+            "SELECT to_jsonb(d) FROM sms_deliveries d WHERE job_id = $1 ORDER BY phone_number",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .expect("query sms_deliveries");
+        rows.into_iter().map(|r| r.0).collect()
+    }
+
+    /// Publishes a job with direct reply-to and waits for its result (a backend's request).
+    pub async fn request(&self, job: &Value) -> JobResult {
+        let client = aliyun_sms_worker::sms_client::SmsClient::connect(
+            &amqp_url(),
+            &self.config.queues.jobs,
+        )
+        .await
+        .expect("client connects");
+        let id = job["id"].as_str().expect("job id");
+        let result = client
+            .request(&serde_json::to_vec(job).expect("json"), id, PATIENCE)
+            .await
+            .expect("a result over direct reply-to");
+        client.close().await;
+        result
+    }
+
     /// A consumer on a fresh, exclusive, server-named queue (for reply_to tests).
     pub async fn reply_queue(&self) -> (String, Consumer) {
         let ch = self.connection.create_channel().await.expect("channel");
@@ -283,7 +326,8 @@ impl TestApp {
                 .expect("worker task did not panic");
         }
         let q = &self.config.queues;
-        for name in [&q.jobs, &q.results, &q.dead_letter] {
+        let receipts = q.receipts.clone().unwrap_or_default();
+        for name in [&q.jobs, &q.results, &q.dead_letter, &receipts] {
             let _ = self
                 .channel
                 .queue_delete(

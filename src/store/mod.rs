@@ -47,6 +47,8 @@ pub struct JobRow {
     pub claimed_by: Option<Uuid>,
     pub lease_until: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
 }
 
 impl JobRow {
@@ -70,6 +72,13 @@ impl JobRow {
             finished_at: self.finished_at.unwrap_or_else(Utc::now),
             verify_code: None,
         })
+    }
+
+    pub fn route(&self) -> ReplyRoute {
+        ReplyRoute {
+            reply_to: self.reply_to.clone(),
+            correlation_id: self.correlation_id.clone(),
+        }
     }
 }
 
@@ -105,15 +114,34 @@ pub struct Outcome {
     pub biz_id: Option<String>,
     pub request_id: Option<String>,
     pub attempts: u32,
+    pub followup: Followup,
+}
+
+/// What happens to a Dysmsapi send after its result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Followup {
+    None,
+    /// Sent: poll the carrier receipt of each number.
+    TrackReceipts {
+        phones: Vec<String>,
+    },
+    /// Unknown: look the send up by OutId until `grace` has passed.
+    Reconcile {
+        phones: Vec<String>,
+        grace: Duration,
+    },
 }
 
 /// The columns of [`JobRow`], spelled once for every SELECT and RETURNING.
 macro_rules! job_columns {
     () => {
         "id, type, status, biz_id, request_id, code, message, attempts, claimed_by, \
-         lease_until, finished_at"
+         lease_until, finished_at, reply_to, correlation_id"
     };
 }
+
+mod deliveries;
+pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
 
 #[derive(Clone)]
 pub struct Store {
@@ -239,10 +267,19 @@ impl Store {
         worker: Uuid,
         o: &Outcome,
     ) -> Result<JobRow, StoreError> {
+        let reconcile_ms = match &o.followup {
+            Followup::Reconcile { grace, .. } => {
+                Some(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX))
+            }
+            _ => None,
+        };
+        let mut tx = self.pool.begin().await?;
         let row = sqlx::query_as::<_, JobRow>(concat!(
             "UPDATE sms_jobs SET status = $3, code = $4, message = $5, biz_id = $6,
                     request_id = $7, attempts = $8, finished_at = now(), updated_at = now(),
-                    lease_until = NULL
+                    lease_until = NULL,
+                    reconcile_until = now() + make_interval(secs => $9::double precision / 1000),
+                    next_reconcile_at = CASE WHEN $9 IS NULL THEN NULL ELSE now() END
              WHERE id = $1 AND status = 'sending' AND claimed_by = $2
              RETURNING ",
             job_columns!()
@@ -255,15 +292,25 @@ impl Store {
         .bind(&o.biz_id)
         .bind(&o.request_id)
         .bind(i32::try_from(o.attempts).unwrap_or(i32::MAX))
-        .fetch_optional(&self.pool)
+        .bind(reconcile_ms)
+        .fetch_optional(&mut *tx)
         .await?;
-        match row {
-            Some(row) => Ok(row),
-            None => self
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return self
                 .fetch(job_id)
                 .await?
-                .ok_or_else(|| StoreError::Database(sqlx::Error::RowNotFound)),
+                .ok_or(StoreError::Database(sqlx::Error::RowNotFound));
+        };
+        let phones = match &o.followup {
+            Followup::None => None,
+            Followup::TrackReceipts { phones } | Followup::Reconcile { phones, .. } => Some(phones),
+        };
+        if let Some(phones) = phones {
+            deliveries::insert(&mut tx, job_id, phones, o.biz_id.as_deref()).await?;
         }
+        tx.commit().await?;
+        Ok(row)
     }
 
     /// Ends a job whose `sending` claim outlived its lease: the worker holding it died while

@@ -3,7 +3,10 @@
 //! Decoding is strict on purpose: unknown fields, wrong types and out-of-range values are
 //! answered with an `invalid` result naming the field, before anything reaches Aliyun.
 
-use std::collections::BTreeMap;
+mod fields;
+mod sms;
+mod verify_code;
+
 use std::fmt;
 use std::str::FromStr;
 
@@ -13,6 +16,10 @@ use serde_json::{Map, Value};
 
 use crate::phone::PhoneNumber;
 
+pub use fields::{CODE_PLACEHOLDER, TemplateParam};
+pub use sms::{MAX_BATCH_NUMBERS, MAX_SEND_SMS_NUMBERS, SendBatchSms, SendSms};
+pub use verify_code::{CheckVerifyCode, SendVerifyCode};
+
 /// Larger bodies are refused unread: a job is a few hundred bytes.
 pub const MAX_JOB_BYTES: usize = 64 * 1024;
 const MAX_ID_CHARS: usize = 128;
@@ -21,22 +28,25 @@ const MAX_ID_CHARS: usize = 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobType {
     SendVerifyCode,
+    CheckVerifyCode,
+    SendSms,
+    SendBatchSms,
 }
 
 impl JobType {
-    pub const ALL: &'static [JobType] = &[JobType::SendVerifyCode];
+    pub const ALL: &'static [JobType] = &[
+        JobType::SendVerifyCode,
+        JobType::CheckVerifyCode,
+        JobType::SendSms,
+        JobType::SendBatchSms,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             JobType::SendVerifyCode => "send_verify_code",
-        }
-    }
-
-    /// Sends cost money and are not idempotent at Aliyun; an unanswered send must never be
-    /// repeated blindly.
-    pub fn is_paid_send(self) -> bool {
-        match self {
-            JobType::SendVerifyCode => true,
+            JobType::CheckVerifyCode => "check_verify_code",
+            JobType::SendSms => "send_sms",
+            JobType::SendBatchSms => "send_batch_sms",
         }
     }
 }
@@ -65,6 +75,8 @@ impl fmt::Display for JobType {
 pub enum Status {
     Sending,
     Sent,
+    Verified,
+    NotVerified,
     RateLimited,
     Rejected,
     Failed,
@@ -76,6 +88,8 @@ pub enum Status {
 impl Status {
     pub const FINAL: &'static [Status] = &[
         Status::Sent,
+        Status::Verified,
+        Status::NotVerified,
         Status::RateLimited,
         Status::Rejected,
         Status::Failed,
@@ -88,6 +102,8 @@ impl Status {
         match self {
             Status::Sending => "sending",
             Status::Sent => "sent",
+            Status::Verified => "verified",
+            Status::NotVerified => "not_verified",
             Status::RateLimited => "rate_limited",
             Status::Rejected => "rejected",
             Status::Failed => "failed",
@@ -159,18 +175,43 @@ pub struct Job {
 #[derive(Debug, Clone)]
 pub enum JobKind {
     SendVerifyCode(SendVerifyCode),
+    CheckVerifyCode(CheckVerifyCode),
+    SendSms(SendSms),
+    SendBatchSms(SendBatchSms),
 }
 
 impl Job {
     pub fn job_type(&self) -> JobType {
         match self.kind {
             JobKind::SendVerifyCode(_) => JobType::SendVerifyCode,
+            JobKind::CheckVerifyCode(_) => JobType::CheckVerifyCode,
+            JobKind::SendSms(_) => JobType::SendSms,
+            JobKind::SendBatchSms(_) => JobType::SendBatchSms,
         }
     }
 
-    pub fn phone(&self) -> &PhoneNumber {
+    /// Every number the job is about (one for Dypnsapi jobs).
+    pub fn phones(&self) -> &[PhoneNumber] {
         match &self.kind {
-            JobKind::SendVerifyCode(j) => &j.phone_number,
+            JobKind::SendVerifyCode(j) => std::slice::from_ref(&j.phone_number),
+            JobKind::CheckVerifyCode(j) => std::slice::from_ref(&j.phone_number),
+            JobKind::SendSms(j) => &j.phone_numbers,
+            JobKind::SendBatchSms(j) => &j.phone_numbers,
+        }
+    }
+
+    /// The first number: what logs (masked) and the `phone_number` column show.
+    pub fn phone(&self) -> &PhoneNumber {
+        // Every job type's decoder refuses an empty number list.
+        &self.phones()[0]
+    }
+
+    pub fn out_id(&self) -> Option<&str> {
+        match &self.kind {
+            JobKind::SendVerifyCode(j) => j.out_id.as_deref(),
+            JobKind::CheckVerifyCode(j) => j.out_id.as_deref(),
+            JobKind::SendSms(j) => Some(&j.out_id),
+            JobKind::SendBatchSms(j) => Some(&j.out_id),
         }
     }
 
@@ -178,109 +219,10 @@ impl Job {
     pub fn stored_params(&self) -> Value {
         match &self.kind {
             JobKind::SendVerifyCode(j) => j.stored_params(),
+            JobKind::CheckVerifyCode(j) => j.stored_params(),
+            JobKind::SendSms(j) => j.stored_params(),
+            JobKind::SendBatchSms(j) => j.stored_params(),
         }
-    }
-}
-
-/// Dypnsapi `SendSmsVerifyCode`. Optional fields left out take Aliyun's defaults.
-#[derive(Debug, Clone)]
-pub struct SendVerifyCode {
-    pub phone_number: PhoneNumber,
-    pub sign_name: String,
-    pub template_code: String,
-    pub template_param: TemplateParam,
-    pub scheme_name: Option<String>,
-    pub country_code: Option<String>,
-    pub code_length: Option<u8>,
-    pub code_type: Option<u8>,
-    pub valid_time: Option<u32>,
-    pub interval: Option<u32>,
-    pub duplicate_policy: Option<u8>,
-    pub return_verify_code: bool,
-    pub auto_retry: Option<u8>,
-    pub out_id: Option<String>,
-    pub sms_up_extend_code: Option<String>,
-}
-
-impl SendVerifyCode {
-    /// The Aliyun API parameters of this job, by their Aliyun names.
-    pub fn api_params(&self) -> Vec<(&'static str, String)> {
-        let mut p = vec![
-            ("PhoneNumber", self.phone_number.as_str().to_owned()),
-            ("SignName", self.sign_name.clone()),
-            ("TemplateCode", self.template_code.clone()),
-            ("TemplateParam", self.template_param.to_json()),
-        ];
-        let opt = |p: &mut Vec<_>, k, v: Option<String>| {
-            if let Some(v) = v {
-                p.push((k, v));
-            }
-        };
-        opt(&mut p, "SchemeName", self.scheme_name.clone());
-        opt(&mut p, "CountryCode", self.country_code.clone());
-        opt(
-            &mut p,
-            "CodeLength",
-            self.code_length.map(|v| v.to_string()),
-        );
-        opt(&mut p, "CodeType", self.code_type.map(|v| v.to_string()));
-        opt(&mut p, "ValidTime", self.valid_time.map(|v| v.to_string()));
-        opt(&mut p, "Interval", self.interval.map(|v| v.to_string()));
-        opt(
-            &mut p,
-            "DuplicatePolicy",
-            self.duplicate_policy.map(|v| v.to_string()),
-        );
-        if self.return_verify_code {
-            p.push(("ReturnVerifyCode", "true".into()));
-        }
-        opt(&mut p, "AutoRetry", self.auto_retry.map(|v| v.to_string()));
-        opt(&mut p, "OutId", self.out_id.clone());
-        opt(&mut p, "SmsUpExtendCode", self.sms_up_extend_code.clone());
-        p
-    }
-
-    fn stored_params(&self) -> Value {
-        let mut m = Map::new();
-        for (k, v) in self.api_params() {
-            if k == "PhoneNumber" {
-                continue;
-            }
-            let v = if k == "TemplateParam" {
-                self.template_param.redacted_json()
-            } else {
-                v
-            };
-            m.insert(k.to_owned(), Value::String(v));
-        }
-        Value::Object(m)
-    }
-}
-
-/// Template variables: a flat object of strings (Aliyun answers `isv.INVALID_JSON_PARAM` to
-/// anything else).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TemplateParam(pub BTreeMap<String, String>);
-
-/// The placeholder that asks Aliyun to generate the code (only then can it be checked).
-pub const CODE_PLACEHOLDER: &str = "##code##";
-
-impl TemplateParam {
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(&self.0).unwrap_or_default()
-    }
-
-    /// A literal `code` value is a verification code and must not be stored.
-    fn redacted_json(&self) -> String {
-        let redacted: BTreeMap<&str, &str> = self
-            .0
-            .iter()
-            .map(|(k, v)| {
-                let hide = k.eq_ignore_ascii_case("code") && v != CODE_PLACEHOLDER;
-                (k.as_str(), if hide { "***" } else { v.as_str() })
-            })
-            .collect();
-        serde_json::to_string(&redacted).unwrap_or_default()
     }
 }
 
@@ -296,7 +238,7 @@ pub struct Invalid {
 }
 
 impl Invalid {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -305,7 +247,7 @@ impl Invalid {
         }
     }
 
-    fn field(field: &str, why: impl fmt::Display) -> Self {
+    pub(crate) fn field(field: &str, why: impl fmt::Display) -> Self {
         Self::new("INVALID_FIELD", format!("field `{field}`: {why}"))
     }
 }
@@ -363,9 +305,15 @@ pub fn decode_job(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid>
     };
     let kind = match job_type {
         JobType::SendVerifyCode => {
-            JobKind::SendVerifyCode(decode_send_verify_code(map, &id).map_err(with_context)?)
+            verify_code::decode_send_verify_code(map, &id).map(JobKind::SendVerifyCode)
         }
-    };
+        JobType::CheckVerifyCode => {
+            verify_code::decode_check_verify_code(map, &id).map(JobKind::CheckVerifyCode)
+        }
+        JobType::SendSms => sms::decode_send_sms(map, &id).map(JobKind::SendSms),
+        JobType::SendBatchSms => sms::decode_send_batch_sms(map, &id).map(JobKind::SendBatchSms),
+    }
+    .map_err(with_context)?;
     Ok(Job { id, kind })
 }
 
@@ -393,148 +341,6 @@ fn take_id(map: &mut Map<String, Value>, message_id: Option<&str>) -> Result<Str
     Ok(id)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SendVerifyCodeRaw {
-    phone_number: String,
-    sign_name: String,
-    template_code: String,
-    template_param: Value,
-    scheme_name: Option<String>,
-    country_code: Option<String>,
-    code_length: Option<i64>,
-    code_type: Option<i64>,
-    valid_time: Option<i64>,
-    interval: Option<i64>,
-    duplicate_policy: Option<i64>,
-    return_verify_code: Option<bool>,
-    auto_retry: Option<i64>,
-    out_id: Option<String>,
-    sms_up_extend_code: Option<String>,
-}
-
-fn fields_error(e: serde_json::Error) -> Invalid {
-    // serde's messages already name the field ("missing field `sign_name`",
-    // "unknown field `phone`, expected one of …").
-    Invalid::new("INVALID_FIELD", e.to_string())
-}
-
-/// `out_id` defaults to the job id, so a send can always be traced back to its job at Aliyun.
-fn decode_send_verify_code(map: Map<String, Value>, id: &str) -> Result<SendVerifyCode, Invalid> {
-    let raw: SendVerifyCodeRaw =
-        serde_json::from_value(Value::Object(map)).map_err(fields_error)?;
-    let phone_number =
-        PhoneNumber::parse(&raw.phone_number).map_err(|e| Invalid::field("phone_number", e))?;
-    if let Some(cc) = &raw.country_code
-        && cc != "86"
-    {
-        return Err(Invalid::field(
-            "country_code",
-            "Dypnsapi only supports \"86\"",
-        ));
-    }
-    Ok(SendVerifyCode {
-        phone_number,
-        sign_name: text("sign_name", raw.sign_name, 1, 64)?,
-        template_code: text("template_code", raw.template_code, 1, 64)?,
-        template_param: template_param("template_param", raw.template_param)?,
-        scheme_name: opt_text("scheme_name", raw.scheme_name, 1, 20)?,
-        country_code: raw.country_code,
-        code_length: in_range("code_length", raw.code_length, 4, 8)?,
-        code_type: in_range("code_type", raw.code_type, 1, 7)?,
-        valid_time: in_range("valid_time", raw.valid_time, 1, 86_400)?,
-        interval: in_range("interval", raw.interval, 0, 86_400)?,
-        duplicate_policy: in_range("duplicate_policy", raw.duplicate_policy, 1, 2)?,
-        return_verify_code: raw.return_verify_code.unwrap_or(false),
-        auto_retry: in_range("auto_retry", raw.auto_retry, 0, 1)?,
-        out_id: Some(opt_text("out_id", raw.out_id, 1, 255)?.unwrap_or_else(|| id.to_owned())),
-        sms_up_extend_code: opt_text("sms_up_extend_code", raw.sms_up_extend_code, 1, 20)?,
-    })
-}
-
-fn text(field: &str, value: String, min: usize, max: usize) -> Result<String, Invalid> {
-    let n = value.chars().count();
-    if n < min || n > max || value.chars().any(char::is_control) {
-        return Err(Invalid::field(
-            field,
-            format!("must be {min}-{max} characters without control characters (got {n})"),
-        ));
-    }
-    Ok(value)
-}
-
-fn opt_text(
-    field: &str,
-    value: Option<String>,
-    min: usize,
-    max: usize,
-) -> Result<Option<String>, Invalid> {
-    value.map(|v| text(field, v, min, max)).transpose()
-}
-
-fn in_range<T: TryFrom<i64>>(
-    field: &str,
-    value: Option<i64>,
-    min: i64,
-    max: i64,
-) -> Result<Option<T>, Invalid> {
-    value
-        .map(|v| {
-            if (min..=max).contains(&v) {
-                T::try_from(v).map_err(|_| Invalid::field(field, "out of range"))
-            } else {
-                Err(Invalid::field(
-                    field,
-                    format!("{v} is outside {min}..={max}"),
-                ))
-            }
-        })
-        .transpose()
-}
-
-/// An object of strings, or a string holding one (what Aliyun's own API takes).
-fn template_param(field: &str, value: Value) -> Result<TemplateParam, Invalid> {
-    let object = match value {
-        Value::Object(m) => m,
-        Value::String(s) => match serde_json::from_str::<Value>(&s) {
-            Ok(Value::Object(m)) => m,
-            _ => {
-                return Err(Invalid::field(
-                    field,
-                    "a string here must hold a JSON object",
-                ));
-            }
-        },
-        _ => {
-            return Err(Invalid::field(
-                field,
-                "must be an object of strings, e.g. {\"code\":\"##code##\"}",
-            ));
-        }
-    };
-    let mut out = BTreeMap::new();
-    for (k, v) in object {
-        match v {
-            Value::String(s) if !k.is_empty() && k.len() <= 64 && s.chars().count() <= 512 => {
-                out.insert(k, s);
-            }
-            Value::String(_) => {
-                return Err(Invalid::field(
-                    field,
-                    format!("key {k:?}: names are 1-64 bytes and values at most 512 characters"),
-                ));
-            }
-            _ => {
-                return Err(Invalid::field(
-                    field,
-                    format!("value of {k:?} must be a string (Aliyun refuses numbers)"),
-                ));
-            }
-        }
-    }
-    Ok(TemplateParam(out))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,7 +360,9 @@ mod tests {
     fn the_documented_example_decodes() {
         let j = job(FULL).unwrap();
         assert_eq!(j.id, "signup-42-7f3a");
-        let JobKind::SendVerifyCode(s) = &j.kind;
+        let JobKind::SendVerifyCode(s) = &j.kind else {
+            panic!("wrong kind: {j:?}")
+        };
         assert_eq!(s.code_length, Some(6));
         let params = s.api_params();
         assert!(params.contains(&(

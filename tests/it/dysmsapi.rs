@@ -1,0 +1,249 @@
+//! `send_sms` and `send_batch_sms`: sends, refusals, receipts, and unknown outcomes reconciled
+//! through QuerySendDetails.
+
+use aliyun_sms_worker::config;
+use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
+use aliyun_sms_worker::wire::Status;
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, unique_id, unique_phone};
+
+fn sms_job(id: &str, phones: &[String]) -> Value {
+    json!({
+        "id": id,
+        "type": "send_sms",
+        "phone_numbers": phones,
+        "sign_name": "阿里云短信测试",
+        "template_code": "SMS_154950909",
+        "template_param": {"code": "1234"},
+    })
+}
+
+fn batch_job(id: &str, phones: &[String]) -> Value {
+    json!({
+        "id": id,
+        "type": "send_batch_sms",
+        "phone_numbers": phones,
+        "sign_names": phones.iter().map(|_| "阿里云").collect::<Vec<_>>(),
+        "template_code": "SMS_4",
+        "template_params": phones.iter().enumerate().map(|(i, _)| json!({"name": format!("n{i}")})).collect::<Vec<_>>(),
+    })
+}
+
+fn phones(n: usize) -> Vec<String> {
+    (0..n).map(|_| unique_phone()).collect()
+}
+
+fn error_fault(action: &str, code: &str) -> FaultRule {
+    FaultRule {
+        action: Some(action.into()),
+        phone: None,
+        fault: Fault::Error {
+            code: code.into(),
+            message: "from the fake".into(),
+            http_status: 200,
+        },
+        times: Some(1),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_sms_to_three_numbers_is_sent_and_each_receipt_arrives() {
+    let app = TestApp::spawn().await;
+    let id = unique_id("sms");
+    let numbers = phones(3);
+    app.publish(&sms_job(&id, &numbers)).await;
+
+    let result = app.next_result().await.0;
+    assert_eq!(result.status, Status::Sent, "{result:?}");
+    assert_eq!(result.job_type.as_deref(), Some("send_sms"));
+    let biz_id = result.biz_id.clone().expect("BizId");
+    assert_eq!(app.fake.sends_for(&id), 1, "one call for three numbers");
+
+    let mut receipted = Vec::new();
+    for _ in 0..3 {
+        let event = app.next_receipt().await;
+        assert_eq!(event["type"], "delivery");
+        assert_eq!(event["job_id"], id.as_str());
+        assert_eq!(event["delivery_status"], "delivered");
+        assert_eq!(event["err_code"], "DELIVERED");
+        assert_eq!(event["biz_id"], biz_id.as_str());
+        assert!(event["received_at"].is_string());
+        receipted.push(event["phone_number"].as_str().unwrap().to_owned());
+    }
+    receipted.sort();
+    let mut expected = numbers.clone();
+    expected.sort();
+    assert_eq!(receipted, expected);
+
+    let rows = app.deliveries(&id).await;
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        assert_eq!(row["delivery_status"], "delivered");
+        assert!(row["received_at"].is_string());
+        assert!(row["event_published_at"].is_string());
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_batch_sms_sends_parallel_lists_in_one_call() {
+    for version in ["v1", "v3"] {
+        let app = TestApp::spawn_with(|s| {
+            s.insert(config::ALIYUN_SIGNATURE_VERSION.into(), version.into());
+        })
+        .await;
+        let id = unique_id("batch");
+        app.publish(&batch_job(&id, &phones(3))).await;
+        let result = app.next_result().await.0;
+        assert_eq!(result.status, Status::Sent, "{version}: {result:?}");
+        assert_eq!(app.fake.sends_for(&id), 1);
+        for _ in 0..3 {
+            assert_eq!(app.next_receipt().await["delivery_status"], "delivered");
+        }
+        app.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_error_class_for_dysmsapi_sends() {
+    let app = TestApp::spawn().await;
+    let cases = [
+        ("isv.SMS_TEMPLATE_ILLEGAL", Status::Rejected),
+        ("isv.BUSINESS_LIMIT_CONTROL", Status::RateLimited),
+        ("isv.AMOUNT_NOT_ENOUGH", Status::Failed),
+    ];
+    for (action, make) in [
+        ("SendSms", sms_job as fn(&str, &[String]) -> Value),
+        ("SendBatchSms", batch_job),
+    ] {
+        for (code, status) in cases {
+            app.fake.push_fault(error_fault(action, code));
+            let id = unique_id("err");
+            app.publish(&make(&id, &phones(2))).await;
+            let result = app.next_result().await.0;
+            assert_eq!(result.status, status, "{action} {code}: {result:?}");
+            assert_eq!(result.code, code);
+            assert_eq!(app.fake.calls_for(&id), 1, "{action} {code}: not retried");
+            assert!(app.deliveries(&id).await.is_empty(), "nothing to track");
+        }
+    }
+    // Throttled, then accepted.
+    app.fake.push_fault(FaultRule {
+        action: Some("SendSms".into()),
+        phone: None,
+        fault: Fault::Throttling,
+        times: Some(1),
+    });
+    let id = unique_id("throttled");
+    app.publish(&sms_job(&id, &phones(1))).await;
+    let result = app.next_result().await.0;
+    assert_eq!(result.status, Status::Sent);
+    assert_eq!(result.attempts, 2);
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_dysmsapi_jobs_are_refused_before_aliyun() {
+    let app = TestApp::spawn().await;
+    let too_many: Vec<String> = (0..1001).map(|i| format!("1390000{i:04}")).collect();
+    let mut bad_number = sms_job(&unique_id("bad"), &phones(2));
+    bad_number["phone_numbers"][1] = json!("12345");
+    let mut not_strings = sms_job(&unique_id("nostr"), &phones(1));
+    not_strings["template_param"] = json!({"code": 1234});
+    let mut uneven = batch_job(&unique_id("uneven"), &phones(3));
+    uneven["sign_names"] = json!(["a", "b"]);
+    let cases = [
+        (sms_job(&unique_id("many"), &too_many), "phone_numbers"),
+        (bad_number, "phone_numbers[1]"),
+        (not_strings, "template_param"),
+        (batch_job(&unique_id("big"), &phones(101)), "phone_numbers"),
+        (uneven, "sign_names"),
+    ];
+    for (job, field) in &cases {
+        app.publish(job).await;
+        let result = app.next_result().await.0;
+        assert_eq!(result.status, Status::Invalid, "{field}");
+        assert!(
+            result.message.contains(field),
+            "{field}: {}",
+            result.message
+        );
+    }
+    assert!(app.fake.requests().is_empty());
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_send_sms_is_sent_once() {
+    let app = TestApp::spawn().await;
+    let id = unique_id("sms-dup");
+    let job = sms_job(&id, &phones(2));
+    app.publish(&job).await;
+    app.publish(&job).await;
+    let a = app.next_result().await.0;
+    let b = app.next_result().await.0;
+    assert_eq!(a, b);
+    assert_eq!(a.status, Status::Sent);
+    assert_eq!(app.fake.calls_for(&id), 1);
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_send_that_aliyun_recorded_is_reconciled_to_sent() {
+    let app = TestApp::spawn_with(|s| {
+        s.insert(config::HTTP_REQUEST_TIMEOUT_MS.into(), "400".into());
+        s.insert(config::RECONCILE_GRACE_MS.into(), "60000".into());
+    })
+    .await;
+    let id = unique_id("lost-sent");
+    let numbers = phones(1);
+    app.fake.push_fault(FaultRule {
+        action: Some("SendSms".into()),
+        phone: Some(numbers[0].clone()),
+        fault: Fault::HangAfterSend,
+        times: Some(1),
+    });
+    app.publish(&sms_job(&id, &numbers)).await;
+
+    let first = app.next_result().await.0;
+    assert_eq!(first.status, Status::Unknown);
+    let second = app.next_result().await.0;
+    assert_eq!(second.id.as_deref(), Some(id.as_str()));
+    assert_eq!(second.status, Status::Sent, "{second:?}");
+    assert!(
+        second.message.contains("found by OutId"),
+        "{}",
+        second.message
+    );
+    assert_eq!(app.fake.sends_for(&id), 1, "found, not resent");
+    // And its receipt is then tracked like any send.
+    let event = app.next_receipt().await;
+    assert_eq!(event["job_id"], id.as_str());
+    assert_eq!(event["delivery_status"], "delivered");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_send_that_aliyun_never_got_ends_failed_after_the_grace_period() {
+    let app = TestApp::spawn_with(|s| {
+        s.insert(config::HTTP_REQUEST_TIMEOUT_MS.into(), "400".into());
+    })
+    .await;
+    let id = unique_id("lost-unsent");
+    let numbers = phones(2);
+    app.fake.push_fault(FaultRule {
+        action: Some("SendSms".into()),
+        phone: None,
+        fault: Fault::Hang,
+        times: Some(1),
+    });
+    app.publish(&sms_job(&id, &numbers)).await;
+    assert_eq!(app.next_result().await.0.status, Status::Unknown);
+    let second = app.next_result().await.0;
+    assert_eq!(second.status, Status::Failed, "{second:?}");
+    assert_eq!(second.code, "NOT_SENT");
+    assert_eq!(app.fake.sends_for(&id), 0);
+    assert_eq!(app.job_row(&id).await["status"], "failed");
+    app.shutdown().await;
+}
