@@ -125,7 +125,9 @@ pub struct Config {
     pub aliyun: AliyunConfig,
     pub concurrency: u16,
     pub retry: RetryPolicy,
+    pub code_job_max_age: Duration,
     pub receipts: ReceiptsConfig,
+    pub heartbeat: Duration,
     pub shutdown_grace: Duration,
     pub log_format: LogFormat,
 }
@@ -167,6 +169,7 @@ settings! {
     RETRY_MAX_ATTEMPTS = "RETRY_MAX_ATTEMPTS", Some("5"), "Aliyun calls per job at most, first one included";
     RETRY_INITIAL_DELAY_MS = "RETRY_INITIAL_DELAY_MS", Some("200"), "first backoff step (full jitter applies)";
     RETRY_MAX_DELAY_MS = "RETRY_MAX_DELAY_MS", Some("5000"), "largest backoff step";
+    CODE_JOB_MAX_AGE_MS = "CODE_JOB_MAX_AGE_MS", Some("600000"), "a code job without expires_at expires this long after it was published (AMQP timestamp) or first seen";
     RETRY_MAX_ELAPSED_MS = "RETRY_MAX_ELAPSED_MS", Some("30000"), "no retry starts later than this after the first attempt";
     RECEIPTS_ENABLED = "RECEIPTS_ENABLED", Some("true"), "poll delivery receipts and reconcile unknown Dysmsapi sends";
     RECEIPTS_POLL_INTERVAL_MS = "RECEIPTS_POLL_INTERVAL_MS", Some("30000"), "how often due receipts are checked; a number still waiting is checked less and less often";
@@ -174,6 +177,7 @@ settings! {
     RECONCILE_GRACE_MS = "RECONCILE_GRACE_MS", Some("300000"), "how long an unknown Dysmsapi send is looked up by OutId before it is declared never sent";
     SMS_RECEIPTS_QUEUE = "SMS_RECEIPTS_QUEUE", Some("sms.receipts"), "queue that receives a delivery event when a receipt turns final";
     RECEIPT_EVENTS_ENABLED = "RECEIPT_EVENTS_ENABLED", Some("true"), "publish delivery events to SMS_RECEIPTS_QUEUE";
+    WORKER_HEARTBEAT_MS = "WORKER_HEARTBEAT_MS", Some("2000"), "how often a worker renews its heartbeat; a worker silent for 5 beats is taken for dead and its in-flight jobs end unknown";
     SHUTDOWN_GRACE_MS = "SHUTDOWN_GRACE_MS", Some("30000"), "on SIGTERM, how long in-flight jobs may take to finish";
     LOG_FORMAT = "LOG_FORMAT", Some("pretty"), "pretty | json";
 }
@@ -382,18 +386,25 @@ impl Config {
             },
             concurrency: r.number(WORKER_CONCURRENCY, 1, 10_000)?,
             retry,
+            code_job_max_age: r.millis(CODE_JOB_MAX_AGE_MS, 1000, 86_400_000)?,
             receipts: ReceiptsConfig {
                 enabled: r.flag(RECEIPTS_ENABLED)?,
                 poll_interval: r.millis(RECEIPTS_POLL_INTERVAL_MS, 10, 86_400_000)?,
                 max_qps: r.number(RECEIPTS_MAX_QPS, 1, 5000)?,
                 reconcile_grace: r.millis(RECONCILE_GRACE_MS, 0, 30 * 86_400_000)?,
             },
+            heartbeat: r.millis(WORKER_HEARTBEAT_MS, 50, 60_000)?,
             shutdown_grace: r.millis(SHUTDOWN_GRACE_MS, 0, 3_600_000)?,
             log_format: r.choice(
                 LOG_FORMAT,
                 &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)],
             )?,
         })
+    }
+
+    /// A worker that has not renewed its heartbeat for this long is taken for dead.
+    pub fn heartbeat_stale_after(&self) -> Duration {
+        self.heartbeat * 5
     }
 
     /// How long one job may keep its `sending` claim: every attempt, every backoff, plus slack.

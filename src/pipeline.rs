@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use lapin::message::Delivery;
 use rand::Rng;
 use tracing::Instrument;
@@ -142,7 +142,12 @@ impl Pipeline {
                     phone = %job.phone(),
                 );
                 async {
-                    let result = self.run_job(&job, &route).await?;
+                    let published = delivery
+                        .properties
+                        .timestamp()
+                        .and_then(|t| i64::try_from(t).ok())
+                        .and_then(|t| DateTime::from_timestamp(t, 0));
+                    let result = self.run_job(&job, &route, published).await?;
                     publish(broker, &result, &route).await
                 }
                 .instrument(span)
@@ -195,12 +200,58 @@ impl Pipeline {
 
     /// Claims the job and produces its one final result: by calling Aliyun if this worker
     /// owns the claim, by replaying the stored result otherwise.
-    pub async fn run_job(&self, job: &Job, route: &ReplyRoute) -> Result<JobResult, StoreError> {
+    ///
+    /// `published` is the AMQP timestamp, when the publisher set one.
+    pub async fn run_job(
+        &self,
+        job: &Job,
+        route: &ReplyRoute,
+        published: Option<DateTime<Utc>>,
+    ) -> Result<JobResult, StoreError> {
         let lease = self.config.job_lease();
         match self.store.claim(job, route, self.worker_id, lease).await? {
-            Claim::Owned => self.call_aliyun(job).await,
+            Claim::Owned => {
+                let deadline = self.deadline(job, published);
+                if deadline.is_some_and(|d| d <= Utc::now()) {
+                    return self.expire(job).await;
+                }
+                self.call_aliyun(job, deadline).await
+            }
             Claim::Seen(row) => self.resolve_seen(*row).await,
         }
+    }
+
+    /// `expires_at` if the job has one; for code jobs, else, the maximum age from publication
+    /// (or from now, the first time this job is seen).
+    fn deadline(&self, job: &Job, published: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+        job.expires_at.or_else(|| {
+            let max_age = chrono::Duration::from_std(self.config.code_job_max_age).ok()?;
+            job.is_code_job()
+                .then(|| {
+                    published
+                        .unwrap_or_else(Utc::now)
+                        .checked_add_signed(max_age)
+                })
+                .flatten()
+        })
+    }
+
+    async fn expire(&self, job: &Job) -> Result<JobResult, StoreError> {
+        let outcome = Outcome {
+            status: Status::Expired,
+            code: "EXPIRED".into(),
+            message: "the job's deadline passed before it could be sent; Aliyun was not called"
+                .into(),
+            biz_id: None,
+            request_id: None,
+            attempts: 0,
+            followup: Followup::None,
+        };
+        tracing::info!("job expired before it could be sent");
+        self.store
+            .finish(&job.id, self.worker_id, &outcome)
+            .await?
+            .to_result()
     }
 
     async fn resolve_seen(&self, mut row: JobRow) -> Result<JobResult, StoreError> {
@@ -211,17 +262,14 @@ impl Pipeline {
                 return row.to_result();
             }
             // Still `sending`: its worker is mid-call (wait for it) or died (end it `unknown`).
-            let now = Utc::now();
-            let lease_over = row.lease_until.is_none_or(|until| until <= now);
-            if lease_over {
-                if let Some(ended) = self.store.interrupt_if_stale(&row.id).await? {
-                    tracing::warn!("job was interrupted mid-call by a dead worker: unknown");
-                    return ended.to_result();
-                }
-            } else {
-                tokio::time::sleep(poll).await;
-                poll = (poll * 2).min(Duration::from_secs(2));
+            let stale = self.config.heartbeat_stale_after();
+            let grace = self.config.receipts.reconcile_grace;
+            if let Some(ended) = self.store.interrupt_if_stale(&row.id, stale, grace).await? {
+                tracing::warn!("job was interrupted mid-call by a dead worker: unknown");
+                return ended.to_result();
             }
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_secs(2));
             row = match self.store.fetch(&row.id).await? {
                 Some(r) => r,
                 None => return Err(StoreError::Database(sqlx::Error::RowNotFound)),
@@ -229,7 +277,19 @@ impl Pipeline {
         }
     }
 
-    async fn call_aliyun(&self, job: &Job) -> Result<JobResult, StoreError> {
+    pub fn worker_id(&self) -> Uuid {
+        self.worker_id
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    async fn call_aliyun(
+        &self,
+        job: &Job,
+        deadline: Option<DateTime<Utc>>,
+    ) -> Result<JobResult, StoreError> {
         let plan = plan(job);
         let policy = &self.config.retry;
         let first = Instant::now();
@@ -266,8 +326,21 @@ impl Pipeline {
             }
             let next = delays.next().map(full_jitter);
             let elapsed_after = next.map(|d| first.elapsed() + d);
+            // A retry never starts past the job's deadline: a late code is worse than none.
+            let before_deadline = next.is_some_and(|d| {
+                deadline.is_none_or(|dl| {
+                    chrono::Duration::from_std(d)
+                        .ok()
+                        .and_then(|d| Utc::now().checked_add_signed(d))
+                        .is_some_and(|resume| resume < dl)
+                })
+            });
             match elapsed_after {
-                Some(at) if attempt < policy.max_attempts && at <= policy.max_elapsed => {
+                Some(at)
+                    if attempt < policy.max_attempts
+                        && at <= policy.max_elapsed
+                        && before_deadline =>
+                {
                     tracing::info!(attempt, "retryable answer from Aliyun; backing off");
                     if let Some(d) = next {
                         tokio::time::sleep(d).await;

@@ -68,6 +68,17 @@ pub async fn run(
         tokio::spawn(poller.run(shutdown.clone()))
     });
     let pipeline = Arc::new(Pipeline::new(config.clone(), store, aliyun));
+    // Beat before the first claim, so no other worker can take this one for dead.
+    pipeline
+        .store()
+        .heartbeat(pipeline.worker_id(), &options.name)
+        .await?;
+    let heartbeat = tokio::spawn(beat(
+        pipeline.clone(),
+        options.name.clone(),
+        config.heartbeat,
+        shutdown.clone(),
+    ));
     let tag = format!("{}-{}", options.name, uuid::Uuid::new_v4().simple());
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut reconnect = reconnect_backoff();
@@ -131,6 +142,10 @@ pub async fn run(
         // It watches the same shutdown signal and stops between two calls.
         let _ = receipts.await;
     }
+    heartbeat.abort();
+    if let Err(e) = pipeline.store().retire(pipeline.worker_id()).await {
+        tracing::warn!(error = %e, "could not retire this worker's heartbeat");
+    }
     if let Some(broker) = last_broker {
         broker.close().await;
     }
@@ -185,6 +200,31 @@ async fn process(pipeline: &Pipeline, broker: &Broker, delivery: lapin::message:
             .acker
             .reject(BasicRejectOptions { requeue: true })
             .await;
+    }
+}
+
+/// Renews this worker's heartbeat until shutdown. A failed beat is only logged: if the database
+/// stays away, other workers will (rightly) treat this one's in-flight jobs as interrupted.
+async fn beat(
+    pipeline: Arc<Pipeline>,
+    name: String,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(e) = pipeline.store().heartbeat(pipeline.worker_id(), &name).await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    return;
+                }
+            }
+        }
     }
 }
 

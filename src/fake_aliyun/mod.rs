@@ -211,6 +211,19 @@ impl FakeAliyun {
         })
     }
 
+    /// Waits until the recorded requests satisfy `done` (checked on every new request).
+    pub async fn wait_for(&self, done: impl Fn(&[RecordedRequest]) -> bool) {
+        let mut recorded = self.shared.state.recorded.subscribe();
+        loop {
+            if self.shared.state.with(|s| done(&s.requests)) {
+                return;
+            }
+            if recorded.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Waits until the server task ends (it only ends on error); for the CLI.
     pub async fn serve_forever(mut self) {
         let server = std::mem::replace(&mut self.server, tokio::spawn(async {}));

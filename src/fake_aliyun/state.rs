@@ -99,9 +99,19 @@ pub(crate) struct Inner {
 /// How long a nonce is remembered: the timestamp window, after which replays fail anyway.
 pub(crate) const NONCE_TTL: Duration = Duration::from_secs(16 * 60);
 
-#[derive(Default)]
 pub struct State {
     pub(crate) inner: Mutex<Inner>,
+    /// Bumped on every recorded request, so tests can await one.
+    pub(crate) recorded: tokio::sync::watch::Sender<usize>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            recorded: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl State {
@@ -146,6 +156,10 @@ impl State {
     }
 
     pub(crate) fn record(&self, r: RecordedRequest) {
-        self.with(|s| s.requests.push(r));
+        let n = self.with(|s| {
+            s.requests.push(r);
+            s.requests.len()
+        });
+        self.recorded.send_replace(n);
     }
 }

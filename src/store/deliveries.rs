@@ -194,8 +194,8 @@ impl Store {
                  LIMIT $1
                  FOR UPDATE SKIP LOCKED)
              RETURNING j.id, j.out_id, j.created_at, j.reconcile_until,
-                       (SELECT min(phone_number) FROM sms_deliveries d WHERE d.job_id = j.id)
-                           AS phone_number",
+                       COALESCE((SELECT min(phone_number) FROM sms_deliveries d
+                                 WHERE d.job_id = j.id), j.phone_number) AS phone_number",
         )
         .bind(limit)
         .bind(millis(lease))

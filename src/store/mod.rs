@@ -313,21 +313,59 @@ impl Store {
         Ok(row)
     }
 
-    /// Ends a job whose `sending` claim outlived its lease: the worker holding it died while
-    /// Aliyun may have been called, so the only honest answer is `unknown`.
-    pub async fn interrupt_if_stale(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
+    /// Ends a job whose `sending` claim is dead — its lease ran out, or its worker stopped
+    /// beating for `stale` — because that worker died while Aliyun may have been called: the
+    /// only honest answer is `unknown`.
+    /// An interrupted Dysmsapi send is then reconciled for `reconcile_grace`.
+    pub async fn interrupt_if_stale(
+        &self,
+        job_id: &str,
+        stale: Duration,
+        reconcile_grace: Duration,
+    ) -> Result<Option<JobRow>, StoreError> {
         Ok(sqlx::query_as::<_, JobRow>(concat!(
             "UPDATE sms_jobs SET status = 'unknown', code = 'WORKER_INTERRUPTED',
-                    message = 'the worker stopped while this job was being sent; it may or may not have reached Aliyun and is not resent',
-                    finished_at = now(), updated_at = now(), lease_until = NULL
-             WHERE id = $1 AND status = 'sending' AND lease_until <= now()
+                    message = 'the worker stopped while this job was being sent; it may or may not have reached Aliyun and is not repeated',
+                    finished_at = now(), updated_at = now(), lease_until = NULL,
+                    reconcile_until = CASE WHEN type IN ('send_sms', 'send_batch_sms')
+                                           THEN now() + make_interval(secs => $3::double precision / 1000) END,
+                    next_reconcile_at = CASE WHEN type IN ('send_sms', 'send_batch_sms')
+                                             THEN now() END
+             WHERE id = $1 AND status = 'sending'
+               AND (lease_until <= now()
+                    OR NOT EXISTS (SELECT 1 FROM sms_workers w
+                                   WHERE w.id = sms_jobs.claimed_by
+                                     AND w.heartbeat_at > now() - make_interval(secs => $2::double precision / 1000)))
              RETURNING ",
             job_columns!()
-        ),
-        )
+        ))
         .bind(job_id)
+        .bind(i64::try_from(stale.as_millis()).unwrap_or(i64::MAX))
+        .bind(i64::try_from(reconcile_grace.as_millis()).unwrap_or(i64::MAX))
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    /// Announces (or renews) this worker process; see [`Self::interrupt_if_stale`].
+    pub async fn heartbeat(&self, worker: Uuid, name: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sms_workers (id, name) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
+        )
+        .bind(worker)
+        .bind(name)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// A clean stop: this worker holds no claims any more.
+    pub async fn retire(&self, worker: Uuid) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sms_workers WHERE id = $1")
+            .bind(worker)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Records a message that failed validation, when it carried an id, so operators find it.

@@ -103,13 +103,20 @@ pub(super) fn template_param(field: &str, value: Value) -> Result<TemplateParam,
     let mut out = BTreeMap::new();
     for (k, v) in object {
         match v {
-            Value::String(s) if !k.is_empty() && k.len() <= 64 && s.chars().count() <= 512 => {
+            // NUL can't be stored (Postgres text and jsonb refuse it); newlines are fine.
+            Value::String(s)
+                if !k.is_empty()
+                    && k.len() <= 64
+                    && s.chars().count() <= 512
+                    && !k.contains('\0')
+                    && !s.contains('\0') =>
+            {
                 out.insert(k, s);
             }
             Value::String(_) => {
                 return Err(Invalid::field(
                     field,
-                    format!("key {k:?}: names are 1-64 bytes and values at most 512 characters"),
+                    "names are 1-64 bytes and values at most 512 characters, without NUL",
                 ));
             }
             _ => {

@@ -170,6 +170,8 @@ impl JobResult {
 pub struct Job {
     pub id: String,
     pub kind: JobKind,
+    /// After this, the job ends `expired` without calling Aliyun.
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone)]
@@ -181,6 +183,14 @@ pub enum JobKind {
 }
 
 impl Job {
+    /// Codes go stale: a code job without `expires_at` still has a maximum age.
+    pub fn is_code_job(&self) -> bool {
+        matches!(
+            self.kind,
+            JobKind::SendVerifyCode(_) | JobKind::CheckVerifyCode(_)
+        )
+    }
+
     pub fn job_type(&self) -> JobType {
         match self.kind {
             JobKind::SendVerifyCode(_) => JobType::SendVerifyCode,
@@ -241,7 +251,7 @@ impl Invalid {
     pub(crate) fn new(code: &'static str, message: impl Into<String>) -> Self {
         Self {
             code,
-            message: message.into(),
+            message: printable(&message.into()),
             id: None,
             job_type: None,
         }
@@ -250,6 +260,21 @@ impl Invalid {
     pub(crate) fn field(field: &str, why: impl fmt::Display) -> Self {
         Self::new("INVALID_FIELD", format!("field `{field}`: {why}"))
     }
+}
+
+/// Messages quote the input (serde names the unknown field); whatever it holds, the message
+/// must be storable and short: control characters become `?`, and it is cut at 500 characters.
+fn printable(message: &str) -> String {
+    const MAX: usize = 500;
+    let mut out: String = message
+        .chars()
+        .take(MAX)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if message.chars().count() > MAX {
+        out.push('…');
+    }
+    out
 }
 
 /// Decodes and validates one message body. `message_id` is the AMQP property, used as the
@@ -286,6 +311,22 @@ pub fn decode_job(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid>
     };
 
     let id = id.map_err(with_context)?;
+    let expires_at = match map.remove("expires_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) => Some(
+            DateTime::parse_from_rfc3339(&t)
+                .map_err(|e| {
+                    with_context(Invalid::field("expires_at", format!("not RFC 3339: {e}")))
+                })?
+                .with_timezone(&Utc),
+        ),
+        Some(_) => {
+            return Err(with_context(Invalid::field(
+                "expires_at",
+                "must be an RFC 3339 time string",
+            )));
+        }
+    };
     let job_type = match job_type {
         None => return Err(with_context(Invalid::field("type", "is required"))),
         Some(Value::String(s)) => s.parse::<JobType>().map_err(|_| {
@@ -314,7 +355,11 @@ pub fn decode_job(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid>
         JobType::SendBatchSms => sms::decode_send_batch_sms(map, &id).map(JobKind::SendBatchSms),
     }
     .map_err(with_context)?;
-    Ok(Job { id, kind })
+    Ok(Job {
+        id,
+        kind,
+        expires_at,
+    })
 }
 
 fn take_id(map: &mut Map<String, Value>, message_id: Option<&str>) -> Result<String, Invalid> {
@@ -394,6 +439,7 @@ mod tests {
             ),
             (r#""country_code": "1""#, "country_code"),
             (r#""template_param": {"code": 1234}"#, "template_param"),
+            (r#""template_param": {"min": "5\u0000"}"#, "template_param"),
             (r#""phone_numbr": "13800138000""#, "phone_numbr"),
             (r#""code_length": "6""#, "invalid type"),
         ];
@@ -433,6 +479,15 @@ mod tests {
         );
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(job(&deep).unwrap_err().code, "INVALID_JSON");
+    }
+
+    #[test]
+    fn refusal_messages_are_storable_whatever_the_input() {
+        let field = format!("a\\u0000b{}", "x".repeat(5000));
+        let body = format!(r#"{{"id":"x","type":"send_verify_code","{field}":1}}"#);
+        let err = job(&body).unwrap_err();
+        assert!(!err.message.contains('\0'), "{}", err.message);
+        assert!(err.message.chars().count() <= 501, "{}", err.message.len());
     }
 
     #[test]

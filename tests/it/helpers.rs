@@ -101,6 +101,8 @@ pub fn test_settings(db_url: &str, fake: &FakeAliyun, prefix: &str) -> HashMap<S
         (config::SMS_RECEIPTS_QUEUE, format!("{prefix}.receipts")),
         (config::RECEIPTS_POLL_INTERVAL_MS, "100".into()),
         (config::RECONCILE_GRACE_MS, "600".into()),
+        // A killed worker is recognised after 5 beats.
+        (config::WORKER_HEARTBEAT_MS, "200".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -110,6 +112,37 @@ pub fn test_settings(db_url: &str, fake: &FakeAliyun, prefix: &str) -> HashMap<S
 pub const TEST_KEY_ID: &str = "LTAI5tTestKeyId";
 /// Characters that need percent-encoding, so signing bugs show.
 pub const TEST_SECRET: &str = "kH8/s3cr3t+With=Chars~*";
+
+/// What a test's workers share: the fake Aliyun, a database, queue names and settings.
+pub struct TestEnv {
+    pub fake: FakeAliyun,
+    pub db_name: String,
+    pub db_url: String,
+    pub settings: HashMap<String, String>,
+}
+
+impl TestEnv {
+    pub async fn new(tweak: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+        let mut fake_config = FakeConfig::new(TEST_KEY_ID, TEST_SECRET);
+        fake_config.receipt_delay = Duration::from_millis(150);
+        let fake = FakeAliyun::start(fake_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .expect("start fake Aliyun");
+        let (db_name, db_url) = create_database().await;
+        let prefix = format!(
+            "smsw-test-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut settings = test_settings(&db_url, &fake, &prefix);
+        tweak(&mut settings);
+        Self {
+            fake,
+            db_name,
+            db_url,
+            settings,
+        }
+    }
+}
 
 pub struct TestApp {
     pub fake: FakeAliyun,
@@ -133,18 +166,17 @@ impl TestApp {
     /// Starts a worker after `tweak` has adjusted the test settings (by variable name, as an
     /// operator would).
     pub async fn spawn_with(tweak: impl FnOnce(&mut HashMap<String, String>)) -> Self {
-        let mut fake_config = FakeConfig::new(TEST_KEY_ID, TEST_SECRET);
-        fake_config.receipt_delay = Duration::from_millis(150);
-        let fake = FakeAliyun::start(fake_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .await
-            .expect("start fake Aliyun");
-        let (db_name, db_url) = create_database().await;
-        let prefix = format!(
-            "smsw-test-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        let mut settings = test_settings(&db_url, &fake, &prefix);
-        tweak(&mut settings);
+        Self::start(TestEnv::new(tweak).await).await
+    }
+
+    /// Starts an in-process worker on an existing environment (its fake, database, queues).
+    pub async fn start(env: TestEnv) -> Self {
+        let TestEnv {
+            fake,
+            db_name,
+            db_url,
+            settings,
+        } = env;
         let config = Config::from_map(&settings).expect("test configuration is valid");
 
         let (stop, stop_rx) = watch::channel(false);

@@ -7,5 +7,7 @@ mod compose;
 mod dysmsapi;
 mod helpers;
 mod invalid;
+mod process;
 mod readme;
+mod reliability;
 mod send_verify_code;

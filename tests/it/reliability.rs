@@ -1,0 +1,213 @@
+//! The two promises under stress: every job gets a final result, no job is sent twice — across
+//! kill -9, SIGTERM under load, and deadlines.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use aliyun_sms_worker::config;
+use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
+use aliyun_sms_worker::sms_client::SmsClient;
+use aliyun_sms_worker::wire::Status;
+use chrono::Utc;
+use lapin::BasicProperties;
+use serde_json::{Value, json};
+
+use crate::helpers::{PATIENCE, TestApp, TestEnv, amqp_url, send_job, unique_id};
+use crate::process::WorkerProcess;
+
+async fn publish_all(settings: &HashMap<String, String>, jobs: &[Value]) {
+    let client = SmsClient::connect(&amqp_url(), &settings[config::SMS_JOBS_QUEUE])
+        .await
+        .expect("client");
+    for job in jobs {
+        let id = job["id"].as_str().expect("id");
+        client
+            .publish(&serde_json::to_vec(job).expect("json"), id)
+            .await
+            .expect("publish");
+    }
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_in_flight_when_the_worker_is_killed_ends_unknown_and_is_not_resent() {
+    let env = TestEnv::new(|s| {
+        // The call hangs; the worker would wait this long for it.
+        s.insert(config::HTTP_REQUEST_TIMEOUT_MS.into(), "60000".into());
+    })
+    .await;
+    let id = unique_id("crash");
+    let job = send_job(&id);
+    env.fake.push_fault(FaultRule {
+        action: None,
+        phone: job["phone_number"].as_str().map(str::to_owned),
+        fault: Fault::HangAfterSend,
+        times: Some(1),
+    });
+    let worker = WorkerProcess::start(&["run"], &env.settings).await;
+    publish_all(&env.settings, std::slice::from_ref(&job)).await;
+    let sent = tokio::time::timeout(
+        PATIENCE,
+        env.fake.wait_for(|r| {
+            r.iter()
+                .any(|r| r.executed && r.out_id.as_deref() == Some(&id))
+        }),
+    );
+    sent.await.expect("the send reached the fake");
+
+    let (status, _) = worker.kill9().await;
+    assert!(!status.success(), "killed, not exited");
+
+    // A new worker gets the redelivered job; its owner is dead, so it is not sent again.
+    let app = TestApp::start(env).await;
+    let result = app.next_result().await.0;
+    assert_eq!(result.id.as_deref(), Some(id.as_str()));
+    assert_eq!(result.status, Status::Unknown, "{result:?}");
+    assert_eq!(result.code, "WORKER_INTERRUPTED");
+    assert_eq!(app.fake.sends_for(&id), 1, "sent exactly once");
+    assert_eq!(app.fake.calls_for(&id), 1);
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_cleanly_and_loses_or_doubles_nothing() {
+    let grace = Duration::from_secs(5);
+    let env = TestEnv::new(|s| {
+        s.insert(
+            config::SHUTDOWN_GRACE_MS.into(),
+            grace.as_millis().to_string(),
+        );
+        s.insert(config::WORKER_CONCURRENCY.into(), "16".into());
+    })
+    .await;
+    env.fake.push_fault(FaultRule {
+        action: None,
+        phone: None,
+        fault: Fault::Latency { ms: 150 },
+        times: None,
+    });
+    let jobs: Vec<Value> = (0..150)
+        .map(|i| send_job(&unique_id(&format!("term{i}"))))
+        .collect();
+    let ids: HashSet<String> = jobs
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_owned())
+        .collect();
+    let worker = WorkerProcess::start(&["run"], &env.settings).await;
+    publish_all(&env.settings, &jobs).await;
+    tokio::time::timeout(PATIENCE, env.fake.wait_for(|r| r.len() >= 20))
+        .await
+        .expect("the worker is busy");
+
+    let asked = Instant::now();
+    let (status, log) = worker.terminate().await;
+    assert!(status.success(), "exit 0 on SIGTERM: {status:?}\n{log}");
+    assert!(
+        asked.elapsed() < grace + Duration::from_secs(5),
+        "stopped within the grace period (took {:?})",
+        asked.elapsed()
+    );
+    assert!(log.contains("worker stopped"), "{log}");
+
+    env.fake.clear_faults();
+    let app = TestApp::start(env).await;
+    let mut answered = HashSet::new();
+    while answered.len() < ids.len() {
+        let (result, _) = app.next_result().await;
+        let id = result.id.clone().expect("id");
+        assert!(ids.contains(&id), "a result for an unknown job: {result:?}");
+        assert_eq!(result.status, Status::Sent, "{result:?}");
+        answered.insert(id);
+    }
+    for id in &ids {
+        assert_eq!(app.fake.sends_for(id), 1, "{id} sent exactly once");
+        assert_eq!(app.job_row(id).await["status"], "sent");
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_jobs_make_no_aliyun_call() {
+    let app = TestApp::spawn().await;
+    // An explicit deadline in the past.
+    let late = unique_id("late");
+    let mut job = send_job(&late);
+    job["expires_at"] = json!((Utc::now() - chrono::Duration::seconds(1)).to_rfc3339());
+    app.publish(&job).await;
+    // A code job published (AMQP timestamp) eleven minutes ago, past the default maximum age.
+    let stale = unique_id("stale");
+    let published =
+        u64::try_from((Utc::now() - chrono::Duration::minutes(11)).timestamp()).unwrap();
+    app.publish_raw(
+        &serde_json::to_vec(&send_job(&stale)).unwrap(),
+        BasicProperties::default().with_timestamp(published),
+    )
+    .await;
+    // A notification SMS has no maximum age: only an explicit deadline expires it.
+    let old_sms = unique_id("old-sms");
+    app.publish_raw(
+        &serde_json::to_vec(&json!({
+            "id": old_sms, "type": "send_sms", "phone_numbers": ["13900001234"],
+            "sign_name": "阿里云", "template_code": "SMS_1"
+        }))
+        .unwrap(),
+        BasicProperties::default().with_timestamp(published),
+    )
+    .await;
+
+    let results: HashMap<String, Status> = app
+        .results(3)
+        .await
+        .into_iter()
+        .map(|r| (r.id.unwrap(), r.status))
+        .collect();
+    assert_eq!(results[&late], Status::Expired);
+    assert_eq!(results[&stale], Status::Expired);
+    assert_eq!(results[&old_sms], Status::Sent);
+    assert_eq!(app.fake.calls_for(&late), 0);
+    assert_eq!(app.fake.calls_for(&stale), 0);
+    assert_eq!(app.job_row(&late).await["code"], "EXPIRED");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_never_run_past_the_deadline() {
+    let app = TestApp::spawn_with(|s| {
+        s.insert(config::RETRY_MAX_ATTEMPTS.into(), "50".into());
+        s.insert(config::RETRY_INITIAL_DELAY_MS.into(), "50".into());
+        s.insert(config::RETRY_MAX_DELAY_MS.into(), "100".into());
+    })
+    .await;
+    let id = unique_id("deadline");
+    let mut job = send_job(&id);
+    let deadline = Utc::now() + chrono::Duration::milliseconds(800);
+    job["expires_at"] = json!(deadline.to_rfc3339());
+    app.fake.push_fault(FaultRule {
+        action: None,
+        phone: job["phone_number"].as_str().map(str::to_owned),
+        fault: Fault::Throttling,
+        times: None,
+    });
+    app.publish(&job).await;
+    let result = app.next_result().await.0;
+    assert_eq!(result.status, Status::Failed, "{result:?}");
+    assert!(
+        result.attempts < 50,
+        "stopped by the deadline, not the budget"
+    );
+    let calls: Vec<_> = app
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.out_id.as_deref() == Some(id.as_str()))
+        .collect();
+    assert!(!calls.is_empty());
+    for call in calls {
+        assert!(
+            call.at <= deadline,
+            "a call at {} after the deadline {deadline}",
+            call.at
+        );
+    }
+    app.shutdown().await;
+}
