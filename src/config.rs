@@ -102,6 +102,7 @@ pub struct AliyunConfig {
     pub dysmsapi_endpoint: String,
     pub signature_version: SignatureVersion,
     pub http: HttpConfig,
+    pub max_qps: u32,
 }
 
 /// The receipt poller and the reconciler of unknown Dysmsapi sends.
@@ -163,6 +164,7 @@ settings! {
     ALIYUN_DYPNSAPI_ENDPOINT = "ALIYUN_DYPNSAPI_ENDPOINT", Some("https://dypnsapi.aliyuncs.com"), "Dypnsapi endpoint (verification codes)";
     ALIYUN_DYSMSAPI_ENDPOINT = "ALIYUN_DYSMSAPI_ENDPOINT", Some("https://dysmsapi.aliyuncs.com"), "Dysmsapi endpoint (templated SMS)";
     ALIYUN_SIGNATURE_VERSION = "ALIYUN_SIGNATURE_VERSION", Some("v1"), "v1 (HMAC-SHA1 RPC signature) | v3 (ACS3-HMAC-SHA256)";
+    ALIYUN_MAX_QPS = "ALIYUN_MAX_QPS", Some("1000"), "calls per second per Aliyun action at most (a token bucket; bursts are spread out, not throttled by Aliyun)";
     HTTP_CONNECT_TIMEOUT_MS = "HTTP_CONNECT_TIMEOUT_MS", Some("3000"), "TCP+TLS connect timeout for Aliyun calls";
     HTTP_REQUEST_TIMEOUT_MS = "HTTP_REQUEST_TIMEOUT_MS", Some("10000"), "whole-request timeout for one Aliyun call";
     WORKER_CONCURRENCY = "WORKER_CONCURRENCY", Some("64"), "jobs in flight at once (also the AMQP prefetch)";
@@ -383,6 +385,7 @@ impl Config {
                     connect_timeout: r.millis(HTTP_CONNECT_TIMEOUT_MS, 1, 600_000)?,
                     request_timeout: r.millis(HTTP_REQUEST_TIMEOUT_MS, 1, 600_000)?,
                 },
+                max_qps: r.number(ALIYUN_MAX_QPS, 1, 100_000)?,
             },
             concurrency: r.number(WORKER_CONCURRENCY, 1, 10_000)?,
             retry,

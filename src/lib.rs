@@ -10,6 +10,7 @@ pub mod aliyun;
 pub mod broker;
 pub mod config;
 pub mod fake_aliyun;
+pub mod health;
 pub mod phone;
 pub mod pipeline;
 pub mod receipts;
@@ -20,3 +21,6 @@ pub mod telemetry;
 pub mod tls;
 pub mod wire;
 pub mod worker;
+
+#[cfg(test)]
+mod fuzz_tests;

@@ -157,6 +157,9 @@ struct FakeArgs {
     /// Sends per number per minute before biz.FREQUENCY.
     #[arg(long)]
     per_number_per_minute: Option<u32>,
+    /// Calls per action per second before Throttling.Api.
+    #[arg(long)]
+    max_qps: Option<u32>,
     /// A fault rule as JSON, e.g. '{"fault":{"kind":"http503"},"times":1}'; repeatable.
     #[arg(long = "fault", value_parser = parse_fault)]
     faults: Vec<FaultRule>,
@@ -356,6 +359,7 @@ async fn fake(args: FakeArgs) -> anyhow::Result<ExitCode> {
     config.latency = Duration::from_millis(args.latency_ms);
     config.per_number_per_minute = args.per_number_per_minute;
     config.faults = args.faults;
+    config.max_qps = args.max_qps;
     let fake = FakeAliyun::start(config, args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

@@ -23,6 +23,7 @@ use crate::aliyun::outcome::codes;
 use crate::aliyun::{AliyunClient, Answer, CallError, Effect, Product, Verdict, classify};
 use crate::broker::{self, Broker, BrokerError, Routed};
 use crate::config::{Config, RetryPolicy};
+use crate::health::DbHealth;
 use crate::store::{
     AttemptRecord, Claim, Followup, JobRow, Outcome, ReplyRoute, Store, StoreError,
 };
@@ -49,6 +50,7 @@ pub struct Pipeline {
     config: Arc<Config>,
     store: Store,
     aliyun: AliyunClient,
+    health: DbHealth,
     /// This process's identity on the `sending` claims it holds.
     worker_id: Uuid,
 }
@@ -105,11 +107,12 @@ fn is_dysmsapi_send(job: &Job) -> bool {
 }
 
 impl Pipeline {
-    pub fn new(config: Arc<Config>, store: Store, aliyun: AliyunClient) -> Self {
+    pub fn new(config: Arc<Config>, store: Store, aliyun: AliyunClient, health: DbHealth) -> Self {
         Self {
             config,
             store,
             aliyun,
+            health,
             worker_id: Uuid::new_v4(),
         }
     }
@@ -119,6 +122,9 @@ impl Pipeline {
         match self.try_handle(delivery, broker).await {
             Ok(()) => Disposition::Ack,
             Err(e) => {
+                if matches!(e, PipelineError::Store(_)) {
+                    self.health.failed();
+                }
                 tracing::warn!(error = %e, "job not finished; returning it to the queue");
                 Disposition::Requeue
             }
@@ -277,6 +283,33 @@ impl Pipeline {
         }
     }
 
+    /// Writes what happened after Aliyun was called. That knowledge exists nowhere else, so a
+    /// database outage is waited out (for as long as the job's claim lasts) rather than turning
+    /// a known outcome into `unknown`.
+    async fn persist<T, F, Fut>(&self, write: F) -> Result<T, StoreError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let give_up = Instant::now() + self.config.job_lease();
+        loop {
+            match write().await {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() < give_up => {
+                    tracing::warn!(error = %e, "could not record an Aliyun outcome; waiting for the database");
+                    self.health.failed();
+                    let left = give_up.saturating_duration_since(Instant::now());
+                    let _ = tokio::time::timeout(left, self.health.wait_ok()).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn health(&self) -> &DbHealth {
+        &self.health
+    }
+
     pub fn worker_id(&self) -> Uuid {
         self.worker_id
     }
@@ -305,21 +338,18 @@ impl Pipeline {
             let verdict = classify(Effect::NotIdempotent, &result);
             let (code, message) = describe(&result);
             let answer = result.as_ref().ok();
-            self.store
-                .record_attempt(
-                    &job.id,
-                    &AttemptRecord {
-                        attempt,
-                        action: plan.action,
-                        started_at,
-                        finished_at: Utc::now(),
-                        http_status: answer.map(|a| a.http_status),
-                        code: Some(code),
-                        message: Some(message),
-                        request_id: answer.and_then(|a| a.request_id.clone()),
-                        outcome: verdict.as_str(),
-                    },
-                )
+            let record = AttemptRecord {
+                attempt,
+                action: plan.action,
+                started_at,
+                finished_at: Utc::now(),
+                http_status: answer.map(|a| a.http_status),
+                code: Some(code),
+                message: Some(message),
+                request_id: answer.and_then(|a| a.request_id.clone()),
+                outcome: verdict.as_str(),
+            };
+            self.persist(|| self.store.record_attempt(&job.id, &record))
                 .await?;
             if verdict != Verdict::Retry {
                 break (verdict, result);
@@ -366,7 +396,9 @@ impl Pipeline {
             .ok()
             .filter(|_| outcome.status == Status::Sent && wants_verify_code(job))
             .and_then(Answer::verify_code);
-        let row = self.store.finish(&job.id, self.worker_id, &outcome).await?;
+        let row = self
+            .persist(|| self.store.finish(&job.id, self.worker_id, &outcome))
+            .await?;
         let mut result = row.to_result()?;
         if result.status == outcome.status {
             result.verify_code = verify_code;

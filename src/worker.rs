@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use crate::aliyun::AliyunClient;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::health::DbHealth;
 use crate::pipeline::{Disposition, Pipeline};
 use crate::receipts::Receipts;
 use crate::store::{Store, StoreError};
@@ -67,7 +68,9 @@ pub async fn run(
         let poller = Receipts::new(config.clone(), store.clone(), aliyun.clone(), broker_rx);
         tokio::spawn(poller.run(shutdown.clone()))
     });
-    let pipeline = Arc::new(Pipeline::new(config.clone(), store, aliyun));
+    let health = DbHealth::new(store.clone());
+    let mut db_ok = health.subscribe();
+    let pipeline = Arc::new(Pipeline::new(config.clone(), store, aliyun, health));
     // Beat before the first claim, so no other worker can take this one for dead.
     pipeline
         .store()
@@ -110,12 +113,14 @@ pub async fn run(
                     }
                     break 'connect;
                 }
+                // Re-evaluates the consume guard below when the database comes and goes.
+                _ = db_ok.changed() => {}
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     if let Err(e) = joined {
                         tracing::error!(error = %e, "a job task ended abnormally");
                     }
                 }
-                next = consumer.next() => match next {
+                next = consumer.next(), if *db_ok.borrow() => match next {
                     Some(Ok(delivery)) => {
                         let pipeline = pipeline.clone();
                         let broker = broker.clone();
@@ -182,7 +187,9 @@ async fn process(pipeline: &Pipeline, broker: &Broker, delivery: lapin::message:
     let acked = match disposition {
         Disposition::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
         Disposition::Requeue => {
-            // Give a failing dependency a moment before the job comes round again.
+            // Hold the delivery until the database is back (no point in churning it through
+            // the queue), and give any other failing dependency a moment.
+            pipeline.health().wait_ok().await;
             tokio::time::sleep(Duration::from_millis(500)).await;
             delivery
                 .acker

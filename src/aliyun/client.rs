@@ -9,6 +9,7 @@ use chrono::Utc;
 use serde_json::Value;
 use thiserror::Error;
 
+use super::rate::RateLimiter;
 use super::sign;
 use crate::config::{AliyunConfig, SignatureVersion};
 use crate::phone;
@@ -51,7 +52,7 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn parse(http_status: u16, bytes: &[u8]) -> Self {
+    pub fn parse(http_status: u16, bytes: &[u8]) -> Self {
         let body: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
         let text = |v: Option<&Value>| match v {
             Some(Value::String(s)) => Some(s.clone()),
@@ -111,6 +112,7 @@ impl Answer {
 pub struct AliyunClient {
     http: reqwest::Client,
     config: AliyunConfig,
+    limiter: std::sync::Arc<RateLimiter>,
 }
 
 impl AliyunClient {
@@ -122,7 +124,11 @@ impl AliyunClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(concat!("aliyun-sms-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { http, config })
+        Ok(Self {
+            http,
+            limiter: std::sync::Arc::new(RateLimiter::new(config.max_qps)),
+            config,
+        })
     }
 
     fn endpoint(&self, product: Product) -> &str {
@@ -141,6 +147,7 @@ impl AliyunClient {
         params: &[(&'static str, String)],
         form: &[(&'static str, String)],
     ) -> Result<Answer, CallError> {
+        self.limiter.acquire(action).await;
         let endpoint = self.endpoint(product).trim_end_matches('/');
         let owned = |p: &[(&'static str, String)]| -> Vec<(String, String)> {
             p.iter()

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod outcome;
+pub mod rate;
 pub mod sign;
 
 pub use client::{AliyunClient, Answer, CallError, Product};

@@ -48,6 +48,8 @@ pub struct FakeConfig {
     pub faults: Vec<FaultRule>,
     /// How long after a Dysmsapi send its delivery receipt turns `DELIVERED`.
     pub receipt_delay: Duration,
+    /// Calls per action in any one second before `Throttling.Api`; None = no limit.
+    pub max_qps: Option<u32>,
 }
 
 impl FakeConfig {
@@ -61,6 +63,7 @@ impl FakeConfig {
             per_number_per_minute: None,
             faults: Vec::new(),
             receipt_delay: Duration::from_secs(1),
+            max_qps: None,
         }
     }
 }
@@ -394,6 +397,17 @@ async fn execute(shared: &Shared, request: auth::Authorised) -> Reply {
         at: Utc::now(),
     };
 
+    if let Some(limit) = shared.config.max_qps
+        && !shared.state.admit(&action, limit)
+    {
+        let reply = Reply::gateway_error(
+            400,
+            "Throttling.Api",
+            "Request was denied due to api flow control.",
+        );
+        shared.state.record(record(reply.code(), None, false));
+        return reply;
+    }
     let mut hang_after = false;
     let refusal = match shared.state.take_fault(&action, &phones) {
         None => None,

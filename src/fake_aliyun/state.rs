@@ -94,6 +94,8 @@ pub(crate) struct Inner {
     /// Send times per phone, for the per-number limit.
     pub sends: HashMap<String, Vec<Instant>>,
     pub biz_counter: u64,
+    /// Recent call times per action, for the API QPS limit.
+    pub calls: HashMap<String, std::collections::VecDeque<Instant>>,
 }
 
 /// How long a nonce is remembered: the timestamp window, after which replays fail anyway.
@@ -141,6 +143,25 @@ impl State {
                 }
             }
             Some(fault)
+        })
+    }
+
+    /// Counts a call against the per-action limit; false if this second is full.
+    pub(crate) fn admit(&self, action: &str, per_second: u32) -> bool {
+        self.with(|s| {
+            let now = Instant::now();
+            let recent = s.calls.entry(action.to_owned()).or_default();
+            while recent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+            {
+                recent.pop_front();
+            }
+            if recent.len() >= per_second as usize {
+                return false;
+            }
+            recent.push_back(now);
+            true
         })
     }
 

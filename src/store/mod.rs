@@ -153,7 +153,8 @@ impl Store {
         let options: PgConnectOptions = url.parse()?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
+            // Short, so an outage is noticed quickly; the health probe does the waiting.
+            .acquire_timeout(Duration::from_secs(3))
             .connect_with(options)
             .await?;
         Ok(Self { pool })
@@ -165,6 +166,11 @@ impl Store {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {

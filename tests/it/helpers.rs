@@ -123,8 +123,17 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new(tweak: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+        Self::with_fake(|_| {}, tweak).await
+    }
+
+    /// Also lets the test configure the fake Aliyun before it starts.
+    pub async fn with_fake(
+        fake_tweak: impl FnOnce(&mut FakeConfig),
+        tweak: impl FnOnce(&mut HashMap<String, String>),
+    ) -> Self {
         let mut fake_config = FakeConfig::new(TEST_KEY_ID, TEST_SECRET);
         fake_config.receipt_delay = Duration::from_millis(150);
+        fake_tweak(&mut fake_config);
         let fake = FakeAliyun::start(fake_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .await
             .expect("start fake Aliyun");
@@ -348,8 +357,8 @@ impl TestApp {
         rows.into_iter().map(|r| r.0).collect()
     }
 
-    /// Stops the worker the way SIGTERM does, then removes the test's queues and database.
-    pub async fn shutdown(mut self) {
+    /// Stops the worker the way SIGTERM does, keeping its queues and database.
+    pub async fn stop_worker(&mut self) {
         let _ = self.stop.send(true);
         if let Some(worker) = self.worker.take() {
             tokio::time::timeout(PATIENCE, worker)
@@ -357,6 +366,16 @@ impl TestApp {
                 .expect("worker stopped within the grace period")
                 .expect("worker task did not panic");
         }
+    }
+
+    /// A channel of the test's own RabbitMQ connection.
+    pub async fn channel(&self) -> Channel {
+        self.connection.create_channel().await.expect("channel")
+    }
+
+    /// Stops the worker, then removes the test's queues and database.
+    pub async fn shutdown(mut self) {
+        self.stop_worker().await;
         let q = &self.config.queues;
         let receipts = q.receipts.clone().unwrap_or_default();
         for name in [&q.jobs, &q.results, &q.dead_letter, &receipts] {

@@ -141,3 +141,98 @@ async fn a_corrected_job_may_reuse_the_id_of_an_invalid_one() {
     assert_eq!(app.fake.sends_for(&id), 1);
     app.shutdown().await;
 }
+
+/// A message that is certainly not a valid job, of one of several hostile kinds.
+fn hostile(i: usize, rng: &mut impl rand::Rng) -> Vec<u8> {
+    let id = unique_id(&format!("hostile{i}"));
+    match i % 8 {
+        // Random bytes (mostly invalid UTF-8).
+        0 => (0..rng.random_range(0..200))
+            .map(|_| rng.random())
+            .collect(),
+        // Valid JSON of the wrong shape.
+        1 => json!([id, 1, 2, {"type": "send_verify_code"}])
+            .to_string()
+            .into_bytes(),
+        // Invalid UTF-8 inside otherwise plausible JSON.
+        2 => {
+            let mut b =
+                format!(r#"{{"id":"{id}","type":"send_verify_code","sign_name":""#).into_bytes();
+            b.extend_from_slice(&[0xc3, 0x28, 0xff]);
+            b.extend_from_slice(br#""}"#);
+            b
+        }
+        // A huge string: over the size limit.
+        3 => {
+            let mut job = send_job(&id);
+            job["sign_name"] = json!("长".repeat(MAX_JOB_BYTES / 2));
+            serde_json::to_vec(&job).unwrap()
+        }
+        // Deep nesting.
+        4 => format!("{}{}", "[".repeat(5000), "]".repeat(5000)).into_bytes(),
+        // Wrong types for required fields.
+        5 => {
+            let mut job = send_job(&id);
+            job["phone_number"] = json!(13800138000u64);
+            job["code_length"] = json!("six");
+            serde_json::to_vec(&job).unwrap()
+        }
+        // A valid job with a field mangled by a random value.
+        6 => {
+            let mut job = send_job(&id);
+            let fields = ["phone_number", "template_param", "code_type", "type", "id"];
+            job[fields[rng.random_range(0..fields.len())]] = json!([rng.random::<u32>(), null]);
+            serde_json::to_vec(&job).unwrap()
+        }
+        // A typo'd field name.
+        _ => {
+            let mut job = send_job(&id);
+            job["phone_numbr"] = json!("13800138000");
+            serde_json::to_vec(&job).unwrap()
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_hostile_messages_are_each_refused_and_valid_jobs_still_succeed() {
+    const HOSTILE: usize = 10_000;
+    const VALID: usize = 50;
+    let app = TestApp::spawn().await;
+    let mut rng = rand::rng();
+    let mut valid_ids = std::collections::HashSet::new();
+    for i in 0..HOSTILE {
+        app.publish_raw(&hostile(i, &mut rng), BasicProperties::default())
+            .await;
+        if i % (HOSTILE / VALID) == 0 {
+            let id = unique_id("among-hostile");
+            app.publish(&send_job(&id)).await;
+            valid_ids.insert(id);
+        }
+    }
+
+    let results = app.results(HOSTILE + VALID).await;
+    let invalid = results
+        .iter()
+        .filter(|r| r.status == Status::Invalid)
+        .count();
+    assert_eq!(invalid, HOSTILE, "every hostile message answered invalid");
+    for r in results.iter().filter(|r| r.status != Status::Invalid) {
+        assert_eq!(r.status, Status::Sent, "{r:?}");
+        assert!(valid_ids.remove(r.id.as_deref().unwrap_or_default()));
+    }
+    assert!(
+        valid_ids.is_empty(),
+        "valid jobs without a result: {valid_ids:?}"
+    );
+    for _ in 0..HOSTILE {
+        let dead = app.next_dead_letter().await;
+        assert!(dead.properties.headers().is_some());
+    }
+    assert_eq!(
+        app.fake.requests().iter().filter(|r| r.executed).count(),
+        VALID,
+        "only the valid jobs reached Aliyun"
+    );
+    println!("hostile input: {HOSTILE} refused, {VALID} valid jobs sent among them");
+    app.shutdown().await;
+}

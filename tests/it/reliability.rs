@@ -211,3 +211,101 @@ async fn retries_never_run_past_the_deadline() {
     }
     app.shutdown().await;
 }
+
+/// Runs 60 jobs against a fake that allows 25 calls per action per second; returns how many
+/// calls it throttled.
+async fn throttled_calls(worker_qps: &str) -> usize {
+    let env = TestEnv::with_fake(
+        |fake| fake.max_qps = Some(25),
+        |s| {
+            s.insert(config::ALIYUN_MAX_QPS.into(), worker_qps.into());
+            s.insert(config::RETRY_MAX_ATTEMPTS.into(), "20".into());
+        },
+    )
+    .await;
+    let app = TestApp::start(env).await;
+    for i in 0..60 {
+        app.publish(&send_job(&unique_id(&format!("burst{i}"))))
+            .await;
+    }
+    let results = app.results(60).await;
+    let throttled = app
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.code.starts_with("Throttling"))
+        .count();
+    if throttled == 0 {
+        for r in results {
+            assert_eq!((r.status, r.attempts), (Status::Sent, 1), "{r:?}");
+        }
+    }
+    app.shutdown().await;
+    throttled
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_larger_than_the_bucket_causes_no_throttling_at_aliyun() {
+    assert_eq!(
+        throttled_calls("20").await,
+        0,
+        "the bucket spreads the burst"
+    );
+    // Control: the same burst without the bucket does hit the fake's limit.
+    assert!(
+        throttled_calls("100000").await > 0,
+        "the fake's limit bites"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_keeps_failing_is_dead_lettered_after_the_delivery_limit() {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicNackOptions};
+    use lapin::types::{FieldTable, ShortString};
+
+    let mut app = TestApp::spawn_with(|s| {
+        s.insert(config::SMS_JOBS_DELIVERY_LIMIT.into(), "3".into());
+    })
+    .await;
+    // The worker declared the topology; now a consumer that crashes on every delivery (as a
+    // worker with a bug would) takes its place.
+    app.stop_worker().await;
+    let body = serde_json::to_vec(&send_job(&unique_id("poison"))).unwrap();
+    app.publish_raw(&body, BasicProperties::default()).await;
+    let channel = app.channel().await;
+    let mut failing = channel
+        .basic_consume(
+            ShortString::from(app.config.queues.jobs.as_str()),
+            ShortString::from("crashing-consumer"),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut deliveries = 0;
+    let dead = async {
+        loop {
+            tokio::select! {
+                d = failing.next() => {
+                    let d = d.expect("consumer open").expect("delivery");
+                    deliveries += 1;
+                    d.acker
+                        .nack(BasicNackOptions { requeue: true, ..Default::default() })
+                        .await
+                        .unwrap();
+                }
+                dead = app.next_dead_letter() => return dead,
+            }
+        }
+    };
+    let dead = tokio::time::timeout(PATIENCE, dead)
+        .await
+        .expect("dead-lettered");
+    assert_eq!(dead.data, body, "the message itself, untouched");
+    assert!(
+        (3..=4).contains(&deliveries),
+        "dead-lettered after the limit of 3 redeliveries, not looped: {deliveries} deliveries"
+    );
+    app.shutdown().await;
+}

@@ -1,0 +1,83 @@
+//! A TCP proxy a test can cut and restore: what a network partition looks like to the worker.
+
+use std::net::SocketAddr;
+
+use tokio::io::copy_bidirectional;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+pub struct Proxy {
+    addr: SocketAddr,
+    up: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    /// Listens on a free loopback port and forwards every connection to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let up = watch::Sender::new(true);
+        let state = up.subscribe();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let mut state = state.clone();
+                if !*state.borrow() {
+                    // Cut: accept and drop at once, like a refused connection.
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let mut client = client;
+                    tokio::select! {
+                        _ = copy_bidirectional(&mut client, &mut server) => {}
+                        _ = state.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up, task }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Drops every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.send_replace(false);
+    }
+
+    pub fn restore(&self) {
+        self.up.send_replace(true);
+    }
+}
+
+/// The `host:port` of a URL like `amqp://user:pass@host:port/vhost`.
+pub fn target_of(url: &str) -> SocketAddr {
+    let after_scheme = url.split("://").nth(1).expect("a URL");
+    let authority = after_scheme.split('/').next().expect("an authority");
+    let host_port = authority.rsplit('@').next().expect("host:port");
+    let host_port = host_port.replace("localhost", "127.0.0.1");
+    host_port.parse().expect("a numeric host:port in the URL")
+}
+
+/// The same URL with its host:port replaced by the proxy's.
+pub fn through(url: &str, proxy: &Proxy) -> String {
+    let original = url
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|authority| authority.rsplit('@').next())
+        .expect("host:port")
+        .to_owned();
+    url.replacen(&original, &format!("127.0.0.1:{}", proxy.port()), 1)
+}
