@@ -53,6 +53,9 @@ pub struct Pipeline {
     health: DbHealth,
     /// This process's identity on the `sending` claims it holds.
     worker_id: Uuid,
+    /// Jobs this process has called (or is calling) Aliyun for and not yet finished. A claim of
+    /// ours that is not in here never reached Aliyun.
+    in_call: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The Aliyun call a job makes. Every job action is not idempotent: the three sends cost a
@@ -114,6 +117,7 @@ impl Pipeline {
             aliyun,
             health,
             worker_id: Uuid::new_v4(),
+            in_call: std::sync::Mutex::default(),
         }
     }
 
@@ -216,15 +220,46 @@ impl Pipeline {
     ) -> Result<JobResult, StoreError> {
         let lease = self.config.job_lease();
         match self.store.claim(job, route, self.worker_id, lease).await? {
-            Claim::Owned => {
-                let deadline = self.deadline(job, published);
-                if deadline.is_some_and(|d| d <= Utc::now()) {
-                    return self.expire(job).await;
-                }
-                self.call_aliyun(job, deadline).await
+            Claim::Owned => self.owned(job, published).await,
+            // Our own claim, whose answer was lost (say, the database went away as it
+            // committed): we never called Aliyun for it, so carry on as its owner.
+            Claim::Seen(row)
+                if row.status == Status::Sending.as_str()
+                    && row.claimed_by == Some(self.worker_id)
+                    && !self.in_call_contains(&job.id) =>
+            {
+                self.owned(job, published).await
             }
             Claim::Seen(row) => self.resolve_seen(*row).await,
         }
+    }
+
+    fn in_call(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.in_call
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn in_call_contains(&self, id: &str) -> bool {
+        self.in_call().contains(id)
+    }
+
+    async fn owned(
+        &self,
+        job: &Job,
+        published: Option<DateTime<Utc>>,
+    ) -> Result<JobResult, StoreError> {
+        let deadline = self.deadline(job, published);
+        if deadline.is_some_and(|d| d <= Utc::now()) {
+            return self.expire(job).await;
+        }
+        self.in_call().insert(job.id.clone());
+        let result = self.call_aliyun(job, deadline).await;
+        // Kept if the outcome could not be written: then only the lease may end the claim.
+        if result.is_ok() {
+            self.in_call().remove(&job.id);
+        }
+        result
     }
 
     /// `expires_at` if the job has one; for code jobs, else, the maximum age from publication
@@ -268,7 +303,14 @@ impl Pipeline {
                 return row.to_result();
             }
             // Still `sending`: its worker is mid-call (wait for it) or died (end it `unknown`).
-            let stale = self.config.heartbeat_stale_after();
+            // This process is alive whatever its heartbeat says after an outage, so a claim of
+            // ours is only ever waited for, up to its lease.
+            let ours = row.claimed_by == Some(self.worker_id);
+            let stale = if ours {
+                self.config.job_lease()
+            } else {
+                self.config.heartbeat_stale_after()
+            };
             let grace = self.config.receipts.reconcile_grace;
             if let Some(ended) = self.store.interrupt_if_stale(&row.id, stale, grace).await? {
                 tracing::warn!("job was interrupted mid-call by a dead worker: unknown");
