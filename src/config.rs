@@ -105,6 +105,46 @@ pub struct AliyunConfig {
     pub max_qps: u32,
 }
 
+/// Sends allowed per number per window (Aliyun's defaults: 1/min, 5/h, 10/day), checked
+/// before calling Aliyun, across every worker instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumberLimits {
+    pub windows: Vec<(Duration, u32)>,
+}
+
+impl std::str::FromStr for NumberLimits {
+    type Err = String;
+
+    /// `1/min,5/h,10/day` (units: s, min, h, day).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let windows = s
+            .split(',')
+            .map(|part| {
+                let (count, unit) = part
+                    .trim()
+                    .split_once('/')
+                    .ok_or_else(|| format!("{part:?} is not COUNT/UNIT"))?;
+                let count: u32 = count
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{count:?} is not a count"))?;
+                let secs = match unit.trim() {
+                    "s" => 1,
+                    "min" => 60,
+                    "h" => 3600,
+                    "day" => 86_400,
+                    other => return Err(format!("unit {other:?} is not one of s, min, h, day")),
+                };
+                Ok((Duration::from_secs(secs), count))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if windows.is_empty() {
+            return Err("no limits given".into());
+        }
+        Ok(Self { windows })
+    }
+}
+
 /// The receipt poller and the reconciler of unknown Dysmsapi sends.
 #[derive(Debug, Clone)]
 pub struct ReceiptsConfig {
@@ -127,6 +167,8 @@ pub struct Config {
     pub concurrency: u16,
     pub retry: RetryPolicy,
     pub code_job_max_age: Duration,
+    /// None when the local per-number limit is off.
+    pub number_limits: Option<NumberLimits>,
     pub receipts: ReceiptsConfig,
     pub heartbeat: Duration,
     pub shutdown_grace: Duration,
@@ -171,6 +213,8 @@ settings! {
     RETRY_MAX_ATTEMPTS = "RETRY_MAX_ATTEMPTS", Some("5"), "Aliyun calls per job at most, first one included";
     RETRY_INITIAL_DELAY_MS = "RETRY_INITIAL_DELAY_MS", Some("200"), "first backoff step (full jitter applies)";
     RETRY_MAX_DELAY_MS = "RETRY_MAX_DELAY_MS", Some("5000"), "largest backoff step";
+    LOCAL_NUMBER_LIMIT_ENABLED = "LOCAL_NUMBER_LIMIT_ENABLED", Some("false"), "refuse send_verify_code jobs past LOCAL_NUMBER_LIMITS as rate_limited, without a paid call";
+    LOCAL_NUMBER_LIMITS = "LOCAL_NUMBER_LIMITS", Some("1/min,5/h,10/day"), "sends per number per window for the local limit (units s, min, h, day)";
     CODE_JOB_MAX_AGE_MS = "CODE_JOB_MAX_AGE_MS", Some("600000"), "a code job without expires_at expires this long after it was published (AMQP timestamp) or first seen";
     RETRY_MAX_ELAPSED_MS = "RETRY_MAX_ELAPSED_MS", Some("30000"), "no retry starts later than this after the first attempt";
     RECEIPTS_ENABLED = "RECEIPTS_ENABLED", Some("true"), "poll delivery receipts and reconcile unknown Dysmsapi sends";
@@ -390,6 +434,15 @@ impl Config {
             concurrency: r.number(WORKER_CONCURRENCY, 1, 10_000)?,
             retry,
             code_job_max_age: r.millis(CODE_JOB_MAX_AGE_MS, 1000, 86_400_000)?,
+            number_limits: if r.flag(LOCAL_NUMBER_LIMIT_ENABLED)? {
+                let raw = r.string(LOCAL_NUMBER_LIMITS)?;
+                Some(raw.parse().map_err(|reason| ConfigError::Malformed {
+                    name: LOCAL_NUMBER_LIMITS,
+                    reason,
+                })?)
+            } else {
+                None
+            },
             receipts: ReceiptsConfig {
                 enabled: r.flag(RECEIPTS_ENABLED)?,
                 poll_interval: r.millis(RECEIPTS_POLL_INTERVAL_MS, 10, 86_400_000)?,
@@ -480,6 +533,32 @@ mod tests {
         let mut pairs = CREDS.to_vec();
         pairs.push((SMS_JOBS_QUEUE_TYPE, "stream"));
         assert!(with(&pairs).is_err());
+    }
+
+    #[test]
+    fn number_limits_parse_and_refuse_nonsense() {
+        let l: NumberLimits = "1/min, 5/h,10/day".parse().unwrap();
+        assert_eq!(
+            l.windows,
+            vec![
+                (Duration::from_secs(60), 1),
+                (Duration::from_secs(3600), 5),
+                (Duration::from_secs(86_400), 10)
+            ]
+        );
+        for bad in ["", "1", "x/min", "1/week"] {
+            assert!(bad.parse::<NumberLimits>().is_err(), "{bad}");
+        }
+        let mut pairs = CREDS.to_vec();
+        pairs.push((LOCAL_NUMBER_LIMIT_ENABLED, "true"));
+        pairs.push((LOCAL_NUMBER_LIMITS, "1/fortnight"));
+        assert!(matches!(
+            with(&pairs),
+            Err(ConfigError::Malformed {
+                name: LOCAL_NUMBER_LIMITS,
+                ..
+            })
+        ));
     }
 
     #[test]

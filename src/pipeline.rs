@@ -219,7 +219,17 @@ impl Pipeline {
         published: Option<DateTime<Utc>>,
     ) -> Result<JobResult, StoreError> {
         let lease = self.config.job_lease();
-        match self.store.claim(job, route, self.worker_id, lease).await? {
+        // Aliyun's per-number limits are about verification codes.
+        let limits = self
+            .config
+            .number_limits
+            .as_ref()
+            .filter(|_| job.job_type() == JobType::SendVerifyCode);
+        match self
+            .store
+            .claim(job, route, self.worker_id, lease, limits)
+            .await?
+        {
             Claim::Owned => self.owned(job, published).await,
             // Our own claim, whose answer was lost (say, the database went away as it
             // committed): we never called Aliyun for it, so carry on as its owner.

@@ -11,6 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{FromRow, PgPool};
 use uuid::Uuid;
 
+use crate::config::NumberLimits;
 use crate::wire::{Job, JobResult, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +144,62 @@ macro_rules! job_columns {
 mod deliveries;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
 
+/// Inserts the job's row as `sending` (or, with `refusal`, as `rate_limited` and final), or
+/// finds one already there, in which case nothing is returned. A row left `invalid` may be
+/// re-claimed: an invalid message never reached Aliyun, so a corrected job with the same id is
+/// a first attempt, not a duplicate.
+async fn insert_claim<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
+    job: &Job,
+    route: &ReplyRoute,
+    worker: Uuid,
+    lease: Duration,
+    refusal: Option<&str>,
+) -> Result<Option<JobRow>, StoreError> {
+    let params = job.stored_params();
+    let out_id = params
+        .get("OutId")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let (status, code) = match refusal {
+        None => ("sending", None),
+        Some(_) => ("rate_limited", Some("LOCAL_NUMBER_LIMIT")),
+    };
+    Ok(sqlx::query_as::<_, JobRow>(concat!(
+        "INSERT INTO sms_jobs (id, type, status, phone_number, params, out_id, reply_to,
+                               correlation_id, claimed_by, lease_until, code, message,
+                               finished_at)
+         VALUES ($1, $2, $10, $3, $4, $5, $6, $7, $8,
+                 now() + make_interval(secs => $9::double precision / 1000), $11, $12,
+                 CASE WHEN $10 = 'sending' THEN NULL ELSE now() END)
+         ON CONFLICT (id) DO UPDATE SET
+             type = EXCLUDED.type, status = EXCLUDED.status,
+             phone_number = EXCLUDED.phone_number, params = EXCLUDED.params,
+             out_id = EXCLUDED.out_id, reply_to = EXCLUDED.reply_to,
+             correlation_id = EXCLUDED.correlation_id, claimed_by = EXCLUDED.claimed_by,
+             lease_until = EXCLUDED.lease_until, code = EXCLUDED.code,
+             message = EXCLUDED.message, attempts = 0, finished_at = EXCLUDED.finished_at,
+             updated_at = now()
+         WHERE sms_jobs.status = 'invalid'
+         RETURNING ",
+        job_columns!()
+    ))
+    .bind(&job.id)
+    .bind(job.job_type().as_str())
+    .bind(job.phone().as_str())
+    .bind(&params)
+    .bind(out_id)
+    .bind(&route.reply_to)
+    .bind(&route.correlation_id)
+    .bind(worker)
+    .bind(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+    .bind(status)
+    .bind(code)
+    .bind(refusal)
+    .fetch_optional(executor)
+    .await?)
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
@@ -188,46 +245,56 @@ impl Store {
         route: &ReplyRoute,
         worker: Uuid,
         lease: Duration,
+        limits: Option<&NumberLimits>,
     ) -> Result<Claim, StoreError> {
-        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
-        let params = job.stored_params();
-        let out_id = params
-            .get("OutId")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        let inserted = sqlx::query(
-            "INSERT INTO sms_jobs (id, type, status, phone_number, params, out_id, reply_to,
-                                   correlation_id, claimed_by, lease_until)
-             VALUES ($1, $2, 'sending', $3, $4, $5, $6, $7, $8,
-                     now() + make_interval(secs => $9::double precision / 1000))
-             ON CONFLICT (id) DO UPDATE SET
-                 type = EXCLUDED.type, status = 'sending', phone_number = EXCLUDED.phone_number,
-                 params = EXCLUDED.params, out_id = EXCLUDED.out_id,
-                 reply_to = EXCLUDED.reply_to, correlation_id = EXCLUDED.correlation_id,
-                 claimed_by = EXCLUDED.claimed_by, lease_until = EXCLUDED.lease_until,
-                 code = NULL, message = NULL, attempts = 0, finished_at = NULL,
-                 updated_at = now()
-             WHERE sms_jobs.status = 'invalid'
-             RETURNING id",
-        )
-        .bind(&job.id)
-        .bind(job.job_type().as_str())
-        .bind(job.phone().as_str())
-        .bind(&params)
-        .bind(out_id)
-        .bind(&route.reply_to)
-        .bind(&route.correlation_id)
-        .bind(worker)
-        .bind(lease_ms)
-        .fetch_optional(&self.pool)
-        .await?;
-        if inserted.is_some() {
-            return Ok(Claim::Owned);
+        let Some(limits) = limits else {
+            let row = insert_claim(&self.pool, job, route, worker, lease, None).await?;
+            return self.claimed(job, row).await;
+        };
+        // Serialise the sends to one number across every worker, so two instances cannot both
+        // pass the count; the lock ends with the transaction.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("smsw-number:{}", job.phone().as_str()))
+            .execute(&mut *tx)
+            .await?;
+        let mut refusal = None;
+        for (window, max) in &limits.windows {
+            let (recent,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM sms_jobs
+                 WHERE phone_number = $1 AND type = $2 AND id <> $3
+                   AND status IN ('sending', 'sent', 'unknown')
+                   AND created_at > now() - make_interval(secs => $4::double precision / 1000)",
+            )
+            .bind(job.phone().as_str())
+            .bind(job.job_type().as_str())
+            .bind(&job.id)
+            .bind(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
+            .fetch_one(&mut *tx)
+            .await?;
+            if recent >= i64::from(*max) {
+                refusal = Some(format!(
+                    "local per-number limit: {max} per {}s reached for this number; not sent",
+                    window.as_secs()
+                ));
+                break;
+            }
         }
-        match self.fetch(&job.id).await? {
+        let row = insert_claim(&mut *tx, job, route, worker, lease, refusal.as_deref()).await?;
+        tx.commit().await?;
+        self.claimed(job, row).await
+    }
+
+    /// What an insert-or-find of the job's row means for the caller.
+    async fn claimed(&self, job: &Job, inserted: Option<JobRow>) -> Result<Claim, StoreError> {
+        match inserted {
+            Some(row) if row.status == "sending" => Ok(Claim::Owned),
+            // Refused by the local limit: final already, answered like a replay.
             Some(row) => Ok(Claim::Seen(Box::new(row))),
-            // Deleted between the two statements (retention purge): claim again.
-            None => Box::pin(self.claim(job, route, worker, lease)).await,
+            None => match self.fetch(&job.id).await? {
+                Some(row) => Ok(Claim::Seen(Box::new(row))),
+                None => Err(StoreError::Database(sqlx::Error::RowNotFound)),
+            },
         }
     }
 

@@ -156,6 +156,7 @@ impl TestEnv {
 pub struct TestApp {
     pub fake: FakeAliyun,
     pub config: Config,
+    settings: HashMap<String, String>,
     pub pool: PgPool,
     db_name: String,
     channel: Channel,
@@ -220,6 +221,7 @@ impl TestApp {
         Self {
             fake,
             config,
+            settings,
             pool,
             db_name,
             channel,
@@ -376,30 +378,40 @@ impl TestApp {
     /// Stops the worker, then removes the test's queues and database.
     pub async fn shutdown(mut self) {
         self.stop_worker().await;
-        let q = &self.config.queues;
-        let receipts = q.receipts.clone().unwrap_or_default();
-        for name in [&q.jobs, &q.results, &q.dead_letter, &receipts] {
-            let _ = self
-                .channel
-                .queue_delete(
-                    ShortString::from(name.as_str()),
-                    QueueDeleteOptions::default(),
-                )
-                .await;
-        }
-        let _ = self
-            .channel
-            .exchange_delete(
-                ShortString::from(q.dead_letter_exchange.as_str()),
-                Default::default(),
-            )
-            .await;
+        delete_topology(&self.connection, &self.settings).await;
         let _ = self
             .connection
             .close(200, ShortString::from("test done"))
             .await;
         self.pool.close().await;
         drop_database(&self.db_name).await;
+    }
+}
+
+/// Removes a test's queues and dead-letter exchange.
+pub async fn delete_topology(connection: &Connection, settings: &HashMap<String, String>) {
+    let Ok(channel) = connection.create_channel().await else {
+        return;
+    };
+    for name in [
+        config::SMS_JOBS_QUEUE,
+        config::SMS_RESULTS_QUEUE,
+        config::SMS_DEAD_LETTER_QUEUE,
+        config::SMS_RECEIPTS_QUEUE,
+    ] {
+        if let Some(queue) = settings.get(name) {
+            let _ = channel
+                .queue_delete(
+                    ShortString::from(queue.as_str()),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+    }
+    if let Some(dlx) = settings.get(config::SMS_DEAD_LETTER_EXCHANGE) {
+        let _ = channel
+            .exchange_delete(ShortString::from(dlx.as_str()), Default::default())
+            .await;
     }
 }
 

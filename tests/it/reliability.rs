@@ -309,3 +309,65 @@ async fn a_message_that_keeps_failing_is_dead_lettered_after_the_delivery_limit(
     );
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_per_number_limit_holds_across_two_workers() {
+    let env = TestEnv::new(|s| {
+        s.insert(config::LOCAL_NUMBER_LIMIT_ENABLED.into(), "true".into());
+        s.insert(config::LOCAL_NUMBER_LIMITS.into(), "2/min,3/h".into());
+        s.insert("RUST_LOG".into(), "info".into());
+    })
+    .await;
+    let settings = env.settings.clone();
+    let app = TestApp::start(env).await;
+    let other = WorkerProcess::start(&["run"], &settings).await;
+
+    let phone = crate::helpers::unique_phone();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let id = unique_id(&format!("limited{i}"));
+        let mut job = send_job(&id);
+        job["phone_number"] = json!(phone);
+        app.publish(&job).await;
+        ids.push(id);
+    }
+    let other_number = unique_id("other-number");
+    app.publish(&send_job(&other_number)).await;
+
+    let results = app.results(7).await;
+    let for_phone: Vec<_> = results
+        .iter()
+        .filter(|r| r.id.as_deref() != Some(other_number.as_str()))
+        .collect();
+    let sent = for_phone
+        .iter()
+        .filter(|r| r.status == Status::Sent)
+        .count();
+    let limited: Vec<_> = for_phone
+        .iter()
+        .filter(|r| r.status == Status::RateLimited)
+        .collect();
+    assert_eq!(sent, 2, "{for_phone:#?}");
+    assert_eq!(limited.len(), 4, "{for_phone:#?}");
+    assert!(limited.iter().all(|r| r.code == "LOCAL_NUMBER_LIMIT"));
+    let paid = app
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.executed && r.phone.as_deref() == Some(phone.as_str()))
+        .count();
+    assert_eq!(paid, 2, "refused locally, without a paid call");
+    let other_result = results
+        .iter()
+        .find(|r| r.id.as_deref() == Some(other_number.as_str()))
+        .expect("the other number's result");
+    assert_eq!(
+        other_result.status,
+        Status::Sent,
+        "other numbers are not affected"
+    );
+
+    let (status, _) = other.terminate().await;
+    assert!(status.success());
+    app.shutdown().await;
+}

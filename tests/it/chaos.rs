@@ -1,0 +1,146 @@
+//! Chaos: 2,000 jobs while the broker link is cut twice and the worker is killed (-9) and
+//! restarted twice. Afterwards every job has exactly one final row and at least one result,
+//! no job was sent twice, and no job Aliyun executed is reported `failed`.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use aliyun_sms_worker::config;
+use futures_util::future::join_all;
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::Value;
+
+use crate::helpers::{
+    TestEnv, amqp_url, consume, delete_topology, drop_database, next_from, send_job, unique_id,
+};
+use crate::process::WorkerProcess;
+use crate::proxy::{Proxy, target_of, through};
+
+const JOBS: usize = 2000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_jobs_through_broker_cuts_and_kill_9s() {
+    let env = TestEnv::new(|s| {
+        s.insert("RUST_LOG".into(), "info".into());
+        s.insert(config::WORKER_CONCURRENCY.into(), "32".into());
+    })
+    .await;
+    let amqp = env.settings[config::AMQP_URL].clone();
+    let broker = Proxy::start(target_of(&amqp)).await;
+    let settings = {
+        let mut s = env.settings.clone();
+        s.insert(config::AMQP_URL.into(), through(&amqp, &broker));
+        s
+    };
+    let mut worker = WorkerProcess::start(&["run"], &settings).await;
+
+    // The test's own link to RabbitMQ does not go through the proxy.
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let mut results = consume(&connection, &settings[config::SMS_RESULTS_QUEUE]).await;
+    let jobs: Vec<Value> = (0..JOBS)
+        .map(|i| send_job(&unique_id(&format!("chaos{i}"))))
+        .collect();
+    let ids: HashSet<String> = jobs
+        .iter()
+        .map(|j| j["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let publisher = connection.create_channel().await.expect("channel");
+    publisher
+        .confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let mut confirms = Vec::new();
+    for job in &jobs {
+        let confirm = publisher
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(settings[config::SMS_JOBS_QUEUE].as_str()),
+                BasicPublishOptions::default(),
+                &serde_json::to_vec(job).expect("json"),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        confirms.push(confirm);
+    }
+    for confirm in join_all(confirms).await {
+        assert!(confirm.expect("confirmed").is_ack());
+    }
+
+    let mut answered: HashMap<String, usize> = HashMap::new();
+    let mut received = 0;
+    while answered.len() < JOBS {
+        let delivery = next_from(&mut results, "a result").await;
+        let result: Value = serde_json::from_slice(&delivery.data).expect("JSON result");
+        let id = result["id"].as_str().expect("id").to_owned();
+        assert!(
+            ids.contains(&id),
+            "a result for a job nobody sent: {result}"
+        );
+        *answered.entry(id).or_default() += 1;
+        received += 1;
+        match received {
+            300 | 1100 => {
+                broker.cut();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                broker.restore();
+            }
+            700 | 1500 => {
+                let (status, _) = worker.kill9().await;
+                assert!(!status.success());
+                worker = WorkerProcess::start(&["run"], &settings).await;
+            }
+            _ => {}
+        }
+    }
+    let (status, log) = worker.terminate().await;
+    assert!(status.success(), "the last worker stops cleanly:\n{log}");
+
+    // Exactly one final row per job.
+    let pool = sqlx::PgPool::connect(&env.db_url).await.expect("db");
+    let rows: Vec<(String, String)> = sqlx::query_as("SELECT id, status FROM sms_jobs")
+        .fetch_all(&pool)
+        .await
+        .expect("rows");
+    let statuses: HashMap<String, String> = rows.into_iter().collect();
+    assert_eq!(statuses.len(), JOBS, "one row per job");
+    assert!(
+        statuses.values().all(|s| s != "sending"),
+        "every row final: {:?}",
+        statuses.values().filter(|s| *s == "sending").count()
+    );
+    // At most one send per job; a job Aliyun executed is sent or unknown, never failed.
+    let requests = env.fake.requests();
+    let mut sends: HashMap<String, usize> = HashMap::new();
+    for r in requests.iter().filter(|r| r.executed) {
+        *sends
+            .entry(r.out_id.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    let duplicated_sends = sends.values().filter(|n| **n > 1).count();
+    assert_eq!(duplicated_sends, 0, "no job sent twice");
+    for id in sends.keys() {
+        let status = statuses.get(id).map(String::as_str);
+        assert!(
+            matches!(status, Some("sent" | "unknown")),
+            "{id} was executed by Aliyun but is {status:?}"
+        );
+    }
+    let lost = ids.iter().filter(|id| !answered.contains_key(*id)).count();
+    let unknown = statuses.values().filter(|s| *s == "unknown").count();
+    let sent = statuses.values().filter(|s| *s == "sent").count();
+    println!(
+        "chaos: jobs={JOBS} results={received} duplicate_results={} duplicate_sends={duplicated_sends} lost={lost} sent={sent} unknown={unknown}",
+        received - answered.len()
+    );
+    assert_eq!(lost, 0);
+
+    pool.close().await;
+    delete_topology(&connection, &settings).await;
+    let _ = connection.close(200, ShortString::from("done")).await;
+    drop_database(&env.db_name).await;
+}
