@@ -7,6 +7,7 @@
 //! one delivery; [`worker`] runs the consume loop around it.
 
 pub mod aliyun;
+pub mod bench;
 pub mod broker;
 pub mod config;
 pub mod fake_aliyun;

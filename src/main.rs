@@ -39,6 +39,21 @@ enum Command {
     Enqueue(EnqueueCommand),
     /// Serve the fake Aliyun (signature-checking, fault-injecting) over HTTP.
     FakeAliyun(FakeArgs),
+    /// Measure throughput, latency, RSS and CPU against the local RabbitMQ and Postgres and an
+    /// in-process fake Aliyun, next to the bare-broker ceiling of this machine.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+    /// The fake Aliyun's latency per call.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Jobs in flight (WORKER_CONCURRENCY of the measured worker, and the ceiling's prefetch).
+    #[arg(long, default_value_t = 256)]
+    concurrency: u16,
 }
 
 #[derive(Args)]
@@ -215,6 +230,27 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             enqueue(job, delivery).await
         }
         Command::FakeAliyun(args) => fake(args).await,
+        Command::Bench(args) => {
+            let lookup = config::env_lookup;
+            let default = |name| {
+                config::SETTINGS
+                    .iter()
+                    .find(|s| s.name == name)
+                    .and_then(|s| s.default)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            aliyun_sms_worker::bench::run(aliyun_sms_worker::bench::BenchOptions {
+                jobs: args.jobs,
+                latency: Duration::from_millis(args.latency_ms),
+                concurrency: args.concurrency,
+                amqp_url: lookup(config::AMQP_URL).unwrap_or_else(|| default(config::AMQP_URL)),
+                database_url: lookup(config::DATABASE_URL)
+                    .unwrap_or_else(|| default(config::DATABASE_URL)),
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -300,7 +300,7 @@ impl Pipeline {
         };
         tracing::info!("job expired before it could be sent");
         self.store
-            .finish(&job.id, self.worker_id, &outcome)
+            .finish(&job.id, self.worker_id, &outcome, None)
             .await?
             .to_result()
     }
@@ -380,7 +380,7 @@ impl Pipeline {
         let first = Instant::now();
         let mut delays = backoff(policy);
         let mut attempt = 0u32;
-        let (verdict, answer) = loop {
+        let (verdict, answer, last_attempt) = loop {
             attempt += 1;
             let started_at = Utc::now();
             let result = self
@@ -401,10 +401,8 @@ impl Pipeline {
                 request_id: answer.and_then(|a| a.request_id.clone()),
                 outcome: verdict.as_str(),
             };
-            self.persist(|| self.store.record_attempt(&job.id, &record))
-                .await?;
             if verdict != Verdict::Retry {
-                break (verdict, result);
+                break (verdict, result, record);
             }
             let next = delays.next().map(full_jitter);
             let elapsed_after = next.map(|d| first.elapsed() + d);
@@ -423,12 +421,14 @@ impl Pipeline {
                         && at <= policy.max_elapsed
                         && before_deadline =>
                 {
+                    self.persist(|| self.store.record_attempt(&job.id, &record))
+                        .await?;
                     tracing::info!(attempt, "retryable answer from Aliyun; backing off");
                     if let Some(d) = next {
                         tokio::time::sleep(d).await;
                     }
                 }
-                _ => break (verdict, result),
+                _ => break (verdict, result, record),
             }
         };
         let mut outcome = final_outcome(job, verdict, &answer, attempt);
@@ -449,7 +449,10 @@ impl Pipeline {
             .filter(|_| outcome.status == Status::Sent && wants_verify_code(job))
             .and_then(Answer::verify_code);
         let row = self
-            .persist(|| self.store.finish(&job.id, self.worker_id, &outcome))
+            .persist(|| {
+                self.store
+                    .finish(&job.id, self.worker_id, &outcome, Some(&last_attempt))
+            })
             .await?;
         let mut result = row.to_result()?;
         if result.status == outcome.status {

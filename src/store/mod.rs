@@ -144,6 +144,32 @@ macro_rules! job_columns {
 mod deliveries;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
 
+async fn insert_attempt<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
+    job_id: &str,
+    a: &AttemptRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO sms_attempts (job_id, attempt, action, started_at, finished_at,
+                                   http_status, code, message, request_id, outcome)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (job_id, attempt) DO NOTHING",
+    )
+    .bind(job_id)
+    .bind(i32::try_from(a.attempt).unwrap_or(i32::MAX))
+    .bind(a.action)
+    .bind(a.started_at)
+    .bind(a.finished_at)
+    .bind(a.http_status.map(i32::from))
+    .bind(&a.code)
+    .bind(&a.message)
+    .bind(&a.request_id)
+    .bind(a.outcome)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
 /// Inserts the job's row as `sending` (or, with `refusal`, as `rate_limited` and final), or
 /// finds one already there, in which case nothing is returned. A row left `invalid` may be
 /// re-claimed: an invalid message never reached Aliyun, so a corrected job with the same id is
@@ -310,35 +336,21 @@ impl Store {
     }
 
     pub async fn record_attempt(&self, job_id: &str, a: &AttemptRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO sms_attempts (job_id, attempt, action, started_at, finished_at,
-                                       http_status, code, message, request_id, outcome)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-             ON CONFLICT (job_id, attempt) DO NOTHING",
-        )
-        .bind(job_id)
-        .bind(i32::try_from(a.attempt).unwrap_or(i32::MAX))
-        .bind(a.action)
-        .bind(a.started_at)
-        .bind(a.finished_at)
-        .bind(a.http_status.map(i32::from))
-        .bind(&a.code)
-        .bind(&a.message)
-        .bind(&a.request_id)
-        .bind(a.outcome)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        insert_attempt(&self.pool, job_id, a).await
     }
 
     /// Writes the outcome of a job this worker owns. If the claim was lost meanwhile (another
     /// worker declared it interrupted), the row already holds a final answer and that one is
     /// returned instead, so every result message for a job says the same thing.
+    ///
+    /// `last_attempt`, the call that decided the outcome, is recorded in the same transaction:
+    /// one commit fewer per job.
     pub async fn finish(
         &self,
         job_id: &str,
         worker: Uuid,
         o: &Outcome,
+        last_attempt: Option<&AttemptRecord>,
     ) -> Result<JobRow, StoreError> {
         let reconcile_ms = match &o.followup {
             Followup::Reconcile { grace, .. } => {
@@ -370,11 +382,17 @@ impl Store {
         .await?;
         let Some(row) = row else {
             tx.rollback().await?;
+            if let Some(a) = last_attempt {
+                self.record_attempt(job_id, a).await?;
+            }
             return self
                 .fetch(job_id)
                 .await?
                 .ok_or(StoreError::Database(sqlx::Error::RowNotFound));
         };
+        if let Some(a) = last_attempt {
+            insert_attempt(&mut *tx, job_id, a).await?;
+        }
         let phones = match &o.followup {
             Followup::None => None,
             Followup::TrackReceipts { phones } | Followup::Reconcile { phones, .. } => Some(phones),
