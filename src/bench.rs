@@ -252,6 +252,7 @@ async fn measure_worker(
         .env(config::WORKER_CONCURRENCY, opts.concurrency.to_string())
         .env(config::ALIYUN_MAX_QPS, "100000")
         .env(config::RECEIPTS_ENABLED, "false")
+        .env(config::ADMIN_ADDR, "")
         .env("RUST_LOG", "warn,aliyun_sms_worker::worker=info")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())

@@ -172,6 +172,8 @@ pub struct Config {
     pub receipts: ReceiptsConfig,
     pub heartbeat: Duration,
     pub shutdown_grace: Duration,
+    /// None when the admin listener is off.
+    pub admin_addr: Option<std::net::SocketAddr>,
     pub log_format: LogFormat,
 }
 
@@ -225,6 +227,7 @@ settings! {
     RECEIPT_EVENTS_ENABLED = "RECEIPT_EVENTS_ENABLED", Some("true"), "publish delivery events to SMS_RECEIPTS_QUEUE";
     WORKER_HEARTBEAT_MS = "WORKER_HEARTBEAT_MS", Some("2000"), "how often a worker renews its heartbeat; a worker silent for 5 beats is taken for dead and its in-flight jobs end unknown";
     SHUTDOWN_GRACE_MS = "SHUTDOWN_GRACE_MS", Some("30000"), "on SIGTERM, how long in-flight jobs may take to finish";
+    ADMIN_ADDR = "ADMIN_ADDR", Some("127.0.0.1:8080"), "admin HTTP listener (/healthz, /readyz, /metrics); empty turns it off";
     LOG_FORMAT = "LOG_FORMAT", Some("pretty"), "pretty | json";
 }
 
@@ -451,6 +454,17 @@ impl Config {
             },
             heartbeat: r.millis(WORKER_HEARTBEAT_MS, 50, 60_000)?,
             shutdown_grace: r.millis(SHUTDOWN_GRACE_MS, 0, 3_600_000)?,
+            // Set but empty means off; unset means the default.
+            admin_addr: match lookup(ADMIN_ADDR) {
+                Some(v) if v.trim().is_empty() => None,
+                _ => {
+                    let raw = r.string(ADMIN_ADDR)?;
+                    Some(raw.trim().parse().map_err(|_| ConfigError::Malformed {
+                        name: ADMIN_ADDR,
+                        reason: format!("expected host:port, got {raw:?}"),
+                    })?)
+                }
+            },
             log_format: r.choice(
                 LOG_FORMAT,
                 &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)],

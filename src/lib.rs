@@ -6,6 +6,7 @@
 //! outcome → [`broker`] publishes the result → ack. [`pipeline`] strings these together for
 //! one delivery; [`worker`] runs the consume loop around it.
 
+pub mod admin;
 pub mod aliyun;
 pub mod bench;
 pub mod broker;

@@ -19,6 +19,7 @@ use rand::Rng;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::admin::Metrics;
 use crate::aliyun::outcome::codes;
 use crate::aliyun::{AliyunClient, Answer, CallError, Effect, Product, Verdict, classify};
 use crate::broker::{self, Broker, BrokerError, Routed};
@@ -51,6 +52,7 @@ pub struct Pipeline {
     store: Store,
     aliyun: AliyunClient,
     health: DbHealth,
+    metrics: Arc<Metrics>,
     /// This process's identity on the `sending` claims it holds.
     worker_id: Uuid,
     /// Jobs this process has called (or is calling) Aliyun for and not yet finished. A claim of
@@ -110,12 +112,19 @@ fn is_dysmsapi_send(job: &Job) -> bool {
 }
 
 impl Pipeline {
-    pub fn new(config: Arc<Config>, store: Store, aliyun: AliyunClient, health: DbHealth) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        aliyun: AliyunClient,
+        health: DbHealth,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             config,
             store,
             aliyun,
             health,
+            metrics,
             worker_id: Uuid::new_v4(),
             in_call: std::sync::Mutex::default(),
         }
@@ -158,6 +167,8 @@ impl Pipeline {
                         .and_then(|t| i64::try_from(t).ok())
                         .and_then(|t| DateTime::from_timestamp(t, 0));
                     let result = self.run_job(&job, &route, published).await?;
+                    self.metrics
+                        .job_finished(job.job_type().as_str(), result.status.as_str());
                     publish(broker, &result, &route).await
                 }
                 .instrument(span)
@@ -193,6 +204,14 @@ impl Pipeline {
         broker
             .dead_letter(delivery, invalid.code, &invalid.message)
             .await?;
+        // The type label stays bounded: an unknown `type` is counted as "unknown".
+        let job_type = invalid
+            .job_type
+            .as_deref()
+            .and_then(|t| t.parse::<JobType>().ok())
+            .map_or("unknown", JobType::as_str);
+        self.metrics
+            .job_finished(job_type, Status::Invalid.as_str());
         let result = JobResult {
             id: invalid.id,
             job_type: invalid.job_type,
@@ -358,6 +377,10 @@ impl Pipeline {
         }
     }
 
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub fn health(&self) -> &DbHealth {
         &self.health
     }
@@ -388,6 +411,7 @@ impl Pipeline {
                 .call(plan.product, plan.action, &plan.params, &plan.form)
                 .await;
             let verdict = classify(Effect::NotIdempotent, &result);
+            self.metrics.aliyun_call(plan.action, verdict.as_str());
             let (code, message) = describe(&result);
             let answer = result.as_ref().ok();
             let record = AttemptRecord {

@@ -9,6 +9,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::admin::{self, Metrics};
 use crate::aliyun::AliyunClient;
 use crate::broker::Broker;
 use crate::config::Config;
@@ -23,6 +24,8 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error("could not build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("could not start the admin listener: {0}")]
+    Admin(#[from] std::io::Error),
 }
 
 /// Whether the worker is consuming. Tests and readiness checks wait on it.
@@ -70,7 +73,23 @@ pub async fn run(
     });
     let health = DbHealth::new(store.clone());
     let mut db_ok = health.subscribe();
-    let pipeline = Arc::new(Pipeline::new(config.clone(), store, aliyun, health));
+    let metrics = Arc::new(Metrics::default());
+    let admin = match config.admin_addr {
+        Some(addr) => {
+            let (bound, task) =
+                admin::serve(addr, metrics.clone(), ready.subscribe(), health.subscribe()).await?;
+            tracing::info!(%bound, "admin listener: /healthz /readyz /metrics");
+            Some(task)
+        }
+        None => None,
+    };
+    let pipeline = Arc::new(Pipeline::new(
+        config.clone(),
+        store,
+        aliyun,
+        health,
+        metrics,
+    ));
     // Beat before the first claim, so no other worker can take this one for dead.
     pipeline
         .store()
@@ -148,6 +167,9 @@ pub async fn run(
         let _ = receipts.await;
     }
     heartbeat.abort();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     if let Err(e) = pipeline.store().retire(pipeline.worker_id()).await {
         tracing::warn!(error = %e, "could not retire this worker's heartbeat");
     }
@@ -177,6 +199,12 @@ async fn open(
 /// One delivery end to end, including its ack. A panic in the pipeline (a bug) requeues the
 /// message so the jobs queue's delivery limit, not this process, decides its fate.
 async fn process(pipeline: &Pipeline, broker: &Broker, delivery: lapin::message::Delivery) {
+    pipeline.metrics().in_flight(1);
+    settle(pipeline, broker, delivery).await;
+    pipeline.metrics().in_flight(-1);
+}
+
+async fn settle(pipeline: &Pipeline, broker: &Broker, delivery: lapin::message::Delivery) {
     let disposition = std::panic::AssertUnwindSafe(pipeline.handle(&delivery, broker))
         .catch_unwind()
         .await

@@ -103,6 +103,8 @@ pub fn test_settings(db_url: &str, fake: &FakeAliyun, prefix: &str) -> HashMap<S
         (config::RECONCILE_GRACE_MS, "600".into()),
         // A killed worker is recognised after 5 beats.
         (config::WORKER_HEARTBEAT_MS, "200".into()),
+        // Off unless a test asks for it: parallel tests would fight over one port.
+        (config::ADMIN_ADDR, String::new()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -463,4 +465,20 @@ pub fn unique_id(label: &str) -> String {
 pub fn unique_phone() -> String {
     let n: u64 = rand::random_range(0..100_000_000);
     format!("139{n:08}")
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").to_string()
+}
+
+/// GET on the admin listener: (status, body).
+pub async fn admin_get(addr: &str, path: &str) -> (u16, String) {
+    aliyun_sms_worker::tls::install_crypto_provider();
+    let response = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .expect("admin listener answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
 }

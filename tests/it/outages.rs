@@ -8,7 +8,7 @@ use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
 use aliyun_sms_worker::wire::Status;
 use serde_json::Value;
 
-use crate::helpers::{PATIENCE, TestApp, TestEnv, send_job, unique_id};
+use crate::helpers::{PATIENCE, TestApp, TestEnv, admin_get, free_addr, send_job, unique_id};
 use crate::proxy::{Proxy, target_of, through};
 
 fn jobs(n: usize, label: &str) -> (Vec<Value>, HashSet<String>) {
@@ -45,7 +45,11 @@ async fn all_sent(app: &TestApp, ids: &HashSet<String>) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ten_second_database_outage_costs_no_job_and_no_unrecorded_call() {
-    let mut env = TestEnv::new(|_| {}).await;
+    let admin = free_addr();
+    let mut env = TestEnv::new(|s| {
+        s.insert(config::ADMIN_ADDR.into(), admin.clone());
+    })
+    .await;
     let db = Proxy::start(target_of(&env.db_url)).await;
     env.settings
         .insert(config::DATABASE_URL.into(), through(&env.db_url, &db));
@@ -64,10 +68,18 @@ async fn a_ten_second_database_outage_costs_no_job_and_no_unrecorded_call() {
         .await
         .expect("the worker is busy");
 
+    assert_eq!(admin_get(&admin, "/readyz").await.0, 200);
     db.cut();
     // Calls already under way when the database went may still land; none may start after.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let calls_at_cut = app.fake.requests().len();
+    let (status, why) = admin_get(&admin, "/readyz").await;
+    assert_eq!((status, why.trim()), (503, "database unreachable"));
+    assert_eq!(
+        admin_get(&admin, "/healthz").await.0,
+        200,
+        "alive all the same"
+    );
     tokio::time::sleep(Duration::from_secs(8)).await;
     assert_eq!(
         app.fake.requests().len(),
@@ -77,6 +89,22 @@ async fn a_ten_second_database_outage_costs_no_job_and_no_unrecorded_call() {
     db.restore();
 
     all_sent(&app, &ids).await;
+    assert_eq!(
+        admin_get(&admin, "/readyz").await.0,
+        200,
+        "ready again by itself"
+    );
+    let (_, metrics) = admin_get(&admin, "/metrics").await;
+    assert!(
+        metrics.contains("sms_jobs_total{type=\"send_verify_code\",status=\"sent\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains("sms_aliyun_calls_total{action=\"SendSmsVerifyCode\",outcome=\"success\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("sms_worker_ready 1"), "{metrics}");
     app.shutdown().await;
 }
 
