@@ -353,6 +353,14 @@ pub struct ClientSettings {
     pub jobs_queue: String,
 }
 
+/// What the operator commands need: only the database.
+pub fn database_url(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Secret, ConfigError> {
+    let r = Reader { lookup };
+    Ok(Secret::new(
+        r.url(DATABASE_URL, &["postgres", "postgresql"])?,
+    ))
+}
+
 impl ClientSettings {
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let r = Reader { lookup };

@@ -11,8 +11,9 @@ use tokio::sync::watch;
 
 use aliyun_sms_worker::config::{self, ClientSettings, Config, LogFormat};
 use aliyun_sms_worker::fake_aliyun::{FakeAliyun, FakeConfig, FaultRule};
+use aliyun_sms_worker::ops;
 use aliyun_sms_worker::sms_client::SmsClient;
-use aliyun_sms_worker::store::Store;
+use aliyun_sms_worker::store::{JobFilter, Store};
 use aliyun_sms_worker::wire::Status;
 use aliyun_sms_worker::{sandbox, telemetry, worker};
 
@@ -39,9 +40,54 @@ enum Command {
     Enqueue(EnqueueCommand),
     /// Serve the fake Aliyun (signature-checking, fault-injecting) over HTTP.
     FakeAliyun(FakeArgs),
+    /// Inspect jobs in the results table.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// Counts by type and status, and the most frequent failure codes with their meaning.
+    Stats(StatsArgs),
     /// Measure throughput, latency, RSS and CPU against the local RabbitMQ and Postgres and an
     /// in-process fake Aliyun, next to the bare-broker ceiling of this machine.
     Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// Recent jobs, newest first.
+    List(ListArgs),
+    /// One job with every attempt and delivery receipt.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct ListArgs {
+    #[arg(long)]
+    status: Option<String>,
+    #[arg(long)]
+    phone: Option<String>,
+    #[arg(long = "type")]
+    job_type: Option<String>,
+    /// Aliyun's (or the worker's) code, e.g. isv.BUSINESS_LIMIT_CONTROL.
+    #[arg(long)]
+    code: Option<String>,
+    /// Only jobs created within this age: 30s, 15m, 1h, 7d.
+    #[arg(long)]
+    since: Option<String>,
+    #[arg(long, default_value_t = 50)]
+    limit: i64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct StatsArgs {
+    #[arg(long, default_value = "1h")]
+    since: String,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -230,6 +276,21 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             enqueue(job, delivery).await
         }
         Command::FakeAliyun(args) => fake(args).await,
+        Command::Jobs(command) => jobs(command).await,
+        Command::Stats(args) => {
+            let since = ops::parse_age(&args.since).map_err(anyhow::Error::msg)?;
+            let store = operator_store().await?;
+            let stats = store.stats(since).await?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&ops::stats_json(&stats))?
+                );
+            } else {
+                print!("{}", ops::render_stats(&stats, &args.since));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(args) => {
             let lookup = config::env_lookup;
             let default = |name| {
@@ -251,6 +312,58 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+async fn operator_store() -> anyhow::Result<Store> {
+    let url = config::database_url(&config::env_lookup)?;
+    Store::connect(url.expose(), 2)
+        .await
+        .context("connecting to Postgres")
+}
+
+async fn jobs(command: JobsCommand) -> anyhow::Result<ExitCode> {
+    let store = operator_store().await?;
+    match command {
+        JobsCommand::List(a) => {
+            let filter = JobFilter {
+                status: a.status,
+                phone: a.phone,
+                job_type: a.job_type,
+                code: a.code,
+                since: a
+                    .since
+                    .as_deref()
+                    .map(ops::parse_age)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                limit: a.limit.clamp(1, 10_000),
+            };
+            let jobs = store.list_jobs(&filter).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+            } else {
+                print!("{}", ops::render_jobs(&jobs));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::Show { id, json } => match store.job_detail(&id).await? {
+            Some(detail) if json => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&ops::detail_json(&detail))?
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Some(detail) => {
+                print!("{}", ops::render_detail(&detail));
+                Ok(ExitCode::SUCCESS)
+            }
+            None => {
+                eprintln!("no job with id {id:?}");
+                Ok(ExitCode::from(2))
+            }
+        },
     }
 }
 

@@ -91,6 +91,39 @@ const TRANSIENT: &[&str] = &[
     "InvalidTimeStamp.Expired",
 ];
 
+/// What a code means, in plain words, for `stats` and the people reading it.
+pub fn meaning(code: &str) -> &'static str {
+    let upper = code.to_ascii_uppercase();
+    match () {
+        _ if upper.starts_with("THROTTLING") => "Aliyun API flow control (retried with backoff)",
+        _ if upper.contains("LIMIT_CONTROL") || upper.contains("FREQUENCY") => {
+            "per-number flow control: too many SMS to this number"
+        }
+        _ if upper.contains("MOBILE_NUMBER_ILLEGAL") => "Aliyun refused the phone number",
+        _ if upper.contains("SIGNATURE_ILLEGAL") || upper.contains("SIGN_ILLEGAL") => {
+            "signature (sign name) not approved"
+        }
+        _ if upper.contains("TEMPLATE") => "template not approved or its parameters wrong",
+        _ if upper.contains("AMOUNT_NOT_ENOUGH") => "account balance too low",
+        _ if upper.contains("RAM_PERMISSION") || upper == "FORBIDDEN.RAM" => {
+            "the AccessKey lacks the permission (RAM policy)"
+        }
+        _ if upper == "SIGNATUREDOESNOTMATCH" => "wrong AccessKey secret (or a signing bug)",
+        _ if upper.starts_with("INVALIDACCESSKEYID") => "unknown or disabled AccessKey ID",
+        _ if upper == "ALIYUN_TIMEOUT" => "no answer in time; the send may have happened",
+        _ if upper == "ALIYUN_UNREACHABLE" => "could not connect to Aliyun",
+        _ if upper == "WORKER_INTERRUPTED" => "a worker died mid-call; not repeated",
+        _ if upper == "NOT_SENT" => "answer lost, and Aliyun confirmed it never sent it",
+        _ if upper == "LOCAL_NUMBER_LIMIT" => "refused by the local per-number limit",
+        _ if upper == "EXPIRED" => "deadline passed before sending",
+        _ if upper.starts_with("INVALID_") || upper == "TOO_LARGE" || upper == "MISSING_ID" => {
+            "the job message was malformed"
+        }
+        _ if upper == "INTERNALERROR" || upper.contains("SYSTEM_ERROR") => "Aliyun internal error",
+        _ => "see Aliyun's error code reference",
+    }
+}
+
 fn eq(a: &str, b: &str) -> bool {
     a.eq_ignore_ascii_case(b)
 }

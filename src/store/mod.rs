@@ -142,7 +142,9 @@ macro_rules! job_columns {
 }
 
 mod deliveries;
+mod reports;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
+pub use reports::{JobDetail, JobFilter, Stats};
 
 async fn insert_attempt<'e, E: sqlx::PgExecutor<'e>>(
     executor: E,

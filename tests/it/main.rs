@@ -8,6 +8,7 @@ mod compose;
 mod dysmsapi;
 mod helpers;
 mod invalid;
+mod operators;
 mod outages;
 mod process;
 mod proxy;
