@@ -55,9 +55,12 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     /// This process's identity on the `sending` claims it holds.
     worker_id: Uuid,
-    /// Jobs this process has called (or is calling) Aliyun for and not yet finished. A claim of
-    /// ours that is not in here never reached Aliyun.
-    in_call: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// One lock per job id being handled here: two deliveries of one job in this process take
+    /// turns, so while a task holds it, no other task of ours is claiming or calling that job.
+    local: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Jobs this process called Aliyun for but could not record the outcome of. Their claims
+    /// are never continued; only the lease can end them (as `unknown`).
+    unrecorded: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The Aliyun call a job makes. Every job action is not idempotent: the three sends cost a
@@ -126,7 +129,8 @@ impl Pipeline {
             health,
             metrics,
             worker_id: Uuid::new_v4(),
-            in_call: std::sync::Mutex::default(),
+            local: std::sync::Mutex::default(),
+            unrecorded: std::sync::Mutex::default(),
         }
     }
 
@@ -237,6 +241,31 @@ impl Pipeline {
         route: &ReplyRoute,
         published: Option<DateTime<Utc>>,
     ) -> Result<JobResult, StoreError> {
+        let lock = {
+            let mut local = lock_std(&self.local);
+            local.entry(job.id.clone()).or_default().clone()
+        };
+        let held = lock.lock().await;
+        let result = self.run_job_alone(job, route, published).await;
+        drop(held);
+        let mut local = lock_std(&self.local);
+        // Two references, the map's and ours: nobody else is waiting for this id.
+        if local
+            .get(&job.id)
+            .is_some_and(|l| Arc::strong_count(l) == 2)
+        {
+            local.remove(&job.id);
+        }
+        result
+    }
+
+    /// `run_job` with this job's local lock held.
+    async fn run_job_alone(
+        &self,
+        job: &Job,
+        route: &ReplyRoute,
+        published: Option<DateTime<Utc>>,
+    ) -> Result<JobResult, StoreError> {
         let lease = self.config.job_lease();
         // Aliyun's per-number limits are about verification codes.
         let limits = self
@@ -250,27 +279,18 @@ impl Pipeline {
             .await?
         {
             Claim::Owned => self.owned(job, published).await,
-            // Our own claim, whose answer was lost (say, the database went away as it
-            // committed): we never called Aliyun for it, so carry on as its owner.
+            // Our own claim, and no task of ours is working on it (we hold the lock): an
+            // earlier task claimed it and failed before calling Aliyun (say, the database went
+            // away as the claim committed). Carry on as its owner.
             Claim::Seen(row)
                 if row.status == Status::Sending.as_str()
                     && row.claimed_by == Some(self.worker_id)
-                    && !self.in_call_contains(&job.id) =>
+                    && !lock_std(&self.unrecorded).contains(&job.id) =>
             {
                 self.owned(job, published).await
             }
             Claim::Seen(row) => self.resolve_seen(*row).await,
         }
-    }
-
-    fn in_call(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
-        self.in_call
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn in_call_contains(&self, id: &str) -> bool {
-        self.in_call().contains(id)
     }
 
     async fn owned(
@@ -282,11 +302,10 @@ impl Pipeline {
         if deadline.is_some_and(|d| d <= Utc::now()) {
             return self.expire(job).await;
         }
-        self.in_call().insert(job.id.clone());
         let result = self.call_aliyun(job, deadline).await;
-        // Kept if the outcome could not be written: then only the lease may end the claim.
-        if result.is_ok() {
-            self.in_call().remove(&job.id);
+        if result.is_err() {
+            // Aliyun was called but the outcome is not recorded: never continue this claim.
+            lock_std(&self.unrecorded).insert(job.id.clone());
         }
         result
     }
@@ -491,6 +510,11 @@ impl Pipeline {
         );
         Ok(result)
     }
+}
+
+fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means another task panicked; the set itself is still sound.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn publish(
