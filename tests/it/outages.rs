@@ -6,20 +6,37 @@ use std::time::Duration;
 use aliyun_sms_worker::config;
 use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
 use aliyun_sms_worker::wire::Status;
-use serde_json::Value;
 
 use crate::helpers::{PATIENCE, TestApp, TestEnv, admin_get, free_addr, send_job, unique_id};
 use crate::proxy::{Proxy, target_of, through};
 
-fn jobs(n: usize, label: &str) -> (Vec<Value>, HashSet<String>) {
-    let jobs: Vec<Value> = (0..n)
-        .map(|i| send_job(&unique_id(&format!("{label}{i}"))))
-        .collect();
-    let ids = jobs
-        .iter()
-        .map(|j| j["id"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    (jobs, ids)
+/// Starts a worker whose link to `setting` (AMQP_URL or DATABASE_URL) goes through a proxy,
+/// gives it 300 jobs at 20 ms each, and returns once it is busy with them.
+async fn busy_worker_behind_proxy(
+    mut env: TestEnv,
+    setting: &str,
+    label: &str,
+) -> (TestApp, Proxy, HashSet<String>) {
+    let url = env.settings[setting].clone();
+    let proxy = Proxy::start(target_of(&url)).await;
+    env.settings.insert(setting.into(), through(&url, &proxy));
+    env.fake.push_fault(FaultRule {
+        action: None,
+        phone: None,
+        fault: Fault::Latency { ms: 20 },
+        times: None,
+    });
+    let app = TestApp::start(env).await;
+    let mut ids = HashSet::new();
+    for i in 0..300 {
+        let job = send_job(&unique_id(&format!("{label}{i}")));
+        ids.insert(job["id"].as_str().unwrap_or_default().to_owned());
+        app.publish(&job).await;
+    }
+    tokio::time::timeout(PATIENCE, app.fake.wait_for(|r| r.len() >= 50))
+        .await
+        .expect("the worker is busy");
+    (app, proxy, ids)
 }
 
 /// Reads results until every id has one; every one must be `sent`.
@@ -46,27 +63,11 @@ async fn all_sent(app: &TestApp, ids: &HashSet<String>) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ten_second_database_outage_costs_no_job_and_no_unrecorded_call() {
     let admin = free_addr();
-    let mut env = TestEnv::new(|s| {
+    let env = TestEnv::new(|s| {
         s.insert(config::ADMIN_ADDR.into(), admin.clone());
     })
     .await;
-    let db = Proxy::start(target_of(&env.db_url)).await;
-    env.settings
-        .insert(config::DATABASE_URL.into(), through(&env.db_url, &db));
-    env.fake.push_fault(FaultRule {
-        action: None,
-        phone: None,
-        fault: Fault::Latency { ms: 20 },
-        times: None,
-    });
-    let app = TestApp::start(env).await;
-    let (jobs, ids) = jobs(300, "db");
-    for job in &jobs {
-        app.publish(job).await;
-    }
-    tokio::time::timeout(PATIENCE, app.fake.wait_for(|r| r.len() >= 50))
-        .await
-        .expect("the worker is busy");
+    let (app, db, ids) = busy_worker_behind_proxy(env, config::DATABASE_URL, "db").await;
 
     assert_eq!(admin_get(&admin, "/readyz").await.0, 200);
     db.cut();
@@ -110,25 +111,8 @@ async fn a_ten_second_database_outage_costs_no_job_and_no_unrecorded_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_is_ridden_out_with_every_job_answered_and_none_resent() {
-    let mut env = TestEnv::new(|_| {}).await;
-    let amqp = env.settings[config::AMQP_URL].clone();
-    let broker = Proxy::start(target_of(&amqp)).await;
-    env.settings
-        .insert(config::AMQP_URL.into(), through(&amqp, &broker));
-    env.fake.push_fault(FaultRule {
-        action: None,
-        phone: None,
-        fault: Fault::Latency { ms: 20 },
-        times: None,
-    });
-    let app = TestApp::start(env).await;
-    let (jobs, ids) = jobs(300, "amqp");
-    for job in &jobs {
-        app.publish(job).await;
-    }
-    tokio::time::timeout(PATIENCE, app.fake.wait_for(|r| r.len() >= 50))
-        .await
-        .expect("the worker is busy");
+    let env = TestEnv::new(|_| {}).await;
+    let (app, broker, ids) = busy_worker_behind_proxy(env, config::AMQP_URL, "amqp").await;
     broker.cut();
     tokio::time::sleep(Duration::from_secs(2)).await;
     broker.restore();
