@@ -94,10 +94,21 @@ fn execute(
     }
 }
 
-fn valid_numbers(numbers: &[String]) -> bool {
-    numbers
+/// Aliyun's checks on a list of numbers: how many, and each one's format.
+fn check_numbers(numbers: &[String], max: usize) -> Result<(), Reply> {
+    if numbers.is_empty() || numbers.len() > max {
+        return Err(business(
+            "isv.MOBILE_COUNT_OVER_LIMIT",
+            "手机号码数量超过限制",
+        ));
+    }
+    if !numbers
         .iter()
         .all(|n| PhoneNumber::parse_international(n).is_ok())
+    {
+        return Err(business("isv.MOBILE_NUMBER_ILLEGAL", "非法手机号"));
+    }
+    Ok(())
 }
 
 pub(super) fn send_sms(
@@ -113,14 +124,8 @@ pub(super) fn send_sms(
         .split(',')
         .map(str::to_owned)
         .collect();
-    if numbers.len() > 1000 {
-        return not_executed(business(
-            "isv.MOBILE_COUNT_OVER_LIMIT",
-            "手机号码数量超过限制",
-        ));
-    }
-    if !valid_numbers(&numbers) {
-        return not_executed(business("isv.MOBILE_NUMBER_ILLEGAL", "非法手机号"));
+    if let Err(reply) = check_numbers(&numbers, 1000) {
+        return not_executed(reply);
     }
     if get(params, "TemplateParam").is_some_and(|t| !template_ok(t)) {
         return not_executed(business(
@@ -153,11 +158,8 @@ pub(super) fn send_batch_sms(
         .iter()
         .filter_map(|v| v.as_str().map(str::to_owned))
         .collect();
-    if numbers.is_empty() || numbers.len() > 100 {
-        return not_executed(business(
-            "isv.MOBILE_COUNT_OVER_LIMIT",
-            "手机号码数量超过限制",
-        ));
+    if let Err(reply) = check_numbers(&numbers, 100) {
+        return not_executed(reply);
     }
     let params_ok = match list("TemplateParamJson") {
         None => get(params, "TemplateParamJson").is_none(),
@@ -171,9 +173,6 @@ pub(super) fn send_batch_sms(
     };
     if signs.len() != numbers.len() || !params_ok {
         return not_executed(business("isv.INVALID_PARAMETERS", "参数异常"));
-    }
-    if !valid_numbers(&numbers) {
-        return not_executed(business("isv.MOBILE_NUMBER_ILLEGAL", "非法手机号"));
     }
     execute(
         config,

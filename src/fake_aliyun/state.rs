@@ -51,6 +51,44 @@ pub struct FaultRule {
     pub times: Option<u32>,
 }
 
+impl Fault {
+    /// A business refusal as Aliyun sends most of them: HTTP 200 with a code.
+    pub fn error(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Fault::Error {
+            code: code.into(),
+            message: message.into(),
+            http_status: 200,
+        }
+    }
+}
+
+impl FaultRule {
+    /// `fault` for every request, until narrowed by the methods below.
+    pub fn every(fault: Fault) -> Self {
+        Self {
+            action: None,
+            phone: None,
+            fault,
+            times: None,
+        }
+    }
+
+    pub fn on_action(mut self, action: impl Into<String>) -> Self {
+        self.action = Some(action.into());
+        self
+    }
+
+    pub fn on_phone(mut self, phone: impl Into<String>) -> Self {
+        self.phone = Some(phone.into());
+        self
+    }
+
+    pub fn times(mut self, n: u32) -> Self {
+        self.times = Some(n);
+        self
+    }
+}
+
 /// One request that passed authentication.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RecordedRequest {

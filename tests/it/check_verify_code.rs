@@ -85,12 +85,12 @@ async fn a_check_whose_answer_was_lost_is_unknown_not_wrong() {
     })
     .await;
     let (phone, code) = send_code(&app).await;
-    app.fake.push_fault(FaultRule {
-        action: Some("CheckSmsVerifyCode".into()),
-        phone: phone.as_str().map(str::to_owned),
-        fault: Fault::HangAfterSend,
-        times: Some(1),
-    });
+    app.fake.push_fault(
+        FaultRule::every(Fault::HangAfterSend)
+            .on_action("CheckSmsVerifyCode")
+            .on_phone(phone.as_str().unwrap_or_default())
+            .times(1),
+    );
     let job = check_job(&phone, &code);
     let lost = app.request(&job).await;
     assert_eq!(lost.status, Status::Unknown, "{lost:?}");
@@ -131,16 +131,11 @@ async fn checks_are_validated_without_echoing_the_code() {
 async fn a_refused_check_is_rejected() {
     let app = TestApp::spawn().await;
     let job = check_job(&json!("13900001111"), "1234");
-    app.fake.push_fault(FaultRule {
-        action: Some("CheckSmsVerifyCode".into()),
-        phone: None,
-        fault: Fault::Error {
-            code: "isv.INVALID_PARAMETERS".into(),
-            message: "参数异常".into(),
-            http_status: 200,
-        },
-        times: Some(1),
-    });
+    app.fake.push_fault(
+        FaultRule::every(Fault::error("isv.INVALID_PARAMETERS", "参数异常"))
+            .on_action("CheckSmsVerifyCode")
+            .times(1),
+    );
     let result = app.request(&job).await;
     assert_eq!(result.status, Status::Rejected);
     assert_eq!(result.code, "isv.INVALID_PARAMETERS");

@@ -35,16 +35,9 @@ fn phones(n: usize) -> Vec<String> {
 }
 
 fn error_fault(action: &str, code: &str) -> FaultRule {
-    FaultRule {
-        action: Some(action.into()),
-        phone: None,
-        fault: Fault::Error {
-            code: code.into(),
-            message: "from the fake".into(),
-            http_status: 200,
-        },
-        times: Some(1),
-    }
+    FaultRule::every(Fault::error(code, "from the fake"))
+        .on_action(action)
+        .times(1)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,12 +121,11 @@ async fn each_error_class_for_dysmsapi_sends() {
         }
     }
     // Throttled, then accepted.
-    app.fake.push_fault(FaultRule {
-        action: Some("SendSms".into()),
-        phone: None,
-        fault: Fault::Throttling,
-        times: Some(1),
-    });
+    app.fake.push_fault(
+        FaultRule::every(Fault::Throttling)
+            .on_action("SendSms")
+            .times(1),
+    );
     let id = unique_id("throttled");
     app.publish(&sms_job(&id, &phones(1))).await;
     let result = app.next_result().await.0;
@@ -198,12 +190,12 @@ async fn an_unknown_send_that_aliyun_recorded_is_reconciled_to_sent() {
     .await;
     let id = unique_id("lost-sent");
     let numbers = phones(1);
-    app.fake.push_fault(FaultRule {
-        action: Some("SendSms".into()),
-        phone: Some(numbers[0].clone()),
-        fault: Fault::HangAfterSend,
-        times: Some(1),
-    });
+    app.fake.push_fault(
+        FaultRule::every(Fault::HangAfterSend)
+            .on_action("SendSms")
+            .on_phone(numbers[0].clone())
+            .times(1),
+    );
     app.publish(&sms_job(&id, &numbers)).await;
 
     let first = app.next_result().await.0;
@@ -232,12 +224,8 @@ async fn an_unknown_send_that_aliyun_never_got_ends_failed_after_the_grace_perio
     .await;
     let id = unique_id("lost-unsent");
     let numbers = phones(2);
-    app.fake.push_fault(FaultRule {
-        action: Some("SendSms".into()),
-        phone: None,
-        fault: Fault::Hang,
-        times: Some(1),
-    });
+    app.fake
+        .push_fault(FaultRule::every(Fault::Hang).on_action("SendSms").times(1));
     app.publish(&sms_job(&id, &numbers)).await;
     assert_eq!(app.next_result().await.0.status, Status::Unknown);
     let second = app.next_result().await.0;

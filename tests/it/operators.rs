@@ -28,20 +28,15 @@ async fn jobs_list_show_and_stats_answer_operators_questions() {
     let refused = unique_id("ops-refused");
     let retried_job = send_job(&retried);
     let refused_job = send_job(&refused);
-    let fault = |job: &Value, fault| FaultRule {
-        action: None,
-        phone: job["phone_number"].as_str().map(str::to_owned),
-        fault,
-        times: Some(1),
+    let fault = |job: &Value, fault| {
+        FaultRule::every(fault)
+            .on_phone(job["phone_number"].as_str().unwrap_or_default())
+            .times(1)
     };
     app.fake.push_fault(fault(&retried_job, Fault::Http503));
     app.fake.push_fault(fault(
         &refused_job,
-        Fault::Error {
-            code: "isv.SMS_SIGNATURE_ILLEGAL".into(),
-            message: "签名不合法".into(),
-            http_status: 200,
-        },
+        Fault::error("isv.SMS_SIGNATURE_ILLEGAL", "签名不合法"),
     ));
     let sent_job = send_job(&sent);
     for job in [&sent_job, &retried_job, &refused_job] {

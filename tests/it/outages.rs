@@ -20,12 +20,8 @@ async fn busy_worker_behind_proxy(
     let url = env.settings[setting].clone();
     let proxy = Proxy::start(target_of(&url)).await;
     env.settings.insert(setting.into(), through(&url, &proxy));
-    env.fake.push_fault(FaultRule {
-        action: None,
-        phone: None,
-        fault: Fault::Latency { ms: 20 },
-        times: None,
-    });
+    env.fake
+        .push_fault(FaultRule::every(Fault::Latency { ms: 20 }));
     let app = TestApp::start(env).await;
     let mut ids = HashSet::new();
     for i in 0..300 {

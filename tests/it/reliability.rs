@@ -38,12 +38,11 @@ async fn a_job_in_flight_when_the_worker_is_killed_ends_unknown_and_is_not_resen
     .await;
     let id = unique_id("crash");
     let job = send_job(&id);
-    env.fake.push_fault(FaultRule {
-        action: None,
-        phone: job["phone_number"].as_str().map(str::to_owned),
-        fault: Fault::HangAfterSend,
-        times: Some(1),
-    });
+    env.fake.push_fault(
+        FaultRule::every(Fault::HangAfterSend)
+            .on_phone(job["phone_number"].as_str().unwrap_or_default())
+            .times(1),
+    );
     let worker = WorkerProcess::start(&["run"], &env.settings).await;
     publish_all(&env.settings, std::slice::from_ref(&job)).await;
     let sent = tokio::time::timeout(
@@ -80,12 +79,8 @@ async fn sigterm_under_load_exits_cleanly_and_loses_or_doubles_nothing() {
         s.insert(config::WORKER_CONCURRENCY.into(), "16".into());
     })
     .await;
-    env.fake.push_fault(FaultRule {
-        action: None,
-        phone: None,
-        fault: Fault::Latency { ms: 150 },
-        times: None,
-    });
+    env.fake
+        .push_fault(FaultRule::every(Fault::Latency { ms: 150 }));
     let jobs: Vec<Value> = (0..150)
         .map(|i| send_job(&unique_id(&format!("term{i}"))))
         .collect();
@@ -182,12 +177,10 @@ async fn retries_never_run_past_the_deadline() {
     let mut job = send_job(&id);
     let deadline = Utc::now() + chrono::Duration::milliseconds(800);
     job["expires_at"] = json!(deadline.to_rfc3339());
-    app.fake.push_fault(FaultRule {
-        action: None,
-        phone: job["phone_number"].as_str().map(str::to_owned),
-        fault: Fault::Throttling,
-        times: None,
-    });
+    app.fake.push_fault(
+        FaultRule::every(Fault::Throttling)
+            .on_phone(job["phone_number"].as_str().unwrap_or_default()),
+    );
     app.publish(&job).await;
     let result = app.next_result().await.0;
     assert_eq!(result.status, Status::Failed, "{result:?}");

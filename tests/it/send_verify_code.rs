@@ -11,11 +11,12 @@ use serde_json::json;
 use crate::helpers::{PATIENCE, TestApp, amqp_url, next_from, send_job, unique_id};
 
 fn fault_for(phone: &serde_json::Value, fault: Fault, times: Option<u32>) -> FaultRule {
-    FaultRule {
-        action: Some("SendSmsVerifyCode".into()),
-        phone: phone.as_str().map(str::to_owned),
-        fault,
-        times,
+    let rule = FaultRule::every(fault)
+        .on_action("SendSmsVerifyCode")
+        .on_phone(phone.as_str().unwrap_or_default());
+    match times {
+        Some(n) => rule.times(n),
+        None => rule,
     }
 }
 
@@ -106,11 +107,7 @@ async fn a_permanent_refusal_is_rejected_after_one_call() {
     let job = send_job(&id);
     app.fake.push_fault(fault_for(
         &job["phone_number"],
-        Fault::Error {
-            code: "isv.SMS_SIGNATURE_ILLEGAL".into(),
-            message: "签名不合法".into(),
-            http_status: 200,
-        },
+        Fault::error("isv.SMS_SIGNATURE_ILLEGAL", "签名不合法"),
         None,
     ));
     app.publish(&job).await;
@@ -130,11 +127,7 @@ async fn per_number_flow_control_is_rate_limited_and_not_retried() {
     let job = send_job(&id);
     app.fake.push_fault(fault_for(
         &job["phone_number"],
-        Fault::Error {
-            code: "biz.FREQUENCY".into(),
-            message: "check frequency failed".into(),
-            http_status: 200,
-        },
+        Fault::error("biz.FREQUENCY", "check frequency failed"),
         None,
     ));
     app.publish(&job).await;
