@@ -159,11 +159,11 @@ impl AliyunClient {
             SignatureVersion::V3 => self.sign_v3(endpoint, action, owned(params), owned(form)),
         };
         let started = std::time::Instant::now();
-        let response = request.send().await.map_err(|e| self.classify_error(&e))?;
+        let response = request.send().await.map_err(|e| self.classify_error(e))?;
         let status = response.status().as_u16();
         let bytes = read_limited(response, status)
             .await
-            .map_err(|e| self.classify_error(&e))??;
+            .map_err(|e| self.classify_error(e))??;
         let answer = Answer::parse(status, &bytes);
         tracing::debug!(
             action,
@@ -294,7 +294,10 @@ impl AliyunClient {
         request.body(body)
     }
 
-    fn classify_error(&self, e: &reqwest::Error) -> CallError {
+    fn classify_error(&self, e: reqwest::Error) -> CallError {
+        // The URL carries the signed query (phone numbers, a typed code, an STS token); this
+        // text ends up in sms_attempts, results and logs, so it goes.
+        let e = &e.without_url();
         // A connect error (refused, DNS, TLS handshake, connect timeout) proves the request
         // never left; anything later may have been executed by Aliyun.
         if e.is_connect() {
@@ -432,6 +435,45 @@ mod tests {
         ] {
             let a = Answer::parse(200, garbage);
             assert!(!a.is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn transport_errors_do_not_carry_the_signed_query() {
+        use crate::config::{Credentials, HttpConfig, Secret, SignatureVersion};
+        // Nothing listens on port 1: the connection is refused.
+        let client = AliyunClient::new(AliyunConfig {
+            credentials: Credentials {
+                access_key_id: "id".into(),
+                access_key_secret: Secret::new("secret"),
+                security_token: Some(Secret::new("sts-token-value")),
+            },
+            dypnsapi_endpoint: "http://127.0.0.1:1".into(),
+            dysmsapi_endpoint: "http://127.0.0.1:1".into(),
+            signature_version: SignatureVersion::V1,
+            http: HttpConfig {
+                connect_timeout: Duration::from_secs(2),
+                request_timeout: Duration::from_secs(2),
+            },
+            max_qps: 100,
+        })
+        .unwrap();
+        let err = client
+            .call(
+                Product::Dypnsapi,
+                "CheckSmsVerifyCode",
+                &[
+                    ("PhoneNumber", "13800138000".into()),
+                    ("VerifyCode", "482913".into()),
+                ],
+                &[],
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, CallError::NotSent(_)), "{err:?}");
+        let text = format!("{err} {err:?}");
+        for secret in ["13800138000", "482913", "sts-token-value", "Signature="] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
         }
     }
 
