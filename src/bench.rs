@@ -64,20 +64,11 @@ async fn declare(ch: &Channel, name: &str, quorum: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Publishes persistent messages with confirms pipelined (all in flight, awaited together).
-async fn publish_all(ch: &Channel, queue: &str, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
-    let mut pending = Vec::with_capacity(bodies.len());
-    for body in bodies {
-        pending.push(
-            ch.basic_publish(
-                short(""),
-                short(queue),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await?,
-        );
+/// Publishes persistent jobs with confirms pipelined (all in flight, awaited together).
+async fn publish_all(ch: &Channel, queue: &str, ids: &[String]) -> anyhow::Result<()> {
+    let mut pending = Vec::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        pending.push(publish_job(ch, queue, id, i).await?);
     }
     for confirm in join_all(pending).await {
         ensure!(confirm?.is_ack(), "RabbitMQ refused a published message");
@@ -85,66 +76,72 @@ async fn publish_all(ch: &Channel, queue: &str, bodies: &[Vec<u8>]) -> anyhow::R
     Ok(())
 }
 
-/// The machine's ceiling for this shape of work: consume, publish a result with a confirm,
-/// ack — no database, no HTTP. Returns messages per second.
-async fn bare_broker_ceiling(opts: &BenchOptions, tag: &str) -> anyhow::Result<f64> {
-    let connection = Connection::connect(&opts.amqp_url, ConnectionProperties::default()).await?;
-    let setup = channel(&connection).await?;
-    let (input, output) = (format!("{tag}.ceiling.in"), format!("{tag}.ceiling.out"));
-    declare(&setup, &input, true).await?;
-    declare(&setup, &output, false).await?;
-    let bodies: Vec<Vec<u8>> = (0..opts.jobs)
-        .map(|i| format!(r#"{{"id":"ceiling-{i}","type":"send_verify_code"}}"#).into_bytes())
-        .collect();
-    publish_all(&setup, &input, &bodies).await?;
+async fn publish_job(
+    ch: &Channel,
+    queue: &str,
+    id: &str,
+    i: usize,
+) -> anyhow::Result<lapin::PublisherConfirm> {
+    Ok(ch
+        .basic_publish(
+            short(""),
+            short(queue),
+            BasicPublishOptions::default(),
+            &job_body(id, i),
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(short(id)),
+        )
+        .await?)
+}
 
+/// The machine's ceiling for this shape of work, as a consumer: take a job, publish a small
+/// result (persistent, confirmed), ack — no database, no HTTP. Runs until aborted.
+async fn start_echo(
+    connection: &Connection,
+    input: &str,
+    output: &str,
+    prefetch: u16,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
     let consume = connection.create_channel().await?;
     consume
-        .basic_qos(opts.concurrency, BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
-    let publish = channel(&connection).await?;
+    let publish = channel(connection).await?;
     let mut consumer = consume
         .basic_consume(
-            short(&input),
+            short(input),
             short("ceiling"),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await?;
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut done = 0;
-    while done < opts.jobs {
-        tokio::select! {
-            Some(delivery) = consumer.next() => {
-                let delivery = delivery?;
-                let publish = publish.clone();
-                let output = output.clone();
-                tasks.spawn(async move {
-                    let confirm = publish
-                        .basic_publish(short(""), short(&output), BasicPublishOptions::default(),
-                            br#"{"status":"sent"}"#, BasicProperties::default().with_delivery_mode(2))
-                        .await?
-                        .await?;
-                    ensure!(confirm.is_ack(), "result not confirmed");
-                    delivery.acker.ack(BasicAckOptions::default()).await?;
-                    Ok::<_, anyhow::Error>(())
-                });
-            }
-            Some(joined) = tasks.join_next() => {
-                joined??;
-                done += 1;
+    let output = output.to_owned();
+    Ok(tokio::spawn(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                Some(delivery) = consumer.next() => {
+                    let delivery = delivery?;
+                    let publish = publish.clone();
+                    let output = output.clone();
+                    tasks.spawn(async move {
+                        let id = delivery.properties.message_id().as_ref().map(|s| s.to_string());
+                        let body = json!({"id": id, "status": "sent"}).to_string();
+                        let confirm = publish
+                            .basic_publish(short(""), short(&output), BasicPublishOptions::default(),
+                                body.as_bytes(), BasicProperties::default().with_delivery_mode(2))
+                            .await?
+                            .await?;
+                        ensure!(confirm.is_ack(), "result not confirmed");
+                        delivery.acker.ack(BasicAckOptions::default()).await?;
+                        Ok::<_, anyhow::Error>(())
+                    });
+                }
+                Some(joined) = tasks.join_next() => joined??,
             }
         }
-    }
-    let rate = opts.jobs as f64 / started.elapsed().as_secs_f64();
-    for q in [&input, &output] {
-        setup
-            .queue_delete(short(q), QueueDeleteOptions::default())
-            .await?;
-    }
-    let _ = connection.close(200, short("bench done")).await;
-    Ok(rate)
+    }))
 }
 
 /// Reads a number from /proc/<pid>/status (kB) — VmHWM is the peak RSS.
@@ -171,6 +168,91 @@ fn proc_cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// CPU seconds per process, read from /proc, for the processes a run shares the machine with.
+#[derive(Default)]
+struct CpuSnapshot {
+    by_pid: HashMap<u32, (String, f64)>,
+}
+
+/// Who used the CPU during a phase: each process is put in one of these groups.
+const CPU_GROUPS: [&str; 4] = ["worker", "RabbitMQ", "Postgres", "bench process"];
+
+impl CpuSnapshot {
+    fn take() -> Self {
+        let mut by_pid = HashMap::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Self::default();
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let comm = stat
+                .split_once('(')
+                .and_then(|(_, rest)| rest.rsplit_once(')'))
+                .map_or("", |(c, _)| c);
+            if let Some(cpu) = proc_cpu_seconds(pid) {
+                by_pid.insert(pid, (comm.to_owned(), cpu));
+            }
+        }
+        Self { by_pid }
+    }
+
+    /// CPU seconds each group used between `before` and `self`. A process that ended in
+    /// between (a closed Postgres connection) is not counted, so figures are lower bounds.
+    fn since(&self, before: &Self, worker: Option<u32>) -> [f64; 4] {
+        let me = std::process::id();
+        let mut used = [0.0; 4];
+        for (pid, (comm, cpu)) in &self.by_pid {
+            let group = if Some(*pid) == worker {
+                0
+            } else if comm == "beam.smp" {
+                1
+            } else if comm == "postgres" {
+                2
+            } else if *pid == me {
+                3
+            } else {
+                continue;
+            };
+            let start = before.by_pid.get(pid).map_or(0.0, |(_, c)| *c);
+            used[group] += (cpu - start).max(0.0);
+        }
+        used
+    }
+}
+
+/// One line per group with CPU milliseconds per job, and what the machine could do if CPU
+/// were the only limit.
+fn print_cpu(label: &str, used: [f64; 4], jobs: usize) {
+    let per_job_ms = |s: f64| s * 1000.0 / jobs.max(1) as f64;
+    let total: f64 = used.iter().sum();
+    let parts: Vec<String> = CPU_GROUPS
+        .iter()
+        .zip(used)
+        .filter(|(_, s)| *s > 0.0)
+        .map(|(g, s)| format!("{g} {:.3}", per_job_ms(s)))
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    println!(
+        "{label} CPU ms per job: {} = {:.3} in all; {cores:.0} cores allow at most {:.0}/s",
+        parts.join(" + "),
+        per_job_ms(total),
+        if total > 0.0 {
+            cores * 1000.0 / per_job_ms(total)
+        } else {
+            0.0
+        }
+    );
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -193,9 +275,6 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
 
-    let ceiling = bare_broker_ceiling(&opts, &tag).await?;
-    println!("ceiling (bare lapin consume -> confirmed publish -> ack): {ceiling:.0} msgs/s");
-
     // A fresh database and fresh queues for the worker.
     let db_name = format!("smsw_bench_{}", uuid::Uuid::new_v4().simple());
     let mut admin = sqlx::PgConnection::connect(&opts.database_url)
@@ -210,7 +289,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         Some((server, _)) => format!("{server}/{db_name}"),
         None => bail!("DATABASE_URL has no database part"),
     };
-    let outcome = measure_worker(&opts, &tag, &db_url, ceiling).await;
+    let outcome = measure(&opts, &tag, &db_url).await;
     let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
     )))
@@ -219,139 +298,266 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     outcome
 }
 
-async fn measure_worker(
+/// The worker's environment for this run: fresh queues, the fake Aliyun, no side tasks.
+fn worker_env(
     opts: &BenchOptions,
     tag: &str,
     db_url: &str,
-    ceiling: f64,
-) -> anyhow::Result<()> {
-    let key_id = "bench-key";
-    let secret = uuid::Uuid::new_v4().simple().to_string();
-    let mut fake_config = FakeConfig::new(key_id, secret.clone());
-    fake_config.latency = opts.latency;
-    let fake = FakeAliyun::start(fake_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
-    let queues: HashMap<&str, String> = [
+    fake: &FakeAliyun,
+    key_id: &str,
+    secret: &str,
+) -> HashMap<String, String> {
+    [
         (config::SMS_JOBS_QUEUE, format!("{tag}.jobs")),
         (config::SMS_RESULTS_QUEUE, format!("{tag}.results")),
         (config::SMS_DEAD_LETTER_QUEUE, format!("{tag}.dead")),
         (config::SMS_DEAD_LETTER_EXCHANGE, format!("{tag}.dlx")),
         (config::SMS_RECEIPTS_QUEUE, format!("{tag}.receipts")),
+        (config::AMQP_URL, opts.amqp_url.clone()),
+        (config::DATABASE_URL, db_url.to_owned()),
+        (config::ALIBABA_CLOUD_ACCESS_KEY_ID, key_id.to_owned()),
+        (config::ALIBABA_CLOUD_ACCESS_KEY_SECRET, secret.to_owned()),
+        (config::ALIYUN_DYPNSAPI_ENDPOINT, fake.endpoint()),
+        (config::ALIYUN_DYSMSAPI_ENDPOINT, fake.endpoint()),
+        (config::WORKER_CONCURRENCY, opts.concurrency.to_string()),
+        (config::ALIYUN_MAX_QPS, "100000".to_owned()),
+        (config::RECEIPTS_ENABLED, "false".to_owned()),
+        (config::ADMIN_ADDR, String::new()),
     ]
     .into_iter()
-    .collect();
-    let exe = std::env::current_exe().context("locating this binary")?;
-    let mut child = tokio::process::Command::new(exe)
-        .arg("run")
-        .envs(queues.iter().map(|(k, v)| (*k, v.as_str())))
-        .env(config::AMQP_URL, &opts.amqp_url)
-        .env(config::DATABASE_URL, db_url)
-        .env(config::ALIBABA_CLOUD_ACCESS_KEY_ID, key_id)
-        .env(config::ALIBABA_CLOUD_ACCESS_KEY_SECRET, &secret)
-        .env(config::ALIYUN_DYPNSAPI_ENDPOINT, fake.endpoint())
-        .env(config::ALIYUN_DYSMSAPI_ENDPOINT, fake.endpoint())
-        .env(config::WORKER_CONCURRENCY, opts.concurrency.to_string())
-        .env(config::ALIYUN_MAX_QPS, "100000")
-        .env(config::RECEIPTS_ENABLED, "false")
-        .env(config::ADMIN_ADDR, "")
-        .env("RUST_LOG", "warn,aliyun_sms_worker::worker=info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the worker")?;
-    let pid = child.id().context("worker pid")?;
-    // The worker has declared its topology once it says it is consuming.
-    let stderr = child.stderr.take().context("worker stderr")?;
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        use tokio::io::AsyncBufReadExt;
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        let mut ready_tx = Some(ready_tx);
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("consuming jobs")
-                && let Some(tx) = ready_tx.take()
-            {
-                let _ = tx.send(());
-            } else if !line.contains("INFO") {
-                eprintln!("worker: {line}");
-            }
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// A job body like a backend's; ids carry the run's tag so results can be matched.
+fn job_body(id: &str, i: usize) -> Vec<u8> {
+    json!({"id": id, "type": "send_verify_code",
+           "phone_number": format!("139{:08}", i % 100_000_000),
+           "sign_name": "速通互联验证码", "template_code": "100001",
+           "template_param": {"code": "##code##", "min": "5"}})
+    .to_string()
+    .into_bytes()
+}
+
+/// Waits for `n` results of distinct jobs, each `sent`; returns when each arrived, by id.
+async fn collect_results(
+    results: &mut lapin::Consumer,
+    n: usize,
+    pid: Option<u32>,
+    peak_rss_kb: &mut u64,
+) -> anyhow::Result<HashMap<String, Instant>> {
+    let mut seen = HashMap::with_capacity(n);
+    while seen.len() < n {
+        let delivery = tokio::time::timeout(Duration::from_secs(60), results.next())
+            .await
+            .context("no result for 60 s")?
+            .context("results consumer closed")??;
+        let now = Instant::now();
+        let result: serde_json::Value = serde_json::from_slice(&delivery.data)?;
+        ensure!(
+            result["status"] == "sent",
+            "a job did not end sent: {result}"
+        );
+        if let Some(id) = result["id"].as_str() {
+            seen.entry(id.to_owned()).or_insert(now);
         }
-    });
-    tokio::time::timeout(Duration::from_secs(60), ready_rx)
+        if let Some(pid) = pid
+            && seen.len() % 1000 == 0
+        {
+            *peak_rss_kb = (*peak_rss_kb).max(proc_status_kb(pid, "VmHWM:").unwrap_or(0));
+        }
+    }
+    Ok(seen)
+}
+
+/// What one consumer under test did.
+struct Figures {
+    /// Jobs per second draining the backlog, first result to last.
+    rate: f64,
+    cpu: [f64; 4],
+    paced_rate: f64,
+    /// Enqueue to result, per paced job, sorted.
+    latencies: Vec<Duration>,
+    peak_rss_kb: u64,
+}
+
+impl Figures {
+    fn latency_line(&self) -> String {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            ms(percentile(&self.latencies, 50.0)),
+            ms(percentile(&self.latencies, 99.0)),
+            self.latencies.last().map_or(0.0, |d| ms(*d))
+        )
+    }
+}
+
+/// Measures whatever consumes the `jobs` queue (already holding `backlog` jobs) and answers
+/// on `results`: first the backlog as fast as it goes, then jobs published at `paced_rate`
+/// (half the backlog rate if not given) in 10 ms ticks for about 10 s, each timed from its
+/// publish to its result. `pid` is the consumer's process, if it has its own.
+async fn drive(
+    connection: &Connection,
+    jobs: &str,
+    results: &mut lapin::Consumer,
+    backlog: usize,
+    paced: (&str, Option<f64>),
+    pid: Option<u32>,
+) -> anyhow::Result<Figures> {
+    let mut peak_rss_kb = 0;
+    let first = tokio::time::timeout(Duration::from_secs(60), results.next())
         .await
-        .context("the worker did not start consuming within 60 s")?
-        .context("the worker exited before consuming")?;
+        .context("no result within 60 s of starting")?
+        .context("results consumer closed")??;
+    let started = Instant::now();
+    let cpu_before = CpuSnapshot::take();
+    let first: serde_json::Value = serde_json::from_slice(&first.data)?;
+    ensure!(first["status"] == "sent", "a job did not end sent: {first}");
+    collect_results(results, backlog - 1, pid, &mut peak_rss_kb).await?;
+    let elapsed = started.elapsed();
+    let cpu = CpuSnapshot::take().since(&cpu_before, pid);
+    let rate = if elapsed.is_zero() || backlog < 2 {
+        0.0
+    } else {
+        (backlog - 1) as f64 / elapsed.as_secs_f64()
+    };
 
-    let connection = Connection::connect(&opts.amqp_url, ConnectionProperties::default()).await?;
-    let ch = channel(&connection).await?;
+    let paced_rate = paced.1.unwrap_or(rate / 2.0).max(1.0);
+    let paced_jobs = ((paced_rate * 10.0) as usize).clamp(1, backlog);
+    let per_tick = (paced_rate / 100.0).max(1.0);
+    let publisher = channel(connection).await?;
+    let queue = jobs.to_owned();
+    let ids: Vec<String> = (0..paced_jobs)
+        .map(|i| format!("{}-paced-{i}", paced.0))
+        .collect();
+    let pacing = {
+        let ids = ids.clone();
+        tokio::spawn(async move {
+            let mut sent_at = HashMap::with_capacity(ids.len());
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut due = 0.0;
+            let mut confirms = Vec::with_capacity(ids.len());
+            let mut next = 0;
+            while next < ids.len() {
+                tick.tick().await;
+                due += per_tick;
+                while (next as f64) < due && next < ids.len() {
+                    sent_at.insert(ids[next].clone(), Instant::now());
+                    confirms.push(publish_job(&publisher, &queue, &ids[next], next).await?);
+                    next += 1;
+                }
+            }
+            for confirm in join_all(confirms).await {
+                ensure!(confirm?.is_ack(), "RabbitMQ refused a published message");
+            }
+            Ok::<_, anyhow::Error>(sent_at)
+        })
+    };
+    let arrived = collect_results(results, paced_jobs, pid, &mut peak_rss_kb).await?;
+    let sent_at = pacing.await??;
+    let mut latencies: Vec<Duration> = ids
+        .iter()
+        .filter_map(|id| {
+            Some(
+                arrived
+                    .get(id)?
+                    .saturating_duration_since(*sent_at.get(id)?),
+            )
+        })
+        .collect();
+    ensure!(
+        latencies.len() == paced_jobs,
+        "{} of {paced_jobs} paced results could not be matched",
+        latencies.len()
+    );
+    latencies.sort_unstable();
+    if let Some(pid) = pid {
+        peak_rss_kb = peak_rss_kb.max(proc_status_kb(pid, "VmHWM:").unwrap_or(0));
+    }
+    Ok(Figures {
+        rate,
+        cpu,
+        paced_rate,
+        latencies,
+        peak_rss_kb,
+    })
+}
 
-    let mut results = ch
+/// A results consumer that acks nothing (the bench reads, and the queue is deleted after).
+async fn consume_results(ch: &Channel, queue: &str) -> anyhow::Result<lapin::Consumer> {
+    Ok(ch
         .basic_consume(
-            short(&queues[config::SMS_RESULTS_QUEUE]),
-            short("bench-results"),
+            short(queue),
+            short(&format!("bench-{queue}")),
             BasicConsumeOptions {
                 no_ack: true,
                 ..BasicConsumeOptions::default()
             },
             FieldTable::default(),
         )
-        .await?;
+        .await?)
+}
+
+async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result<()> {
+    let key_id = "bench-key";
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let mut fake_config = FakeConfig::new(key_id, secret.clone());
+    fake_config.latency = opts.latency;
+    let fake = FakeAliyun::start(fake_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
+    let env = worker_env(opts, tag, db_url, &fake, key_id, &secret);
+    let queues = config::Config::from_map(&env)?.queues;
+    let connection = Connection::connect(&opts.amqp_url, ConnectionProperties::default()).await?;
+    let ch = channel(&connection).await?;
+
+    // The jobs wait in the queue before the worker starts, as they do for the ceiling: both
+    // figures are then about draining a backlog, not about how fast this process publishes.
+    let broker = crate::broker::Broker::connect(&opts.amqp_url, "bench", queues.clone()).await?;
+    broker.declare_topology().await?;
     let ids: Vec<String> = (0..opts.jobs).map(|i| format!("{tag}-{i}")).collect();
-    let bodies: Vec<Vec<u8>> = ids
-        .iter()
-        .enumerate()
-        .map(|(i, id)| {
-            json!({"id": id, "type": "send_verify_code",
-                   "phone_number": format!("139{:08}", i % 100_000_000),
-                   "sign_name": "速通互联验证码", "template_code": "100001",
-                   "template_param": {"code": "##code##", "min": "5"}})
-            .to_string()
-            .into_bytes()
-        })
-        .collect();
-    let cpu_before = proc_cpu_seconds(pid).unwrap_or(0.0);
-    let enqueued = Instant::now();
-    let publisher = channel(&connection).await?;
-    let jobs_queue = queues[config::SMS_JOBS_QUEUE].clone();
-    let publishing = tokio::spawn(async move {
-        for chunk in bodies.chunks(1000) {
-            publish_all(&publisher, &jobs_queue, chunk).await?;
-        }
-        Ok::<_, anyhow::Error>(())
-    });
-
-    let mut latencies = Vec::with_capacity(opts.jobs);
-    let mut seen = std::collections::HashSet::with_capacity(opts.jobs);
-    let mut first_result = None;
-    let mut peak_rss_kb = 0;
-    while seen.len() < opts.jobs {
-        let delivery = tokio::time::timeout(Duration::from_secs(60), results.next())
-            .await
-            .context("no result for 60 s")?
-            .context("results consumer closed")??;
-        let now = Instant::now();
-        first_result.get_or_insert(now);
-        let result: serde_json::Value = serde_json::from_slice(&delivery.data)?;
-        ensure!(
-            result["status"] == "sent",
-            "a job did not end sent: {result}"
-        );
-        if let Some(id) = result["id"].as_str()
-            && seen.insert(id.to_owned())
-        {
-            // All jobs are enqueued at once, so this is time since the run began; see README.
-            latencies.push(now.duration_since(enqueued));
-        }
-        if seen.len() % 1000 == 0 {
-            peak_rss_kb = peak_rss_kb.max(proc_status_kb(pid, "VmHWM:").unwrap_or(0));
-        }
+    for chunk in ids.chunks(1000) {
+        publish_all(&ch, &queues.jobs, chunk).await?;
     }
-    let last = Instant::now();
-    publishing.await??;
-    peak_rss_kb = peak_rss_kb.max(proc_status_kb(pid, "VmHWM:").unwrap_or(0));
-    let cpu = proc_cpu_seconds(pid).unwrap_or(0.0) - cpu_before;
+    let mut results = consume_results(&ch, &queues.results).await?;
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("run")
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME"))
+        .envs(&env)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the worker")?;
+    let pid = child.id().context("worker pid")?;
+    let stderr = child.stderr.take().context("worker stderr")?;
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("worker: {line}");
+        }
+    });
+    let worker = drive(
+        &connection,
+        &queues.jobs,
+        &mut results,
+        opts.jobs,
+        (tag, None),
+        Some(pid),
+    )
+    .await?;
+    let _ = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
 
-    // Check every job's row: one, final, sent.
+    // Check every job's row: one, final, sent; and one send each at the fake.
+    let total = opts.jobs + worker.latencies.len();
     let pool = sqlx::PgPool::connect(db_url).await?;
     let (rows, sent): (i64, i64) =
         sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE status = 'sent') FROM sms_jobs")
@@ -359,59 +565,94 @@ async fn measure_worker(
             .await?;
     pool.close().await;
     ensure!(
-        rows == opts.jobs as i64 && sent == rows,
-        "expected {} sent rows, found {rows} rows, {sent} sent",
-        opts.jobs
+        rows == total as i64 && sent == rows,
+        "expected {total} sent rows, found {rows} rows, {sent} sent"
     );
     let fake_sends = fake.requests().iter().filter(|r| r.executed).count();
     ensure!(
-        fake_sends == opts.jobs,
-        "the fake executed {fake_sends} sends for {} jobs",
-        opts.jobs
+        fake_sends == total,
+        "the fake executed {fake_sends} sends for {total} jobs"
     );
 
-    let span = first_result.map_or(Duration::ZERO, |f| last.duration_since(f));
-    let rate = if span.is_zero() {
-        opts.jobs as f64 / last.duration_since(enqueued).as_secs_f64()
-    } else {
-        (opts.jobs.saturating_sub(1)) as f64 / span.as_secs_f64()
-    };
-    latencies.sort_unstable();
-    println!("worker throughput: {rate:.0} jobs/s (steady state, first to last result)");
-    println!("ratio to ceiling: {:.2}", rate / ceiling);
-    println!(
-        "enqueue->result latency (all enqueued at once): p50 {} ms, p99 {} ms, max {} ms",
-        percentile(&latencies, 50.0).as_millis(),
-        percentile(&latencies, 99.0).as_millis(),
-        latencies.last().map_or(0, |d| d.as_millis())
-    );
-    println!("worker peak RSS: {:.1} MiB", peak_rss_kb as f64 / 1024.0);
-    println!(
-        "worker CPU: {:.3} s per 1,000 jobs",
-        cpu * 1000.0 / opts.jobs as f64
-    );
-    println!("checked: {rows} rows, all sent, {fake_sends} sends at the fake");
+    // The ceiling, the same way: a backlog of the same jobs, then the worker's paced rate.
+    let (input, output) = (format!("{tag}.ceiling.in"), format!("{tag}.ceiling.out"));
+    declare(&ch, &input, true).await?;
+    declare(&ch, &output, false).await?;
+    let ceiling_ids: Vec<String> = (0..opts.jobs).map(|i| format!("{tag}-c{i}")).collect();
+    for chunk in ceiling_ids.chunks(1000) {
+        publish_all(&ch, &input, chunk).await?;
+    }
+    let mut echoed = consume_results(&ch, &output).await?;
+    let echo = start_echo(&connection, &input, &output, opts.concurrency).await?;
+    let ceiling = drive(
+        &connection,
+        &input,
+        &mut echoed,
+        opts.jobs,
+        (&format!("{tag}-c"), Some(worker.paced_rate)),
+        None,
+    )
+    .await;
+    echo.abort();
 
-    let _ = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await;
-    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
-    for q in queues
-        .iter()
-        .filter(|(k, _)| **k != config::SMS_DEAD_LETTER_EXCHANGE)
-    {
+    for q in [
+        &queues.jobs,
+        &queues.results,
+        &queues.dead_letter,
+        queues.receipts.as_ref().unwrap_or(&queues.results),
+        &input,
+        &output,
+    ] {
         let _ = ch
-            .queue_delete(short(q.1), QueueDeleteOptions::default())
+            .queue_delete(short(q), QueueDeleteOptions::default())
             .await;
     }
     let _ = ch
-        .exchange_delete(
-            short(&queues[config::SMS_DEAD_LETTER_EXCHANGE]),
-            Default::default(),
-        )
+        .exchange_delete(short(&queues.dead_letter_exchange), Default::default())
         .await;
+    broker.close().await;
     let _ = connection.close(200, short("bench done")).await;
+    let ceiling = ceiling?;
+
+    let latency_ms = opts.latency.as_secs_f64() * 1000.0;
+    let ratio = worker.rate / ceiling.rate;
+    let p99_ms = percentile(&worker.latencies, 99.0).as_secs_f64() * 1000.0;
+    let rss_mib = worker.peak_rss_kb as f64 / 1024.0;
+    let ratio_target = if opts.latency.is_zero() { 0.8 } else { 0.75 };
+    let verdict = |met: bool| if met { "met" } else { "NOT met" };
+    println!(
+        "ceiling (bare lapin consume -> confirmed publish -> ack): {:.0} msgs/s",
+        ceiling.rate
+    );
+    print_cpu("ceiling", ceiling.cpu, opts.jobs);
+    println!(
+        "ceiling latency at the worker's paced rate ({:.0}/s): {}",
+        ceiling.paced_rate,
+        ceiling.latency_line()
+    );
+    println!(
+        "worker throughput: {:.0} jobs/s (draining a backlog of {} jobs)",
+        worker.rate, opts.jobs
+    );
+    println!(
+        "ratio to ceiling: {ratio:.2} (target {ratio_target}: {})",
+        verdict(ratio >= ratio_target)
+    );
+    println!(
+        "worker latency, enqueue -> result at half that rate ({:.0}/s, {} jobs): {} (target p99 <= {:.0} ms: {})",
+        worker.paced_rate,
+        worker.latencies.len(),
+        worker.latency_line(),
+        latency_ms + 25.0,
+        verdict(p99_ms <= latency_ms + 25.0)
+    );
+    println!(
+        "worker peak RSS: {rss_mib:.1} MiB with {} jobs in flight (target 64 MiB: {})",
+        opts.concurrency,
+        verdict(rss_mib <= 64.0)
+    );
+    print_cpu("worker run", worker.cpu, opts.jobs);
+    println!("checked: {rows} rows, all sent, {fake_sends} sends at the fake");
     Ok(())
 }
 

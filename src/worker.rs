@@ -85,7 +85,8 @@ pub async fn run(
     };
     let pipeline = Arc::new(Pipeline::new(
         config.clone(),
-        store,
+        // Hundreds of jobs in flight share their claim and outcome commits.
+        store.batched(),
         aliyun,
         health,
         metrics,
@@ -119,6 +120,8 @@ pub async fn run(
             }
         };
         let (broker, mut consumer) = broker;
+        // One reference count per job instead of a copy of the broker's channels and names.
+        let shared = Arc::new(broker.clone());
         reconnect = reconnect_backoff();
         let _ = broker_tx.send(Some(broker.clone()));
         let _ = ready.send(true);
@@ -142,8 +145,12 @@ pub async fn run(
                 next = consumer.next(), if *db_ok.borrow() => match next {
                     Some(Ok(delivery)) => {
                         let pipeline = pipeline.clone();
-                        let broker = broker.clone();
-                        tasks.spawn(async move { process(&pipeline, &broker, delivery).await });
+                        let broker = shared.clone();
+                        // Boxed: a job's future is ~15 KiB, and the task would copy it on the
+                        // way in; the box is written once, in place.
+                        tasks.spawn(Box::pin(async move {
+                            process(&pipeline, &broker, delivery).await
+                        }));
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "RabbitMQ consumer failed; reconnecting");

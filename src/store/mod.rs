@@ -3,12 +3,13 @@
 //! The row is the idempotency record. A job is only ever sent by the worker that inserted (or
 //! re-claimed) its row as `sending`, and the outcome is written back only by that worker.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{FromRow, PgPool};
+use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::config::NumberLimits;
@@ -22,6 +23,11 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("row for job {0} has an unknown status {1:?}")]
     CorruptStatus(String, String),
+    /// A batched write failed for every job in it alike (say, the connection dropped).
+    #[error("{0}")]
+    Shared(Arc<StoreError>),
+    #[error("the database writer stopped")]
+    WriterGone,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -141,96 +147,105 @@ macro_rules! job_columns {
     };
 }
 
+/// The INSERT of attempts, from the ten arrays of [`AttemptArrays`] bound as `$1`..`$10`.
+/// An attempt already recorded stays as it was.
+macro_rules! insert_attempts_sql {
+    () => {
+        "INSERT INTO sms_attempts (job_id, attempt, action, started_at, finished_at,
+                                   http_status, code, message, request_id, outcome)
+         SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[],
+                              $5::timestamptz[], $6::int[], $7::text[], $8::text[],
+                              $9::text[], $10::text[])
+         ON CONFLICT (job_id, attempt) DO NOTHING"
+    };
+}
+
+/// Binds an [`AttemptArrays`] as the first ten parameters of a query or query_as.
+macro_rules! bind_attempts {
+    ($query:expr, $a:expr) => {
+        $query
+            .bind(&$a.job_ids)
+            .bind(&$a.numbers)
+            .bind(&$a.actions)
+            .bind(&$a.started)
+            .bind(&$a.finished)
+            .bind(&$a.http)
+            .bind(&$a.codes)
+            .bind(&$a.messages)
+            .bind(&$a.request_ids)
+            .bind(&$a.outcomes)
+    };
+}
+
+mod batch;
+use batch::ClaimReq;
 mod deliveries;
 mod reports;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
 pub use reports::{JobDetail, JobFilter, Stats};
 
-async fn insert_attempt<'e, E: sqlx::PgExecutor<'e>>(
-    executor: E,
-    job_id: &str,
-    a: &AttemptRecord,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO sms_attempts (job_id, attempt, action, started_at, finished_at,
-                                   http_status, code, message, request_id, outcome)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-         ON CONFLICT (job_id, attempt) DO NOTHING",
-    )
-    .bind(job_id)
-    .bind(i32::try_from(a.attempt).unwrap_or(i32::MAX))
-    .bind(a.action)
-    .bind(a.started_at)
-    .bind(a.finished_at)
-    .bind(a.http_status.map(i32::from))
-    .bind(&a.code)
-    .bind(&a.message)
-    .bind(&a.request_id)
-    .bind(a.outcome)
-    .execute(executor)
-    .await?;
-    Ok(())
+/// Attempts of many jobs, as one array per column.
+#[derive(Default)]
+struct AttemptArrays<'a> {
+    job_ids: Vec<&'a str>,
+    numbers: Vec<i32>,
+    actions: Vec<&'static str>,
+    started: Vec<DateTime<Utc>>,
+    finished: Vec<DateTime<Utc>>,
+    http: Vec<Option<i32>>,
+    codes: Vec<Option<&'a str>>,
+    messages: Vec<Option<&'a str>>,
+    request_ids: Vec<Option<&'a str>>,
+    outcomes: Vec<&'static str>,
 }
 
-/// Inserts the job's row as `sending` (or, with `refusal`, as `rate_limited` and final), or
-/// finds one already there, in which case nothing is returned. A row left `invalid` may be
-/// re-claimed: an invalid message never reached Aliyun, so a corrected job with the same id is
-/// a first attempt, not a duplicate.
-async fn insert_claim<'e, E: sqlx::PgExecutor<'e>>(
-    executor: E,
-    job: &Job,
-    route: &ReplyRoute,
-    worker: Uuid,
-    lease: Duration,
-    refusal: Option<&str>,
-) -> Result<Option<JobRow>, StoreError> {
-    let params = job.stored_params();
-    let out_id = params
-        .get("OutId")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let (status, code) = match refusal {
-        None => ("sending", None),
-        Some(_) => ("rate_limited", Some("LOCAL_NUMBER_LIMIT")),
-    };
-    Ok(sqlx::query_as::<_, JobRow>(concat!(
-        "INSERT INTO sms_jobs (id, type, status, phone_number, params, out_id, reply_to,
-                               correlation_id, claimed_by, lease_until, code, message,
-                               finished_at)
-         VALUES ($1, $2, $10, $3, $4, $5, $6, $7, $8,
-                 now() + make_interval(secs => $9::double precision / 1000), $11, $12,
-                 CASE WHEN $10 = 'sending' THEN NULL ELSE now() END)
-         ON CONFLICT (id) DO UPDATE SET
-             type = EXCLUDED.type, status = EXCLUDED.status,
-             phone_number = EXCLUDED.phone_number, params = EXCLUDED.params,
-             out_id = EXCLUDED.out_id, reply_to = EXCLUDED.reply_to,
-             correlation_id = EXCLUDED.correlation_id, claimed_by = EXCLUDED.claimed_by,
-             lease_until = EXCLUDED.lease_until, code = EXCLUDED.code,
-             message = EXCLUDED.message, attempts = 0, finished_at = EXCLUDED.finished_at,
-             updated_at = now()
-         WHERE sms_jobs.status = 'invalid'
-         RETURNING ",
-        job_columns!()
+impl<'a> AttemptArrays<'a> {
+    fn push(&mut self, job_id: &'a str, a: &'a AttemptRecord) {
+        self.job_ids.push(job_id);
+        self.numbers
+            .push(i32::try_from(a.attempt).unwrap_or(i32::MAX));
+        self.actions.push(a.action);
+        self.started.push(a.started_at);
+        self.finished.push(a.finished_at);
+        self.http.push(a.http_status.map(i32::from));
+        self.codes.push(a.code.as_deref());
+        self.messages.push(a.message.as_deref());
+        self.request_ids.push(a.request_id.as_deref());
+        self.outcomes.push(a.outcome);
+    }
+}
+
+/// The rows of `ids`, by id; ids without a row are absent.
+async fn fetch_many(
+    conn: &mut PgConnection,
+    ids: &[&str],
+) -> Result<HashMap<String, JobRow>, StoreError> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<JobRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        job_columns!(),
+        " FROM sms_jobs WHERE id = ANY($1)"
     ))
-    .bind(&job.id)
-    .bind(job.job_type().as_str())
-    .bind(job.phone().as_str())
-    .bind(&params)
-    .bind(out_id)
-    .bind(&route.reply_to)
-    .bind(&route.correlation_id)
-    .bind(worker)
-    .bind(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
-    .bind(status)
-    .bind(code)
-    .bind(refusal)
-    .fetch_optional(executor)
-    .await?)
+    .bind(ids)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id.clone(), r)).collect())
+}
+
+/// The single answer of a one-job batch.
+fn one<T>(mut answers: Vec<T>) -> Result<T, StoreError> {
+    answers
+        .pop()
+        .ok_or(StoreError::Database(sqlx::Error::RowNotFound))
 }
 
 #[derive(Clone)]
 pub struct Store {
     pool: PgPool,
+    /// Group commits for claims and outcomes; see [`Store::batched`].
+    writer: Option<Arc<batch::Writer>>,
 }
 
 impl Store {
@@ -238,15 +253,27 @@ impl Store {
         let options: PgConnectOptions = url.parse()?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
-            // Short, so an outage is noticed quickly; the health probe does the waiting.
-            .acquire_timeout(Duration::from_secs(3))
+            // Short, so an outage is noticed quickly; the health probe does the waiting. Jobs
+            // share their writes (see `batch`), so a wait for a free connection is rare and a
+            // second without one means the database is gone: sqlx keeps retrying a refused
+            // connection until this runs out, and no other error would come sooner.
+            .acquire_timeout(Duration::from_secs(1))
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self { pool, writer: None }
+    }
+
+    /// This store, with claims and outcomes of concurrent jobs written in shared transactions
+    /// (see `store::batch`). For the worker, where hundreds of jobs are in flight.
+    pub fn batched(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            writer: Some(Arc::new(batch::Writer::spawn(self.pool.clone()))),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -275,9 +302,13 @@ impl Store {
         lease: Duration,
         limits: Option<&NumberLimits>,
     ) -> Result<Claim, StoreError> {
+        let req = ClaimReq::new(job, route, worker, lease);
         let Some(limits) = limits else {
-            let row = insert_claim(&self.pool, job, route, worker, lease, None).await?;
-            return self.claimed(job, row).await;
+            if let Some(writer) = &self.writer {
+                return writer.claim(req).await;
+            }
+            let mut conn = self.pool.acquire().await?;
+            return one(batch::claim_together(&mut conn, &[req]).await?);
         };
         // Serialise the sends to one number across every worker, so two instances cannot both
         // pass the count; the lock ends with the transaction.
@@ -308,22 +339,13 @@ impl Store {
                 break;
             }
         }
-        let row = insert_claim(&mut *tx, job, route, worker, lease, refusal.as_deref()).await?;
+        let req = match refusal {
+            Some(why) => req.refused(why),
+            None => req,
+        };
+        let claim = one(batch::claim_together(&mut tx, &[req]).await?)?;
         tx.commit().await?;
-        self.claimed(job, row).await
-    }
-
-    /// What an insert-or-find of the job's row means for the caller.
-    async fn claimed(&self, job: &Job, inserted: Option<JobRow>) -> Result<Claim, StoreError> {
-        match inserted {
-            Some(row) if row.status == "sending" => Ok(Claim::Owned),
-            // Refused by the local limit: final already, answered like a replay.
-            Some(row) => Ok(Claim::Seen(Box::new(row))),
-            None => match self.fetch(&job.id).await? {
-                Some(row) => Ok(Claim::Seen(Box::new(row))),
-                None => Err(StoreError::Database(sqlx::Error::RowNotFound)),
-            },
-        }
+        Ok(claim)
     }
 
     pub async fn fetch(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
@@ -338,7 +360,12 @@ impl Store {
     }
 
     pub async fn record_attempt(&self, job_id: &str, a: &AttemptRecord) -> Result<(), StoreError> {
-        insert_attempt(&self.pool, job_id, a).await
+        let mut arrays = AttemptArrays::default();
+        arrays.push(job_id, a);
+        bind_attempts!(sqlx::query(insert_attempts_sql!()), arrays)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Writes the outcome of a job this worker owns. If the claim was lost meanwhile (another
@@ -354,56 +381,16 @@ impl Store {
         o: &Outcome,
         last_attempt: Option<&AttemptRecord>,
     ) -> Result<JobRow, StoreError> {
-        let reconcile_ms = match &o.followup {
-            Followup::Reconcile { grace, .. } => {
-                Some(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX))
-            }
-            _ => None,
+        let req = batch::FinishReq {
+            job_id: job_id.to_owned(),
+            worker,
+            outcome: o.clone(),
+            last_attempt: last_attempt.cloned(),
         };
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query_as::<_, JobRow>(concat!(
-            "UPDATE sms_jobs SET status = $3, code = $4, message = $5, biz_id = $6,
-                    request_id = $7, attempts = $8, finished_at = now(), updated_at = now(),
-                    lease_until = NULL,
-                    reconcile_until = now() + make_interval(secs => $9::double precision / 1000),
-                    next_reconcile_at = CASE WHEN $9 IS NULL THEN NULL ELSE now() END
-             WHERE id = $1 AND status = 'sending' AND claimed_by = $2
-             RETURNING ",
-            job_columns!()
-        ))
-        .bind(job_id)
-        .bind(worker)
-        .bind(o.status.as_str())
-        .bind(&o.code)
-        .bind(&o.message)
-        .bind(&o.biz_id)
-        .bind(&o.request_id)
-        .bind(i32::try_from(o.attempts).unwrap_or(i32::MAX))
-        .bind(reconcile_ms)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            tx.rollback().await?;
-            if let Some(a) = last_attempt {
-                self.record_attempt(job_id, a).await?;
-            }
-            return self
-                .fetch(job_id)
-                .await?
-                .ok_or(StoreError::Database(sqlx::Error::RowNotFound));
-        };
-        if let Some(a) = last_attempt {
-            insert_attempt(&mut *tx, job_id, a).await?;
+        match &self.writer {
+            Some(writer) => writer.finish(req).await,
+            None => one(batch::finish_together(&self.pool, &[req]).await?)?,
         }
-        let phones = match &o.followup {
-            Followup::None => None,
-            Followup::TrackReceipts { phones } | Followup::Reconcile { phones, .. } => Some(phones),
-        };
-        if let Some(phones) = phones {
-            deliveries::insert(&mut tx, job_id, phones, o.biz_id.as_deref()).await?;
-        }
-        tx.commit().await?;
-        Ok(row)
     }
 
     /// Ends a job whose `sending` claim is dead — its lease ran out, or its worker stopped

@@ -11,7 +11,8 @@ use crate::helpers::{PATIENCE, TestApp, TestEnv, admin_get, free_addr, send_job,
 use crate::proxy::{Proxy, target_of, through};
 
 /// Starts a worker whose link to `setting` (AMQP_URL or DATABASE_URL) goes through a proxy,
-/// gives it 300 jobs at 20 ms each, and returns once it is busy with them.
+/// gives it 300 jobs at 100 ms each, 16 at a time (about two seconds of work, so it is still
+/// busy when the link is cut), and returns once it is busy with them.
 async fn busy_worker_behind_proxy(
     mut env: TestEnv,
     setting: &str,
@@ -20,8 +21,10 @@ async fn busy_worker_behind_proxy(
     let url = env.settings[setting].clone();
     let proxy = Proxy::start(target_of(&url)).await;
     env.settings.insert(setting.into(), through(&url, &proxy));
+    env.settings
+        .insert(config::WORKER_CONCURRENCY.into(), "16".into());
     env.fake
-        .push_fault(FaultRule::every(Fault::Latency { ms: 20 }));
+        .push_fault(FaultRule::every(Fault::Latency { ms: 100 }));
     let app = TestApp::start(env).await;
     let mut ids = HashSet::new();
     for i in 0..300 {

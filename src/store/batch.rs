@@ -1,0 +1,472 @@
+//! Group commits for the two writes every job makes: its `sending` claim and its outcome.
+//!
+//! One job alone costs Postgres a transaction and a WAL flush per write; hundreds of jobs in
+//! flight would queue on those flushes. A lane gathers what is waiting when an executor is
+//! free and writes it with one statement in one transaction, so a batch pays one commit.
+//! Nothing waits for a timer: under light load a batch is one job and goes at once.
+//!
+//! The ordering promises hold per job: a claim's caller hears `Owned` only after the batch
+//! holding it committed, and an outcome only after its batch committed.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{
+    AttemptArrays, AttemptRecord, Claim, Followup, JobRow, Outcome, ReplyRoute, StoreError,
+    deliveries,
+};
+use crate::wire::Job;
+
+/// Jobs written by one statement at most. Arrays of this size are cheap for Postgres, and a
+/// bound keeps one slow batch from holding too many jobs' answers.
+const MAX_BATCH: usize = 256;
+/// Batches of one lane in flight at once: while one commits, the next is being built.
+const EXECUTORS: usize = 2;
+
+/// A request that a batch may hold only once: the statements write one row per job id.
+trait Keyed {
+    fn key(&self) -> &str;
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// One kind of write, batched.
+struct Lane<Req, Resp> {
+    tx: mpsc::UnboundedSender<(Req, Reply<Resp>)>,
+}
+
+impl<Req, Resp> Lane<Req, Resp>
+where
+    Req: Keyed + Send + 'static,
+    Resp: Send + 'static,
+{
+    fn spawn<F, Fut>(pool: PgPool, execute: F) -> Self
+    where
+        F: Fn(PgPool, Vec<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Result<Resp, StoreError>>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_lane(pool, rx, Arc::new(execute)));
+        Self { tx }
+    }
+
+    async fn submit(&self, req: Req) -> Result<Resp, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send((req, reply))
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+async fn run_lane<Req, Resp, F, Fut>(
+    pool: PgPool,
+    mut rx: mpsc::UnboundedReceiver<(Req, Reply<Resp>)>,
+    execute: Arc<F>,
+) where
+    Req: Keyed + Send + 'static,
+    Resp: Send + 'static,
+    F: Fn(PgPool, Vec<Req>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Vec<Result<Resp, StoreError>>> + Send + 'static,
+{
+    let executors = Arc::new(Semaphore::new(EXECUTORS));
+    // Requests for an id already in the batch being built wait for the next one.
+    let mut held: VecDeque<(Req, Reply<Resp>)> = VecDeque::new();
+    loop {
+        let first = match held.pop_front() {
+            Some(r) => r,
+            None => match rx.recv().await {
+                Some(r) => r,
+                None => return,
+            },
+        };
+        // Wait for a free executor before gathering, so the batch takes everything that
+        // arrived while the others were busy.
+        let Ok(permit) = executors.clone().acquire_owned().await else {
+            return;
+        };
+        let mut keys: HashSet<String> = HashSet::new();
+        keys.insert(first.0.key().to_owned());
+        let mut batch = vec![first];
+        let mut still_held = VecDeque::new();
+        while let Some(r) = held.pop_front() {
+            if batch.len() < MAX_BATCH && keys.insert(r.0.key().to_owned()) {
+                batch.push(r);
+            } else {
+                still_held.push_back(r);
+            }
+        }
+        held = still_held;
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) if keys.insert(r.0.key().to_owned()) => batch.push(r),
+                Ok(r) => held.push_back(r),
+                Err(_) => break,
+            }
+        }
+        let pool = pool.clone();
+        let execute = execute.clone();
+        tokio::spawn(async move {
+            let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = batch.into_iter().unzip();
+            let results = execute(pool, reqs).await;
+            for (reply, result) in replies.into_iter().zip(results) {
+                // The asker may have gone (its task was aborted); the write stands either way.
+                let _ = reply.send(result);
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// One job's claim.
+pub(super) struct ClaimReq {
+    id: String,
+    job_type: &'static str,
+    phone: String,
+    params: String,
+    out_id: Option<String>,
+    route: ReplyRoute,
+    worker: Uuid,
+    lease_ms: i64,
+    /// Why the local per-number limit refused it; the row is then written final.
+    refusal: Option<String>,
+}
+
+impl ClaimReq {
+    pub(super) fn new(job: &Job, route: &ReplyRoute, worker: Uuid, lease: Duration) -> Self {
+        let params = job.stored_params();
+        Self {
+            id: job.id.clone(),
+            job_type: job.job_type().as_str(),
+            phone: job.phone().as_str().to_owned(),
+            out_id: params
+                .get("OutId")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            params: params.to_string(),
+            route: route.clone(),
+            worker,
+            lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
+            refusal: None,
+        }
+    }
+
+    pub(super) fn refused(mut self, why: String) -> Self {
+        self.refusal = Some(why);
+        self
+    }
+}
+
+impl Keyed for ClaimReq {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+pub(super) struct FinishReq {
+    pub(super) job_id: String,
+    pub(super) worker: Uuid,
+    pub(super) outcome: Outcome,
+    pub(super) last_attempt: Option<AttemptRecord>,
+}
+
+impl Keyed for FinishReq {
+    fn key(&self) -> &str {
+        &self.job_id
+    }
+}
+
+/// The batched writers of one store.
+pub(super) struct Writer {
+    claims: Lane<ClaimReq, Claim>,
+    finishes: Lane<FinishReq, JobRow>,
+}
+
+impl Writer {
+    pub(super) fn spawn(pool: PgPool) -> Self {
+        Self {
+            claims: Lane::spawn(pool.clone(), claim_batch),
+            finishes: Lane::spawn(pool, finish_batch),
+        }
+    }
+
+    pub(super) async fn claim(&self, req: ClaimReq) -> Result<Claim, StoreError> {
+        self.claims.submit(req).await
+    }
+
+    pub(super) async fn finish(&self, req: FinishReq) -> Result<JobRow, StoreError> {
+        self.finishes.submit(req).await
+    }
+}
+
+/// Whether a failed batch should be retried one job at a time: an error about the data of
+/// one row must not fail its neighbours, while a lost connection fails them all alike.
+fn is_about_data(e: &StoreError) -> bool {
+    matches!(e, StoreError::Database(sqlx::Error::Database(_)))
+}
+
+fn shared_failure<T>(n: usize, e: StoreError) -> Vec<Result<T, StoreError>> {
+    let e = Arc::new(e);
+    (0..n).map(|_| Err(StoreError::Shared(e.clone()))).collect()
+}
+
+async fn claim_batch(pool: PgPool, reqs: Vec<ClaimReq>) -> Vec<Result<Claim, StoreError>> {
+    let mut conn = match pool.acquire().await {
+        Ok(c) => c,
+        Err(e) => return shared_failure(reqs.len(), e.into()),
+    };
+    match claim_together(&mut conn, &reqs).await {
+        Ok(claims) => claims.into_iter().map(Ok).collect(),
+        Err(e) if reqs.len() > 1 && is_about_data(&e) => {
+            let mut out = Vec::with_capacity(reqs.len());
+            for r in &reqs {
+                out.push(
+                    claim_together(&mut conn, std::slice::from_ref(r))
+                        .await
+                        .and_then(|mut v| v.pop().ok_or(StoreError::WriterGone)),
+                );
+            }
+            out
+        }
+        Err(e) => shared_failure(reqs.len(), e),
+    }
+}
+
+/// Inserts every job as `sending` (or, refused by the local per-number limit, as final
+/// `rate_limited`) in one statement. Ids already present and not `invalid` are left alone and
+/// read back as they are. A row left `invalid` may be re-claimed: an invalid message never
+/// reached Aliyun, so a corrected job with the same id is a first attempt, not a duplicate.
+pub(super) async fn claim_together(
+    conn: &mut PgConnection,
+    reqs: &[ClaimReq],
+) -> Result<Vec<Claim>, StoreError> {
+    let n = reqs.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut types = Vec::with_capacity(n);
+    let mut phones = Vec::with_capacity(n);
+    let mut params = Vec::with_capacity(n);
+    let mut out_ids = Vec::with_capacity(n);
+    let mut reply_tos = Vec::with_capacity(n);
+    let mut correlations = Vec::with_capacity(n);
+    let mut workers = Vec::with_capacity(n);
+    let mut leases = Vec::with_capacity(n);
+    let mut refusals = Vec::with_capacity(n);
+    for r in reqs {
+        ids.push(r.id.as_str());
+        types.push(r.job_type);
+        phones.push(r.phone.as_str());
+        params.push(r.params.as_str());
+        out_ids.push(r.out_id.as_deref());
+        reply_tos.push(r.route.reply_to.as_deref());
+        correlations.push(r.route.correlation_id.as_deref());
+        workers.push(r.worker);
+        leases.push(r.lease_ms);
+        refusals.push(r.refusal.as_deref());
+    }
+    let written: Vec<JobRow> = sqlx::query_as(concat!(
+        "INSERT INTO sms_jobs (id, type, status, phone_number, params, out_id, reply_to,
+                               correlation_id, claimed_by, lease_until, code, message,
+                               finished_at)
+         SELECT t_id, t_type,
+                CASE WHEN t_refusal IS NULL THEN 'sending' ELSE 'rate_limited' END,
+                t_phone, t_params::jsonb, t_out_id, t_reply_to, t_correlation, t_worker,
+                now() + make_interval(secs => t_lease::double precision / 1000),
+                CASE WHEN t_refusal IS NULL THEN NULL ELSE 'LOCAL_NUMBER_LIMIT' END,
+                t_refusal,
+                CASE WHEN t_refusal IS NULL THEN NULL ELSE now() END
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::uuid[], $9::bigint[], $10::text[])
+              AS t(t_id, t_type, t_phone, t_params, t_out_id, t_reply_to, t_correlation,
+                   t_worker, t_lease, t_refusal)
+         ON CONFLICT (id) DO UPDATE SET
+             type = EXCLUDED.type, status = EXCLUDED.status,
+             phone_number = EXCLUDED.phone_number, params = EXCLUDED.params,
+             out_id = EXCLUDED.out_id, reply_to = EXCLUDED.reply_to,
+             correlation_id = EXCLUDED.correlation_id, claimed_by = EXCLUDED.claimed_by,
+             lease_until = EXCLUDED.lease_until, code = EXCLUDED.code,
+             message = EXCLUDED.message, attempts = 0, finished_at = EXCLUDED.finished_at,
+             updated_at = now()
+         WHERE sms_jobs.status = 'invalid'
+         RETURNING ",
+        job_columns!()
+    ))
+    .bind(&ids)
+    .bind(&types)
+    .bind(&phones)
+    .bind(&params)
+    .bind(&out_ids)
+    .bind(&reply_tos)
+    .bind(&correlations)
+    .bind(&workers)
+    .bind(&leases)
+    .bind(&refusals)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut rows: HashMap<String, JobRow> =
+        written.into_iter().map(|r| (r.id.clone(), r)).collect();
+    let untouched: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| !rows.contains_key(*id))
+        .collect();
+    let mut seen = super::fetch_many(&mut *conn, &untouched).await?;
+    reqs.iter()
+        .map(|r| match rows.remove(&r.id) {
+            Some(row) if row.status == "sending" => Ok(Claim::Owned),
+            // Refused by the local limit: final already, answered like a replay.
+            Some(row) => Ok(Claim::Seen(Box::new(row))),
+            None => seen
+                .remove(&r.id)
+                .map(|row| Claim::Seen(Box::new(row)))
+                .ok_or(StoreError::Database(sqlx::Error::RowNotFound)),
+        })
+        .collect()
+}
+
+async fn finish_batch(pool: PgPool, reqs: Vec<FinishReq>) -> Vec<Result<JobRow, StoreError>> {
+    match finish_together(&pool, &reqs).await {
+        Ok(rows) => rows,
+        Err(e) if reqs.len() > 1 && is_about_data(&e) => {
+            let mut out = Vec::with_capacity(reqs.len());
+            for r in &reqs {
+                out.push(
+                    match finish_together(&pool, std::slice::from_ref(r)).await {
+                        Ok(mut v) => v.pop().unwrap_or(Err(StoreError::WriterGone)),
+                        Err(e) => Err(e),
+                    },
+                );
+            }
+            out
+        }
+        Err(e) => shared_failure(reqs.len(), e),
+    }
+}
+
+/// Writes the outcomes of jobs this worker owns, and their deciding attempts, in one
+/// transaction. A job whose claim was lost meanwhile keeps the final answer already in its
+/// row, which is what its caller gets back.
+pub(super) async fn finish_together(
+    pool: &PgPool,
+    reqs: &[FinishReq],
+) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
+    let n = reqs.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut workers = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut codes = Vec::with_capacity(n);
+    let mut messages = Vec::with_capacity(n);
+    let mut biz_ids = Vec::with_capacity(n);
+    let mut request_ids = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut reconcile_ms = Vec::with_capacity(n);
+    for r in reqs {
+        let o = &r.outcome;
+        ids.push(r.job_id.as_str());
+        workers.push(r.worker);
+        statuses.push(o.status.as_str());
+        codes.push(o.code.as_str());
+        messages.push(o.message.as_str());
+        biz_ids.push(o.biz_id.as_deref());
+        request_ids.push(o.request_id.as_deref());
+        attempts.push(i32::try_from(o.attempts).unwrap_or(i32::MAX));
+        reconcile_ms.push(match &o.followup {
+            Followup::Reconcile { grace, .. } => {
+                Some(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX))
+            }
+            _ => None,
+        });
+    }
+    let mut recorded = AttemptArrays::default();
+    for r in reqs {
+        if let Some(a) = &r.last_attempt {
+            recorded.push(&r.job_id, a);
+        }
+    }
+    // Sends with receipts to track add rows elsewhere, so they need a transaction; the common
+    // batch is one statement, which is atomic by itself and spares three round trips.
+    let followups = reqs
+        .iter()
+        .any(|r| !matches!(r.outcome.followup, Followup::None));
+    let query = bind_attempts!(
+        sqlx::query_as::<_, JobRow>(concat!(
+            "WITH recorded AS (",
+            insert_attempts_sql!(),
+            "), finished AS (
+                UPDATE sms_jobs SET status = t_status, code = t_code, message = t_message,
+                    biz_id = t_biz_id, request_id = t_request_id, attempts = t_attempts,
+                    finished_at = now(), updated_at = now(), lease_until = NULL,
+                    reconcile_until = now() + make_interval(secs => t_reconcile::double precision / 1000),
+                    next_reconcile_at = CASE WHEN t_reconcile IS NULL THEN NULL ELSE now() END
+                FROM unnest($11::text[], $12::uuid[], $13::text[], $14::text[], $15::text[],
+                            $16::text[], $17::text[], $18::int[], $19::bigint[])
+                     AS t(t_id, t_worker, t_status, t_code, t_message, t_biz_id, t_request_id,
+                          t_attempts, t_reconcile)
+                WHERE id = t_id AND status = 'sending' AND claimed_by = t_worker
+                RETURNING ",
+            job_columns!(),
+            ") SELECT ",
+            job_columns!(),
+            " FROM finished"
+        )),
+        recorded
+    )
+    .bind(&ids)
+    .bind(&workers)
+    .bind(&statuses)
+    .bind(&codes)
+    .bind(&messages)
+    .bind(&biz_ids)
+    .bind(&request_ids)
+    .bind(&attempts)
+    .bind(&reconcile_ms);
+    let mut rows: HashMap<String, JobRow> = HashMap::with_capacity(n);
+    if followups {
+        let mut tx = pool.begin().await?;
+        rows.extend(
+            query
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .map(|r| (r.id.clone(), r)),
+        );
+        for r in reqs.iter().filter(|r| rows.contains_key(&r.job_id)) {
+            let phones = match &r.outcome.followup {
+                Followup::None => continue,
+                Followup::TrackReceipts { phones } | Followup::Reconcile { phones, .. } => phones,
+            };
+            deliveries::insert(&mut tx, &r.job_id, phones, r.outcome.biz_id.as_deref()).await?;
+        }
+        tx.commit().await?;
+    } else {
+        rows.extend(
+            query
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|r| (r.id.clone(), r)),
+        );
+    }
+    let lost: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| !rows.contains_key(*id))
+        .collect();
+    if !lost.is_empty() {
+        let mut conn = pool.acquire().await?;
+        rows.extend(super::fetch_many(&mut conn, &lost).await?);
+    }
+    Ok(reqs
+        .iter()
+        .map(|r| {
+            rows.remove(&r.job_id)
+                .ok_or(StoreError::Database(sqlx::Error::RowNotFound))
+        })
+        .collect())
+}
