@@ -11,6 +11,7 @@ pub mod aliyun;
 pub mod bench;
 pub mod broker;
 pub mod config;
+pub mod dead_letters;
 pub mod fake_aliyun;
 pub mod health;
 pub mod ops;

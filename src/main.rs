@@ -1,4 +1,4 @@
-//! The command line: `run`, `migrate`, `enqueue`, `fake-aliyun`.
+//! The command line: `run`, `migrate`, `enqueue`, `fake-aliyun`, and the operator commands.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use aliyun_sms_worker::config::{self, ClientSettings, Config, LogFormat};
+use aliyun_sms_worker::dead_letters::{self, DeadLetters, Selection};
 use aliyun_sms_worker::fake_aliyun::{FakeAliyun, FakeConfig, FaultRule};
 use aliyun_sms_worker::ops;
 use aliyun_sms_worker::sms_client::SmsClient;
@@ -48,6 +49,29 @@ enum Command {
     /// Measure throughput, latency, RSS and CPU against the local RabbitMQ and Postgres and an
     /// in-process fake Aliyun, next to the bare-broker ceiling of this machine.
     Bench(BenchArgs),
+    /// Look at the dead-letter queue, or send messages from it back to the jobs queue.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// Show messages from the head of the dead-letter queue, leaving them all in it.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-publish dead letters to the jobs queue, then remove them from the dead-letter queue.
+    Redrive {
+        /// Job id (or AMQP message id) to redrive; repeatable.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Redrive every message in the dead-letter queue.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -291,6 +315,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::DeadLetters(command) => dead_letters(command).await,
         Command::Bench(args) => {
             let lookup = config::env_lookup;
             let default = |name| {
@@ -320,6 +345,56 @@ async fn operator_store() -> anyhow::Result<Store> {
     Store::connect(url.expose(), 2)
         .await
         .context("connecting to Postgres")
+}
+
+async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<ExitCode> {
+    // Refuse a redrive with no selection before touching RabbitMQ.
+    if let DeadLettersCommand::Redrive { ids, all: false } = &command
+        && ids.is_empty()
+    {
+        anyhow::bail!(
+            "say which messages to redrive: --id ID (repeatable) or --all; see `dead-letters list`"
+        );
+    }
+    let settings = ClientSettings::from_lookup(&config::env_lookup)?;
+    let queue = config::dead_letter_queue(&config::env_lookup)?;
+    let dlq = DeadLetters::connect(settings.amqp_url.expose(), &queue, &settings.jobs_queue)
+        .await
+        .context("connecting to RabbitMQ")?;
+    let outcome = match command {
+        DeadLettersCommand::List { limit, json } => dlq.list(limit.max(1)).await.map(|letters| {
+            if json {
+                serde_json::to_string_pretty(&letters).map(|s| println!("{s}"))
+            } else {
+                print!("{}", dead_letters::render(&letters, &queue));
+                Ok(())
+            }
+        }),
+        DeadLettersCommand::Redrive { ids, all } => {
+            let selection = if all {
+                Selection::All
+            } else {
+                Selection::Ids(ids.into_iter().collect())
+            };
+            dlq.redrive(&selection).await.map(|r| {
+                println!(
+                    "redrove {} message(s) from {queue} to {}",
+                    r.moved.len(),
+                    settings.jobs_queue
+                );
+                for id in &r.moved {
+                    println!("  {id}");
+                }
+                for id in &r.not_found {
+                    println!("not in {queue}: {id}");
+                }
+                Ok(())
+            })
+        }
+    };
+    dlq.close().await;
+    outcome??;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn jobs(command: JobsCommand) -> anyhow::Result<ExitCode> {

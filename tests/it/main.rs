@@ -5,6 +5,7 @@ mod chaos;
 mod check_verify_code;
 mod cli;
 mod compose;
+mod dead_letters;
 mod dysmsapi;
 mod helpers;
 mod invalid;
