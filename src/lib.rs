@@ -18,6 +18,7 @@ pub mod ops;
 pub mod phone;
 pub mod pipeline;
 pub mod receipts;
+pub mod retention;
 pub mod sandbox;
 pub mod sms_client;
 pub mod store;

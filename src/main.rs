@@ -16,7 +16,7 @@ use aliyun_sms_worker::ops;
 use aliyun_sms_worker::sms_client::SmsClient;
 use aliyun_sms_worker::store::{JobFilter, Store};
 use aliyun_sms_worker::wire::Status;
-use aliyun_sms_worker::{sandbox, telemetry, worker};
+use aliyun_sms_worker::{retention, sandbox, telemetry, worker};
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +52,8 @@ enum Command {
     /// Look at the dead-letter queue, or send messages from it back to the jobs queue.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Delete finished jobs (with their attempts and delivery receipts) past a retention age.
+    Purge(PurgeArgs),
 }
 
 #[derive(Subcommand)]
@@ -72,6 +74,19 @@ enum DeadLettersCommand {
         #[arg(long, conflicts_with = "ids")]
         all: bool,
     },
+}
+
+#[derive(Args)]
+struct PurgeArgs {
+    /// Retention age: jobs finished longer ago than this go (at least 1d), e.g. 90d.
+    #[arg(long)]
+    older_than: String,
+    /// Count what would be deleted, delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Jobs per delete statement.
+    #[arg(long, default_value_t = aliyun_sms_worker::retention::DEFAULT_BATCH, hide = true)]
+    batch_size: i64,
 }
 
 #[derive(Subcommand)]
@@ -316,6 +331,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::DeadLetters(command) => dead_letters(command).await,
+        Command::Purge(args) => purge(args).await,
         Command::Bench(args) => {
             let lookup = config::env_lookup;
             let default = |name| {
@@ -394,6 +410,27 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<ExitCode> {
     };
     dlq.close().await;
     outcome??;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
+    let age = ops::parse_age(&args.older_than).map_err(anyhow::Error::msg)?;
+    let cutoff = retention::cutoff(age)?;
+    let store = operator_store().await?;
+    let before = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    if args.dry_run {
+        let n = retention::count(&store, cutoff).await?;
+        println!(
+            "would purge {} job(s) finished before {before} (older than {}), with {} attempt(s) and {} delivery receipt(s); nothing deleted (--dry-run)",
+            n.jobs, args.older_than, n.attempts, n.deliveries
+        );
+    } else {
+        let n = retention::purge(&store, cutoff, args.batch_size).await?;
+        println!(
+            "purged {} job(s) finished before {before} (older than {}), with {} attempt(s) and {} delivery receipt(s), in {} batch(es)",
+            n.jobs, args.older_than, n.attempts, n.deliveries, n.batches
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -15,4 +15,5 @@ mod process;
 mod proxy;
 mod readme;
 mod reliability;
+mod retention;
 mod send_verify_code;
