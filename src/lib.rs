@@ -10,6 +10,7 @@ pub mod admin;
 pub mod aliyun;
 pub mod bench;
 pub mod broker;
+pub mod check_config;
 pub mod config;
 pub mod dead_letters;
 pub mod fake_aliyun;

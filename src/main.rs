@@ -16,7 +16,7 @@ use aliyun_sms_worker::ops;
 use aliyun_sms_worker::sms_client::SmsClient;
 use aliyun_sms_worker::store::{JobFilter, Store};
 use aliyun_sms_worker::wire::Status;
-use aliyun_sms_worker::{retention, sandbox, telemetry, worker};
+use aliyun_sms_worker::{check_config, retention, sandbox, telemetry, worker};
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +54,9 @@ enum Command {
     DeadLetters(DeadLettersCommand),
     /// Delete finished jobs (with their attempts and delivery receipts) past a retention age.
     Purge(PurgeArgs),
+    /// Check the configuration, RabbitMQ, Postgres (migrations) and Aliyun (credentials),
+    /// sending nothing; exits non-zero if any check fails.
+    CheckConfig,
 }
 
 #[derive(Subcommand)]
@@ -332,6 +335,20 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::DeadLetters(command) => dead_letters(command).await,
         Command::Purge(args) => purge(args).await,
+        Command::CheckConfig => {
+            let checks = check_config::run(&config::env_lookup).await;
+            for check in &checks {
+                println!("{check}");
+            }
+            let failed = checks
+                .iter()
+                .any(|c| c.verdict != check_config::Verdict::Ok);
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Bench(args) => {
             let lookup = config::env_lookup;
             let default = |name| {
