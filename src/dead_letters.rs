@@ -406,13 +406,27 @@ fn without_codes(v: Value) -> Value {
     }
 }
 
-/// For the table: codes hidden, and every phone-like run of digits masked.
+/// Fields whose digits are never a phone number; masking them would only hide what an
+/// operator needs to recognise the job.
+const NOT_PHONES: &[&str] = &["template_code", "type", "code_length", "code_type"];
+
+/// For the table: codes hidden, and every phone-like run of digits masked (a number can sit in
+/// any field of a malformed job, not only `phone_number`).
 fn masked_json(v: &Value) -> Value {
     fn mask(v: Value) -> Value {
         match v {
-            Value::Object(map) => {
-                Value::Object(map.into_iter().map(|(k, v)| (k, mask(v))).collect())
-            }
+            Value::Object(map) => Value::Object(
+                map.into_iter()
+                    .map(|(k, v)| {
+                        let v = if NOT_PHONES.contains(&k.as_str()) {
+                            v
+                        } else {
+                            mask(v)
+                        };
+                        (k, v)
+                    })
+                    .collect(),
+            ),
             Value::Array(items) => Value::Array(items.into_iter().map(mask).collect()),
             Value::String(s) => Value::String(mask_digit_runs(&s)),
             Value::Number(n) => Value::String(mask_digit_runs(&n.to_string())),
@@ -462,7 +476,8 @@ pub fn render(letters: &[DeadLetter], queue: &str) -> String {
                 out,
                 "    invalid     {}: {}",
                 dash(&l.invalid_code),
-                dash(&l.invalid_reason)
+                // A reason may quote the offending value, a number among them.
+                mask_digit_runs(&dash(&l.invalid_reason))
             );
         }
         if let Some(n) = l.death_count {

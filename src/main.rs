@@ -397,11 +397,11 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<ExitCode> {
     let outcome = match command {
         DeadLettersCommand::List { limit, json } => dlq.list(limit.max(1)).await.map(|letters| {
             if json {
-                serde_json::to_string_pretty(&letters).map(|s| println!("{s}"))
+                serde_json::to_string_pretty(&letters).map(|s| println!("{s}"))?;
             } else {
                 print!("{}", dead_letters::render(&letters, &queue));
-                Ok(())
             }
+            Ok(ExitCode::SUCCESS)
         }),
         DeadLettersCommand::Redrive { ids, all } => {
             let selection = if all {
@@ -421,13 +421,18 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<ExitCode> {
                 for id in &r.not_found {
                     println!("not in {queue}: {id}");
                 }
-                Ok(())
+                // Like `jobs show`: 2 tells a script that something asked for was not there.
+                Ok(if r.not_found.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(2)
+                })
             })
         }
     };
     dlq.close().await;
-    outcome??;
-    Ok(ExitCode::SUCCESS)
+    let code: Result<ExitCode, serde_json::Error> = outcome?;
+    Ok(code?)
 }
 
 async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {

@@ -184,7 +184,7 @@ async fn dead_letters_are_listed_without_loss_and_redriven_to_the_worker() {
             "no-such-job",
         ])
         .await;
-    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(code, 2, "an id not found is reported: {out}\n{err}");
     assert!(out.contains("redrove 1 message(s)"), "{out}");
     assert!(
         out.contains("not in") && out.contains("no-such-job"),
