@@ -12,11 +12,12 @@ use std::time::Duration;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};
+use sqlx::{Connection as _, PgConnection};
 
 use crate::aliyun::outcome::meaning;
 use crate::aliyun::{AliyunClient, CallError, Product};
 use crate::config::{ALIBABA_CLOUD_ACCESS_KEY_ID, ALIBABA_CLOUD_ACCESS_KEY_SECRET, Config};
-use crate::store::{Store, china_time};
+use crate::store::china_time;
 
 /// Longest any one check may take: an unreachable host must not hang the command.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -169,7 +170,7 @@ async fn rabbitmq(config: &Config) -> Check {
         .map_err(|e| format!("cannot connect to {host}: {e}"))?;
         let declared = async {
             let channel = connection.create_channel().await?;
-            channel
+            let declared = channel
                 .queue_declare(
                     ShortString::from(queue.as_str()),
                     QueueDeclareOptions {
@@ -178,7 +179,12 @@ async fn rabbitmq(config: &Config) -> Check {
                     },
                     FieldTable::default(),
                 )
-                .await
+                .await;
+            // A refused passive declare has closed the channel already.
+            if declared.is_ok() {
+                let _ = channel.close(200, ShortString::from("checked")).await;
+            }
+            declared
         }
         .await;
         let _ = connection.close(200, ShortString::from("checked")).await;
@@ -205,11 +211,12 @@ async fn postgres(config: &Config) -> Check {
     const NAME: &str = "postgres";
     let host = host_of(config.database_url.expose());
     let result = within(&format!("Postgres at {host}"), async {
-        let store = Store::connect(config.database_url.expose(), 1)
+        // One plain connection, not a pool: a pool's timeout would hide why it failed.
+        let mut conn = PgConnection::connect(config.database_url.expose())
             .await
             .map_err(|e| format!("cannot connect to {host}: {e}"))?;
-        let status = migration_status(&store).await;
-        store.pool().close().await;
+        let status = migration_status(&mut conn).await;
+        let _ = conn.close().await;
         status.map(|s| format!("connected to {host}; {s}"))
     })
     .await;
@@ -220,9 +227,9 @@ async fn postgres(config: &Config) -> Check {
 }
 
 /// Compares `_sqlx_migrations` with the migrations embedded in this binary.
-async fn migration_status(store: &Store) -> Result<String, String> {
+async fn migration_status(conn: &mut PgConnection) -> Result<String, String> {
     let (exists,): (bool,) = sqlx::query_as("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(store.pool())
+        .fetch_one(&mut *conn)
         .await
         .map_err(|e| format!("cannot read the migrations table: {e}"))?;
     let embedded: BTreeMap<i64, &[u8]> = MIGRATOR
@@ -238,7 +245,7 @@ async fn migration_status(store: &Store) -> Result<String, String> {
     }
     let applied: Vec<(i64, Vec<u8>, bool)> =
         sqlx::query_as("SELECT version, checksum, success FROM _sqlx_migrations ORDER BY version")
-            .fetch_all(store.pool())
+            .fetch_all(&mut *conn)
             .await
             .map_err(|e| format!("cannot read the migrations table: {e}"))?;
     if let Some((v, _, _)) = applied.iter().find(|(_, _, ok)| !ok) {
