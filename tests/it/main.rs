@@ -8,6 +8,7 @@ mod cli;
 mod compose;
 mod dead_letters;
 mod dysmsapi;
+mod examples;
 mod helpers;
 mod invalid;
 mod operators;
