@@ -117,8 +117,8 @@ impl DeadLetters {
     }
 
     /// A passive declare on its own channel: a missing queue closes the channel it is asked
-    /// on, and a clear message beats a channel error later.
-    async fn ensure_queue(&self, queue: &str) -> Result<(), DeadLetterError> {
+    /// on, and a clear message beats a channel error later. Returns the ready messages.
+    async fn ensure_queue(&self, queue: &str) -> Result<u32, DeadLetterError> {
         let channel = self.connection.create_channel().await?;
         let declared = channel
             .queue_declare(
@@ -131,9 +131,9 @@ impl DeadLetters {
             )
             .await;
         match declared {
-            Ok(_) => {
+            Ok(q) => {
                 let _ = channel.close(200, short("checked")).await;
-                Ok(())
+                Ok(q.message_count())
             }
             Err(e) if is_not_found(&e) => Err(DeadLetterError::NoSuchQueue(queue.to_owned())),
             Err(e) => Err(e.into()),
@@ -173,14 +173,14 @@ impl DeadLetters {
     /// Re-publishes the selected messages to the jobs queue (persistent, confirmed), then acks
     /// each off the dead-letter queue. Messages not selected go back untouched.
     pub async fn redrive(&self, selection: &Selection) -> Result<Redriven, DeadLetterError> {
-        self.ensure_queue(&self.dead_letter_queue).await?;
+        let present = self.ensure_queue(&self.dead_letter_queue).await?;
         self.ensure_queue(&self.jobs_queue).await?;
         let get = self.connection.create_channel().await?;
         let publish = self.connection.create_channel().await?;
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let moved = self.move_selected(&get, &publish, selection).await;
+        let moved = self.move_selected(&get, &publish, selection, present).await;
         // Unselected messages were held unacked on `get`; closing it puts them back.
         let _ = get.close(200, short("redriven")).await;
         let _ = publish.close(200, short("redriven")).await;
@@ -201,17 +201,21 @@ impl DeadLetters {
         get: &Channel,
         publish: &Channel,
         selection: &Selection,
+        present: u32,
     ) -> Result<Vec<String>, DeadLetterError> {
         let mut moved = Vec::new();
         // Held messages are not handed out again on this channel, so this walks the queue once
-        // (every copy of a selected id included) and stops when it is through.
-        while let Some(message) = get
-            .basic_get(
-                short(&self.dead_letter_queue),
-                BasicGetOptions { no_ack: false },
-            )
-            .await?
-        {
+        // (every copy of a selected id included). It stops after the messages that were there
+        // when it began: a redriven job the worker refuses again comes back to this queue, and
+        // must not be redriven round and round.
+        for _ in 0..present {
+            let got = get
+                .basic_get(
+                    short(&self.dead_letter_queue),
+                    BasicGetOptions { no_ack: false },
+                )
+                .await?;
+            let Some(message) = got else { break };
             let delivery = message.delivery;
             let letter = describe(&delivery);
             let chosen = match selection {
