@@ -473,7 +473,12 @@ pub fn render(letters: &[DeadLetter], queue: &str) -> String {
     );
     for (i, l) in letters.iter().enumerate() {
         let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
-        let _ = writeln!(out, "#{}  id {}", i + 1, l.id().unwrap_or("-"));
+        let _ = match (&l.job_id, &l.message_id) {
+            (Some(job), Some(msg)) if job != msg => {
+                writeln!(out, "#{}  id {job} (AMQP message id {msg})", i + 1)
+            }
+            _ => writeln!(out, "#{}  id {}", i + 1, l.id().unwrap_or("-")),
+        };
         let _ = writeln!(out, "    timestamp   {}", dash(&l.timestamp));
         if l.invalid_code.is_some() || l.invalid_reason.is_some() {
             let _ = writeln!(
@@ -526,6 +531,29 @@ mod tests {
         assert!(!body.contains("QZX7K9") && !body.contains("4821"), "{body}");
         let placeholder = without_codes(json!({"template_param": {"code": "##code##"}}));
         assert_eq!(placeholder["template_param"]["code"], "##code##");
+    }
+
+    #[test]
+    fn the_table_masks_numbers_quoted_in_reasons_and_names_both_ids() {
+        let letter = DeadLetter {
+            message_id: Some("amqp-1".into()),
+            job_id: Some("j1".into()),
+            invalid_code: Some("INVALID_FIELD".into()),
+            invalid_reason: Some("invalid type: integer `13912345678`, expected a string".into()),
+            death_count: Some(5),
+            death_reason: Some("delivery_limit".into()),
+            death_queue: Some("sms.jobs".into()),
+            timestamp: None,
+            redelivered: false,
+            bytes: 10,
+            preview: "{}".into(),
+            body: Value::Null,
+        };
+        let out = render(&[letter], "sms.jobs.dead");
+        assert!(!out.contains("13912345678"), "{out}");
+        assert!(out.contains("139****5678"), "{out}");
+        assert!(out.contains("id j1 (AMQP message id amqp-1)"), "{out}");
+        assert!(out.contains("5x delivery_limit (from sms.jobs)"), "{out}");
     }
 
     #[test]
