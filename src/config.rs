@@ -361,6 +361,11 @@ pub fn database_url(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Secret, C
     ))
 }
 
+/// What `dead-letters` needs besides [`ClientSettings`]: the dead-letter queue's name.
+pub fn dead_letter_queue(lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+    Reader { lookup }.queue_name(SMS_DEAD_LETTER_QUEUE)
+}
+
 impl ClientSettings {
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let r = Reader { lookup };

@@ -1,4 +1,4 @@
-//! The command line: `run`, `migrate`, `enqueue`, `fake-aliyun`.
+//! The command line: `run`, `migrate`, `enqueue`, `fake-aliyun`, and the operator commands.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -10,12 +10,13 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use aliyun_sms_worker::config::{self, ClientSettings, Config, LogFormat};
+use aliyun_sms_worker::dead_letters::{self, DeadLetters, Selection};
 use aliyun_sms_worker::fake_aliyun::{FakeAliyun, FakeConfig, FaultRule};
 use aliyun_sms_worker::ops;
 use aliyun_sms_worker::sms_client::SmsClient;
 use aliyun_sms_worker::store::{JobFilter, Store};
 use aliyun_sms_worker::wire::Status;
-use aliyun_sms_worker::{sandbox, telemetry, worker};
+use aliyun_sms_worker::{check_config, retention, sandbox, telemetry, worker};
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +49,47 @@ enum Command {
     /// Measure throughput, latency, RSS and CPU against the local RabbitMQ and Postgres and an
     /// in-process fake Aliyun, next to the bare-broker ceiling of this machine.
     Bench(BenchArgs),
+    /// Look at the dead-letter queue, or send messages from it back to the jobs queue.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+    /// Delete finished jobs (with their attempts and delivery receipts) past a retention age.
+    Purge(PurgeArgs),
+    /// Check the configuration, RabbitMQ, Postgres (migrations) and Aliyun (credentials),
+    /// sending nothing; exits non-zero if any check fails.
+    CheckConfig,
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// Show messages from the head of the dead-letter queue, leaving them all in it.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-publish dead letters to the jobs queue, then remove them from the dead-letter queue.
+    Redrive {
+        /// Job id (or AMQP message id) to redrive; repeatable.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+        /// Redrive every message in the dead-letter queue.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+}
+
+#[derive(Args)]
+struct PurgeArgs {
+    /// Retention age: jobs finished longer ago than this go (at least 1d), e.g. 90d.
+    #[arg(long)]
+    older_than: String,
+    /// Count what would be deleted, delete nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Jobs per delete statement.
+    #[arg(long, default_value_t = aliyun_sms_worker::retention::DEFAULT_BATCH, hide = true)]
+    batch_size: i64,
 }
 
 #[derive(Subcommand)]
@@ -291,6 +333,22 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::DeadLetters(command) => dead_letters(command).await,
+        Command::Purge(args) => purge(args).await,
+        Command::CheckConfig => {
+            let checks = check_config::run(&config::env_lookup).await;
+            for check in &checks {
+                println!("{check}");
+            }
+            let failed = checks
+                .iter()
+                .any(|c| c.verdict != check_config::Verdict::Ok);
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Bench(args) => {
             let lookup = config::env_lookup;
             let default = |name| {
@@ -320,6 +378,82 @@ async fn operator_store() -> anyhow::Result<Store> {
     Store::connect(url.expose(), 2)
         .await
         .context("connecting to Postgres")
+}
+
+async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<ExitCode> {
+    // Refuse a redrive with no selection before touching RabbitMQ.
+    if let DeadLettersCommand::Redrive { ids, all: false } = &command
+        && ids.is_empty()
+    {
+        anyhow::bail!(
+            "say which messages to redrive: --id ID (repeatable) or --all; see `dead-letters list`"
+        );
+    }
+    let settings = ClientSettings::from_lookup(&config::env_lookup)?;
+    let queue = config::dead_letter_queue(&config::env_lookup)?;
+    let dlq = DeadLetters::connect(settings.amqp_url.expose(), &queue, &settings.jobs_queue)
+        .await
+        .context("connecting to RabbitMQ")?;
+    let outcome = match command {
+        DeadLettersCommand::List { limit, json } => dlq.list(limit.max(1)).await.map(|letters| {
+            if json {
+                serde_json::to_string_pretty(&letters).map(|s| println!("{s}"))?;
+            } else {
+                print!("{}", dead_letters::render(&letters, &queue));
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
+        DeadLettersCommand::Redrive { ids, all } => {
+            let selection = if all {
+                Selection::All
+            } else {
+                Selection::Ids(ids.into_iter().collect())
+            };
+            dlq.redrive(&selection).await.map(|r| {
+                println!(
+                    "redrove {} message(s) from {queue} to {}",
+                    r.moved.len(),
+                    settings.jobs_queue
+                );
+                for id in &r.moved {
+                    println!("  {id}");
+                }
+                for id in &r.not_found {
+                    println!("not in {queue}: {id}");
+                }
+                // Like `jobs show`: 2 tells a script that something asked for was not there.
+                Ok(if r.not_found.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(2)
+                })
+            })
+        }
+    };
+    dlq.close().await;
+    let code: Result<ExitCode, serde_json::Error> = outcome?;
+    Ok(code?)
+}
+
+async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
+    let age = ops::parse_age(&args.older_than).map_err(anyhow::Error::msg)?;
+    let cutoff = retention::cutoff(age)?;
+    let store = operator_store().await?;
+    let before = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    if args.dry_run {
+        let n = retention::count(&store, cutoff).await?;
+        println!(
+            "would purge {} job(s) finished before {before} (older than {}), with {} attempt(s) and {} delivery receipt(s); nothing deleted (--dry-run)",
+            n.jobs, args.older_than, n.attempts, n.deliveries
+        );
+    } else {
+        let n = retention::purge(&store, cutoff, args.batch_size).await?;
+        println!(
+            "purged {} job(s) finished before {before} (older than {}), with {} attempt(s) and {} delivery receipt(s), in {} batch(es)",
+            n.jobs, args.older_than, n.attempts, n.deliveries, n.batches
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn jobs(command: JobsCommand) -> anyhow::Result<ExitCode> {

@@ -2,10 +2,13 @@
 //! Every test has its own database and queues, so the suite runs in parallel.
 
 mod chaos;
+mod check_config;
 mod check_verify_code;
 mod cli;
 mod compose;
+mod dead_letters;
 mod dysmsapi;
+mod examples;
 mod helpers;
 mod invalid;
 mod operators;
@@ -14,4 +17,5 @@ mod process;
 mod proxy;
 mod readme;
 mod reliability;
+mod retention;
 mod send_verify_code;

@@ -35,3 +35,36 @@ fn every_final_status_is_explained() {
         );
     }
 }
+
+#[test]
+fn the_backend_examples_in_the_readme_are_the_files_the_tests_run() {
+    let readme = readme();
+    for (lang, path) in [
+        ("rust", "examples/send_code.rs"),
+        ("python", "examples/python/send_code.py"),
+        ("js", "examples/node/send_code.js"),
+    ] {
+        let file = std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(
+            readme.contains(&format!("```{lang}\n{file}```")),
+            "the README's {lang} example is not exactly {path}"
+        );
+    }
+}
+
+#[test]
+fn every_operator_command_is_in_the_commands_table() {
+    let readme = readme();
+    for command in [
+        "dead-letters list",
+        "dead-letters redrive",
+        "purge --older-than",
+        "check-config",
+    ] {
+        assert!(
+            readme.contains(&format!("| `aliyun-sms-worker {command}")),
+            "README's Commands table has no row for {command}"
+        );
+    }
+}

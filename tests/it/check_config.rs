@@ -1,0 +1,189 @@
+//! `check-config` against a running worker's RabbitMQ, Postgres and fake Aliyun: all good,
+//! then one thing broken at a time.
+
+use std::collections::HashMap;
+
+use aliyun_sms_worker::config;
+
+use crate::helpers::{TEST_SECRET, TestApp, TestEnv, create_database, drop_database, free_addr};
+use crate::process::command;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn line(&self, check: &str) -> &str {
+        self.stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(check))
+            .unwrap_or_else(|| panic!("no {check} line:\n{}", self.stdout))
+    }
+}
+
+async fn check_config(settings: &HashMap<String, String>) -> Run {
+    let out = command(settings.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .arg("check-config")
+        .output()
+        .await
+        .expect("run the binary");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn with(
+    settings: &HashMap<String, String>,
+    name: &str,
+    value: Option<&str>,
+) -> HashMap<String, String> {
+    let mut s = settings.clone();
+    match value {
+        Some(v) => s.insert(name.to_owned(), v.to_owned()),
+        None => s.remove(name),
+    };
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_reports_each_dependency_in_plain_words() {
+    let env = TestEnv::new(|_| {}).await;
+    let settings = env.settings.clone();
+    // The worker applies the migrations and declares the queues, as in production.
+    let app = TestApp::start(env).await;
+
+    let good = check_config(&settings).await;
+    assert_eq!(good.code, 0, "{}\n{}", good.stdout, good.stderr);
+    for check in ["config", "rabbitmq", "postgres", "aliyun"] {
+        assert!(good.line(check).starts_with("ok "), "{}", good.stdout);
+    }
+    assert!(
+        good.line("postgres").contains("all 3 migrations applied"),
+        "{}",
+        good.stdout
+    );
+    assert!(
+        good.line("aliyun").contains("accepted the credentials"),
+        "{}",
+        good.stdout
+    );
+    assert_eq!(app.fake.requests().len(), 1, "one probe call");
+    assert!(
+        app.fake
+            .requests()
+            .iter()
+            .all(|r| r.action == "QuerySendDetails")
+    );
+
+    let wrong = "Wr0ng+Secret/Value";
+    let bad_secret = check_config(&with(
+        &settings,
+        config::ALIBABA_CLOUD_ACCESS_KEY_SECRET,
+        Some(wrong),
+    ))
+    .await;
+    assert_ne!(bad_secret.code, 0);
+    let line = bad_secret.line("aliyun");
+    assert!(
+        line.starts_with("FAIL") && line.contains("credentials rejected"),
+        "{line}"
+    );
+    assert!(
+        line.contains(config::ALIBABA_CLOUD_ACCESS_KEY_SECRET),
+        "{line}"
+    );
+    assert!(bad_secret.line("postgres").starts_with("ok "));
+    let bad_key = check_config(&with(
+        &settings,
+        config::ALIBABA_CLOUD_ACCESS_KEY_ID,
+        Some("LTAI-unknown-key"),
+    ))
+    .await;
+    let line = bad_key.line("aliyun");
+    assert!(
+        line.contains("credentials rejected") && line.contains(config::ALIBABA_CLOUD_ACCESS_KEY_ID),
+        "{line}"
+    );
+
+    let no_db = format!("postgres://postgres@{}/nowhere", free_addr());
+    let unreachable = check_config(&with(&settings, config::DATABASE_URL, Some(&no_db))).await;
+    assert_ne!(unreachable.code, 0);
+    let line = unreachable.line("postgres");
+    assert!(
+        line.starts_with("FAIL") && line.contains("cannot connect"),
+        "{line}"
+    );
+    assert!(unreachable.line("rabbitmq").starts_with("ok "));
+
+    let (empty_db, empty_url) = create_database().await;
+    let unmigrated = check_config(&with(&settings, config::DATABASE_URL, Some(&empty_url))).await;
+    drop_database(&empty_db).await;
+    let line = unmigrated.line("postgres");
+    assert!(
+        line.starts_with("FAIL") && line.contains("no migrations applied"),
+        "{line}"
+    );
+
+    let no_queue = check_config(&with(
+        &settings,
+        config::SMS_JOBS_QUEUE,
+        Some("smsw-test-no-such-queue"),
+    ))
+    .await;
+    let line = no_queue.line("rabbitmq");
+    assert!(
+        line.starts_with("FAIL") && line.contains("does not exist"),
+        "{line}"
+    );
+
+    let no_fake = format!("http://{}", free_addr());
+    let no_aliyun = check_config(&with(
+        &settings,
+        config::ALIYUN_DYSMSAPI_ENDPOINT,
+        Some(&no_fake),
+    ))
+    .await;
+    let line = no_aliyun.line("aliyun");
+    assert!(
+        line.starts_with("FAIL") && line.contains("could not reach"),
+        "{line}"
+    );
+
+    let missing = check_config(&with(&settings, config::ALIBABA_CLOUD_ACCESS_KEY_ID, None)).await;
+    assert_ne!(missing.code, 0);
+    let line = missing.line("config");
+    assert!(
+        line.starts_with("FAIL") && line.contains(config::ALIBABA_CLOUD_ACCESS_KEY_ID),
+        "{line}"
+    );
+    assert!(
+        missing.line("aliyun").starts_with("skip"),
+        "{}",
+        missing.stdout
+    );
+
+    for run in [
+        &good,
+        &bad_secret,
+        &bad_key,
+        &unreachable,
+        &unmigrated,
+        &no_queue,
+        &no_aliyun,
+        &missing,
+    ] {
+        for secret in [TEST_SECRET, wrong, "guest:guest"] {
+            assert!(
+                !run.stdout.contains(secret) && !run.stderr.contains(secret),
+                "a secret was printed:\n{}\n{}",
+                run.stdout,
+                run.stderr
+            );
+        }
+    }
+    app.shutdown().await;
+}
