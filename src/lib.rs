@@ -13,6 +13,7 @@ pub mod broker;
 pub mod config;
 pub mod fake_aliyun;
 pub mod health;
+pub mod metrics;
 pub mod ops;
 pub mod phone;
 pub mod pipeline;

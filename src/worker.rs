@@ -9,7 +9,8 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::admin::{self, Metrics};
+use crate::admin;
+use crate::metrics::Metrics;
 use crate::aliyun::AliyunClient;
 use crate::broker::Broker;
 use crate::config::Config;
@@ -65,15 +66,21 @@ pub async fn run(
     if options.migrate {
         store.migrate().await?;
     }
-    let aliyun = AliyunClient::new(config.aliyun.clone())?;
+    let metrics = Arc::new(Metrics::default());
+    let aliyun = AliyunClient::new(config.aliyun.clone())?.with_metrics(metrics.clone());
     let (broker_tx, broker_rx) = watch::channel::<Option<Broker>>(None);
     let receipts = config.receipts.enabled.then(|| {
-        let poller = Receipts::new(config.clone(), store.clone(), aliyun.clone(), broker_rx);
+        let poller = Receipts::new(
+            config.clone(),
+            store.clone(),
+            aliyun.clone(),
+            broker_rx,
+            metrics.clone(),
+        );
         tokio::spawn(poller.run(shutdown.clone()))
     });
     let health = DbHealth::new(store.clone());
     let mut db_ok = health.subscribe();
-    let metrics = Arc::new(Metrics::default());
     let admin = match config.admin_addr {
         Some(addr) => {
             let (bound, task) =
