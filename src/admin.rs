@@ -1,5 +1,10 @@
 //! The admin HTTP listener inside `run`: `/healthz` (alive), `/readyz` (consuming, database
-//! reachable, not draining) and `/metrics` (Prometheus text format).
+//! reachable, not draining), `/metrics` (Prometheus text format), and a read-only status page
+//! at `/` with one page per job at `/jobs/{id}`.
+
+mod chart;
+mod html;
+mod status_page;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,22 +18,32 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// What readiness is made of.
+#[derive(Clone)]
+pub struct Probes {
+    /// The consume loop is running.
+    pub consuming: watch::Receiver<bool>,
+    /// The database answered the last time it was asked.
+    pub db_ok: watch::Receiver<bool>,
+}
 
 #[derive(Clone)]
 struct AdminState {
     metrics: Arc<Metrics>,
-    consuming: watch::Receiver<bool>,
-    db_ok: watch::Receiver<bool>,
+    probes: Probes,
+    store: Store,
 }
 
 impl AdminState {
     fn ready(&self) -> (bool, &'static str) {
-        if !*self.consuming.borrow() {
+        if !*self.probes.consuming.borrow() {
             (
                 false,
                 "not consuming: RabbitMQ unreachable, starting, or draining",
             )
-        } else if !*self.db_ok.borrow() {
+        } else if !*self.probes.db_ok.borrow() {
             (false, "database unreachable")
         } else {
             (true, "ready")
@@ -40,17 +55,19 @@ impl AdminState {
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    consuming: watch::Receiver<bool>,
-    db_ok: watch::Receiver<bool>,
+    probes: Probes,
+    store: Store,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let state = AdminState {
         metrics,
-        consuming,
-        db_ok,
+        probes,
+        store,
     };
     let app = Router::new()
+        .route("/", get(status_page::index))
+        .route("/jobs/{id}", get(status_page::job))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

@@ -10,11 +10,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::admin;
-use crate::metrics::Metrics;
 use crate::aliyun::AliyunClient;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::health::DbHealth;
+use crate::metrics::Metrics;
 use crate::pipeline::{Disposition, Pipeline};
 use crate::receipts::Receipts;
 use crate::store::{Store, StoreError};
@@ -83,9 +83,12 @@ pub async fn run(
     let mut db_ok = health.subscribe();
     let admin = match config.admin_addr {
         Some(addr) => {
-            let (bound, task) =
-                admin::serve(addr, metrics.clone(), ready.subscribe(), health.subscribe()).await?;
-            tracing::info!(%bound, "admin listener: /healthz /readyz /metrics");
+            let probes = admin::Probes {
+                consuming: ready.subscribe(),
+                db_ok: health.subscribe(),
+            };
+            let (bound, task) = admin::serve(addr, metrics.clone(), probes, store.clone()).await?;
+            tracing::info!(%bound, "admin listener: / /jobs/{{id}} /healthz /readyz /metrics");
             Some(task)
         }
         None => None,

@@ -144,7 +144,7 @@ macro_rules! job_columns {
 mod deliveries;
 mod reports;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
-pub use reports::{JobDetail, JobFilter, Stats};
+pub use reports::{JobDetail, JobFilter, MinuteCount, Stats};
 
 async fn insert_attempt<'e, E: sqlx::PgExecutor<'e>>(
     executor: E,

@@ -3,6 +3,7 @@
 
 mod chaos;
 mod check_verify_code;
+mod chromium;
 mod cli;
 mod compose;
 mod dysmsapi;
@@ -17,3 +18,4 @@ mod proxy;
 mod readme;
 mod reliability;
 mod send_verify_code;
+mod status_page;
