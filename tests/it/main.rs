@@ -9,6 +9,7 @@ mod compose;
 mod dysmsapi;
 mod helpers;
 mod invalid;
+mod json_logs;
 mod metrics;
 mod operators;
 mod outages;
