@@ -82,12 +82,15 @@ impl Histogram {
     }
 }
 
+/// A counter family with two labels, keyed by their values (no allocation on a bump).
+type Pairs = BTreeMap<(&'static str, &'static str), u64>;
+
 /// Counters the worker bumps.
 #[derive(Default)]
 pub struct Metrics {
-    jobs: Mutex<BTreeMap<(String, String), u64>>,
-    calls: Mutex<BTreeMap<(String, String), u64>>,
-    call_codes: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    jobs: Mutex<Pairs>,
+    calls: Mutex<Pairs>,
+    call_codes: Mutex<Pairs>,
     call_duration: [Histogram; N_ACTIONS],
     retries: [AtomicU64; N_ACTIONS],
     rate_waits: [AtomicU64; N_ACTIONS],
@@ -102,17 +105,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn bump(map: &Mutex<BTreeMap<(String, String), u64>>, a: &str, b: &str) {
-    *lock(map).entry((a.to_owned(), b.to_owned())).or_default() += 1;
+fn bump(map: &Mutex<Pairs>, a: &'static str, b: &'static str) {
+    *lock(map).entry((a, b)).or_default() += 1;
 }
 
 impl Metrics {
-    pub fn job_finished(&self, job_type: &str, status: &str) {
+    pub fn job_finished(&self, job_type: &'static str, status: &'static str) {
         bump(&self.jobs, job_type, status);
     }
 
     /// One Aliyun call of the pipeline and what the worker made of its answer (the verdict).
-    pub fn aliyun_call(&self, action: &str, verdict: &str) {
+    pub fn aliyun_call(&self, action: &'static str, verdict: &'static str) {
         bump(&self.calls, action, verdict);
     }
 
@@ -122,9 +125,7 @@ impl Metrics {
         let i = action_index(action);
         self.call_duration[i].observe(took);
         let code = outcome::known_code(code).unwrap_or(OTHER);
-        *lock(&self.call_codes)
-            .entry((action_name(i), code))
-            .or_default() += 1;
+        bump(&self.call_codes, action_name(i), code);
     }
 
     /// The pipeline is about to call `action` again after a retryable answer.
@@ -163,21 +164,19 @@ impl Metrics {
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self, ready: bool) -> String {
         let mut out = String::with_capacity(4096);
-        let pairs = |out: &mut String,
-                     name: &str,
-                     labels: (&str, &str),
-                     rows: Vec<(String, String, u64)>| {
-            for (a, b, n) in rows {
-                let _ = writeln!(
-                    out,
-                    "{name}{{{}=\"{}\",{}=\"{}\"}} {n}",
-                    labels.0,
-                    escape(&a),
-                    labels.1,
-                    escape(&b)
-                );
-            }
-        };
+        let pairs =
+            |out: &mut String, name: &str, labels: (&str, &str), rows: Vec<((&str, &str), u64)>| {
+                for ((a, b), n) in rows {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{{}=\"{}\",{}=\"{}\"}} {n}",
+                        labels.0,
+                        escape(a),
+                        labels.1,
+                        escape(b)
+                    );
+                }
+            };
 
         header(
             &mut out,
@@ -185,10 +184,7 @@ impl Metrics {
             "counter",
             "Jobs answered, by type and final status.",
         );
-        let rows = lock(&self.jobs)
-            .iter()
-            .map(|((a, b), n)| (a.clone(), b.clone(), *n))
-            .collect::<Vec<_>>();
+        let rows = snapshot(&self.jobs);
         pairs(&mut out, "sms_jobs_total", ("type", "status"), rows);
 
         header(
@@ -197,10 +193,7 @@ impl Metrics {
             "counter",
             "Aliyun calls made for jobs, by action and what the worker made of the answer.",
         );
-        let rows = lock(&self.calls)
-            .iter()
-            .map(|((a, b), n)| (a.clone(), b.clone(), *n))
-            .collect::<Vec<_>>();
+        let rows = snapshot(&self.calls);
         pairs(
             &mut out,
             "sms_aliyun_calls_total",
@@ -214,10 +207,7 @@ impl Metrics {
             "counter",
             "Aliyun calls (jobs and receipt queries), by action and answer code; ALIYUN_* are the worker's own codes for no usable answer, codes it does not know count as other.",
         );
-        let rows = lock(&self.call_codes)
-            .iter()
-            .map(|((a, b), n)| ((*a).to_owned(), (*b).to_owned(), *n))
-            .collect::<Vec<_>>();
+        let rows = snapshot(&self.call_codes);
         pairs(
             &mut out,
             "sms_aliyun_call_codes_total",
@@ -318,6 +308,11 @@ impl Metrics {
             let _ = writeln!(out, "{name}_count{{action=\"{action}\"}} {count}");
         }
     }
+}
+
+/// A copy, so the lock is not held while formatting.
+fn snapshot(map: &Mutex<Pairs>) -> Vec<((&'static str, &'static str), u64)> {
+    lock(map).iter().map(|(k, n)| (*k, *n)).collect()
 }
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
