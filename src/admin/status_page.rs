@@ -23,6 +23,8 @@ const DAY: Duration = Duration::from_secs(86_400);
 const LATEST: i64 = 50;
 /// The index reloads itself this often (seconds); plain HTML, no script.
 const REFRESH_SECS: u32 = 15;
+/// A page that waits on a stuck database helps nobody during an incident.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Statuses in the order an operator reads them: good, in progress, then the ways jobs fail.
 const STATUS_ORDER: &[&str] = &[
@@ -42,6 +44,8 @@ const STATUS_ORDER: &[&str] = &[
 enum PageError {
     #[error("the database did not answer: {0}")]
     Store(#[from] StoreError),
+    #[error("the database did not answer within {QUERY_TIMEOUT:?}")]
+    Timeout,
     #[error("no such job")]
     NotFound,
 }
@@ -49,8 +53,8 @@ enum PageError {
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
         let (status, body) = match &self {
-            PageError::Store(e) => {
-                tracing::warn!(error = %e, "status page: database query failed");
+            PageError::Store(_) | PageError::Timeout => {
+                tracing::warn!(error = %self, "status page: database query failed");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "<h2>Database unavailable</h2><p>The status page reads Postgres, which did not \
@@ -68,17 +72,19 @@ impl IntoResponse for PageError {
 }
 
 pub(super) async fn index(State(state): State<AdminState>) -> Response {
-    match index_page(&state).await {
-        Ok(html) => respond(StatusCode::OK, html),
-        Err(e) => e.into_response(),
+    match tokio::time::timeout(QUERY_TIMEOUT, index_page(&state)).await {
+        Ok(Ok(html)) => respond(StatusCode::OK, html),
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => PageError::Timeout.into_response(),
     }
 }
 
 pub(super) async fn job(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
-    match state.store.job_detail(&id).await {
-        Ok(Some(detail)) => respond(StatusCode::OK, job_page(&detail)),
-        Ok(None) => PageError::NotFound.into_response(),
-        Err(e) => PageError::from(e).into_response(),
+    match tokio::time::timeout(QUERY_TIMEOUT, state.store.job_detail(&id)).await {
+        Ok(Ok(Some(detail))) => respond(StatusCode::OK, job_page(&detail)),
+        Ok(Ok(None)) => PageError::NotFound.into_response(),
+        Ok(Err(e)) => PageError::from(e).into_response(),
+        Err(_) => PageError::Timeout.into_response(),
     }
 }
 

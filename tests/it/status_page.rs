@@ -6,7 +6,8 @@ use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
 use serde_json::Value;
 
 use crate::chromium::{dump_dom, element, screenshot, visible_text};
-use crate::helpers::{TestApp, admin_get, free_addr, send_job, unique_id};
+use crate::helpers::{PATIENCE, TestApp, TestEnv, admin_get, free_addr, send_job, unique_id};
+use crate::proxy::{Proxy, target_of, through};
 
 fn phone(job: &Value) -> &str {
     job["phone_number"].as_str().expect("phone number")
@@ -173,5 +174,54 @@ async fn status_page_shows_counts_chart_masked_latest_jobs_and_a_jobs_attempts()
         "a real screenshot ({} bytes)",
         bytes.len()
     );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_says_so_when_the_database_is_gone_and_recovers_by_itself() {
+    let admin = free_addr();
+    let mut env = TestEnv::new(|s| {
+        s.insert(config::ADMIN_ADDR.into(), admin.clone());
+    })
+    .await;
+    let url = env.settings[config::DATABASE_URL].clone();
+    let db = Proxy::start(target_of(&url)).await;
+    env.settings
+        .insert(config::DATABASE_URL.into(), through(&url, &db));
+    let app = TestApp::start(env).await;
+    let job = send_job(&unique_id("page-outage"));
+    app.publish(&job).await;
+    app.next_result().await;
+    let (status, page) = admin_get(&admin, "/").await;
+    assert_eq!(status, 200, "{page}");
+
+    db.cut();
+    let asked = std::time::Instant::now();
+    let (status, page) = admin_get(&admin, "/").await;
+    assert_eq!(status, 503, "{page}");
+    assert!(page.contains("Database unavailable"), "{page}");
+    assert!(
+        asked.elapsed() < PATIENCE / 2,
+        "an operator is not kept waiting: {:?}",
+        asked.elapsed()
+    );
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(admin_get(&admin, &format!("/jobs/{id}")).await.0, 503);
+
+    db.restore();
+    // The pool reconnects on the next query; ask until it has.
+    let back = async {
+        loop {
+            let (status, page) = admin_get(&admin, &format!("/jobs/{id}")).await;
+            if status == 200 {
+                return page;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    let page = tokio::time::timeout(PATIENCE, back)
+        .await
+        .expect("the page works again once the database is back");
+    assert!(page.contains(id), "{page}");
     app.shutdown().await;
 }
