@@ -1,10 +1,13 @@
 //! The admin HTTP listener inside `run`: `/healthz` (alive), `/readyz` (consuming, database
-//! reachable, not draining) and `/metrics` (Prometheus text format).
+//! reachable, not draining), `/metrics` (Prometheus text format), and a read-only status page
+//! at `/` with one page per job at `/jobs/{id}`.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+mod chart;
+mod html;
+mod status_page;
+
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
@@ -14,98 +17,33 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Counters the pipeline bumps. Label values are bounded: job types, statuses, Aliyun actions
-/// and verdicts are closed sets in this program.
-#[derive(Default)]
-pub struct Metrics {
-    jobs: Mutex<BTreeMap<(String, String), u64>>,
-    calls: Mutex<BTreeMap<(String, String), u64>>,
-    in_flight: std::sync::atomic::AtomicI64,
-}
+pub use crate::metrics::Metrics;
+use crate::store::Store;
 
-fn bump(map: &Mutex<BTreeMap<(String, String), u64>>, a: &str, b: &str) {
-    let mut m = map
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    *m.entry((a.to_owned(), b.to_owned())).or_default() += 1;
-}
-
-impl Metrics {
-    pub fn job_finished(&self, job_type: &str, status: &str) {
-        bump(&self.jobs, job_type, status);
-    }
-
-    pub fn aliyun_call(&self, action: &str, verdict: &str) {
-        bump(&self.calls, action, verdict);
-    }
-
-    pub fn in_flight(&self, delta: i64) {
-        self.in_flight
-            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn render(&self, ready: bool) -> String {
-        let mut out = String::new();
-        let family = |out: &mut String,
-                      name: &str,
-                      help: &str,
-                      labels: (&str, &str),
-                      map: &Mutex<BTreeMap<(String, String), u64>>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            let m = map
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for ((a, b), n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "{name}{{{}=\"{a}\",{}=\"{b}\"}} {n}",
-                    labels.0, labels.1
-                );
-            }
-        };
-        family(
-            &mut out,
-            "sms_jobs_total",
-            "Jobs answered, by type and final status.",
-            ("type", "status"),
-            &self.jobs,
-        );
-        family(
-            &mut out,
-            "sms_aliyun_calls_total",
-            "Aliyun calls, by action and what the worker made of the answer.",
-            ("action", "outcome"),
-            &self.calls,
-        );
-        let in_flight = self.in_flight.load(std::sync::atomic::Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP sms_jobs_in_flight Deliveries being handled.\n# TYPE sms_jobs_in_flight gauge\nsms_jobs_in_flight {in_flight}"
-        );
-        let _ = writeln!(
-            out,
-            "# HELP sms_worker_ready 1 when consuming with the database reachable.\n# TYPE sms_worker_ready gauge\nsms_worker_ready {}",
-            u8::from(ready)
-        );
-        out
-    }
+/// What readiness is made of.
+#[derive(Clone)]
+pub struct Probes {
+    /// The consume loop is running.
+    pub consuming: watch::Receiver<bool>,
+    /// The database answered the last time it was asked.
+    pub db_ok: watch::Receiver<bool>,
 }
 
 #[derive(Clone)]
 struct AdminState {
     metrics: Arc<Metrics>,
-    consuming: watch::Receiver<bool>,
-    db_ok: watch::Receiver<bool>,
+    probes: Probes,
+    store: Store,
 }
 
 impl AdminState {
     fn ready(&self) -> (bool, &'static str) {
-        if !*self.consuming.borrow() {
+        if !*self.probes.consuming.borrow() {
             (
                 false,
                 "not consuming: RabbitMQ unreachable, starting, or draining",
             )
-        } else if !*self.db_ok.borrow() {
+        } else if !*self.probes.db_ok.borrow() {
             (false, "database unreachable")
         } else {
             (true, "ready")
@@ -117,17 +55,19 @@ impl AdminState {
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-    consuming: watch::Receiver<bool>,
-    db_ok: watch::Receiver<bool>,
+    probes: Probes,
+    store: Store,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let state = AdminState {
         metrics,
-        consuming,
-        db_ok,
+        probes,
+        store,
     };
     let app = Router::new()
+        .route("/", get(status_page::index))
+        .route("/jobs/{id}", get(status_page::job))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

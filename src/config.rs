@@ -227,8 +227,8 @@ settings! {
     RECEIPT_EVENTS_ENABLED = "RECEIPT_EVENTS_ENABLED", Some("true"), "publish delivery events to SMS_RECEIPTS_QUEUE";
     WORKER_HEARTBEAT_MS = "WORKER_HEARTBEAT_MS", Some("2000"), "how often a worker renews its heartbeat; a worker silent for 5 beats is taken for dead and its in-flight jobs end unknown";
     SHUTDOWN_GRACE_MS = "SHUTDOWN_GRACE_MS", Some("30000"), "on SIGTERM, how long in-flight jobs may take to finish";
-    ADMIN_ADDR = "ADMIN_ADDR", Some("127.0.0.1:8080"), "admin HTTP listener (/healthz, /readyz, /metrics); empty turns it off";
-    LOG_FORMAT = "LOG_FORMAT", Some("pretty"), "pretty | json";
+    ADMIN_ADDR = "ADMIN_ADDR", Some("127.0.0.1:8080"), "admin HTTP listener (status page /, /healthz, /readyz, /metrics); empty turns it off";
+    LOG_FORMAT = "LOG_FORMAT", Some("pretty"), "pretty | json (one JSON object per line)";
 }
 
 fn default_of(name: &str) -> Option<&'static str> {

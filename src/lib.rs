@@ -15,6 +15,7 @@ pub mod config;
 pub mod dead_letters;
 pub mod fake_aliyun;
 pub mod health;
+pub mod metrics;
 pub mod ops;
 pub mod phone;
 pub mod pipeline;

@@ -467,6 +467,7 @@ impl Pipeline {
                     self.persist(|| self.store.record_attempt(&job.id, &record))
                         .await?;
                     tracing::info!(attempt, "retryable answer from Aliyun; backing off");
+                    self.metrics.aliyun_retry(plan.action);
                     if let Some(d) = next {
                         tokio::time::sleep(d).await;
                     }

@@ -21,6 +21,7 @@ use tokio::time::{Interval, MissedTickBehavior};
 use crate::aliyun::{AliyunClient, Answer, Effect, Product, Verdict, classify};
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::phone;
 use crate::store::{DeliveryRow, ReceiptUpdate, ReconcileRow, Store, StoreError, china_time};
 
@@ -87,6 +88,7 @@ pub struct Receipts {
     store: Store,
     aliyun: AliyunClient,
     broker: watch::Receiver<Option<Broker>>,
+    metrics: Arc<Metrics>,
     pace: Interval,
 }
 
@@ -102,6 +104,7 @@ impl Receipts {
         store: Store,
         aliyun: AliyunClient,
         broker: watch::Receiver<Option<Broker>>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let per_call = Duration::from_secs_f64(1.0 / f64::from(config.receipts.max_qps.max(1)));
         let mut pace = tokio::time::interval(per_call);
@@ -111,6 +114,7 @@ impl Receipts {
             store,
             aliyun,
             broker,
+            metrics,
             pace,
         }
     }
@@ -231,6 +235,7 @@ impl Receipts {
                 )
                 .await?
             {
+                self.metrics.receipt(&event.delivery_status);
                 self.publish_event(&event).await?;
             }
             return Ok(());
@@ -261,6 +266,7 @@ impl Receipts {
                     )
                     .await?;
                 if let Some(event) = updated {
+                    self.metrics.receipt(&event.delivery_status);
                     tracing::info!(
                         job_id = %row.job_id,
                         phone = %phone::mask(&row.phone_number),

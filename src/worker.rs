@@ -9,11 +9,12 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::admin::{self, Metrics};
+use crate::admin;
 use crate::aliyun::AliyunClient;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::health::DbHealth;
+use crate::metrics::Metrics;
 use crate::pipeline::{Disposition, Pipeline};
 use crate::receipts::Receipts;
 use crate::store::{Store, StoreError};
@@ -65,20 +66,29 @@ pub async fn run(
     if options.migrate {
         store.migrate().await?;
     }
-    let aliyun = AliyunClient::new(config.aliyun.clone())?;
+    let metrics = Arc::new(Metrics::default());
+    let aliyun = AliyunClient::new(config.aliyun.clone())?.with_metrics(metrics.clone());
     let (broker_tx, broker_rx) = watch::channel::<Option<Broker>>(None);
     let receipts = config.receipts.enabled.then(|| {
-        let poller = Receipts::new(config.clone(), store.clone(), aliyun.clone(), broker_rx);
+        let poller = Receipts::new(
+            config.clone(),
+            store.clone(),
+            aliyun.clone(),
+            broker_rx,
+            metrics.clone(),
+        );
         tokio::spawn(poller.run(shutdown.clone()))
     });
     let health = DbHealth::new(store.clone());
     let mut db_ok = health.subscribe();
-    let metrics = Arc::new(Metrics::default());
     let admin = match config.admin_addr {
         Some(addr) => {
-            let (bound, task) =
-                admin::serve(addr, metrics.clone(), ready.subscribe(), health.subscribe()).await?;
-            tracing::info!(%bound, "admin listener: /healthz /readyz /metrics");
+            let probes = admin::Probes {
+                consuming: ready.subscribe(),
+                db_ok: health.subscribe(),
+            };
+            let (bound, task) = admin::serve(addr, metrics.clone(), probes, store.clone()).await?;
+            tracing::info!(%bound, "admin listener: / /jobs/{{id}} /healthz /readyz /metrics");
             Some(task)
         }
         None => None,

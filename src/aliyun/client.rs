@@ -9,9 +9,11 @@ use chrono::Utc;
 use serde_json::Value;
 use thiserror::Error;
 
+use super::outcome::codes;
 use super::rate::RateLimiter;
 use super::sign;
 use crate::config::{AliyunConfig, SignatureVersion};
+use crate::metrics::Metrics;
 use crate::phone;
 
 pub const API_VERSION: &str = "2017-05-25";
@@ -38,6 +40,18 @@ pub enum CallError {
     Broken(String),
     #[error("Aliyun answered HTTP {0} with more than {MAX_RESPONSE_BYTES} bytes")]
     TooLarge(u16),
+}
+
+impl CallError {
+    /// The worker's own code for a call without a usable answer (see `outcome::codes`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            CallError::NotSent(_) => codes::NOT_CONNECTED,
+            CallError::Timeout(_) => codes::TIMEOUT,
+            CallError::Broken(_) => codes::CONNECTION_BROKEN,
+            CallError::TooLarge(_) => codes::RESPONSE_TOO_LARGE,
+        }
+    }
 }
 
 /// Aliyun's answer: HTTP status plus the common fields of its JSON body. Business failures
@@ -113,6 +127,7 @@ pub struct AliyunClient {
     http: reqwest::Client,
     config: AliyunConfig,
     limiter: std::sync::Arc<RateLimiter>,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl AliyunClient {
@@ -127,8 +142,15 @@ impl AliyunClient {
         Ok(Self {
             http,
             limiter: std::sync::Arc::new(RateLimiter::new(config.max_qps)),
+            metrics: std::sync::Arc::default(),
             config,
         })
+    }
+
+    /// Counts this client's calls (latency, codes, rate-limit waits) into `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     fn endpoint(&self, product: Product) -> &str {
@@ -147,7 +169,8 @@ impl AliyunClient {
         params: &[(&'static str, String)],
         form: &[(&'static str, String)],
     ) -> Result<Answer, CallError> {
-        self.limiter.acquire(action).await;
+        let waited = self.limiter.acquire(action).await;
+        self.metrics.rate_limit_wait(action, waited);
         let endpoint = self.endpoint(product).trim_end_matches('/');
         let owned = |p: &[(&'static str, String)]| -> Vec<(String, String)> {
             p.iter()
@@ -159,15 +182,16 @@ impl AliyunClient {
             SignatureVersion::V3 => self.sign_v3(endpoint, action, owned(params), owned(form)),
         };
         let started = std::time::Instant::now();
-        let response = request.send().await.map_err(|e| self.classify_error(e))?;
-        let status = response.status().as_u16();
-        let bytes = read_limited(response, status)
-            .await
-            .map_err(|e| self.classify_error(e))??;
-        let answer = Answer::parse(status, &bytes);
+        let exchanged = self.exchange(request).await;
+        let code = match &exchanged {
+            Ok(answer) => answer.code.as_deref().unwrap_or(codes::BAD_RESPONSE),
+            Err(e) => e.code(),
+        };
+        self.metrics.aliyun_answer(action, started.elapsed(), code);
+        let answer = exchanged?;
         tracing::debug!(
             action,
-            http_status = status,
+            http_status = answer.http_status,
             code = answer.code.as_deref().unwrap_or(""),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "aliyun answered"
@@ -177,6 +201,15 @@ impl AliyunClient {
             self.log_signature_mismatch(action, &answer, &all);
         }
         Ok(answer)
+    }
+
+    async fn exchange(&self, request: reqwest::RequestBuilder) -> Result<Answer, CallError> {
+        let response = request.send().await.map_err(|e| self.classify_error(e))?;
+        let status = response.status().as_u16();
+        let bytes = read_limited(response, status)
+            .await
+            .map_err(|e| self.classify_error(e))??;
+        Ok(Answer::parse(status, &bytes))
     }
 
     fn common_v1(&self, action: &str) -> Vec<(String, String)> {

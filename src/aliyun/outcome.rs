@@ -91,10 +91,56 @@ const TRANSIENT: &[&str] = &[
     "InvalidTimeStamp.Expired",
 ];
 
+/// Codes outside the lists above that are common enough to deserve their own metric label.
+const WELL_KNOWN: &[&str] = &[
+    "OK",
+    "Throttling",
+    "Throttling.User",
+    "Throttling.Api",
+    "Throttling.System",
+    "SignatureNonceUsed",
+    "isv.BUSINESS_LIMIT_CONTROL",
+    "isv.DAY_LIMIT_CONTROL",
+    "isv.MONTH_LIMIT_CONTROL",
+    "BUSINESS_LIMIT_CONTROL",
+    "biz.FREQUENCY",
+    "FREQUENCY_FAIL",
+    "isv.MOBILE_NUMBER_ILLEGAL",
+    "MOBILE_NUMBER_ILLEGAL",
+    "isv.MOBILE_COUNT_OVER_LIMIT",
+    "isv.SMS_SIGNATURE_ILLEGAL",
+    "isv.SMS_TEMPLATE_ILLEGAL",
+    "isv.TEMPLATE_MISSING_PARAMETERS",
+    "isv.INVALID_PARAMETERS",
+    "isv.INVALID_JSON_PARAM",
+    "isv.PARAM_LENGTH_LIMIT",
+    "isv.BLACK_KEY_CONTROL_LIMIT",
+    "isv.DENY_IP_RANGE",
+    "MissingPhoneNumber",
+    "InvalidApi.NotFound",
+    codes::NOT_CONNECTED,
+    codes::TIMEOUT,
+    codes::CONNECTION_BROKEN,
+    codes::RESPONSE_TOO_LARGE,
+    codes::BAD_RESPONSE,
+];
+
+/// The canonical spelling of a code this module knows, for use as a bounded metric label;
+/// `None` for anything else (a new Aliyun code, or garbage from something that is not Aliyun).
+pub fn known_code(code: &str) -> Option<&'static str> {
+    [ACCOUNT_OR_CREDENTIALS, SERVER_ERROR, TRANSIENT, WELL_KNOWN]
+        .into_iter()
+        .flatten()
+        .find(|known| eq(code, known))
+        .copied()
+}
+
 /// What a code means, in plain words, for `stats` and the people reading it.
 pub fn meaning(code: &str) -> &'static str {
     let upper = code.to_ascii_uppercase();
     match () {
+        // Only a `not_verified` check ends with OK and does not succeed.
+        _ if upper == "OK" => "the check worked, but the code typed was wrong, expired or used",
         _ if upper.starts_with("THROTTLING") => "Aliyun API flow control (retried with backoff)",
         _ if upper.contains("LIMIT_CONTROL") || upper.contains("FREQUENCY") => {
             "per-number flow control: too many SMS to this number"
@@ -281,6 +327,19 @@ mod tests {
             );
         }
         assert_eq!(classify(NotIdempotent, &answer(404, None)), Failed);
+    }
+
+    #[test]
+    fn known_codes_keep_their_spelling_and_others_are_unknown() {
+        assert_eq!(known_code("ok"), Some("OK"));
+        assert_eq!(known_code("THROTTLING.USER"), Some("Throttling.User"));
+        assert_eq!(
+            known_code("isv.AMOUNT_NOT_ENOUGH"),
+            Some("isv.AMOUNT_NOT_ENOUGH")
+        );
+        assert_eq!(known_code("ALIYUN_TIMEOUT"), Some("ALIYUN_TIMEOUT"));
+        assert_eq!(known_code("isv.SOMETHING_NEW"), None);
+        assert_eq!(known_code("<script>"), None);
     }
 
     #[test]

@@ -30,13 +30,17 @@ impl RateLimiter {
         }
     }
 
-    /// Waits until `action` may be called.
-    pub async fn acquire(&self, action: &str) {
+    /// Waits until `action` may be called; says how long that took (zero when a token was
+    /// there), which is what the rate-limit metrics count.
+    pub async fn acquire(&self, action: &str) -> Duration {
+        let mut waited = None;
         loop {
-            let wait = self.try_take(action);
-            match wait {
-                None => return,
-                Some(d) => tokio::time::sleep(d).await,
+            match self.try_take(action) {
+                None => return waited.map_or(Duration::ZERO, |since: Instant| since.elapsed()),
+                Some(d) => {
+                    waited.get_or_insert_with(Instant::now);
+                    tokio::time::sleep(d).await;
+                }
             }
         }
     }
@@ -83,7 +87,10 @@ mod tests {
         assert!(took <= Duration::from_millis(1100), "{took:?}");
         // Another action has its own bucket.
         let before = Instant::now();
-        limiter.acquire("CheckSmsVerifyCode").await;
+        assert_eq!(limiter.acquire("CheckSmsVerifyCode").await, Duration::ZERO);
         assert_eq!(before.elapsed(), Duration::ZERO);
+        // An empty bucket makes the caller wait, and says for how long.
+        let waited = limiter.acquire("SendSms").await;
+        assert!(waited >= Duration::from_millis(9), "{waited:?}");
     }
 }

@@ -182,7 +182,7 @@ use batch::ClaimReq;
 mod deliveries;
 mod reports;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
-pub use reports::{JobDetail, JobFilter, Stats};
+pub use reports::{JobDetail, JobFilter, MinuteCount, Stats};
 
 /// Attempts of many jobs, as one array per column.
 #[derive(Default)]

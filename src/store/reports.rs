@@ -34,6 +34,17 @@ pub struct Stats {
     pub total: i64,
 }
 
+/// Jobs created in one minute, for the status page's chart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MinuteCount {
+    /// 0 is the minute up to now, 1 the one before, and so on.
+    pub minutes_ago: i32,
+    /// Aliyun did what was asked: `sent`, `verified`, `not_verified`.
+    pub succeeded: i64,
+    /// Ended any other final way (refused, failed, unknown, rate limited, invalid, expired).
+    pub failed: i64,
+}
+
 fn secs(d: Option<Duration>) -> Option<f64> {
     d.map(|d| d.as_secs_f64())
 }
@@ -125,5 +136,30 @@ impl Store {
             top_codes,
             total,
         })
+    }
+
+    /// Jobs per minute over `window`, by whether they succeeded; minutes without jobs are left
+    /// out. Jobs still `sending` are in neither count.
+    pub async fn jobs_per_minute(&self, window: Duration) -> Result<Vec<MinuteCount>, StoreError> {
+        let rows: Vec<(i32, i64, i64)> = sqlx::query_as(
+            "SELECT floor(extract(epoch FROM now() - created_at) / 60)::int AS ago,
+                    count(*) FILTER (WHERE status IN ('sent', 'verified', 'not_verified')),
+                    count(*) FILTER (WHERE status NOT IN
+                                       ('sent', 'verified', 'not_verified', 'sending'))
+             FROM sms_jobs
+             WHERE created_at > now() - make_interval(secs => $1)
+             GROUP BY ago ORDER BY ago",
+        )
+        .bind(window.as_secs_f64())
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(minutes_ago, succeeded, failed)| MinuteCount {
+                minutes_ago,
+                succeeded,
+                failed,
+            })
+            .collect())
     }
 }

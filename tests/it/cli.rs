@@ -8,7 +8,10 @@ use crate::helpers::{PATIENCE, amqp_url, create_database, drop_database};
 use crate::process::{WorkerProcess, command};
 
 /// Runs `enqueue <args> --wait` and returns its result as JSON.
-async fn enqueue(settings: &HashMap<String, String>, args: &[&str]) -> serde_json::Value {
+pub(crate) async fn enqueue(
+    settings: &HashMap<String, String>,
+    args: &[&str],
+) -> serde_json::Value {
     let run = command(settings.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .arg("enqueue")
         .args(args)

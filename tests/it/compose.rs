@@ -362,3 +362,299 @@ fn dockerfile_builds_offline_and_runs_unprivileged() {
         "runtime stage must not run as root, found `USER {user}`"
     );
 }
+
+const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Bind mounts of a service as (host path relative to the compose file, container path).
+/// Named volumes (no `./` or `/`) are left out.
+fn bind_mounts(doc: &Value, name: &str) -> Vec<(String, String)> {
+    let Some(volumes) = service(doc, name)
+        .get("volumes")
+        .and_then(Value::as_sequence)
+    else {
+        return Vec::new();
+    };
+    volumes
+        .iter()
+        .filter_map(|entry| {
+            let spec = entry.as_str().unwrap_or_else(|| {
+                panic!("service `{name}`: use the short volume syntax, got {entry:?}")
+            });
+            let mut parts = spec.split(':');
+            let source = parts.next().unwrap_or_default();
+            let target = parts
+                .next()
+                .unwrap_or_else(|| panic!("service `{name}`: volume `{spec}` has no target"));
+            (source.starts_with("./") || source.starts_with('/'))
+                .then(|| (source.to_owned(), target.to_owned()))
+        })
+        .collect()
+}
+
+/// The host file behind a container path of a service, through its bind mounts (a file
+/// mount, or a file under a directory mount).
+fn host_file(doc: &Value, name: &str, container_path: &str) -> std::path::PathBuf {
+    for (source, target) in bind_mounts(doc, name) {
+        let rest = if container_path == target {
+            Some("")
+        } else {
+            container_path
+                .strip_prefix(&target)
+                .and_then(|r| r.strip_prefix('/'))
+        };
+        if let Some(rest) = rest {
+            let mut path = std::path::Path::new(MANIFEST_DIR).join(&source);
+            if !rest.is_empty() {
+                path = path.join(rest);
+            }
+            return path;
+        }
+    }
+    panic!("service `{name}` mounts nothing at {container_path}")
+}
+
+fn yaml_file(path: &std::path::Path) -> Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()))
+}
+
+fn assert_pinned(doc: &Value, name: &str) {
+    let image = str_field(service(doc, name), name, "image");
+    let tag = image.rsplit_once(':').map(|(_, tag)| tag);
+    assert!(
+        matches!(tag, Some(tag) if !tag.is_empty() && tag != "latest" && !tag.contains('/')),
+        "service `{name}` image `{image}` must be pinned to a tag other than latest"
+    );
+}
+
+#[test]
+fn every_bind_mounted_file_exists() {
+    let doc = compose();
+    let services = doc
+        .get("services")
+        .and_then(Value::as_mapping)
+        .expect("services");
+    let mut checked = 0;
+    for name in services.keys().filter_map(Value::as_str) {
+        for (source, target) in bind_mounts(&doc, name) {
+            let path = std::path::Path::new(MANIFEST_DIR).join(&source);
+            assert!(
+                path.exists(),
+                "service `{name}` mounts {source} at {target}, which does not exist"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 4,
+        "prometheus and grafana mount their configuration"
+    );
+}
+
+#[test]
+fn prometheus_scrapes_the_workers_admin_port() {
+    let doc = compose();
+    assert_pinned(&doc, "prometheus");
+    let command = str_list(service(&doc, "prometheus"), "prometheus", "command");
+    let config_path = command
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--config.file="))
+        .expect("prometheus command sets --config.file=");
+    let config = yaml_file(&host_file(&doc, "prometheus", config_path));
+
+    let admin = compose_default(env_var(&doc, "worker", "ADMIN_ADDR"));
+    let admin_port = port_of(admin);
+    assert!(
+        admin.starts_with("0.0.0.0:"),
+        "the worker's ADMIN_ADDR `{admin}` must listen beyond its container's loopback"
+    );
+    assert!(
+        published_ports(&doc, "worker").contains(&admin_port),
+        "the worker must publish its admin port {admin_port}"
+    );
+
+    let jobs = config
+        .get("scrape_configs")
+        .and_then(Value::as_sequence)
+        .expect("prometheus.yml has scrape_configs");
+    let job = jobs
+        .iter()
+        .find(|job| {
+            job.get("static_configs")
+                .and_then(Value::as_sequence)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.get("targets").and_then(Value::as_sequence))
+                .flatten()
+                .filter_map(Value::as_str)
+                .any(|t| t == format!("worker:{admin_port}"))
+        })
+        .unwrap_or_else(|| panic!("no scrape job targets worker:{admin_port}: {config:?}"));
+    let path = job
+        .get("metrics_path")
+        .and_then(Value::as_str)
+        .unwrap_or("/metrics");
+    assert_eq!(path, "/metrics", "the worker serves /metrics");
+    assert_depends_started(&doc, "prometheus", "worker");
+}
+
+fn assert_depends_started(doc: &Value, name: &str, dependency: &str) {
+    assert!(
+        service(doc, name)
+            .get("depends_on")
+            .and_then(|d| d.get(dependency))
+            .is_some(),
+        "service `{name}` must depend on `{dependency}`"
+    );
+}
+
+/// Metric names used in a PromQL expression: identifiers starting `sms_`.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let starts_word = i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+        if starts_word && expr[i..].starts_with("sms_") {
+            let end = expr[i..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .map_or(expr.len(), |n| i + n);
+            names.push(expr[i..end].to_owned());
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr", serde_json::Value::String(e)) => out.push(e.clone()),
+                    _ => exprs(v, out),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|v| exprs(v, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn grafana_is_provisioned_with_prometheus_and_a_dashboard_of_real_metrics() {
+    use aliyun_sms_worker::metrics::FAMILIES;
+
+    let doc = compose();
+    assert_pinned(&doc, "grafana");
+    assert_depends_started(&doc, "grafana", "prometheus");
+
+    let datasources = yaml_file(&host_file(
+        &doc,
+        "grafana",
+        "/etc/grafana/provisioning/datasources/prometheus.yml",
+    ));
+    let source = datasources
+        .get("datasources")
+        .and_then(Value::as_sequence)
+        .and_then(|d| {
+            d.iter()
+                .find(|d| d.get("type").and_then(Value::as_str) == Some("prometheus"))
+        })
+        .expect("a prometheus datasource is provisioned");
+    let url = str_field(source, "datasource", "url");
+    assert_eq!(authority(url), "prometheus:9090", "datasource url `{url}`");
+    assert!(
+        published_ports(&doc, "prometheus").contains(&9090),
+        "prometheus listens on 9090"
+    );
+    let uid = str_field(source, "datasource", "uid");
+
+    let providers = yaml_file(&host_file(
+        &doc,
+        "grafana",
+        "/etc/grafana/provisioning/dashboards/dashboards.yml",
+    ));
+    let dashboards_dir = providers
+        .get("providers")
+        .and_then(Value::as_sequence)
+        .and_then(|p| p.first())
+        .and_then(|p| p.get("options"))
+        .and_then(|o| o.get("path"))
+        .and_then(Value::as_str)
+        .expect("a file provider with options.path");
+    let dir = host_file(&doc, "grafana", dashboards_dir);
+    let home = env_var(&doc, "grafana", "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH");
+    assert!(
+        host_file(&doc, "grafana", home).is_file(),
+        "the home dashboard {home} is mounted"
+    );
+
+    let mut files = 0;
+    for entry in std::fs::read_dir(&dir).expect("dashboards directory") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        files += 1;
+        let text = std::fs::read_to_string(&path).expect("read dashboard");
+        let dashboard: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+        let panels = dashboard["panels"].as_array().expect("dashboard panels");
+        for panel in panels {
+            assert_eq!(
+                panel["datasource"]["uid"], uid,
+                "panel {} uses another datasource",
+                panel["title"]
+            );
+        }
+        let mut all = Vec::new();
+        exprs(&dashboard, &mut all);
+        let mut used = std::collections::BTreeSet::new();
+        for expr in &all {
+            for name in metric_names(expr) {
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|b| FAMILIES.contains(b)))
+                    .unwrap_or(&name)
+                    .to_owned();
+                assert!(
+                    FAMILIES.contains(&family.as_str()),
+                    "{} queries `{name}`, which the worker does not export (metrics::FAMILIES)",
+                    path.display()
+                );
+                used.insert(family);
+            }
+        }
+        for wanted in [
+            "sms_jobs_total",
+            "sms_aliyun_call_codes_total",
+            "sms_aliyun_call_duration_seconds",
+            "sms_jobs_in_flight",
+            "sms_aliyun_retries_total",
+            "sms_rate_limit_waits_total",
+        ] {
+            assert!(
+                used.contains(wanted),
+                "the dashboard shows nothing of {wanted}"
+            );
+        }
+        assert!(
+            all.iter().any(|e| e.contains("histogram_quantile(0.99"))
+                && all.iter().any(|e| e.contains("histogram_quantile(0.5")),
+            "the dashboard shows p50 and p99 latency"
+        );
+    }
+    assert!(files >= 1, "no dashboard JSON in {}", dir.display());
+}
+
+#[test]
+fn metric_names_are_found_in_promql() {
+    assert_eq!(
+        metric_names("histogram_quantile(0.5, sum by (le) (rate(sms_a_bucket[5m]))) / x_sms_b"),
+        vec!["sms_a_bucket"]
+    );
+}

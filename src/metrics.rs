@@ -1,0 +1,443 @@
+//! The worker's Prometheus metrics: what the pipeline, the Aliyun client and the receipt poller
+//! count, and their text exposition for `/metrics`.
+//!
+//! Recording sits on every job's path, so it is atomics, or a short mutex section over a map
+//! whose keys are `'static` label values. Every label value comes from a closed set (job types,
+//! statuses, Aliyun actions, the codes [`crate::aliyun::outcome`] knows), so a flood of odd
+//! answers cannot grow the number of series.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::aliyun::outcome;
+
+/// Every metric family `/metrics` exposes. The Grafana dashboard is checked against it, and the
+/// metrics test checks it against a live scrape.
+pub const FAMILIES: &[&str] = &[
+    "sms_jobs_total",
+    "sms_aliyun_calls_total",
+    "sms_aliyun_call_codes_total",
+    "sms_aliyun_call_duration_seconds",
+    "sms_aliyun_retries_total",
+    "sms_rate_limit_waits_total",
+    "sms_rate_limit_wait_seconds_total",
+    "sms_receipts_total",
+    "sms_jobs_in_flight",
+    "sms_worker_ready",
+];
+
+/// The Aliyun actions this program calls; anything else is counted as `other`.
+const ACTIONS: [&str; 5] = [
+    "SendSmsVerifyCode",
+    "CheckSmsVerifyCode",
+    "SendSms",
+    "SendBatchSms",
+    "QuerySendDetails",
+];
+const OTHER: &str = "other";
+const N_ACTIONS: usize = ACTIONS.len() + 1;
+
+fn action_index(action: &str) -> usize {
+    ACTIONS
+        .iter()
+        .position(|a| *a == action)
+        .unwrap_or(ACTIONS.len())
+}
+
+fn action_name(index: usize) -> &'static str {
+    ACTIONS.get(index).copied().unwrap_or(OTHER)
+}
+
+/// Upper bounds of the call-latency buckets, in seconds: from a fast local answer to the
+/// default whole-request timeout (10 s).
+const BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Final delivery-receipt statuses (see `sms_deliveries.delivery_status`).
+const RECEIPT_STATUSES: [&str; 2] = ["delivered", "failed"];
+
+/// One histogram series. Buckets are kept non-cumulative (one increment per observation) and
+/// summed at render time, so `+Inf` always equals `_count` even while calls are recorded.
+#[derive(Default)]
+struct Histogram {
+    /// `BUCKETS.len()` bounded buckets, then the overflow.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|le| secs <= *le)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+}
+
+/// A counter family with two labels, keyed by their values (no allocation on a bump).
+type Pairs = BTreeMap<(&'static str, &'static str), u64>;
+
+/// Counters the worker bumps.
+#[derive(Default)]
+pub struct Metrics {
+    jobs: Mutex<Pairs>,
+    calls: Mutex<Pairs>,
+    call_codes: Mutex<Pairs>,
+    call_duration: [Histogram; N_ACTIONS],
+    retries: [AtomicU64; N_ACTIONS],
+    rate_waits: [AtomicU64; N_ACTIONS],
+    rate_wait_nanos: [AtomicU64; N_ACTIONS],
+    /// `RECEIPT_STATUSES`, then `other`.
+    receipts: [AtomicU64; RECEIPT_STATUSES.len() + 1],
+    in_flight: AtomicI64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A poisoned lock only means a panic elsewhere mid-increment; the counts still stand.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn bump(map: &Mutex<Pairs>, a: &'static str, b: &'static str) {
+    *lock(map).entry((a, b)).or_default() += 1;
+}
+
+impl Metrics {
+    pub fn job_finished(&self, job_type: &'static str, status: &'static str) {
+        bump(&self.jobs, job_type, status);
+    }
+
+    /// One Aliyun call of the pipeline and what the worker made of its answer (the verdict).
+    pub fn aliyun_call(&self, action: &'static str, verdict: &'static str) {
+        bump(&self.calls, action, verdict);
+    }
+
+    /// One Aliyun call made by the client, whoever asked for it: how long the HTTP exchange
+    /// took and the code it ended with (Aliyun's, or the worker's own for no answer).
+    pub fn aliyun_answer(&self, action: &str, took: Duration, code: &str) {
+        let i = action_index(action);
+        self.call_duration[i].observe(took);
+        let code = outcome::known_code(code).unwrap_or(OTHER);
+        bump(&self.call_codes, action_name(i), code);
+    }
+
+    /// The pipeline is about to call `action` again after a retryable answer.
+    pub fn aliyun_retry(&self, action: &str) {
+        self.retries[action_index(action)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call waited `waited` for the per-action token bucket; no wait is not counted.
+    pub fn rate_limit_wait(&self, action: &str, waited: Duration) {
+        if waited.is_zero() {
+            return;
+        }
+        let i = action_index(action);
+        self.rate_waits[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.rate_wait_nanos[i].fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// A delivery receipt turned final.
+    pub fn receipt(&self, delivery_status: &str) {
+        let i = RECEIPT_STATUSES
+            .iter()
+            .position(|s| *s == delivery_status)
+            .unwrap_or(RECEIPT_STATUSES.len());
+        self.receipts[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn in_flight(&self, delta: i64) {
+        self.in_flight.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    pub fn jobs_in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self, ready: bool) -> String {
+        let mut out = String::with_capacity(4096);
+        let pairs =
+            |out: &mut String, name: &str, labels: (&str, &str), rows: Vec<((&str, &str), u64)>| {
+                for ((a, b), n) in rows {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{{}=\"{}\",{}=\"{}\"}} {n}",
+                        labels.0,
+                        escape(a),
+                        labels.1,
+                        escape(b)
+                    );
+                }
+            };
+
+        header(
+            &mut out,
+            "sms_jobs_total",
+            "counter",
+            "Jobs answered, by type and final status.",
+        );
+        let rows = snapshot(&self.jobs);
+        pairs(&mut out, "sms_jobs_total", ("type", "status"), rows);
+
+        header(
+            &mut out,
+            "sms_aliyun_calls_total",
+            "counter",
+            "Aliyun calls made for jobs, by action and what the worker made of the answer.",
+        );
+        let rows = snapshot(&self.calls);
+        pairs(
+            &mut out,
+            "sms_aliyun_calls_total",
+            ("action", "outcome"),
+            rows,
+        );
+
+        header(
+            &mut out,
+            "sms_aliyun_call_codes_total",
+            "counter",
+            "Aliyun calls (jobs and receipt queries), by action and answer code; ALIYUN_* are the worker's own codes for no usable answer, codes it does not know count as other.",
+        );
+        let rows = snapshot(&self.call_codes);
+        pairs(
+            &mut out,
+            "sms_aliyun_call_codes_total",
+            ("action", "code"),
+            rows,
+        );
+
+        self.render_durations(&mut out);
+
+        per_action(
+            &mut out,
+            "sms_aliyun_retries_total",
+            "Retries of a job's Aliyun call after a retryable answer (throttled, 503, 429, not connected).",
+            &self.retries,
+            |n| n.to_string(),
+        );
+        per_action(
+            &mut out,
+            "sms_rate_limit_waits_total",
+            "Aliyun calls that waited for the per-action token bucket (ALIYUN_MAX_QPS).",
+            &self.rate_waits,
+            |n| n.to_string(),
+        );
+        per_action(
+            &mut out,
+            "sms_rate_limit_wait_seconds_total",
+            "Time Aliyun calls spent waiting for the per-action token bucket.",
+            &self.rate_wait_nanos,
+            |nanos| seconds(nanos as f64 / 1e9),
+        );
+
+        header(
+            &mut out,
+            "sms_receipts_total",
+            "counter",
+            "Delivery receipts that turned final, by delivery status.",
+        );
+        for (i, n) in self.receipts.iter().enumerate() {
+            let status = RECEIPT_STATUSES.get(i).copied().unwrap_or(OTHER);
+            let n = n.load(Ordering::Relaxed);
+            // `other` never happens unless the table gains a status; no need to show a zero.
+            if status != OTHER || n > 0 {
+                let _ = writeln!(out, "sms_receipts_total{{status=\"{status}\"}} {n}");
+            }
+        }
+
+        header(
+            &mut out,
+            "sms_jobs_in_flight",
+            "gauge",
+            "Deliveries being handled.",
+        );
+        let _ = writeln!(out, "sms_jobs_in_flight {}", self.jobs_in_flight());
+        header(
+            &mut out,
+            "sms_worker_ready",
+            "gauge",
+            "1 when consuming with the database reachable.",
+        );
+        let _ = writeln!(out, "sms_worker_ready {}", u8::from(ready));
+        out
+    }
+
+    fn render_durations(&self, out: &mut String) {
+        let name = "sms_aliyun_call_duration_seconds";
+        header(
+            out,
+            name,
+            "histogram",
+            "Duration of Aliyun HTTP calls (after any rate-limit wait), by action.",
+        );
+        for (i, h) in self.call_duration.iter().enumerate() {
+            let counts: Vec<u64> = h
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect();
+            let count: u64 = counts.iter().sum();
+            if count == 0 {
+                continue;
+            }
+            let action = action_name(i);
+            let mut cumulative = 0;
+            for (le, n) in BUCKETS.iter().zip(&counts) {
+                cumulative += n;
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{action=\"{action}\",le=\"{}\"}} {cumulative}",
+                    seconds(*le)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{action=\"{action}\",le=\"+Inf\"}} {count}"
+            );
+            let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "{name}_sum{{action=\"{action}\"}} {}", seconds(sum));
+            let _ = writeln!(out, "{name}_count{{action=\"{action}\"}} {count}");
+        }
+    }
+}
+
+/// A copy, so the lock is not held while formatting.
+fn snapshot(map: &Mutex<Pairs>) -> Vec<((&'static str, &'static str), u64)> {
+    lock(map).iter().map(|(k, n)| (*k, *n)).collect()
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A per-action counter family; actions never called are left out.
+fn per_action(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    values: &[AtomicU64; N_ACTIONS],
+    show: impl Fn(u64) -> String,
+) {
+    header(out, name, "counter", help);
+    for (i, v) in values.iter().enumerate() {
+        let v = v.load(Ordering::Relaxed);
+        if v > 0 {
+            let _ = writeln!(out, "{name}{{action=\"{}\"}} {}", action_name(i), show(v));
+        }
+    }
+}
+
+/// A float as Prometheus reads it (`0.005`, `1`, `12.5`).
+fn seconds(v: f64) -> String {
+    format!("{v}")
+}
+
+/// Label values are from closed sets, but the exposition format's escaping costs nothing.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_codes_and_actions_do_not_grow_the_label_sets() {
+        let m = Metrics::default();
+        for i in 0..100 {
+            m.aliyun_answer(
+                &format!("Action{i}"),
+                Duration::from_millis(1),
+                &format!("isv.WEIRD_{i}"),
+            );
+        }
+        m.aliyun_answer("SendSms", Duration::from_millis(30), "OK");
+        m.aliyun_answer("SendSms", Duration::from_millis(3), "throttling.user");
+        let text = m.render(true);
+        assert!(
+            text.contains("sms_aliyun_call_codes_total{action=\"other\",code=\"other\"} 100"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sms_aliyun_call_codes_total{action=\"SendSms\",code=\"OK\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "sms_aliyun_call_codes_total{action=\"SendSms\",code=\"Throttling.User\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("WEIRD"), "{text}");
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_end_at_count() {
+        let m = Metrics::default();
+        for ms in [1, 7, 30, 30, 20_000] {
+            m.aliyun_answer("SendSmsVerifyCode", Duration::from_millis(ms), "OK");
+        }
+        let text = m.render(false);
+        let bucket = |le: &str| {
+            let prefix = format!(
+                "sms_aliyun_call_duration_seconds_bucket{{action=\"SendSmsVerifyCode\",le=\"{le}\"}} "
+            );
+            text.lines()
+                .find_map(|l| l.strip_prefix(&prefix))
+                .unwrap_or_else(|| panic!("no bucket {le}: {text}"))
+                .to_owned()
+        };
+        assert_eq!(bucket("0.005"), "1");
+        assert_eq!(bucket("0.01"), "2");
+        assert_eq!(bucket("0.05"), "4");
+        assert_eq!(bucket("10"), "4");
+        assert_eq!(bucket("+Inf"), "5");
+        assert!(
+            text.contains("sms_aliyun_call_duration_seconds_count{action=\"SendSmsVerifyCode\"} 5")
+        );
+        assert!(
+            text.contains(
+                "sms_aliyun_call_duration_seconds_sum{action=\"SendSmsVerifyCode\"} 20.068"
+            )
+        );
+    }
+
+    #[test]
+    fn every_family_has_help_and_type() {
+        let text = Metrics::default().render(true);
+        for family in FAMILIES {
+            assert!(text.contains(&format!("# HELP {family} ")), "{family}");
+            assert!(text.contains(&format!("# TYPE {family} ")), "{family}");
+        }
+        let typed = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        assert_eq!(typed, FAMILIES.len(), "{text}");
+    }
+
+    #[test]
+    fn rate_limit_waits_count_only_real_waits() {
+        let m = Metrics::default();
+        m.rate_limit_wait("SendSms", Duration::ZERO);
+        m.rate_limit_wait("SendSms", Duration::from_millis(250));
+        m.rate_limit_wait("SendSms", Duration::from_millis(500));
+        let text = m.render(true);
+        assert!(
+            text.contains("sms_rate_limit_waits_total{action=\"SendSms\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sms_rate_limit_wait_seconds_total{action=\"SendSms\"} 0.75"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,227 @@
+//! The admin status page as an operator sees it: rendered by headless Chromium from a worker
+//! that has just handled real jobs.
+
+use aliyun_sms_worker::config;
+use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
+use serde_json::Value;
+
+use crate::chromium::{dump_dom, element, screenshot, visible_text};
+use crate::helpers::{PATIENCE, TestApp, TestEnv, admin_get, free_addr, send_job, unique_id};
+use crate::proxy::{Proxy, target_of, through};
+
+fn phone(job: &Value) -> &str {
+    job["phone_number"].as_str().expect("phone number")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_shows_counts_chart_masked_latest_jobs_and_a_jobs_attempts() {
+    let admin = free_addr();
+    let admin_setting = admin.clone();
+    let app = TestApp::spawn_with(|s| {
+        s.insert(config::ADMIN_ADDR.into(), admin_setting);
+    })
+    .await;
+
+    let sent = send_job(&unique_id("page-sent"));
+    let retried_id = unique_id("page-retried");
+    let retried = send_job(&retried_id);
+    let refused = send_job(&unique_id("page-refused"));
+    // Ids are the backend's to choose: this one is markup, and has a path and a query in it.
+    let hostile_id = format!(
+        "x/<img src=x onerror=alert(1)>?\"'&-{}",
+        uuid::Uuid::new_v4().simple()
+    );
+    let hostile = send_job(&hostile_id);
+    app.fake.push_fault(
+        FaultRule::every(Fault::Http503)
+            .on_phone(phone(&retried))
+            .times(1),
+    );
+    app.fake.push_fault(
+        FaultRule::every(Fault::error(
+            "isv.SMS_SIGNATURE_ILLEGAL",
+            "<script>alert('message')</script>",
+        ))
+        .on_phone(phone(&refused))
+        .times(1),
+    );
+    for job in [&sent, &retried, &refused, &hostile] {
+        app.publish(job).await;
+    }
+    app.results(4).await;
+    let base = format!("http://{admin}");
+
+    let dom = dump_dom(&format!("{base}/")).await;
+    let row =
+        |status: &str| visible_text(element(&dom, &format!("data-status=\"{status}\""), "tr"));
+    // status, last hour, last day
+    assert_eq!(row("sent"), "sent 3 3", "{dom}");
+    assert_eq!(row("rejected"), "rejected 1 1", "{dom}");
+    assert_eq!(row("total"), "total 4 4", "{dom}");
+    let legend = visible_text(element(&dom, "class=\"legend\"", "div"));
+    assert_eq!(legend, "succeeded: 3 failed: 1", "{dom}");
+    assert!(
+        element(&dom, "id=\"chart\"", "section").contains("<svg"),
+        "the chart is inline SVG"
+    );
+    let codes = visible_text(element(&dom, "id=\"codes\"", "section"));
+    assert!(
+        codes.contains("isv.SMS_SIGNATURE_ILLEGAL 1 signature (sign name) not approved"),
+        "{codes}"
+    );
+    assert!(
+        visible_text(element(&dom, "id=\"readiness\"", "p")).starts_with("ready ready"),
+        "{dom}"
+    );
+
+    let latest = element(&dom, "id=\"latest\"", "section");
+    for job in [&sent, &retried, &refused, &hostile] {
+        let number = phone(job);
+        let masked = format!("{}****{}", &number[..3], &number[7..]);
+        assert!(
+            latest.contains(&masked),
+            "masked {masked} in the list: {latest}"
+        );
+        assert!(!dom.contains(number), "full number {number} on the page");
+    }
+    assert!(
+        latest.contains(&format!("href=\"/jobs/{retried_id}\">{retried_id}</a>")),
+        "the job id links to its page: {latest}"
+    );
+    // The hostile id is shown as text, and its link names it as one path segment.
+    assert!(
+        visible_text(latest).contains(&hostile_id),
+        "the odd id shows as written: {latest}"
+    );
+    assert!(
+        !dom.contains("<img"),
+        "markup from an id became markup: {dom}"
+    );
+    let hostile_href = latest
+        .split("href=\"")
+        .filter_map(|rest| rest.split('"').next())
+        .find(|href| href.starts_with("/jobs/x%2F"))
+        .unwrap_or_else(|| panic!("no link to the odd id: {latest}"))
+        .replace("&amp;", "&");
+
+    // The retried job: both calls, the 503 one first.
+    let detail = dump_dom(&format!("{base}/jobs/{retried_id}")).await;
+    assert_eq!(
+        visible_text(element(&detail, "id=\"job-id\"", "code")),
+        retried_id
+    );
+    let attempts = element(&detail, "id=\"attempts\"", "section");
+    let rows: Vec<String> = attempts.split("<tr>").skip(2).map(visible_text).collect();
+    assert_eq!(rows.len(), 2, "two calls: {attempts}");
+    let request_ids: Vec<String> = app
+        .attempts(&retried_id)
+        .await
+        .iter()
+        .map(|a| a["request_id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(
+        rows[0].starts_with("1 ")
+            && rows[0].contains("SendSmsVerifyCode 503 ServiceUnavailable retry")
+            && rows[0].contains(&request_ids[0]),
+        "{rows:?}"
+    );
+    assert!(
+        rows[1].starts_with("2 ")
+            && rows[1].contains("SendSmsVerifyCode 200 OK success")
+            && rows[1].contains(&request_ids[1]),
+        "{rows:?}"
+    );
+    let retried_phone = phone(&retried);
+    assert!(
+        !detail.contains(retried_phone),
+        "full number on the job page"
+    );
+    assert!(
+        visible_text(&detail).contains(&format!(
+            "phone {}****{}",
+            &retried_phone[..3],
+            &retried_phone[7..]
+        )),
+        "{detail}"
+    );
+
+    // Aliyun's message is data too.
+    let refused_page = dump_dom(&format!("{base}/jobs/{}", refused["id"].as_str().unwrap())).await;
+    assert!(!refused_page.contains("<script"), "{refused_page}");
+    assert!(
+        visible_text(&refused_page).contains("<script>alert('message')</script>"),
+        "{refused_page}"
+    );
+
+    let followed = dump_dom(&format!("{base}{hostile_href}")).await;
+    assert_eq!(
+        visible_text(element(&followed, "id=\"job-id\"", "code")),
+        hostile_id,
+        "the link leads to the odd id's own page"
+    );
+    assert!(!followed.contains("<img"), "{followed}");
+
+    let (status, missing) = admin_get(&admin, "/jobs/no-such-job").await;
+    assert_eq!(status, 404);
+    assert!(missing.contains("No such job"));
+
+    let png = std::env::temp_dir().join(format!("smsw-status-{}.png", uuid::Uuid::new_v4()));
+    screenshot(&format!("{base}/"), &png).await;
+    let bytes = std::fs::read(&png).expect("Chromium wrote the screenshot");
+    let _ = std::fs::remove_file(&png);
+    assert!(
+        bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 10_000,
+        "a real screenshot ({} bytes)",
+        bytes.len()
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_says_so_when_the_database_is_gone_and_recovers_by_itself() {
+    let admin = free_addr();
+    let mut env = TestEnv::new(|s| {
+        s.insert(config::ADMIN_ADDR.into(), admin.clone());
+    })
+    .await;
+    let url = env.settings[config::DATABASE_URL].clone();
+    let db = Proxy::start(target_of(&url)).await;
+    env.settings
+        .insert(config::DATABASE_URL.into(), through(&url, &db));
+    let app = TestApp::start(env).await;
+    let job = send_job(&unique_id("page-outage"));
+    app.publish(&job).await;
+    app.next_result().await;
+    let (status, page) = admin_get(&admin, "/").await;
+    assert_eq!(status, 200, "{page}");
+
+    db.cut();
+    let asked = std::time::Instant::now();
+    let (status, page) = admin_get(&admin, "/").await;
+    assert_eq!(status, 503, "{page}");
+    assert!(page.contains("Database unavailable"), "{page}");
+    assert!(
+        asked.elapsed() < PATIENCE / 2,
+        "an operator is not kept waiting: {:?}",
+        asked.elapsed()
+    );
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(admin_get(&admin, &format!("/jobs/{id}")).await.0, 503);
+
+    db.restore();
+    // The pool reconnects on the next query; ask until it has.
+    let back = async {
+        loop {
+            let (status, page) = admin_get(&admin, &format!("/jobs/{id}")).await;
+            if status == 200 {
+                return page;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    let page = tokio::time::timeout(PATIENCE, back)
+        .await
+        .expect("the page works again once the database is back");
+    assert!(page.contains(id), "{page}");
+    app.shutdown().await;
+}
