@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 
 # ---- builder ---------------------------------------------------------------
-# Also the image the compose `tests` service runs `cargo test` in (target: builder).
+# The `tests` stage below adds what the test suite needs besides Rust.
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
 
@@ -25,6 +25,16 @@ COPY . .
 # and this makes any future checked macro fail loudly instead of reaching for DATABASE_URL.
 ENV SQLX_OFFLINE=true
 RUN cargo build --release --locked --bin aliyun-sms-worker
+
+# ---- tests -----------------------------------------------------------------
+# What the compose `tests` service runs `cargo test` in: the builder plus what the test suite
+# drives besides Rust — headless Chromium for the status page, pika and amqplib for the
+# README's Python and Node examples.
+FROM builder AS tests
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends chromium python3 python3-pika nodejs npm \
+    && rm -rf /var/lib/apt/lists/*
+RUN cd examples/node && npm ci --no-audit --no-fund
 
 # ---- runtime ---------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime

@@ -557,15 +557,7 @@ fn describe(result: &Result<Answer, CallError>) -> (String, String) {
                 .unwrap_or_else(|| codes::BAD_RESPONSE.to_owned()),
             a.message.clone().unwrap_or_default(),
         ),
-        Err(e) => {
-            let code = match e {
-                CallError::NotSent(_) => codes::NOT_CONNECTED,
-                CallError::Timeout(_) => codes::TIMEOUT,
-                CallError::Broken(_) => codes::CONNECTION_BROKEN,
-                CallError::TooLarge(_) => codes::RESPONSE_TOO_LARGE,
-            };
-            (code.to_owned(), e.to_string())
-        }
+        Err(e) => (e.code().to_owned(), e.to_string()),
     }
 }
 

@@ -298,7 +298,7 @@ fn fake_aliyun_and_worker_share_default_credentials() {
 }
 
 #[test]
-fn tests_service_is_behind_a_profile_and_uses_the_builder_stage() {
+fn tests_service_is_behind_a_profile_and_builds_a_dockerfile_stage() {
     let doc = compose();
     let tests = service(&doc, "tests");
     assert!(
@@ -321,6 +321,31 @@ fn tests_service_is_behind_a_profile_and_uses_the_builder_stage() {
             env_var(&doc, "tests", var),
             env_var(&doc, "worker", var),
             "tests and worker must reach the same {var}"
+        );
+    }
+}
+
+/// The suite renders the status page in Chromium and runs the README's Python and Node
+/// examples; the image the `tests` service runs in must carry all three.
+#[test]
+fn the_tests_image_has_what_the_suite_drives() {
+    let doc = compose();
+    let target = service(&doc, "tests")
+        .get("build")
+        .and_then(|build| build.get("target"))
+        .and_then(Value::as_str)
+        .expect("tests service must build a Dockerfile target")
+        .to_owned();
+    let stages = dockerfile_stages(&dockerfile());
+    let stage = stages
+        .iter()
+        .find(|stage| stage.name.as_deref() == Some(target.as_str()))
+        .expect("the tests target is a stage");
+    let text = stage.lines.join("\n");
+    for needed in ["chromium", "python3-pika", "nodejs", "npm ci"] {
+        assert!(
+            text.contains(needed),
+            "the `{target}` stage must install {needed}:\n{text}"
         );
     }
 }
