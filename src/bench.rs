@@ -290,12 +290,44 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         None => bail!("DATABASE_URL has no database part"),
     };
     let outcome = measure(&opts, &tag, &db_url).await;
+    // Whether the run worked or not: a failed run must not leave 20,000 messages behind.
+    if let Err(e) = remove_queues(&opts.amqp_url, &tag).await {
+        eprintln!("bench: could not remove the {tag}.* queues: {e}");
+    }
     let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
     )))
     .execute(&mut admin)
     .await;
     outcome
+}
+
+/// Deletes every queue and exchange a run named after `tag`.
+async fn remove_queues(amqp_url: &str, tag: &str) -> anyhow::Result<()> {
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+    for suffix in [
+        "jobs",
+        "results",
+        "dead",
+        "receipts",
+        "ceiling.in",
+        "ceiling.out",
+    ] {
+        // A channel per delete: deleting a queue that is not there closes the channel.
+        let ch = connection.create_channel().await?;
+        let _ = ch
+            .queue_delete(
+                short(&format!("{tag}.{suffix}")),
+                QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+    let ch = connection.create_channel().await?;
+    let _ = ch
+        .exchange_delete(short(&format!("{tag}.dlx")), Default::default())
+        .await;
+    let _ = connection.close(200, short("bench done")).await;
+    Ok(())
 }
 
 /// The worker's environment for this run: fresh queues, the fake Aliyun, no side tasks.
@@ -370,6 +402,55 @@ async fn collect_results(
     Ok(seen)
 }
 
+/// Sum and count of each job stage's duration, read from the worker's `/metrics`.
+type StageTotals = HashMap<String, (f64, f64)>;
+
+async fn scrape_stages(admin: &str) -> anyhow::Result<StageTotals> {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let mut totals = StageTotals::new();
+    for line in text.lines() {
+        for (suffix, slot) in [("_sum", 0), ("_count", 1)] {
+            let prefix = format!("sms_job_stage_duration_seconds{suffix}{{stage=\"");
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Some((stage, value)) = rest.split_once("\"} ") else {
+                continue;
+            };
+            let value: f64 = value.trim().parse().unwrap_or(0.0);
+            let entry = totals.entry(stage.to_owned()).or_default();
+            if slot == 0 {
+                entry.0 = value;
+            } else {
+                entry.1 = value;
+            }
+        }
+    }
+    Ok(totals)
+}
+
+/// Mean milliseconds per stage between two scrapes, in the order a job meets them.
+fn stage_means(before: &StageTotals, after: &StageTotals) -> String {
+    ["claim", "aliyun", "record", "publish", "ack"]
+        .iter()
+        .map(|stage| {
+            let (s1, c1) = after.get(*stage).copied().unwrap_or_default();
+            let (s0, c0) = before.get(*stage).copied().unwrap_or_default();
+            let mean = if c1 > c0 {
+                (s1 - s0) / (c1 - c0) * 1000.0
+            } else {
+                0.0
+            };
+            format!("{stage} {mean:.1}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// What one consumer under test did.
 struct Figures {
     /// Jobs per second draining the backlog, first result to last.
@@ -379,6 +460,8 @@ struct Figures {
     /// Enqueue to result, per paced job, sorted.
     latencies: Vec<Duration>,
     peak_rss_kb: u64,
+    /// Mean ms per job stage (backlog phase, paced phase), when the worker's metrics were read.
+    stages: Option<(String, String)>,
 }
 
 impl Figures {
@@ -404,6 +487,7 @@ async fn drive(
     backlog: usize,
     paced: (&str, Option<f64>),
     pid: Option<u32>,
+    admin: Option<&str>,
 ) -> anyhow::Result<Figures> {
     let mut peak_rss_kb = 0;
     let first = tokio::time::timeout(Duration::from_secs(60), results.next())
@@ -421,6 +505,11 @@ async fn drive(
         0.0
     } else {
         (backlog - 1) as f64 / elapsed.as_secs_f64()
+    };
+
+    let at_backlog_end = match admin {
+        Some(a) => Some(scrape_stages(a).await?),
+        None => None,
     };
 
     let paced_rate = paced.1.unwrap_or(rate / 2.0).max(1.0);
@@ -476,12 +565,23 @@ async fn drive(
     if let Some(pid) = pid {
         peak_rss_kb = peak_rss_kb.max(proc_status_kb(pid, "VmHWM:").unwrap_or(0));
     }
+    let stages = match (admin, at_backlog_end) {
+        (Some(a), Some(mid)) => {
+            let end = scrape_stages(a).await?;
+            Some((
+                stage_means(&StageTotals::new(), &mid),
+                stage_means(&mid, &end),
+            ))
+        }
+        _ => None,
+    };
     Ok(Figures {
         rate,
         cpu,
         paced_rate,
         latencies,
         peak_rss_kb,
+        stages,
     })
 }
 
@@ -506,7 +606,12 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     let mut fake_config = FakeConfig::new(key_id, secret.clone());
     fake_config.latency = opts.latency;
     let fake = FakeAliyun::start(fake_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
-    let env = worker_env(opts, tag, db_url, &fake, key_id, &secret);
+    let mut env = worker_env(opts, tag, db_url, &fake, key_id, &secret);
+    // The worker's own stage timings come from its /metrics, on a port free a moment ago.
+    let admin = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .to_string();
+    env.insert(config::ADMIN_ADDR.to_owned(), admin.clone());
     let queues = config::Config::from_map(&env)?.queues;
     let connection = Connection::connect(&opts.amqp_url, ConnectionProperties::default()).await?;
     let ch = channel(&connection).await?;
@@ -548,6 +653,7 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         opts.jobs,
         (tag, None),
         Some(pid),
+        Some(&admin),
     )
     .await?;
     let _ = tokio::process::Command::new("kill")
@@ -591,25 +697,11 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         opts.jobs,
         (&format!("{tag}-c"), Some(worker.paced_rate)),
         None,
+        None,
     )
     .await;
     echo.abort();
 
-    for q in [
-        &queues.jobs,
-        &queues.results,
-        &queues.dead_letter,
-        queues.receipts.as_ref().unwrap_or(&queues.results),
-        &input,
-        &output,
-    ] {
-        let _ = ch
-            .queue_delete(short(q), QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = ch
-        .exchange_delete(short(&queues.dead_letter_exchange), Default::default())
-        .await;
     broker.close().await;
     let _ = connection.close(200, short("bench done")).await;
     let ceiling = ceiling?;
@@ -652,6 +744,10 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         verdict(rss_mib <= 64.0)
     );
     print_cpu("worker run", worker.cpu, opts.jobs);
+    if let Some((backlog, paced)) = &worker.stages {
+        println!("worker stages, mean ms per job, backlog: {backlog}");
+        println!("worker stages, mean ms per job, paced: {paced}");
+    }
     println!("checked: {rows} rows, all sent, {fake_sends} sends at the fake");
     Ok(())
 }

@@ -21,6 +21,7 @@ pub const FAMILIES: &[&str] = &[
     "sms_aliyun_calls_total",
     "sms_aliyun_call_codes_total",
     "sms_aliyun_call_duration_seconds",
+    "sms_job_stage_duration_seconds",
     "sms_aliyun_retries_total",
     "sms_rate_limit_waits_total",
     "sms_rate_limit_wait_seconds_total",
@@ -57,6 +58,19 @@ const BUCKETS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// The stages of a job, in order; see [`Stage`].
+const STAGES: [&str; 5] = ["claim", "aliyun", "record", "publish", "ack"];
+
+/// A stage of a job whose duration is recorded.
+#[derive(Debug, Clone, Copy)]
+pub enum Stage {
+    Claim = 0,
+    Aliyun = 1,
+    Record = 2,
+    Publish = 3,
+    Ack = 4,
+}
+
 /// Final delivery-receipt statuses (see `sms_deliveries.delivery_status`).
 const RECEIPT_STATUSES: [&str; 2] = ["delivered", "failed"];
 
@@ -92,6 +106,7 @@ pub struct Metrics {
     calls: Mutex<Pairs>,
     call_codes: Mutex<Pairs>,
     call_duration: [Histogram; N_ACTIONS],
+    stage_duration: [Histogram; STAGES.len()],
     retries: [AtomicU64; N_ACTIONS],
     rate_waits: [AtomicU64; N_ACTIONS],
     rate_wait_nanos: [AtomicU64; N_ACTIONS],
@@ -126,6 +141,11 @@ impl Metrics {
         self.call_duration[i].observe(took);
         let code = outcome::known_code(code).unwrap_or(OTHER);
         bump(&self.call_codes, action_name(i), code);
+    }
+
+    /// How long one stage of a job took.
+    pub fn stage(&self, stage: Stage, took: Duration) {
+        self.stage_duration[stage as usize].observe(took);
     }
 
     /// The pipeline is about to call `action` again after a retryable answer.
@@ -272,41 +292,61 @@ impl Metrics {
     }
 
     fn render_durations(&self, out: &mut String) {
-        let name = "sms_aliyun_call_duration_seconds";
-        header(
+        histograms(
             out,
-            name,
-            "histogram",
+            "sms_aliyun_call_duration_seconds",
             "Duration of Aliyun HTTP calls (after any rate-limit wait), by action.",
-        );
-        for (i, h) in self.call_duration.iter().enumerate() {
-            let counts: Vec<u64> = h
-                .buckets
+            "action",
+            self.call_duration
                 .iter()
-                .map(|b| b.load(Ordering::Relaxed))
-                .collect();
-            let count: u64 = counts.iter().sum();
-            if count == 0 {
-                continue;
-            }
-            let action = action_name(i);
-            let mut cumulative = 0;
-            for (le, n) in BUCKETS.iter().zip(&counts) {
-                cumulative += n;
-                let _ = writeln!(
-                    out,
-                    "{name}_bucket{{action=\"{action}\",le=\"{}\"}} {cumulative}",
-                    seconds(*le)
-                );
-            }
+                .enumerate()
+                .map(|(i, h)| (action_name(i), h)),
+        );
+        histograms(
+            out,
+            "sms_job_stage_duration_seconds",
+            "Where a job's time goes: claim (its sending row committed), aliyun (every attempt, backoff and rate-limit wait), record (the outcome committed), publish (the result confirmed), ack.",
+            "stage",
+            STAGES.iter().copied().zip(self.stage_duration.iter()),
+        );
+    }
+}
+
+/// One histogram family, a series per label value; series never observed are left out.
+fn histograms<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    series: impl Iterator<Item = (&'a str, &'a Histogram)>,
+) {
+    header(out, name, "histogram", help);
+    for (value, h) in series {
+        let counts: Vec<u64> = h
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let count: u64 = counts.iter().sum();
+        if count == 0 {
+            continue;
+        }
+        let mut cumulative = 0;
+        for (le, n) in BUCKETS.iter().zip(&counts) {
+            cumulative += n;
             let _ = writeln!(
                 out,
-                "{name}_bucket{{action=\"{action}\",le=\"+Inf\"}} {count}"
+                "{name}_bucket{{{label}=\"{value}\",le=\"{}\"}} {cumulative}",
+                seconds(*le)
             );
-            let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-            let _ = writeln!(out, "{name}_sum{{action=\"{action}\"}} {}", seconds(sum));
-            let _ = writeln!(out, "{name}_count{{action=\"{action}\"}} {count}");
         }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{label}=\"{value}\",le=\"+Inf\"}} {count}"
+        );
+        let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum{{{label}=\"{value}\"}} {}", seconds(sum));
+        let _ = writeln!(out, "{name}_count{{{label}=\"{value}\"}} {count}");
     }
 }
 

@@ -25,6 +25,7 @@ use crate::aliyun::{AliyunClient, Answer, CallError, Effect, Product, Verdict, c
 use crate::broker::{self, Broker, BrokerError, Routed};
 use crate::config::{Config, RetryPolicy};
 use crate::health::DbHealth;
+use crate::metrics::Stage;
 use crate::store::{
     AttemptRecord, Claim, Followup, JobRow, Outcome, ReplyRoute, Store, StoreError,
 };
@@ -173,7 +174,10 @@ impl Pipeline {
                     let result = self.run_job(&job, &route, published).await?;
                     self.metrics
                         .job_finished(job.job_type().as_str(), result.status.as_str());
-                    publish(broker, &result, &route).await
+                    let started = Instant::now();
+                    publish(broker, &result, &route).await?;
+                    self.metrics.stage(Stage::Publish, started.elapsed());
+                    Ok(())
                 }
                 .instrument(span)
                 .await
@@ -273,12 +277,11 @@ impl Pipeline {
             .number_limits
             .as_ref()
             .filter(|_| job.job_type() == JobType::SendVerifyCode);
-        match self
-            .store
-            .claim(job, route, self.worker_id, lease, limits)
-            .await?
-        {
-            Claim::Owned => self.owned(job, published).await,
+        let started = Instant::now();
+        let claim = Box::pin(self.store.claim(job, route, self.worker_id, lease, limits)).await?;
+        self.metrics.stage(Stage::Claim, started.elapsed());
+        match claim {
+            Claim::Owned => Box::pin(self.owned(job, published)).await,
             // Our own claim, and no task of ours is working on it (we hold the lock): an
             // earlier task claimed it and failed before calling Aliyun (say, the database went
             // away as the claim committed). Carry on as its owner.
@@ -425,9 +428,13 @@ impl Pipeline {
         let (verdict, answer, last_attempt) = loop {
             attempt += 1;
             let started_at = Utc::now();
-            let result = self
-                .aliyun
-                .call(plan.product, plan.action, &plan.params, &plan.form)
+            // Boxed, like the writes below: the HTTP exchange is the largest state a job goes
+            // through, and every job in flight would otherwise reserve room for it all along.
+            let result =
+                Box::pin(
+                    self.aliyun
+                        .call(plan.product, plan.action, &plan.params, &plan.form),
+                )
                 .await;
             let verdict = classify(Effect::NotIdempotent, &result);
             self.metrics.aliyun_call(plan.action, verdict.as_str());
@@ -475,6 +482,7 @@ impl Pipeline {
                 _ => break (verdict, result, record),
             }
         };
+        self.metrics.stage(Stage::Aliyun, first.elapsed());
         let mut outcome = final_outcome(job, verdict, &answer, attempt);
         if is_dysmsapi_send(job) {
             let phones = job.phones().iter().map(|p| p.as_str().to_owned()).collect();
@@ -492,12 +500,14 @@ impl Pipeline {
             .ok()
             .filter(|_| outcome.status == Status::Sent && wants_verify_code(job))
             .and_then(Answer::verify_code);
+        let started = Instant::now();
         let row = self
             .persist(|| {
                 self.store
                     .finish(&job.id, self.worker_id, &outcome, Some(&last_attempt))
             })
             .await?;
+        self.metrics.stage(Stage::Record, started.elapsed());
         let mut result = row.to_result()?;
         if result.status == outcome.status {
             result.verify_code = verify_code;

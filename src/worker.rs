@@ -15,6 +15,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::health::DbHealth;
 use crate::metrics::Metrics;
+use crate::metrics::Stage;
 use crate::pipeline::{Disposition, Pipeline};
 use crate::receipts::Receipts;
 use crate::store::{Store, StoreError};
@@ -156,8 +157,9 @@ pub async fn run(
                     Some(Ok(delivery)) => {
                         let pipeline = pipeline.clone();
                         let broker = shared.clone();
-                        // Boxed: a job's future is ~15 KiB, and the task would copy it on the
-                        // way in; the box is written once, in place.
+
+                        // Boxed: the task would copy the job's future on the way in; the box
+                        // is written once, in place.
                         tasks.spawn(Box::pin(async move {
                             process(&pipeline, &broker, delivery).await
                         }));
@@ -230,7 +232,12 @@ async fn settle(pipeline: &Pipeline, broker: &Broker, delivery: lapin::message::
             Disposition::Requeue
         });
     let acked = match disposition {
-        Disposition::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+        Disposition::Ack => {
+            let started = std::time::Instant::now();
+            let acked = delivery.acker.ack(BasicAckOptions::default()).await;
+            pipeline.metrics().stage(Stage::Ack, started.elapsed());
+            acked
+        }
         Disposition::Requeue => {
             // Hold the delivery until the database is back (no point in churning it through
             // the queue), and give any other failing dependency a moment.

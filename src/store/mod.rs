@@ -308,8 +308,20 @@ impl Store {
                 return writer.claim(req).await;
             }
             let mut conn = self.pool.acquire().await?;
-            return one(batch::claim_together(&mut conn, &[req]).await?);
+            // Boxed here and below: these statements' futures are kilobytes, and every job in
+            // flight would otherwise carry room for them while it waits on the batched path.
+            return one(Box::pin(batch::claim_together(&mut conn, &[req])).await?);
         };
+        Box::pin(self.claim_limited(job, req, limits)).await
+    }
+
+    /// A claim under the local per-number limit: counted and written in one transaction.
+    async fn claim_limited(
+        &self,
+        job: &Job,
+        req: ClaimReq,
+        limits: &NumberLimits,
+    ) -> Result<Claim, StoreError> {
         // Serialise the sends to one number across every worker, so two instances cannot both
         // pass the count; the lock ends with the transaction.
         let mut tx = self.pool.begin().await?;
@@ -389,7 +401,7 @@ impl Store {
         };
         match &self.writer {
             Some(writer) => writer.finish(req).await,
-            None => one(batch::finish_together(&self.pool, &[req]).await?)?,
+            None => one(Box::pin(batch::finish_together(&self.pool, &[req])).await?)?,
         }
     }
 

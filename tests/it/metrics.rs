@@ -135,6 +135,16 @@ async fn metrics_count_codes_latency_retries_receipts_and_rate_limit_waits() {
     let sum = value(&exp, &format!("{hist}_sum"), &[("action", svc)]);
     assert!(sum > 0.0 && sum < 5.0 * 3.0, "sum {sum}");
 
+    // Stages before the result is published are recorded before the test can see the result.
+    let stage = "sms_job_stage_duration_seconds";
+    for name in ["claim", "aliyun", "record"] {
+        assert_eq!(
+            value(&exp, &format!("{stage}_count"), &[("stage", name)]),
+            5.0,
+            "five jobs went through {name}: {text}"
+        );
+    }
+
     let waits = value(&exp, "sms_rate_limit_waits_total", &[("action", svc)]);
     let waited = value(
         &exp,
