@@ -433,7 +433,17 @@ fn masked_json(v: &Value) -> Value {
             ),
             Value::Array(items) => Value::Array(items.into_iter().map(mask).collect()),
             Value::String(s) => Value::String(mask_digit_runs(&s)),
-            Value::Number(n) => Value::String(mask_digit_runs(&n.to_string())),
+            // A short number stays a number: a preview that turned `1` into `"1"` would hide
+            // the very type error a job may have been refused for.
+            Value::Number(n) => {
+                let text = n.to_string();
+                let masked = mask_digit_runs(&text);
+                if masked == text {
+                    Value::Number(n)
+                } else {
+                    Value::String(masked)
+                }
+            }
             other => other,
         }
     }
@@ -531,6 +541,13 @@ mod tests {
         assert!(!body.contains("QZX7K9") && !body.contains("4821"), "{body}");
         let placeholder = without_codes(json!({"template_param": {"code": "##code##"}}));
         assert_eq!(placeholder["template_param"]["code"], "##code##");
+    }
+
+    #[test]
+    fn previews_keep_short_numbers_as_numbers_and_mask_long_ones() {
+        let preview = masked_json(&json!({"valid_time": 300, "phone_number": 13912345678_u64}));
+        assert_eq!(preview["valid_time"], json!(300));
+        assert_eq!(preview["phone_number"], json!("139****5678"));
     }
 
     #[test]
