@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use aliyun_sms_worker::config;
 
-use crate::helpers::{PATIENCE, amqp_url, create_database, drop_database};
+use crate::helpers::{PATIENCE, amqp_url, create_database, delete_topology, drop_database};
 use crate::process::{WorkerProcess, command};
 
 /// Runs `enqueue <args> --wait` and returns its result as JSON.
@@ -117,6 +117,12 @@ async fn sandbox_worker_answers_enqueued_jobs_and_stops_cleanly_on_sigterm() {
         "verification code (as bytes) in the log:\n{log}"
     );
     drop_database(&db_name).await;
+    if let Ok(connection) =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
+    {
+        delete_topology(&connection, &settings).await;
+        let _ = connection.close(200, "test done".into()).await;
+    }
 }
 
 #[tokio::test]
