@@ -72,10 +72,6 @@ impl Broker {
         })
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.connection.status().connected()
-    }
-
     /// Declares the queues and the dead-letter exchange. Idempotent; run on every (re)connect
     /// because a broker that lost its state must get the topology back before jobs arrive.
     pub async fn declare_topology(&self) -> Result<(), BrokerError> {

@@ -14,43 +14,13 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};
 use sqlx::{Connection as _, PgConnection};
 
-use crate::aliyun::outcome::meaning;
+use crate::aliyun::outcome;
 use crate::aliyun::{AliyunClient, CallError, Product};
 use crate::config::{ALIBABA_CLOUD_ACCESS_KEY_ID, ALIBABA_CLOUD_ACCESS_KEY_SECRET, Config};
 use crate::store::china_time;
 
 /// Longest any one check may take: an unreachable host must not hang the command.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The migrations this binary carries, to compare with what the database has applied.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
-
-/// Answers that mean the gateway did not accept the AccessKey or the signature.
-const CREDENTIAL_CODES: &[&str] = &[
-    "SignatureDoesNotMatch",
-    "IncompleteSignature",
-    "InvalidAccessKeyId",
-    "InvalidAccessKeyId.NotFound",
-    "InvalidAccessKeyId.Inactive",
-    "MissingSecurityToken",
-    "InvalidSecurityToken.Expired",
-    "InvalidSecurityToken.Malformed",
-    "InvalidSecurityToken.MismatchWithAccessKey",
-];
-
-/// The credentials work but the account may not make this call, or cannot send.
-const ACCOUNT_CODES: &[&str] = &[
-    "Forbidden.RAM",
-    "Forbidden.RiskControl",
-    "isp.RAM_PERMISSION_DENY",
-    "isv.RAM_PERMISSION_DENY",
-    "isv.OUT_OF_SERVICE",
-    "isv.AMOUNT_NOT_ENOUGH",
-    "isv.PRODUCT_UN_SUBSCRIPT",
-    "isv.PRODUCT_UNSUBSCRIBE",
-    "isv.ACCOUNT_NOT_EXISTS",
-    "isv.ACCOUNT_ABNORMAL",
-];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -232,7 +202,7 @@ async fn migration_status(conn: &mut PgConnection) -> Result<String, String> {
         .fetch_one(&mut *conn)
         .await
         .map_err(|e| format!("cannot read the migrations table: {e}"))?;
-    let embedded: BTreeMap<i64, &[u8]> = MIGRATOR
+    let embedded: BTreeMap<i64, &[u8]> = crate::store::MIGRATOR
         .iter()
         .filter(|m| m.migration_type.is_up_migration())
         .map(|m| (m.version, m.checksum.as_ref()))
@@ -320,7 +290,7 @@ async fn aliyun(config: &Config) -> Check {
             ),
         );
     }
-    if CREDENTIAL_CODES.contains(&code.as_str()) {
+    if outcome::is_credentials(&code) {
         let which = if code.starts_with("InvalidAccessKeyId") {
             ALIBABA_CLOUD_ACCESS_KEY_ID
         } else if code.contains("SecurityToken") {
@@ -333,12 +303,12 @@ async fn aliyun(config: &Config) -> Check {
             format!("credentials rejected by {endpoint} ({code}): check {which}"),
         );
     }
-    if ACCOUNT_CODES.contains(&code.as_str()) {
+    if outcome::is_account(&code) {
         return Check::fail(
             NAME,
             format!(
                 "credentials accepted, but the account cannot go on ({code}: {})",
-                meaning(&code)
+                outcome::meaning(&code)
             ),
         );
     }

@@ -12,6 +12,20 @@ use chrono::{DateTime, Utc};
 
 use crate::store::Store;
 
+/// The jobs a purge with cutoff `$1` may delete, as one SELECT of their ids: `count` and
+/// `purge` must agree on it. `created_at < $1` follows from the finish time (a job finishes
+/// after it is created) and lets the created_at index find the candidates.
+macro_rules! purgeable_ids {
+    () => {
+        "SELECT id FROM sms_jobs
+         WHERE status <> 'sending'
+           AND created_at < $1
+           AND coalesce(finished_at, created_at) < $1
+           AND NOT (status = 'unknown' AND reconcile_until IS NOT NULL
+                    AND reconcile_until > now())"
+    };
+}
+
 /// Rows per delete statement by default.
 pub const DEFAULT_BATCH: i64 = 1000;
 /// A purged id can be published again and would be sent again: the job row is the idempotency
@@ -51,20 +65,14 @@ pub fn cutoff(age: Duration) -> Result<DateTime<Utc>, RetentionError> {
 
 /// What `purge` would delete: counted, nothing changed.
 pub async fn count(store: &Store, cutoff: DateTime<Utc>) -> Result<Purged, RetentionError> {
-    // `created_at < $1` follows from the finish time (a job finishes after it is created) and
-    // lets the created_at index find the candidates instead of scanning the table.
-    let (jobs, attempts, deliveries): (i64, i64, i64) = sqlx::query_as(
-        "WITH doomed AS (
-             SELECT id FROM sms_jobs
-             WHERE status <> 'sending'
-               AND created_at < $1
-               AND coalesce(finished_at, created_at) < $1
-               AND NOT (status = 'unknown' AND reconcile_until IS NOT NULL
-                        AND reconcile_until > now()))
+    let (jobs, attempts, deliveries): (i64, i64, i64) = sqlx::query_as(concat!(
+        "WITH doomed AS (",
+        purgeable_ids!(),
+        ")
          SELECT (SELECT count(*) FROM doomed),
                 (SELECT count(*) FROM sms_attempts WHERE job_id IN (SELECT id FROM doomed)),
-                (SELECT count(*) FROM sms_deliveries WHERE job_id IN (SELECT id FROM doomed))",
-    )
+                (SELECT count(*) FROM sms_deliveries WHERE job_id IN (SELECT id FROM doomed))"
+    ))
     .bind(cutoff)
     .fetch_one(store.pool())
     .await?;
@@ -86,14 +94,10 @@ pub async fn purge(
     loop {
         // One statement per batch: the children are counted from the same snapshot the
         // delete works on, and the cascade removes them with their job.
-        let (jobs, attempts, deliveries): (i64, i64, i64) = sqlx::query_as(
-            "WITH doomed AS (
-                 SELECT id FROM sms_jobs
-                 WHERE status <> 'sending'
-                   AND created_at < $1
-                   AND coalesce(finished_at, created_at) < $1
-                   AND NOT (status = 'unknown' AND reconcile_until IS NOT NULL
-                            AND reconcile_until > now())
+        let (jobs, attempts, deliveries): (i64, i64, i64) = sqlx::query_as(concat!(
+            "WITH doomed AS (",
+            purgeable_ids!(),
+            "
                  ORDER BY created_at
                  LIMIT $2
                  FOR UPDATE SKIP LOCKED),
@@ -104,8 +108,8 @@ pub async fn purge(
                          WHERE job_id IN (SELECT id FROM doomed)) AS deliveries),
              gone AS (
                  DELETE FROM sms_jobs WHERE id IN (SELECT id FROM doomed) RETURNING 1)
-             SELECT (SELECT count(*) FROM gone), attempts, deliveries FROM children",
-        )
+             SELECT (SELECT count(*) FROM gone), attempts, deliveries FROM children"
+        ))
         .bind(cutoff)
         .bind(batch.max(1))
         .fetch_one(store.pool())

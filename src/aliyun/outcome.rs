@@ -54,13 +54,19 @@ pub mod codes {
     pub const BAD_RESPONSE: &str = "ALIYUN_BAD_RESPONSE";
 }
 
-const ACCOUNT_OR_CREDENTIALS: &[&str] = &[
+/// The gateway did not accept the AccessKey, the signature or the STS token (every
+/// `InvalidSecurityToken.*` too; see [`is_credentials`]).
+const CREDENTIALS: &[&str] = &[
     "SignatureDoesNotMatch",
     "IncompleteSignature",
     "InvalidAccessKeyId.NotFound",
     "InvalidAccessKeyId.Inactive",
     "InvalidAccessKeyId",
     "MissingSecurityToken",
+];
+
+/// The credentials work, but the account may not make this call or cannot send.
+const ACCOUNT: &[&str] = &[
     "Forbidden.RAM",
     "Forbidden.RiskControl",
     "isp.RAM_PERMISSION_DENY",
@@ -128,7 +134,7 @@ const WELL_KNOWN: &[&str] = &[
 /// The canonical spelling of a code this module knows, for use as a bounded metric label;
 /// `None` for anything else (a new Aliyun code, or garbage from something that is not Aliyun).
 pub fn known_code(code: &str) -> Option<&'static str> {
-    [ACCOUNT_OR_CREDENTIALS, SERVER_ERROR, TRANSIENT, WELL_KNOWN]
+    [CREDENTIALS, ACCOUNT, SERVER_ERROR, TRANSIENT, WELL_KNOWN]
         .into_iter()
         .flatten()
         .find(|known| eq(code, known))
@@ -178,6 +184,19 @@ fn in_list(code: &str, list: &[&str]) -> bool {
     list.iter().any(|c| eq(code, c))
 }
 
+/// Whether Aliyun refused the AccessKey, the signature or the STS token.
+pub fn is_credentials(code: &str) -> bool {
+    in_list(code, CREDENTIALS)
+        || code
+            .to_ascii_uppercase()
+            .starts_with("INVALIDSECURITYTOKEN")
+}
+
+/// Whether the credentials worked but the account may not make the call or cannot send.
+pub fn is_account(code: &str) -> bool {
+    in_list(code, ACCOUNT)
+}
+
 /// Maps one call's result to a verdict. The call is `effect`; the answer's HTTP status is
 /// informational except where Aliyun gives no code.
 pub fn classify(effect: Effect, result: &Result<Answer, CallError>) -> Verdict {
@@ -216,7 +235,7 @@ pub fn classify(effect: Effect, result: &Result<Answer, CallError>) -> Verdict {
         maybe_executed
     } else if in_list(code, SERVER_ERROR) {
         maybe_executed
-    } else if in_list(code, ACCOUNT_OR_CREDENTIALS) || upper.starts_with("INVALIDSECURITYTOKEN") {
+    } else if is_credentials(code) || is_account(code) {
         Verdict::Failed
     } else if answer.http_status >= 500 {
         maybe_executed

@@ -192,8 +192,8 @@ pub(super) struct Writer {
 impl Writer {
     pub(super) fn spawn(pool: PgPool) -> Self {
         Self {
-            claims: Lane::spawn(pool.clone(), claim_batch),
-            finishes: Lane::spawn(pool, finish_batch),
+            claims: Lane::spawn(pool.clone(), write_batch::<ClaimReq>),
+            finishes: Lane::spawn(pool, write_batch::<FinishReq>),
         }
     }
 
@@ -217,21 +217,55 @@ fn shared_failure<T>(n: usize, e: StoreError) -> Vec<Result<T, StoreError>> {
     (0..n).map(|_| Err(StoreError::Shared(e.clone()))).collect()
 }
 
-async fn claim_batch(pool: PgPool, reqs: Vec<ClaimReq>) -> Vec<Result<Claim, StoreError>> {
-    let mut conn = match pool.acquire().await {
-        Ok(c) => c,
-        Err(e) => return shared_failure(reqs.len(), e.into()),
-    };
-    match claim_together(&mut conn, &reqs).await {
-        Ok(claims) => claims.into_iter().map(Ok).collect(),
+/// A kind of request a lane writes: all of a batch at once, one answer per request in order.
+trait Batched: Keyed + Sized + Send + Sync + 'static {
+    type Out: Send + 'static;
+
+    fn write_all<'a>(
+        pool: &'a PgPool,
+        reqs: &'a [Self],
+    ) -> impl Future<Output = Result<Vec<Result<Self::Out, StoreError>>, StoreError>> + Send + 'a;
+}
+
+impl Batched for ClaimReq {
+    type Out = Claim;
+
+    async fn write_all(
+        pool: &PgPool,
+        reqs: &[Self],
+    ) -> Result<Vec<Result<Claim, StoreError>>, StoreError> {
+        let mut conn = pool.acquire().await?;
+        Ok(claim_together(&mut conn, reqs)
+            .await?
+            .into_iter()
+            .map(Ok)
+            .collect())
+    }
+}
+
+impl Batched for FinishReq {
+    type Out = JobRow;
+
+    async fn write_all(
+        pool: &PgPool,
+        reqs: &[Self],
+    ) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
+        finish_together(pool, reqs).await
+    }
+}
+
+/// Writes a batch. If it fails on one row's data, each job is written alone, so one bad row
+/// does not fail its neighbours; any other failure (a lost connection) fails them all alike.
+async fn write_batch<R: Batched>(pool: PgPool, reqs: Vec<R>) -> Vec<Result<R::Out, StoreError>> {
+    match R::write_all(&pool, &reqs).await {
+        Ok(out) => out,
         Err(e) if reqs.len() > 1 && is_about_data(&e) => {
             let mut out = Vec::with_capacity(reqs.len());
             for r in &reqs {
-                out.push(
-                    claim_together(&mut conn, std::slice::from_ref(r))
-                        .await
-                        .and_then(|mut v| v.pop().ok_or(StoreError::WriterGone)),
-                );
+                out.push(match R::write_all(&pool, std::slice::from_ref(r)).await {
+                    Ok(mut one) => one.pop().unwrap_or(Err(StoreError::WriterGone)),
+                    Err(e) => Err(e),
+                });
             }
             out
         }
@@ -328,25 +362,6 @@ pub(super) async fn claim_together(
                 .ok_or(StoreError::Database(sqlx::Error::RowNotFound)),
         })
         .collect()
-}
-
-async fn finish_batch(pool: PgPool, reqs: Vec<FinishReq>) -> Vec<Result<JobRow, StoreError>> {
-    match finish_together(&pool, &reqs).await {
-        Ok(rows) => rows,
-        Err(e) if reqs.len() > 1 && is_about_data(&e) => {
-            let mut out = Vec::with_capacity(reqs.len());
-            for r in &reqs {
-                out.push(
-                    match finish_together(&pool, std::slice::from_ref(r)).await {
-                        Ok(mut v) => v.pop().unwrap_or(Err(StoreError::WriterGone)),
-                        Err(e) => Err(e),
-                    },
-                );
-            }
-            out
-        }
-        Err(e) => shared_failure(reqs.len(), e),
-    }
 }
 
 /// Writes the outcomes of jobs this worker owns, and their deciding attempts, in one

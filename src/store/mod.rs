@@ -30,7 +30,8 @@ pub enum StoreError {
     WriterGone,
 }
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The migrations this binary carries (`migrate` applies them, `check-config` compares).
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Where a job's result goes, taken from the delivery's AMQP properties.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

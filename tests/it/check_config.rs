@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use aliyun_sms_worker::config;
 
 use crate::helpers::{TEST_SECRET, TestApp, TestEnv, create_database, drop_database, free_addr};
-use crate::process::command;
+use crate::process::run_to_end;
 
 struct Run {
     code: i32,
@@ -24,15 +24,12 @@ impl Run {
 }
 
 async fn check_config(settings: &HashMap<String, String>) -> Run {
-    let out = command(settings.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .arg("check-config")
-        .output()
-        .await
-        .expect("run the binary");
+    let envs = settings.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    let (code, stdout, stderr) = run_to_end(envs, &["check-config"]).await;
     Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code,
+        stdout,
+        stderr,
     }
 }
 

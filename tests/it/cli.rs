@@ -4,8 +4,10 @@ use std::collections::HashMap;
 
 use aliyun_sms_worker::config;
 
-use crate::helpers::{PATIENCE, amqp_url, create_database, delete_topology, drop_database};
-use crate::process::{WorkerProcess, command};
+use crate::helpers::{
+    PATIENCE, amqp_url, create_database, delete_topology, drop_database, queue_settings,
+};
+use crate::process::{WorkerProcess, command, run_to_end};
 
 /// Runs `enqueue <args> --wait` and returns its result as JSON.
 pub(crate) async fn enqueue(
@@ -40,13 +42,9 @@ async fn sandbox_worker_answers_enqueued_jobs_and_stops_cleanly_on_sigterm() {
     let settings: HashMap<String, String> = [
         (config::AMQP_URL, amqp_url()),
         (config::DATABASE_URL, db_url),
-        (config::SMS_JOBS_QUEUE, format!("{prefix}.jobs")),
-        (config::SMS_RESULTS_QUEUE, format!("{prefix}.results")),
-        (config::SMS_DEAD_LETTER_QUEUE, format!("{prefix}.dead")),
-        (config::SMS_DEAD_LETTER_EXCHANGE, format!("{prefix}.dlx")),
-        (config::SMS_RECEIPTS_QUEUE, format!("{prefix}.receipts")),
     ]
     .into_iter()
+    .chain(queue_settings(&prefix))
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
 
@@ -128,13 +126,12 @@ async fn sandbox_worker_answers_enqueued_jobs_and_stops_cleanly_on_sigterm() {
 #[tokio::test]
 async fn a_missing_setting_is_named_at_start() {
     let amqp = amqp_url();
-    let out = command([(config::AMQP_URL, amqp.as_str())])
-        .args(["run", "--no-migrate"])
-        .output()
-        .await
-        .expect("run the binary");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (code, _, stderr) = run_to_end(
+        [(config::AMQP_URL, amqp.as_str())],
+        &["run", "--no-migrate"],
+    )
+    .await;
+    assert_ne!(code, 0);
     assert!(
         stderr.contains(config::ALIBABA_CLOUD_ACCESS_KEY_ID),
         "the message names the variable: {stderr}"

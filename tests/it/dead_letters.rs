@@ -12,7 +12,7 @@ use lapin::{BasicProperties, Channel};
 use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, TestEnv, send_job, unique_id, unique_phone};
-use crate::process::command;
+use crate::process::run_to_end;
 
 struct Cli {
     settings: HashMap<String, String>,
@@ -20,16 +20,8 @@ struct Cli {
 
 impl Cli {
     async fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let out = command(self.settings.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .args(args)
-            .output()
-            .await
-            .expect("run the binary");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let envs = self.settings.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        run_to_end(envs, args).await
     }
 
     async fn list_json(&self) -> Vec<Value> {

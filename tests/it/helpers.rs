@@ -76,16 +76,23 @@ pub async fn drop_database(name: &str) {
 
 /// Settings for one test: unique queues, its database, the fake's endpoint and keys, and
 /// fast retries.
+/// The queue and exchange names of one test, all under `prefix`, so tests run side by side.
+pub fn queue_settings(prefix: &str) -> [(&'static str, String); 5] {
+    [
+        (config::SMS_JOBS_QUEUE, format!("{prefix}.jobs")),
+        (config::SMS_RESULTS_QUEUE, format!("{prefix}.results")),
+        (config::SMS_DEAD_LETTER_QUEUE, format!("{prefix}.dead")),
+        (config::SMS_DEAD_LETTER_EXCHANGE, format!("{prefix}.dlx")),
+        (config::SMS_RECEIPTS_QUEUE, format!("{prefix}.receipts")),
+    ]
+}
+
 pub fn test_settings(db_url: &str, fake: &FakeAliyun, prefix: &str) -> HashMap<String, String> {
     let endpoint = fake.endpoint();
     [
         (config::AMQP_URL, amqp_url()),
         (config::DATABASE_URL, db_url.to_owned()),
         (config::DATABASE_MAX_CONNECTIONS, "8".into()),
-        (config::SMS_JOBS_QUEUE, format!("{prefix}.jobs")),
-        (config::SMS_RESULTS_QUEUE, format!("{prefix}.results")),
-        (config::SMS_DEAD_LETTER_QUEUE, format!("{prefix}.dead")),
-        (config::SMS_DEAD_LETTER_EXCHANGE, format!("{prefix}.dlx")),
         (config::ALIBABA_CLOUD_ACCESS_KEY_ID, TEST_KEY_ID.into()),
         (config::ALIBABA_CLOUD_ACCESS_KEY_SECRET, TEST_SECRET.into()),
         (config::ALIYUN_DYPNSAPI_ENDPOINT, endpoint.clone()),
@@ -98,7 +105,6 @@ pub fn test_settings(db_url: &str, fake: &FakeAliyun, prefix: &str) -> HashMap<S
         (config::HTTP_CONNECT_TIMEOUT_MS, "1000".into()),
         (config::HTTP_REQUEST_TIMEOUT_MS, "3000".into()),
         (config::SHUTDOWN_GRACE_MS, "5000".into()),
-        (config::SMS_RECEIPTS_QUEUE, format!("{prefix}.receipts")),
         (config::RECEIPTS_POLL_INTERVAL_MS, "100".into()),
         (config::RECONCILE_GRACE_MS, "600".into()),
         // A killed worker is recognised after 5 beats.
@@ -107,6 +113,7 @@ pub fn test_settings(db_url: &str, fake: &FakeAliyun, prefix: &str) -> HashMap<S
         (config::ADMIN_ADDR, String::new()),
     ]
     .into_iter()
+    .chain(queue_settings(prefix))
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
 }

@@ -2,7 +2,6 @@
 //! a log shipper can take, the job span says which job a line is about, and nothing secret is
 //! in any line.
 
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use aliyun_sms_worker::config;
@@ -12,7 +11,7 @@ use serde_json::Value;
 use crate::cli::enqueue;
 use crate::helpers::{
     TEST_KEY_ID, TEST_SECRET, amqp_url, create_database, delete_topology, drop_database,
-    unique_phone,
+    test_settings, unique_phone,
 };
 use crate::process::WorkerProcess;
 
@@ -34,27 +33,9 @@ async fn json_logs_are_json_carry_the_job_span_and_leak_nothing() {
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
     let token = format!("STS.tok{}", uuid::Uuid::new_v4().simple());
-    let settings: HashMap<String, String> = [
-        (config::AMQP_URL, amqp_url()),
-        (config::DATABASE_URL, db_url),
-        (config::SMS_JOBS_QUEUE, format!("{prefix}.jobs")),
-        (config::SMS_RESULTS_QUEUE, format!("{prefix}.results")),
-        (config::SMS_DEAD_LETTER_QUEUE, format!("{prefix}.dead")),
-        (config::SMS_DEAD_LETTER_EXCHANGE, format!("{prefix}.dlx")),
-        (config::SMS_RECEIPTS_QUEUE, format!("{prefix}.receipts")),
-        (config::ALIBABA_CLOUD_ACCESS_KEY_ID, TEST_KEY_ID.into()),
-        (config::ALIBABA_CLOUD_ACCESS_KEY_SECRET, TEST_SECRET.into()),
-        (config::ALIBABA_CLOUD_SECURITY_TOKEN, token.clone()),
-        (config::ALIYUN_DYPNSAPI_ENDPOINT, fake.endpoint()),
-        (config::ALIYUN_DYSMSAPI_ENDPOINT, fake.endpoint()),
-        (config::RETRY_INITIAL_DELAY_MS, "10".into()),
-        (config::RECEIPTS_POLL_INTERVAL_MS, "100".into()),
-        (config::ADMIN_ADDR, String::new()),
-        (config::LOG_FORMAT, "json".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let mut settings = test_settings(&db_url, &fake, &prefix);
+    settings.insert(config::ALIBABA_CLOUD_SECURITY_TOKEN.into(), token.clone());
+    settings.insert(config::LOG_FORMAT.into(), "json".into());
 
     let mut worker = WorkerProcess::start(&["run"], &settings).await;
 

@@ -5,19 +5,12 @@ use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
 use serde_json::Value;
 
 use crate::helpers::{TestApp, send_job, unique_id};
-use crate::process::command;
+use crate::process::run_to_end;
 
 async fn cli(app: &TestApp, args: &[&str]) -> (i32, String) {
     let db = app.config.database_url.expose().to_owned();
-    let out = command([(config::DATABASE_URL, db.as_str())])
-        .args(args)
-        .output()
-        .await
-        .expect("run the binary");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let (code, stdout, _) = run_to_end([(config::DATABASE_URL, db.as_str())], args).await;
+    (code, stdout)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,24 @@ pub fn command<'a>(envs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Comman
     cmd
 }
 
+/// Runs `aliyun-sms-worker <args>` to its end with only `envs` set (see [`command`]);
+/// returns its exit code, stdout and stderr.
+pub async fn run_to_end<'a>(
+    envs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    args: &[&str],
+) -> (i32, String, String) {
+    let out = command(envs)
+        .args(args)
+        .output()
+        .await
+        .expect("run the binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub struct WorkerProcess {
     child: Child,
     lines: mpsc::UnboundedReceiver<String>,

@@ -6,7 +6,7 @@ use aliyun_sms_worker::store::Store;
 use sqlx::PgPool;
 
 use crate::helpers::{create_database, drop_database};
-use crate::process::command;
+use crate::process::run_to_end;
 
 /// A job created `created_days` ago, finished `finished_days` ago (None: not finished).
 async fn job(pool: &PgPool, id: &str, status: &str, created_days: i32, finished_days: Option<i32>) {
@@ -45,17 +45,11 @@ async fn ids(pool: &PgPool) -> Vec<String> {
 }
 
 async fn purge(db_url: &str, args: &[&str]) -> (i32, String, String) {
-    let out = command([(config::DATABASE_URL, db_url)])
-        .arg("purge")
-        .args(args)
-        .output()
-        .await
-        .expect("run the binary");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    run_to_end(
+        [(config::DATABASE_URL, db_url)],
+        &[&["purge"], args].concat(),
     )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
