@@ -23,3 +23,8 @@ CREATE INDEX sms_jobs_sending_idx ON sms_jobs (claimed_by) WHERE status = 'sendi
 -- taking no new jobs.
 ALTER TABLE sms_workers ADD COLUMN heartbeat_ms INTEGER NOT NULL DEFAULT 2000;
 ALTER TABLE sms_workers ADD COLUMN stopping_at TIMESTAMPTZ;
+-- The start of this worker's current unbroken run of beats (reset when a beat comes after a
+-- gap of more than 5 beats). A worker judges another dead only once its own run is longer than
+-- the other's staleness window: after a database outage every heartbeat is old, and nobody's
+-- claims are taken until their owners had a fair chance to beat again.
+ALTER TABLE sms_workers ADD COLUMN alive_since TIMESTAMPTZ NOT NULL DEFAULT now();
