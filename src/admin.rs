@@ -27,6 +27,8 @@ pub struct Probes {
     pub consuming: watch::Receiver<bool>,
     /// The database answered the last time it was asked.
     pub db_ok: watch::Receiver<bool>,
+    /// Supervised background tasks that are down (being restarted).
+    pub tasks_down: watch::Receiver<std::collections::BTreeSet<&'static str>>,
 }
 
 #[derive(Clone)]
@@ -37,16 +39,23 @@ struct AdminState {
 }
 
 impl AdminState {
-    fn ready(&self) -> (bool, &'static str) {
+    fn ready(&self) -> (bool, String) {
+        let down = self.probes.tasks_down.borrow();
         if !*self.probes.consuming.borrow() {
             (
                 false,
-                "not consuming: RabbitMQ unreachable, starting, or draining",
+                "not consuming: RabbitMQ unreachable, starting, or draining".into(),
             )
         } else if !*self.probes.db_ok.borrow() {
-            (false, "database unreachable")
+            (false, "database unreachable".into())
+        } else if !down.is_empty() {
+            let names: Vec<&str> = down.iter().copied().collect();
+            (
+                false,
+                format!("background task restarting: {}", names.join(", ")),
+            )
         } else {
-            (true, "ready")
+            (true, "ready".into())
         }
     }
 }

@@ -157,6 +157,18 @@ pub struct ReceiptsConfig {
     pub reconcile_grace: Duration,
 }
 
+/// The duties one worker of the fleet does at a time (see `worker::duties`).
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// How often the leader sweeps stale claims and the result outbox.
+    pub sweep_interval: Duration,
+    /// A final result not confirmed by RabbitMQ for this long is published again.
+    pub republish_after: Duration,
+    /// A stale claim that never reached Aliyun and whose message did not come back for this
+    /// long ends `failed` (`ABANDONED`).
+    pub abandon_after: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub amqp_url: Secret,
@@ -171,6 +183,7 @@ pub struct Config {
     pub number_limits: Option<NumberLimits>,
     pub receipts: ReceiptsConfig,
     pub heartbeat: Duration,
+    pub fleet: FleetConfig,
     pub shutdown_grace: Duration,
     /// None when the admin listener is off.
     pub admin_addr: Option<std::net::SocketAddr>,
@@ -225,7 +238,10 @@ settings! {
     RECONCILE_GRACE_MS = "RECONCILE_GRACE_MS", Some("300000"), "how long an unknown Dysmsapi send is looked up by OutId before it is declared never sent";
     SMS_RECEIPTS_QUEUE = "SMS_RECEIPTS_QUEUE", Some("sms.receipts"), "queue that receives a delivery event when a receipt turns final";
     RECEIPT_EVENTS_ENABLED = "RECEIPT_EVENTS_ENABLED", Some("true"), "publish delivery events to SMS_RECEIPTS_QUEUE";
-    WORKER_HEARTBEAT_MS = "WORKER_HEARTBEAT_MS", Some("2000"), "how often a worker renews its heartbeat; a worker silent for 5 beats is taken for dead and its in-flight jobs end unknown";
+    WORKER_HEARTBEAT_MS = "WORKER_HEARTBEAT_MS", Some("2000"), "how often a worker renews its heartbeat (it beats until it exits, drain included); a worker silent for 5 of its own beats is taken for dead: its claims that never reached Aliyun are taken over, the others end unknown";
+    SWEEP_INTERVAL_MS = "SWEEP_INTERVAL_MS", Some("5000"), "how often one worker of the fleet sweeps stale claims and re-publishes unconfirmed results";
+    RESULT_REPUBLISH_AFTER_MS = "RESULT_REPUBLISH_AFTER_MS", Some("30000"), "a final result that no queue confirmed for this long is published again (the outbox)";
+    ABANDONED_CLAIM_AFTER_MS = "ABANDONED_CLAIM_AFTER_MS", Some("900000"), "a dead worker's claim that never reached Aliyun, and whose message did not come back, ends failed (ABANDONED) after this long";
     SHUTDOWN_GRACE_MS = "SHUTDOWN_GRACE_MS", Some("30000"), "on SIGTERM, how long in-flight jobs may take to finish";
     ADMIN_ADDR = "ADMIN_ADDR", Some("127.0.0.1:8080"), "admin HTTP listener (status page /, /healthz, /readyz, /metrics); empty turns it off";
     LOG_FORMAT = "LOG_FORMAT", Some("pretty"), "pretty | json (one JSON object per line)";
@@ -466,6 +482,11 @@ impl Config {
                 reconcile_grace: r.millis(RECONCILE_GRACE_MS, 0, 30 * 86_400_000)?,
             },
             heartbeat: r.millis(WORKER_HEARTBEAT_MS, 50, 60_000)?,
+            fleet: FleetConfig {
+                sweep_interval: r.millis(SWEEP_INTERVAL_MS, 50, 3_600_000)?,
+                republish_after: r.millis(RESULT_REPUBLISH_AFTER_MS, 100, 86_400_000)?,
+                abandon_after: r.millis(ABANDONED_CLAIM_AFTER_MS, 1_000, 7 * 86_400_000)?,
+            },
             shutdown_grace: r.millis(SHUTDOWN_GRACE_MS, 0, 3_600_000)?,
             // Set but empty means off; unset means the default.
             admin_addr: match lookup(ADMIN_ADDR) {
@@ -485,8 +506,10 @@ impl Config {
         })
     }
 
-    /// A worker that has not renewed its heartbeat for this long is taken for dead.
-    pub fn heartbeat_stale_after(&self) -> Duration {
+    /// How long a fresh claim is held before it is stamped (the call about to leave). A claim
+    /// whose reply was lost, or whose worker gave up before calling, is taken over after this,
+    /// even though its owner is alive: until stamped, it never reached Aliyun.
+    pub fn claim_lease(&self) -> Duration {
         self.heartbeat * 5
     }
 

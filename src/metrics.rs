@@ -28,6 +28,8 @@ pub const FAMILIES: &[&str] = &[
     "sms_receipts_total",
     "sms_jobs_in_flight",
     "sms_worker_ready",
+    "sms_worker_task_restarts_total",
+    "sms_worker_fleet_leader",
 ];
 
 /// The Aliyun actions this program calls; anything else is counted as `other`.
@@ -113,6 +115,10 @@ pub struct Metrics {
     /// `RECEIPT_STATUSES`, then `other`.
     receipts: [AtomicU64; RECEIPT_STATUSES.len() + 1],
     in_flight: AtomicI64,
+    /// Restarts of supervised background tasks, by task name.
+    task_restarts: Mutex<BTreeMap<&'static str, u64>>,
+    /// 1 while this worker does the fleet's one-at-a-time duties.
+    leader: AtomicI64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -125,6 +131,15 @@ fn bump(map: &Mutex<Pairs>, a: &'static str, b: &'static str) {
 }
 
 impl Metrics {
+    /// A supervised background task ended (a panic or an early return) and is restarted.
+    pub fn task_restarted(&self, task: &'static str) {
+        *lock(&self.task_restarts).entry(task).or_default() += 1;
+    }
+
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.store(i64::from(leading), Ordering::Relaxed);
+    }
+
     pub fn job_finished(&self, job_type: &'static str, status: &'static str) {
         bump(&self.jobs, job_type, status);
     }
@@ -288,6 +303,30 @@ impl Metrics {
             "1 when consuming with the database reachable.",
         );
         let _ = writeln!(out, "sms_worker_ready {}", u8::from(ready));
+        header(
+            &mut out,
+            "sms_worker_task_restarts_total",
+            "counter",
+            "Background tasks (heartbeat, receipts, fleet duties) that stopped and were restarted; any increase is a bug to report.",
+        );
+        for (task, n) in lock(&self.task_restarts).iter() {
+            let _ = writeln!(
+                out,
+                "sms_worker_task_restarts_total{{task=\"{}\"}} {n}",
+                escape(task)
+            );
+        }
+        header(
+            &mut out,
+            "sms_worker_fleet_leader",
+            "gauge",
+            "1 while this worker does the fleet's one-at-a-time duties (receipts, reconciliation, sweeps).",
+        );
+        let _ = writeln!(
+            out,
+            "sms_worker_fleet_leader {}",
+            self.leader.load(Ordering::Relaxed)
+        );
         out
     }
 

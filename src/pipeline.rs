@@ -27,7 +27,7 @@ use crate::config::{Config, RetryPolicy};
 use crate::health::DbHealth;
 use crate::metrics::Stage;
 use crate::store::{
-    AttemptRecord, Claim, Followup, JobRow, Outcome, ReplyRoute, Store, StoreError,
+    AttemptRecord, Claim, Followup, JobRow, Outcome, ReplyRoute, Stale, Store, StoreError,
 };
 use crate::wire::{self, Invalid, Job, JobKind, JobResult, JobType, Status};
 
@@ -175,7 +175,7 @@ impl Pipeline {
                     self.metrics
                         .job_finished(job.job_type().as_str(), result.status.as_str());
                     let started = Instant::now();
-                    publish(broker, &result, &route).await?;
+                    self.publish(broker, &result, &route).await?;
                     self.metrics.stage(Stage::Publish, started.elapsed());
                     Ok(())
                 }
@@ -232,7 +232,16 @@ impl Pipeline {
             finished_at: Utc::now(),
             verify_code: None,
         };
-        publish(broker, &result, route).await
+        self.publish(broker, &result, route).await
+    }
+
+    async fn publish(
+        &self,
+        broker: &Broker,
+        result: &JobResult,
+        route: &ReplyRoute,
+    ) -> Result<(), PipelineError> {
+        publish_result(&self.store, broker, result, route).await
     }
 
     /// Claims the job and produces its one final result: by calling Aliyun if this worker
@@ -270,7 +279,6 @@ impl Pipeline {
         route: &ReplyRoute,
         published: Option<DateTime<Utc>>,
     ) -> Result<JobResult, StoreError> {
-        let lease = self.config.job_lease();
         // Aliyun's per-number limits are about verification codes.
         let limits = self
             .config
@@ -278,10 +286,17 @@ impl Pipeline {
             .as_ref()
             .filter(|_| job.job_type() == JobType::SendVerifyCode);
         let started = Instant::now();
-        let claim = Box::pin(self.store.claim(job, route, self.worker_id, lease, limits)).await?;
+        let claim = Box::pin(self.store.claim(
+            job,
+            route,
+            self.worker_id,
+            self.config.claim_lease(),
+            limits,
+        ))
+        .await?;
         self.metrics.stage(Stage::Claim, started.elapsed());
-        match claim {
-            Claim::Owned => Box::pin(self.owned(job, published)).await,
+        let mut next = match claim {
+            Claim::Owned(row) => Next::Own(row.created_at),
             // Our own claim, and no task of ours is working on it (we hold the lock): an
             // earlier task claimed it and failed before calling Aliyun (say, the database went
             // away as the claim committed). Carry on as its owner.
@@ -290,40 +305,59 @@ impl Pipeline {
                     && row.claimed_by == Some(self.worker_id)
                     && !lock_std(&self.unrecorded).contains(&job.id) =>
             {
-                self.owned(job, published).await
+                Next::Own(row.created_at)
             }
-            Claim::Seen(row) => self.resolve_seen(*row).await,
+            Claim::Seen(row) => Next::Wait(row),
+        };
+        loop {
+            next = match next {
+                Next::Own(first_seen) => {
+                    match Box::pin(self.owned(job, first_seen, published)).await? {
+                        Some(result) => return Ok(result),
+                        // Another worker ended or took the claim before we called.
+                        None => Next::Wait(Box::new(self.fetch(&job.id).await?)),
+                    }
+                }
+                Next::Wait(row) => match self.wait_for_owner(*row).await? {
+                    Waited::Final(result) => return Ok(result),
+                    Waited::TakenOver(row) => {
+                        tracing::info!("took over a claim that never reached Aliyun");
+                        Next::Own(row.created_at)
+                    }
+                },
+            };
         }
     }
 
+    async fn fetch(&self, id: &str) -> Result<JobRow, StoreError> {
+        self.store
+            .fetch(id)
+            .await?
+            .ok_or(StoreError::Database(sqlx::Error::RowNotFound))
+    }
+
+    /// Runs a job this worker owns the claim of. `None` when the claim was lost before Aliyun
+    /// was called.
     async fn owned(
         &self,
         job: &Job,
+        first_seen: DateTime<Utc>,
         published: Option<DateTime<Utc>>,
-    ) -> Result<JobResult, StoreError> {
-        let deadline = self.deadline(job, published);
+    ) -> Result<Option<JobResult>, StoreError> {
+        let deadline = self.deadline(job, published.unwrap_or(first_seen));
         if deadline.is_some_and(|d| d <= Utc::now()) {
-            return self.expire(job).await;
+            return self.expire(job).await.map(Some);
         }
-        let result = self.call_aliyun(job, deadline).await;
-        if result.is_err() {
-            // Aliyun was called but the outcome is not recorded: never continue this claim.
-            lock_std(&self.unrecorded).insert(job.id.clone());
-        }
-        result
+        self.call_aliyun(job, deadline).await
     }
 
-    /// `expires_at` if the job has one; for code jobs, else, the maximum age from publication
-    /// (or from now, the first time this job is seen).
-    fn deadline(&self, job: &Job, published: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+    /// `expires_at` if the job has one; for code jobs, else, the maximum age from `since`: when
+    /// the job was published, or first seen by the fleet (so a redelivery does not restart it).
+    fn deadline(&self, job: &Job, since: DateTime<Utc>) -> Option<DateTime<Utc>> {
         job.expires_at.or_else(|| {
             let max_age = chrono::Duration::from_std(self.config.code_job_max_age).ok()?;
             job.is_code_job()
-                .then(|| {
-                    published
-                        .unwrap_or_else(Utc::now)
-                        .checked_add_signed(max_age)
-                })
+                .then(|| since.checked_add_signed(max_age))
                 .flatten()
         })
     }
@@ -346,33 +380,36 @@ impl Pipeline {
             .to_result()
     }
 
-    async fn resolve_seen(&self, mut row: JobRow) -> Result<JobResult, StoreError> {
+    /// Waits on a job someone else holds (or that is final already): replays a final result,
+    /// takes over a stale claim that never reached Aliyun, ends one that may have as `unknown`.
+    /// A live owner (one that is still beating, draining included) is waited for.
+    async fn wait_for_owner(&self, mut row: JobRow) -> Result<Waited, StoreError> {
         let mut poll = Duration::from_millis(100);
         loop {
             if row.status()?.is_final() {
                 tracing::info!(status = %row.status, "job seen before: replaying its stored result");
-                return row.to_result();
+                return Ok(Waited::Final(row.to_result()?));
             }
-            // Still `sending`: its worker is mid-call (wait for it) or died (end it `unknown`).
-            // This process is alive whatever its heartbeat says after an outage, so a claim of
-            // ours is only ever waited for, up to its lease.
-            let ours = row.claimed_by == Some(self.worker_id);
-            let stale = if ours {
-                self.config.job_lease()
-            } else {
-                self.config.heartbeat_stale_after()
-            };
-            let grace = self.config.receipts.reconcile_grace;
-            if let Some(ended) = self.store.interrupt_if_stale(&row.id, stale, grace).await? {
-                tracing::warn!("job was interrupted mid-call by a dead worker: unknown");
-                return ended.to_result();
+            let settled = self
+                .store
+                .settle_stale(
+                    &row.id,
+                    self.worker_id,
+                    self.config.claim_lease(),
+                    self.config.receipts.reconcile_grace,
+                )
+                .await?;
+            match settled {
+                Some(Stale::TakenOver(row)) => return Ok(Waited::TakenOver(row)),
+                Some(Stale::Interrupted(ended)) => {
+                    tracing::warn!("job was interrupted mid-call by a dead worker: unknown");
+                    return Ok(Waited::Final(ended.to_result()?));
+                }
+                None => {}
             }
             tokio::time::sleep(poll).await;
             poll = (poll * 2).min(Duration::from_secs(2));
-            row = match self.store.fetch(&row.id).await? {
-                Some(r) => r,
-                None => return Err(StoreError::Database(sqlx::Error::RowNotFound)),
-            };
+            row = self.fetch(&row.id).await?;
         }
     }
 
@@ -399,6 +436,10 @@ impl Pipeline {
         }
     }
 
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
@@ -415,11 +456,13 @@ impl Pipeline {
         &self.store
     }
 
+    /// Calls Aliyun (with retries) for a job this worker owns, and records the outcome. `None`
+    /// when the claim was lost before the first call: nothing was sent.
     async fn call_aliyun(
         &self,
         job: &Job,
         deadline: Option<DateTime<Utc>>,
-    ) -> Result<JobResult, StoreError> {
+    ) -> Result<Option<JobResult>, StoreError> {
         let plan = plan(job);
         let policy = &self.config.retry;
         let first = Instant::now();
@@ -427,6 +470,33 @@ impl Pipeline {
         let mut attempt = 0u32;
         let (verdict, answer, last_attempt) = loop {
             attempt += 1;
+            // The fence: the claim is stamped (and its lease renewed) only while this worker
+            // still owns it, and nothing is sent otherwise. The stamp is committed before the
+            // request leaves, so a worker that dies after it is never taken to have not called.
+            let stamp = || {
+                self.store
+                    .stamp(&job.id, self.worker_id, self.config.job_lease())
+            };
+            let owned = if attempt == 1 {
+                stamp().await?
+            } else {
+                // Earlier attempts were answered "not executed", but waiting out an outage here
+                // keeps the job rather than leaving a called claim behind.
+                self.persist(stamp).await?
+            };
+            if !owned {
+                if attempt == 1 {
+                    return Ok(None);
+                }
+                // Ended by another worker between two attempts: its answer is the one to give.
+                tracing::warn!(
+                    attempt,
+                    "claim lost between two attempts; not calling again"
+                );
+                lock_std(&self.unrecorded).remove(&job.id);
+                return self.fetch(&job.id).await?.to_result().map(Some);
+            }
+            lock_std(&self.unrecorded).insert(job.id.clone());
             let started_at = Utc::now();
             // Boxed, like the writes below: the HTTP exchange is the largest state a job goes
             // through, and every job in flight would otherwise reserve room for it all along.
@@ -508,6 +578,7 @@ impl Pipeline {
             })
             .await?;
         self.metrics.stage(Stage::Record, started.elapsed());
+        lock_std(&self.unrecorded).remove(&job.id);
         let mut result = row.to_result()?;
         if result.status == outcome.status {
             result.verify_code = verify_code;
@@ -519,8 +590,21 @@ impl Pipeline {
             biz_id = result.biz_id.as_deref().unwrap_or(""),
             "job finished"
         );
-        Ok(result)
+        Ok(Some(result))
     }
+}
+
+/// Where a job goes next in [`Pipeline::run_job`].
+enum Next {
+    /// This worker owns the claim; the job was first seen at this time.
+    Own(DateTime<Utc>),
+    /// Someone else holds it, or it is final.
+    Wait(Box<JobRow>),
+}
+
+enum Waited {
+    Final(JobResult),
+    TakenOver(Box<JobRow>),
 }
 
 fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -528,19 +612,46 @@ fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn publish(
+/// Publishes a job's result, to its `reply_to` or, when that queue is gone, to the results
+/// queue, and records (in the background) that it is out. A result that reached no queue
+/// stays in the outbox for the fleet's sweeper.
+pub async fn publish_result(
+    store: &Store,
     broker: &Broker,
     result: &JobResult,
     route: &ReplyRoute,
 ) -> Result<(), PipelineError> {
-    if broker.publish_result(result, route).await? == Routed::NoQueue {
-        // Nobody can receive it; the result stays readable in sms_jobs.
-        tracing::warn!(
-            reply_to = route.reply_to.as_deref().unwrap_or(""),
-            "result was unroutable: no such reply queue"
-        );
+    if deliver_result(broker, result, route).await? == Routed::Yes
+        && let Some(id) = &result.id
+    {
+        store.result_published(id, result.finished_at);
     }
     Ok(())
+}
+
+/// Publishes a result to its `reply_to`; when that queue is gone, to the results queue, so the
+/// result reaches someone. Says whether it reached a queue.
+async fn deliver_result(
+    broker: &Broker,
+    result: &JobResult,
+    route: &ReplyRoute,
+) -> Result<Routed, PipelineError> {
+    let routed = broker.publish_result(result, route).await?;
+    if routed == Routed::Yes || route.reply_to.is_none() {
+        if routed == Routed::NoQueue {
+            tracing::error!("result was unroutable: the results queue is gone; kept in the outbox");
+        }
+        return Ok(routed);
+    }
+    tracing::warn!(
+        reply_to = route.reply_to.as_deref().unwrap_or(""),
+        "reply queue is gone: result sent to the results queue instead"
+    );
+    let fallback = ReplyRoute {
+        reply_to: None,
+        correlation_id: route.correlation_id.clone(),
+    };
+    Ok(broker.publish_result(result, &fallback).await?)
 }
 
 fn backoff(policy: &RetryPolicy) -> impl Iterator<Item = Duration> {

@@ -23,6 +23,7 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::phone;
+use crate::pipeline::publish_result;
 use crate::store::{DeliveryRow, ReceiptUpdate, ReconcileRow, Store, StoreError, china_time};
 
 /// How many rows one round takes on, of each kind.
@@ -88,6 +89,9 @@ pub struct Receipts {
     store: Store,
     aliyun: AliyunClient,
     broker: watch::Receiver<Option<Broker>>,
+    /// Whether this worker leads the fleet: only the leader polls, so receipts, events and
+    /// second results happen once per fleet.
+    leader: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     pace: Interval,
 }
@@ -104,6 +108,7 @@ impl Receipts {
         store: Store,
         aliyun: AliyunClient,
         broker: watch::Receiver<Option<Broker>>,
+        leader: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let per_call = Duration::from_secs_f64(1.0 / f64::from(config.receipts.max_qps.max(1)));
@@ -114,6 +119,7 @@ impl Receipts {
             store,
             aliyun,
             broker,
+            leader,
             metrics,
             pace,
         }
@@ -131,6 +137,9 @@ impl Receipts {
                     }
                 }
                 _ = tick.tick() => {
+                    if !*self.leader.borrow() {
+                        continue;
+                    }
                     if let Err(e) = self.round().await {
                         tracing::warn!(error = %e, "receipt round failed; trying again next round");
                     }
@@ -330,13 +339,14 @@ impl Receipts {
             }
         };
         if let Some(job) = ended {
-            // The backend already had `unknown`; this second result tells it what happened.
+            // The backend already had `unknown`; this second result tells it what happened. It
+            // is in the outbox until confirmed, so a broker away now only delays it.
             let result = job.to_result()?;
             let broker = self.broker.borrow().clone();
             if let Some(broker) = broker
-                && let Err(e) = broker.publish_result(&result, &job.route()).await
+                && let Err(e) = publish_result(&self.store, &broker, &result, &job.route()).await
             {
-                tracing::warn!(job_id = %row.id, error = %e, "could not publish the reconciled result");
+                tracing::warn!(job_id = %row.id, error = %e, "reconciled result not published yet; the outbox will");
             }
         }
         Ok(())

@@ -13,12 +13,14 @@ use crate::admin;
 use crate::aliyun::AliyunClient;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::duties::Duties;
 use crate::health::DbHealth;
 use crate::metrics::Metrics;
 use crate::metrics::Stage;
 use crate::pipeline::{Disposition, Pipeline};
 use crate::receipts::Receipts;
-use crate::store::{Store, StoreError};
+use crate::store::{Leadership, Store, StoreError};
+use crate::supervisor::Supervisor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -68,18 +70,10 @@ pub async fn run(
         store.migrate().await?;
     }
     let metrics = Arc::new(Metrics::default());
+    let supervisor = Supervisor::new(metrics.clone());
     let aliyun = AliyunClient::new(config.aliyun.clone())?.with_metrics(metrics.clone());
     let (broker_tx, broker_rx) = watch::channel::<Option<Broker>>(None);
-    let receipts = config.receipts.enabled.then(|| {
-        let poller = Receipts::new(
-            config.clone(),
-            store.clone(),
-            aliyun.clone(),
-            broker_rx,
-            metrics.clone(),
-        );
-        tokio::spawn(poller.run(shutdown.clone()))
-    });
+    let (leader_tx, leader_rx) = watch::channel(false);
     let health = DbHealth::new(store.clone());
     let mut db_ok = health.subscribe();
     let admin = match config.admin_addr {
@@ -87,6 +81,7 @@ pub async fn run(
             let probes = admin::Probes {
                 consuming: ready.subscribe(),
                 db_ok: health.subscribe(),
+                tasks_down: supervisor.subscribe(),
             };
             let (bound, task) = admin::serve(addr, metrics.clone(), probes, store.clone()).await?;
             tracing::info!(%bound, "admin listener: / /jobs/{{id}} /healthz /readyz /metrics");
@@ -98,21 +93,69 @@ pub async fn run(
         config.clone(),
         // Hundreds of jobs in flight share their claim and outcome commits.
         store.batched(),
-        aliyun,
+        aliyun.clone(),
         health,
-        metrics,
+        metrics.clone(),
     ));
     // Beat before the first claim, so no other worker can take this one for dead.
     pipeline
         .store()
-        .heartbeat(pipeline.worker_id(), &options.name)
+        .heartbeat(pipeline.worker_id(), &options.name, config.heartbeat)
         .await?;
-    let heartbeat = tokio::spawn(beat(
-        pipeline.clone(),
-        options.name.clone(),
-        config.heartbeat,
-        shutdown.clone(),
-    ));
+    // The heartbeat outlives the shutdown signal: a draining worker still owns its claims.
+    let (beat_stop, beat_until) = watch::channel(false);
+    let heartbeat = {
+        let (pipeline, name, shutdown) = (pipeline.clone(), options.name.clone(), shutdown.clone());
+        let (leader_tx, metrics) = (Arc::new(leader_tx), metrics.clone());
+        supervisor.spawn("heartbeat", beat_until, move || {
+            beat(
+                pipeline.clone(),
+                name.clone(),
+                shutdown.clone(),
+                leader_tx.clone(),
+                metrics.clone(),
+            )
+        })
+    };
+    let receipts = config.receipts.enabled.then(|| {
+        let (config, store, broker, leader, metrics) = (
+            config.clone(),
+            store.clone(),
+            broker_rx.clone(),
+            leader_rx.clone(),
+            metrics.clone(),
+        );
+        let stop = shutdown.clone();
+        supervisor.spawn("receipts", shutdown.clone(), move || {
+            let poller = Receipts::new(
+                config.clone(),
+                store.clone(),
+                aliyun.clone(),
+                broker.clone(),
+                leader.clone(),
+                metrics.clone(),
+            );
+            poller.run(stop.clone())
+        })
+    });
+    let duties = {
+        let (config, store, worker_id) = (
+            config.clone(),
+            pipeline.store().clone(),
+            pipeline.worker_id(),
+        );
+        let (broker, leader, stop) = (broker_rx.clone(), leader_rx.clone(), shutdown.clone());
+        supervisor.spawn("fleet-duties", shutdown.clone(), move || {
+            Duties {
+                config: config.clone(),
+                store: store.clone(),
+                worker_id,
+                broker: broker.clone(),
+                leader: leader.clone(),
+            }
+            .run(stop.clone())
+        })
+    };
     let tag = format!("{}-{}", options.name, uuid::Uuid::new_v4().simple());
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut reconnect = reconnect_backoff();
@@ -185,6 +228,8 @@ pub async fn run(
         // It watches the same shutdown signal and stops between two calls.
         let _ = receipts.await;
     }
+    let _ = duties.await;
+    beat_stop.send_replace(true);
     heartbeat.abort();
     if let Some(admin) = admin {
         admin.abort();
@@ -262,25 +307,45 @@ async fn settle(pipeline: &Pipeline, broker: &Broker, delivery: lapin::message::
     }
 }
 
-/// Renews this worker's heartbeat until shutdown. A failed beat is only logged: if the database
-/// stays away, other workers will (rightly) treat this one's in-flight jobs as interrupted.
+/// Renews this worker's heartbeat, and checks the fleet leadership, until the task is stopped
+/// after the drain. At the shutdown signal it marks the worker as draining and gives up the
+/// leadership, but goes on beating: the jobs it still holds are its own until it exits. A failed
+/// beat is only logged: if the database stays away, others wait for it (see `store::fleet`).
 async fn beat(
     pipeline: Arc<Pipeline>,
     name: String,
-    every: Duration,
     mut shutdown: watch::Receiver<bool>,
+    leader: Arc<watch::Sender<bool>>,
+    metrics: Arc<Metrics>,
 ) {
+    let store = pipeline.store();
+    let worker = pipeline.worker_id();
+    let every = pipeline.config().heartbeat;
+    let mut leadership = Leadership::new(store.pool().clone());
     let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stopping = *shutdown.borrow();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = pipeline.store().heartbeat(pipeline.worker_id(), &name).await {
+                if let Err(e) = store.heartbeat(worker, &name, every).await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
+                if !stopping {
+                    let leading = leadership.check().await;
+                    leader.send_replace(leading);
+                    metrics.set_leader(leading);
+                }
             }
-            changed = shutdown.changed() => {
+            changed = shutdown.changed(), if !stopping => {
                 if changed.is_err() || *shutdown.borrow() {
-                    return;
+                    stopping = true;
+                    leadership.resign().await;
+                    leader.send_replace(false);
+                    metrics.set_leader(false);
+                    if let Err(e) = store.stopping(worker).await {
+                        tracing::warn!(error = %e, "could not mark this worker as draining");
+                    }
                 }
             }
         }

@@ -110,7 +110,7 @@ async fn index_page(state: &AdminState) -> Result<String, PageError> {
         } else {
             "<span class=\"badge bad\">not ready</span>"
         },
-        esc(why),
+        esc(&why),
         state.metrics.jobs_in_flight()
     );
     body.push_str("<div class=\"grid\"><section id=\"counts\"><h2>Jobs by status</h2>");

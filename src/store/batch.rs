@@ -13,6 +13,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -55,6 +56,13 @@ where
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run_lane(pool, rx, Arc::new(execute)));
         Self { tx }
+    }
+
+    /// Queues `req` without waiting for its answer; the write still happens.
+    fn submit_detached(&self, req: Req) {
+        let (reply, _) = oneshot::channel();
+        // A closed lane means the store is being dropped; nothing is left to write for.
+        let _ = self.tx.send((req, reply));
     }
 
     async fn submit(&self, req: Req) -> Result<Resp, StoreError> {
@@ -183,18 +191,56 @@ impl Keyed for FinishReq {
     }
 }
 
+/// The second step of a claim: its owner is about to call Aliyun.
+pub(super) struct StampReq {
+    pub(super) job_id: String,
+    pub(super) worker: Uuid,
+    pub(super) lease_ms: i64,
+}
+
+impl Keyed for StampReq {
+    fn key(&self) -> &str {
+        &self.job_id
+    }
+}
+
+/// A result RabbitMQ confirmed: the row's result as of `finished_at` is out.
+pub(super) struct PublishedReq {
+    pub(super) job_id: String,
+    pub(super) finished_at: DateTime<Utc>,
+}
+
+impl Keyed for PublishedReq {
+    fn key(&self) -> &str {
+        &self.job_id
+    }
+}
+
 /// The batched writers of one store.
 pub(super) struct Writer {
     claims: Lane<ClaimReq, Claim>,
+    stamps: Lane<StampReq, bool>,
     finishes: Lane<FinishReq, JobRow>,
+    published: Lane<PublishedReq, ()>,
 }
 
 impl Writer {
     pub(super) fn spawn(pool: PgPool) -> Self {
         Self {
             claims: Lane::spawn(pool.clone(), write_batch::<ClaimReq>),
-            finishes: Lane::spawn(pool, write_batch::<FinishReq>),
+            stamps: Lane::spawn(pool.clone(), write_batch::<StampReq>),
+            finishes: Lane::spawn(pool.clone(), write_batch::<FinishReq>),
+            published: Lane::spawn(pool, write_batch::<PublishedReq>),
         }
+    }
+
+    pub(super) async fn stamp(&self, req: StampReq) -> Result<bool, StoreError> {
+        self.stamps.submit(req).await
+    }
+
+    /// Queued without waiting for the write.
+    pub(super) fn published(&self, req: PublishedReq) {
+        self.published.submit_detached(req);
     }
 
     pub(super) async fn claim(&self, req: ClaimReq) -> Result<Claim, StoreError> {
@@ -252,6 +298,74 @@ impl Batched for FinishReq {
     ) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
         finish_together(pool, reqs).await
     }
+}
+
+impl Batched for StampReq {
+    type Out = bool;
+
+    async fn write_all(
+        pool: &PgPool,
+        reqs: &[Self],
+    ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
+        let stamped = stamp_together(pool, reqs).await?;
+        Ok(reqs
+            .iter()
+            .map(|r| Ok(stamped.contains(r.job_id.as_str())))
+            .collect())
+    }
+}
+
+impl Batched for PublishedReq {
+    type Out = ();
+
+    async fn write_all(
+        pool: &PgPool,
+        reqs: &[Self],
+    ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
+        mark_published(pool, reqs).await?;
+        Ok(reqs.iter().map(|_| Ok(())).collect())
+    }
+}
+
+/// Marks results as out. Only the result that went out: a row finished again since (a
+/// reconciled send) keeps its newer result in the outbox.
+pub(super) async fn mark_published(pool: &PgPool, reqs: &[PublishedReq]) -> Result<(), StoreError> {
+    let ids: Vec<&str> = reqs.iter().map(|r| r.job_id.as_str()).collect();
+    let at: Vec<DateTime<Utc>> = reqs.iter().map(|r| r.finished_at).collect();
+    sqlx::query(
+        "UPDATE sms_jobs SET result_published_at = now()
+         FROM unnest($1::text[], $2::timestamptz[]) AS t(t_id, t_finished)
+         WHERE id = t_id AND status <> 'sending' AND finished_at <= t_finished",
+    )
+    .bind(&ids)
+    .bind(&at)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Stamps the claims its owners still hold (see [`StampReq`]); returns the ids stamped. A claim
+/// another worker ended or took over is not stamped, and its owner must not call.
+pub(super) async fn stamp_together(
+    pool: &PgPool,
+    reqs: &[StampReq],
+) -> Result<HashSet<String>, StoreError> {
+    let ids: Vec<&str> = reqs.iter().map(|r| r.job_id.as_str()).collect();
+    let workers: Vec<Uuid> = reqs.iter().map(|r| r.worker).collect();
+    let leases: Vec<i64> = reqs.iter().map(|r| r.lease_ms).collect();
+    let stamped: Vec<(String,)> = sqlx::query_as(
+        "UPDATE sms_jobs SET called_at = COALESCE(called_at, now()), updated_at = now(),
+                lease_until = now() + make_interval(secs => t_lease::double precision / 1000)
+         FROM unnest($1::text[], $2::uuid[], $3::bigint[]) AS t(t_id, t_worker, t_lease)
+         WHERE id = t_id AND status = 'sending' AND claimed_by = t_worker
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(&workers)
+    .bind(&leases)
+    .fetch_all(pool)
+    .await?;
+    Ok(stamped.into_iter().map(|(id,)| id).collect())
 }
 
 /// Writes a batch. If it fails on one row's data, each job is written alone, so one bad row
@@ -326,7 +440,8 @@ pub(super) async fn claim_together(
              correlation_id = EXCLUDED.correlation_id, claimed_by = EXCLUDED.claimed_by,
              lease_until = EXCLUDED.lease_until, code = EXCLUDED.code,
              message = EXCLUDED.message, attempts = 0, finished_at = EXCLUDED.finished_at,
-             updated_at = now()
+             created_at = now(), updated_at = now(), called_at = NULL,
+             result_published_at = NULL
          WHERE sms_jobs.status = 'invalid'
          RETURNING ",
         job_columns!()
@@ -353,7 +468,7 @@ pub(super) async fn claim_together(
     let mut seen = super::fetch_many(&mut *conn, &untouched).await?;
     reqs.iter()
         .map(|r| match rows.remove(&r.id) {
-            Some(row) if row.status == "sending" => Ok(Claim::Owned),
+            Some(row) if row.status == "sending" => Ok(Claim::Owned(Box::new(row))),
             // Refused by the local limit: final already, answered like a replay.
             Some(row) => Ok(Claim::Seen(Box::new(row))),
             None => seen

@@ -9,16 +9,12 @@ use std::time::Duration;
 use chrono::{DateTime, FixedOffset, NaiveDate, Offset, Utc};
 use sqlx::{FromRow, Postgres, Transaction};
 
-use super::{JobRow, Store, StoreError};
+use super::{JobRow, Store, StoreError, millis};
 
 /// China Standard Time: QuerySendDetails' `SendDate` and `ReceiveDate` are in it.
 pub fn china_time() -> FixedOffset {
     // UTC+8 is always a valid offset; the fallback only keeps this free of panics.
     FixedOffset::east_opt(8 * 3600).unwrap_or(Utc.fix())
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// A number whose receipt is due for a check.
@@ -233,7 +229,7 @@ impl Store {
             "UPDATE sms_jobs SET status = 'sent', code = 'OK',
                     message = 'the answer was lost, but Aliyun has the send (found by OutId)',
                     biz_id = COALESCE($2, biz_id), updated_at = now(), finished_at = now(),
-                    reconcile_until = NULL, next_reconcile_at = NULL
+                    reconcile_until = NULL, next_reconcile_at = NULL, result_published_at = NULL
              WHERE id = $1 AND status = 'unknown'
              RETURNING ",
             job_columns!()
@@ -265,7 +261,7 @@ impl Store {
             "UPDATE sms_jobs SET status = 'failed', code = 'NOT_SENT',
                     message = 'the answer was lost and Aliyun has no send with this OutId: it was never sent',
                     updated_at = now(), finished_at = now(),
-                    reconcile_until = NULL, next_reconcile_at = NULL
+                    reconcile_until = NULL, next_reconcile_at = NULL, result_published_at = NULL
              WHERE id = $1 AND status = 'unknown'
              RETURNING ",
             job_columns!()

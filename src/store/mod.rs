@@ -57,6 +57,10 @@ pub struct JobRow {
     pub finished_at: Option<DateTime<Utc>>,
     pub reply_to: Option<String>,
     pub correlation_id: Option<String>,
+    /// When the job was first seen: a code job's maximum age counts from here.
+    pub created_at: DateTime<Utc>,
+    /// When its owner was about to call Aliyun; `None` while the claim never reached Aliyun.
+    pub called_at: Option<DateTime<Utc>>,
 }
 
 impl JobRow {
@@ -93,8 +97,8 @@ impl JobRow {
 /// What claiming a job id found.
 #[derive(Debug)]
 pub enum Claim {
-    /// This worker now owns the `sending` row and may call Aliyun.
-    Owned,
+    /// This worker now owns the `sending` row and may call Aliyun (after stamping it).
+    Owned(Box<JobRow>),
     /// Someone already finished it: replay, don't call.
     Seen(Box<JobRow>),
 }
@@ -144,7 +148,7 @@ pub enum Followup {
 macro_rules! job_columns {
     () => {
         "id, type, status, biz_id, request_id, code, message, attempts, claimed_by, \
-         lease_until, finished_at, reply_to, correlation_id"
+         lease_until, finished_at, reply_to, correlation_id, created_at, called_at"
     };
 }
 
@@ -181,8 +185,12 @@ macro_rules! bind_attempts {
 mod batch;
 use batch::ClaimReq;
 mod deliveries;
+mod fleet;
+mod leader;
 mod reports;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
+pub use fleet::{Stale, Swept};
+pub use leader::Leadership;
 pub use reports::{JobDetail, JobFilter, MinuteCount, Stats};
 
 /// Attempts of many jobs, as one array per column.
@@ -233,6 +241,10 @@ async fn fetch_many(
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|r| (r.id.clone(), r)).collect())
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// The single answer of a one-job batch.
@@ -372,6 +384,46 @@ impl Store {
         .await?)
     }
 
+    /// The second step of a claim, taken just before each call to Aliyun: stamps `called_at`
+    /// (once) and renews the lease, if `worker` still owns the `sending` claim. `false` means
+    /// the claim was lost, and the caller must not call.
+    pub async fn stamp(
+        &self,
+        job_id: &str,
+        worker: Uuid,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let req = batch::StampReq {
+            job_id: job_id.to_owned(),
+            worker,
+            lease_ms: millis(lease),
+        };
+        match &self.writer {
+            Some(writer) => writer.stamp(req).await,
+            None => Ok(!batch::stamp_together(&self.pool, &[req]).await?.is_empty()),
+        }
+    }
+
+    /// Records, in the background, that the result of `job_id` as of `finished_at` reached a
+    /// queue, so the outbox sweeper leaves it alone.
+    pub fn result_published(&self, job_id: &str, finished_at: DateTime<Utc>) {
+        let req = batch::PublishedReq {
+            job_id: job_id.to_owned(),
+            finished_at,
+        };
+        match &self.writer {
+            Some(writer) => writer.published(req),
+            None => {
+                let pool = self.pool.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = batch::mark_published(&pool, &[req]).await {
+                        tracing::debug!(error = %e, "result not marked published; the outbox may repeat it");
+                    }
+                });
+            }
+        }
+    }
+
     pub async fn record_attempt(&self, job_id: &str, a: &AttemptRecord) -> Result<(), StoreError> {
         let mut arrays = AttemptArrays::default();
         arrays.push(job_id, a);
@@ -404,61 +456,6 @@ impl Store {
             Some(writer) => writer.finish(req).await,
             None => one(Box::pin(batch::finish_together(&self.pool, &[req])).await?)?,
         }
-    }
-
-    /// Ends a job whose `sending` claim is dead — its lease ran out, or its worker stopped
-    /// beating for `stale` — because that worker died while Aliyun may have been called: the
-    /// only honest answer is `unknown`.
-    /// An interrupted Dysmsapi send is then reconciled for `reconcile_grace`.
-    pub async fn interrupt_if_stale(
-        &self,
-        job_id: &str,
-        stale: Duration,
-        reconcile_grace: Duration,
-    ) -> Result<Option<JobRow>, StoreError> {
-        Ok(sqlx::query_as::<_, JobRow>(concat!(
-            "UPDATE sms_jobs SET status = 'unknown', code = 'WORKER_INTERRUPTED',
-                    message = 'the worker stopped while this job was being sent; it may or may not have reached Aliyun and is not repeated',
-                    finished_at = now(), updated_at = now(), lease_until = NULL,
-                    reconcile_until = CASE WHEN type IN ('send_sms', 'send_batch_sms')
-                                           THEN now() + make_interval(secs => $3::double precision / 1000) END,
-                    next_reconcile_at = CASE WHEN type IN ('send_sms', 'send_batch_sms')
-                                             THEN now() END
-             WHERE id = $1 AND status = 'sending'
-               AND (lease_until <= now()
-                    OR NOT EXISTS (SELECT 1 FROM sms_workers w
-                                   WHERE w.id = sms_jobs.claimed_by
-                                     AND w.heartbeat_at > now() - make_interval(secs => $2::double precision / 1000)))
-             RETURNING ",
-            job_columns!()
-        ))
-        .bind(job_id)
-        .bind(i64::try_from(stale.as_millis()).unwrap_or(i64::MAX))
-        .bind(i64::try_from(reconcile_grace.as_millis()).unwrap_or(i64::MAX))
-        .fetch_optional(&self.pool)
-        .await?)
-    }
-
-    /// Announces (or renews) this worker process; see [`Self::interrupt_if_stale`].
-    pub async fn heartbeat(&self, worker: Uuid, name: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO sms_workers (id, name) VALUES ($1, $2)
-             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()",
-        )
-        .bind(worker)
-        .bind(name)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// A clean stop: this worker holds no claims any more.
-    pub async fn retire(&self, worker: Uuid) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM sms_workers WHERE id = $1")
-            .bind(worker)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 
     /// Records a message that failed validation, when it carried an id, so operators find it.

@@ -5,6 +5,7 @@ mod chaos;
 mod check_config;
 mod check_verify_code;
 mod chromium;
+mod claims;
 mod cli;
 mod compose;
 mod dead_letters;

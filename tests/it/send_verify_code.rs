@@ -328,27 +328,3 @@ async fn a_job_interleaved_among_500_others_keeps_its_own_result() {
     assert_eq!(distinct_biz.len(), 501, "every job its own BizId");
     app.shutdown().await;
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_left_sending_by_a_dead_worker_ends_unknown_without_a_call() {
-    let app = TestApp::spawn().await;
-    let id = unique_id("orphan");
-    let job = send_job(&id);
-    // What a worker killed mid-call leaves behind: a `sending` row whose lease has run out.
-    sqlx::query(
-        "INSERT INTO sms_jobs (id, type, status, phone_number, claimed_by, lease_until)
-         VALUES ($1, 'send_verify_code', 'sending', $2, gen_random_uuid(), now() - interval '1 second')",
-    )
-    .bind(&id)
-    .bind(job["phone_number"].as_str())
-    .execute(&app.pool)
-    .await
-    .unwrap();
-    app.publish(&job).await;
-
-    let result = app.next_result().await.0;
-    assert_eq!(result.status, Status::Unknown);
-    assert_eq!(result.code, "WORKER_INTERRUPTED");
-    assert_eq!(app.fake.calls_for(&id), 0, "never resent");
-    app.shutdown().await;
-}

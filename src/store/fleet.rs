@@ -1,0 +1,219 @@
+//! What several worker processes share through Postgres: heartbeats, the two steps of a claim,
+//! stale claims, the result outbox, and the sweep of claims nobody will finish.
+//!
+//! The fence: a worker acts on a job only through a statement that checks, in the same row,
+//! `status = 'sending' AND claimed_by = <itself>`. Another worker can end or take a claim at
+//! any moment; the owner finds out at its next step, never after a second call.
+
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use super::{JobRow, Store, StoreError, millis};
+
+/// Whether the `sending` claim of the row in scope is stale, as judged by the worker bound as
+/// `$me`: its owner is gone (retired, or never beat), or the judge has beaten without a break
+/// for longer than the owner's own staleness window and the owner has either stopped beating
+/// for that window or overrun its lease.
+///
+/// The judge's own unbroken run matters after a database outage: then every heartbeat is old,
+/// and nobody is judged dead until its owner has had five beats' time to come back. A judge
+/// whose own heartbeat is stale (it has not beaten since the outage) judges no one.
+macro_rules! claim_is_stale {
+    ($me:literal) => {
+        concat!(
+            "(NOT EXISTS (SELECT 1 FROM sms_workers o WHERE o.id = sms_jobs.claimed_by)
+              OR EXISTS (SELECT 1 FROM sms_workers o, sms_workers judge
+                         WHERE o.id = sms_jobs.claimed_by AND judge.id = ",
+            $me,
+            "
+                           AND judge.heartbeat_at > now() - judge.heartbeat_ms * interval '5 milliseconds'
+                           AND judge.alive_since <= now() - o.heartbeat_ms * interval '5 milliseconds'
+                           AND (o.heartbeat_at <= now() - o.heartbeat_ms * interval '5 milliseconds'
+                                OR sms_jobs.lease_until <= now())))"
+        )
+    };
+}
+
+/// What became of a stale claim.
+#[derive(Debug)]
+pub enum Stale {
+    /// It never reached Aliyun: it is now this worker's claim, to call.
+    TakenOver(Box<JobRow>),
+    /// It may have reached Aliyun: it ended `unknown`.
+    Interrupted(Box<JobRow>),
+}
+
+/// What the sweep of abandoned claims ended.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub interrupted: u64,
+    pub abandoned: u64,
+}
+
+/// The fields `unknown` gets when a worker died after it may have called Aliyun. An interrupted
+/// Dysmsapi send is then looked up by OutId for `$grace` milliseconds.
+macro_rules! interrupted_set {
+    ($grace:literal) => {
+        concat!(
+            "status = 'unknown', code = 'WORKER_INTERRUPTED',
+             message = 'the worker stopped while this job was being sent; it may or may not have reached Aliyun and is not repeated',
+             finished_at = now(), updated_at = now(), lease_until = NULL, result_published_at = NULL,
+             reconcile_until = CASE WHEN type IN ('send_sms', 'send_batch_sms')
+                                    THEN now() + make_interval(secs => ",
+            $grace,
+            "::double precision / 1000) END,
+             next_reconcile_at = CASE WHEN type IN ('send_sms', 'send_batch_sms') THEN now() END"
+        )
+    };
+}
+
+impl Store {
+    /// Announces (or renews) this worker process and how often it beats. A beat after a gap of
+    /// more than five beats starts a new unbroken run (`alive_since`).
+    pub async fn heartbeat(
+        &self,
+        worker: Uuid,
+        name: &str,
+        every: Duration,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sms_workers (id, name, heartbeat_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET
+                 alive_since = CASE
+                     WHEN sms_workers.heartbeat_at
+                          <= now() - sms_workers.heartbeat_ms * interval '5 milliseconds'
+                     THEN now() ELSE sms_workers.alive_since END,
+                 heartbeat_at = now(), heartbeat_ms = EXCLUDED.heartbeat_ms",
+        )
+        .bind(worker)
+        .bind(name)
+        .bind(i32::try_from(every.as_millis()).unwrap_or(i32::MAX))
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// This worker got SIGTERM: it takes no new jobs but still owns (and finishes) its claims.
+    pub async fn stopping(&self, worker: Uuid) -> Result<(), StoreError> {
+        sqlx::query("UPDATE sms_workers SET stopping_at = now() WHERE id = $1")
+            .bind(worker)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// A clean stop: the process is about to exit. Claims it still holds are stale from now on.
+    pub async fn retire(&self, worker: Uuid) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sms_workers WHERE id = $1")
+            .bind(worker)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Settles a `sending` claim that `me` found stale: an unstamped one (Aliyun never called) is
+    /// taken over by `me` for `claim_lease`; a stamped one ends `unknown`. `None` while the claim
+    /// is live (or the row is not `sending` any more).
+    pub async fn settle_stale(
+        &self,
+        job_id: &str,
+        me: Uuid,
+        claim_lease: Duration,
+        reconcile_grace: Duration,
+    ) -> Result<Option<Stale>, StoreError> {
+        let taken = sqlx::query_as::<_, JobRow>(concat!(
+            "UPDATE sms_jobs SET claimed_by = $2, updated_at = now(),
+                    lease_until = now() + make_interval(secs => $3::double precision / 1000)
+             WHERE id = $1 AND status = 'sending' AND called_at IS NULL AND ",
+            claim_is_stale!("$2"),
+            " RETURNING ",
+            job_columns!()
+        ))
+        .bind(job_id)
+        .bind(me)
+        .bind(millis(claim_lease))
+        .fetch_optional(self.pool())
+        .await?;
+        if let Some(row) = taken {
+            return Ok(Some(Stale::TakenOver(Box::new(row))));
+        }
+        let ended = sqlx::query_as::<_, JobRow>(concat!(
+            "UPDATE sms_jobs SET ",
+            interrupted_set!("$3"),
+            " WHERE id = $1 AND status = 'sending' AND called_at IS NOT NULL AND ",
+            claim_is_stale!("$2"),
+            " RETURNING ",
+            job_columns!()
+        ))
+        .bind(job_id)
+        .bind(me)
+        .bind(millis(reconcile_grace))
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(ended.map(|r| Stale::Interrupted(Box::new(r))))
+    }
+
+    /// Ends the stale claims that no delivery will come back for (the message was dead-lettered,
+    /// purged, or lost with its queue): stamped ones as `unknown` at once, unstamped ones — never
+    /// sent — as `failed` (`ABANDONED`) once they have been stale for `abandon_after`, since
+    /// until then a redelivery may still take them over. Run by one worker of the fleet; their
+    /// results go out through the outbox.
+    pub async fn sweep_stale_claims(
+        &self,
+        me: Uuid,
+        abandon_after: Duration,
+        reconcile_grace: Duration,
+    ) -> Result<Swept, StoreError> {
+        let interrupted = sqlx::query(concat!(
+            "UPDATE sms_jobs SET ",
+            interrupted_set!("$2"),
+            " WHERE status = 'sending' AND called_at IS NOT NULL AND ",
+            claim_is_stale!("$1")
+        ))
+        .bind(me)
+        .bind(millis(reconcile_grace))
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        let abandoned = sqlx::query(concat!(
+            "UPDATE sms_jobs SET status = 'failed', code = 'ABANDONED',
+                    message = 'the job was claimed but never sent, and its message did not come back; Aliyun was not called',
+                    finished_at = now(), updated_at = now(), lease_until = NULL,
+                    result_published_at = NULL
+             WHERE status = 'sending' AND called_at IS NULL
+               AND updated_at <= now() - make_interval(secs => $2::double precision / 1000) AND ",
+            claim_is_stale!("$1")
+        ))
+        .bind(me)
+        .bind(millis(abandon_after))
+        .execute(self.pool())
+        .await?
+        .rows_affected();
+        Ok(Swept {
+            interrupted,
+            abandoned,
+        })
+    }
+
+    /// Final rows whose result was not confirmed by RabbitMQ for `older_than` (the worker that
+    /// finished them died, or the broker was away): the outbox to re-publish.
+    pub async fn unpublished_results(
+        &self,
+        older_than: Duration,
+        limit: i64,
+    ) -> Result<Vec<JobRow>, StoreError> {
+        Ok(sqlx::query_as::<_, JobRow>(concat!(
+            "SELECT ",
+            job_columns!(),
+            " FROM sms_jobs
+             WHERE result_published_at IS NULL AND status <> 'sending'
+               AND finished_at <= now() - make_interval(secs => $1::double precision / 1000)
+             ORDER BY finished_at LIMIT $2"
+        ))
+        .bind(millis(older_than))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?)
+    }
+}
