@@ -170,7 +170,11 @@ pub fn meaning(code: &str) -> &'static str {
         _ if upper == "NOT_SENT" => "answer lost, and Aliyun confirmed it never sent it",
         _ if upper == "LOCAL_NUMBER_LIMIT" => "refused by the local per-number limit",
         _ if upper == "EXPIRED" => "deadline passed before sending",
-        _ if upper.starts_with("INVALID_") || upper == "TOO_LARGE" || upper == "MISSING_ID" => {
+        _ if upper.starts_with("INVALID_")
+            || upper == "TOO_LARGE"
+            || upper == "MISSING_ID"
+            || upper == "ID_TOO_LONG" =>
+        {
             "the job message was malformed"
         }
         _ if upper == "INTERNALERROR" || upper.contains("SYSTEM_ERROR") => "Aliyun internal error",

@@ -23,6 +23,11 @@ pub use verify_code::{CheckVerifyCode, SendVerifyCode};
 /// Larger bodies are refused unread: a job is a few hundred bytes.
 pub const MAX_JOB_BYTES: usize = 64 * 1024;
 const MAX_ID_CHARS: usize = 128;
+/// Ids become AMQP short strings of at most 255 bytes: a result's message_id and correlation_id,
+/// and a delivery event's `{id}:{phone}` (a number has at most 15 digits). Counted in bytes:
+/// 90 Chinese characters are 270.
+pub const MAX_ID_BYTES: usize = 200;
+const _: () = assert!(MAX_ID_BYTES + ":".len() + 15 <= 255);
 
 /// The `type` field of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -377,10 +382,20 @@ fn take_id(map: &mut Map<String, Value>, message_id: Option<&str>) -> Result<Str
         Some(_) => return Err(Invalid::field("id", "must be a string")),
     };
     let chars = id.chars().count();
-    if chars == 0 || chars > MAX_ID_CHARS || id.chars().any(char::is_control) {
+    if chars == 0 || id.chars().any(char::is_control) {
         return Err(Invalid::field(
             "id",
             format!("must be 1-{MAX_ID_CHARS} characters without control characters"),
+        ));
+    }
+    if chars > MAX_ID_CHARS || id.len() > MAX_ID_BYTES {
+        return Err(Invalid::new(
+            "ID_TOO_LONG",
+            format!(
+                "field `id`: is {chars} characters, {} bytes of UTF-8; the limit is \
+                 {MAX_ID_CHARS} characters and {MAX_ID_BYTES} bytes",
+                id.len()
+            ),
         ));
     }
     Ok(id)
@@ -479,6 +494,25 @@ mod tests {
         );
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(job(&deep).unwrap_err().code, "INVALID_JSON");
+    }
+
+    #[test]
+    fn ids_are_limited_in_bytes_for_the_amqp_short_strings_made_from_them() {
+        let body = |id: &str| FULL.replace("signup-42-7f3a", id);
+        // 90 characters, 270 bytes: within the character limit, over the byte limit.
+        let err = job(&body(&"验".repeat(90))).unwrap_err();
+        assert_eq!(err.code, "ID_TOO_LONG");
+        assert!(
+            err.message.contains(&format!("{MAX_ID_BYTES} bytes")) && err.message.contains("270"),
+            "{}",
+            err.message
+        );
+        assert_eq!(err.id, None, "an id that is refused is not echoed");
+        assert_eq!(job(&body(&"验".repeat(66))).unwrap().id.len(), 198);
+        let long_message_id = "m".repeat(201);
+        let no_id = FULL.replace(r#""id": "signup-42-7f3a","#, "");
+        let err = decode_job(no_id.as_bytes(), Some(&long_message_id)).unwrap_err();
+        assert_eq!(err.code, "ID_TOO_LONG");
     }
 
     #[test]
