@@ -170,6 +170,7 @@ pub fn meaning(code: &str) -> &'static str {
         _ if upper == "NOT_SENT" => "answer lost, and Aliyun confirmed it never sent it",
         _ if upper == "LOCAL_NUMBER_LIMIT" => "refused by the local per-number limit",
         _ if upper == "EXPIRED" => "deadline passed before sending",
+        _ if upper == "INVALID_DATA" => "the database refused a value of the job message",
         _ if upper.starts_with("INVALID_")
             || upper == "TOO_LARGE"
             || upper == "MISSING_ID"
