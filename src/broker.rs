@@ -5,7 +5,7 @@ use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString, MAX_SHORT_STRING_LENGTH, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
 
 use crate::config::{QueueConfig, QueueType};
@@ -43,8 +43,15 @@ pub struct Broker {
     queues: QueueConfig,
 }
 
-fn short(s: &str) -> ShortString {
-    ShortString::from(s)
+/// `s` as an AMQP short string, cut at a character boundary past 255 bytes. lapin's own
+/// conversion panics there, and ids, correlation ids and receipt ids come from messages: a
+/// property that cannot be whole is better cut than a worker task dead mid-job.
+pub fn short(s: &str) -> ShortString {
+    let mut end = s.len().min(MAX_SHORT_STRING_LENGTH);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    ShortString::try_new(&s[..end]).unwrap_or_default()
 }
 
 fn long(s: &str) -> AMQPValue {
@@ -176,6 +183,10 @@ impl Broker {
         route: &ReplyRoute,
     ) -> Result<Routed, BrokerError> {
         let destination = route.reply_to.as_deref().unwrap_or(&self.queues.results);
+        // No queue has a name longer than a short string: a cut one could name another queue.
+        let Ok(routing_key) = ShortString::try_new(destination) else {
+            return Ok(Routed::NoQueue);
+        };
         let correlation = route.correlation_id.as_deref().or(result.id.as_deref());
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
@@ -192,7 +203,7 @@ impl Broker {
             .publish
             .basic_publish(
                 short(""),
-                short(destination),
+                routing_key,
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
@@ -273,5 +284,34 @@ pub fn reply_route(delivery: &Delivery) -> ReplyRoute {
             .as_ref()
             .map(|s| s.as_str().to_owned())
             .filter(|s| !s.is_empty()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn long_and_multibyte_text_is_cut_at_a_character_boundary() {
+        let ninety = "验".repeat(90);
+        assert_eq!(short(&ninety).as_str(), "验".repeat(85));
+        let edge = format!("{}验", "x".repeat(254));
+        assert_eq!(short(&edge).as_str(), "x".repeat(254));
+        assert_eq!(short(&"x".repeat(300)).as_str(), "x".repeat(255));
+        assert_eq!(short("ok").as_str(), "ok");
+        assert_eq!(short("").as_str(), "");
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_becomes_a_short_string_without_panicking(s in "\\PC{0,400}") {
+            let converted = short(&s);
+            prop_assert!(converted.as_str().len() <= 255);
+            prop_assert!(s.starts_with(converted.as_str()));
+            if s.len() <= 255 {
+                prop_assert_eq!(converted.as_str(), s.as_str());
+            }
+        }
     }
 }

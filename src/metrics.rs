@@ -255,7 +255,7 @@ impl Metrics {
         per_action(
             &mut out,
             "sms_aliyun_retries_total",
-            "Retries of a job's Aliyun call after a retryable answer (throttled, 503, 429, not connected).",
+            "Retries of a job's Aliyun call after a retryable answer (Throttling*, ServiceUnavailable, not connected).",
             &self.retries,
             |n| n.to_string(),
         );

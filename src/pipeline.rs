@@ -27,7 +27,8 @@ use crate::config::{Config, RetryPolicy};
 use crate::health::DbHealth;
 use crate::metrics::Stage;
 use crate::store::{
-    AttemptRecord, Claim, Followup, JobRow, Outcome, ReplyRoute, Stale, Store, StoreError,
+    AttemptRecord, Claim, ErrorClass, Followup, JobRow, Outcome, ReplyRoute, Stale, Store,
+    StoreError,
 };
 use crate::wire::{self, Invalid, Job, JobKind, JobResult, JobType, Status};
 
@@ -137,28 +138,35 @@ impl Pipeline {
 
     /// Handles one delivery and says whether to ack it. Never panics on message content.
     pub async fn handle(&self, delivery: &Delivery, broker: &Broker) -> Disposition {
-        match self.try_handle(delivery, broker).await {
-            Ok(()) => Disposition::Ack,
-            Err(e) => {
-                if matches!(e, PipelineError::Store(_)) {
-                    self.health.failed();
-                }
-                tracing::warn!(error = %e, "job not finished; returning it to the queue");
-                Disposition::Requeue
+        let error = match self.try_handle(delivery, broker).await {
+            Ok(()) => return Disposition::Ack,
+            Err(e) => e,
+        };
+        if let PipelineError::Store(e) = &error {
+            match e.class() {
+                ErrorClass::Outage => self.health.failed(),
+                // Refused for what it holds, it would be refused on every delivery.
+                ErrorClass::Data => return self.refuse_unstorable(delivery, broker, e).await,
+                ErrorClass::Other => {}
             }
         }
+        tracing::warn!(error = %error, "job not finished; returning it to the queue");
+        Disposition::Requeue
     }
 
     async fn try_handle(&self, delivery: &Delivery, broker: &Broker) -> Result<(), PipelineError> {
-        let route = broker::reply_route(delivery);
-        let message_id = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.as_str());
-        match wire::decode_job(&delivery.data, message_id) {
-            Err(invalid) => self.refuse(delivery, broker, &route, invalid).await,
-            Ok(job) => {
+        let (route, bad_route) = checked_route(delivery);
+        match (
+            wire::decode_job(&delivery.data, message_id(delivery)),
+            bad_route,
+        ) {
+            (Err(invalid), _) => self.refuse(delivery, broker, &route, invalid).await,
+            (Ok(job), Some(mut invalid)) => {
+                invalid.id = Some(job.id.clone());
+                invalid.job_type = Some(job.job_type().as_str().to_owned());
+                self.refuse(delivery, broker, &route, invalid).await
+            }
+            (Ok(job), None) => {
                 let span = tracing::info_span!(
                     "job",
                     job_id = %job.id,
@@ -192,12 +200,6 @@ impl Pipeline {
         route: &ReplyRoute,
         invalid: Invalid,
     ) -> Result<(), PipelineError> {
-        tracing::warn!(
-            job_id = invalid.id.as_deref().unwrap_or(""),
-            code = invalid.code,
-            reason = %invalid.message,
-            "invalid job: answered and dead-lettered"
-        );
         if let Some(id) = &invalid.id {
             self.store
                 .record_invalid(
@@ -209,6 +211,75 @@ impl Pipeline {
                 )
                 .await?;
         }
+        self.answer_invalid(delivery, broker, route, invalid).await
+    }
+
+    /// The database refused a value of this delivery (see [`ErrorClass::Data`]). Unless Aliyun
+    /// may have been called for it, it is answered `invalid` and dead-lettered, unstored:
+    /// storing it is what failed. The answer names no value of the message.
+    async fn refuse_unstorable(
+        &self,
+        delivery: &Delivery,
+        broker: &Broker,
+        error: &StoreError,
+    ) -> Disposition {
+        let mut invalid = Invalid::new(
+            "INVALID_DATA",
+            format!(
+                "the database refused a value of this message (SQLSTATE {}); it was not sent",
+                error.sqlstate().as_deref().unwrap_or("unknown")
+            ),
+        );
+        match wire::decode_job(&delivery.data, message_id(delivery)) {
+            Ok(job) if self.may_have_called(&job.id).await => {
+                tracing::warn!(error = %error, "the database refused a job's outcome; returning it to the queue");
+                return Disposition::Requeue;
+            }
+            Ok(job) => {
+                invalid.id = Some(job.id.clone());
+                invalid.job_type = Some(job.job_type().as_str().to_owned());
+            }
+            Err(refused) => {
+                invalid.id = refused.id;
+                invalid.job_type = refused.job_type;
+            }
+        }
+        tracing::warn!(error = %error, "the database refused a value of this message");
+        let (route, _) = checked_route(delivery);
+        match self.answer_invalid(delivery, broker, &route, invalid).await {
+            Ok(()) => Disposition::Ack,
+            Err(e) => {
+                tracing::warn!(error = %e, "job not answered; returning it to the queue");
+                Disposition::Requeue
+            }
+        }
+    }
+
+    /// Whether this worker holds the job's `sending` claim, so that Aliyun may have been called.
+    async fn may_have_called(&self, id: &str) -> bool {
+        match self.store.fetch(id).await {
+            Ok(row) => row.is_some_and(|r| {
+                r.status == Status::Sending.as_str() && r.claimed_by == Some(self.worker_id)
+            }),
+            // An id the database refuses to look up cannot have been claimed.
+            Err(e) => e.class() != ErrorClass::Data,
+        }
+    }
+
+    /// Dead-letters a refused delivery and publishes its `invalid` result.
+    async fn answer_invalid(
+        &self,
+        delivery: &Delivery,
+        broker: &Broker,
+        route: &ReplyRoute,
+        invalid: Invalid,
+    ) -> Result<(), PipelineError> {
+        tracing::warn!(
+            job_id = invalid.id.as_deref().unwrap_or(""),
+            code = invalid.code,
+            reason = %invalid.message,
+            "invalid job: answered and dead-lettered"
+        );
         broker
             .dead_letter(delivery, invalid.code, &invalid.message)
             .await?;
@@ -605,6 +676,32 @@ enum Next {
 enum Waited {
     Final(JobResult),
     TakenOver(Box<JobRow>),
+}
+
+fn message_id(delivery: &Delivery) -> Option<&str> {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str())
+}
+
+/// The delivery's reply route without the properties that could not be stored, and why the
+/// first of them was refused.
+fn checked_route(delivery: &Delivery) -> (ReplyRoute, Option<Invalid>) {
+    let asked = broker::reply_route(delivery);
+    let mut refusal = None;
+    let mut keep = |name, value| {
+        wire::stored_property(name, value).unwrap_or_else(|e| {
+            refusal.get_or_insert(e);
+            None
+        })
+    };
+    let route = ReplyRoute {
+        reply_to: keep("reply_to", asked.reply_to),
+        correlation_id: keep("correlation_id", asked.correlation_id),
+    };
+    (route, refusal)
 }
 
 fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

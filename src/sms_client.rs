@@ -8,7 +8,7 @@ use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOpti
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
-use crate::broker::DIRECT_REPLY_TO;
+use crate::broker::{DIRECT_REPLY_TO, short};
 use crate::wire::JobResult;
 
 #[derive(Debug, thiserror::Error)]
@@ -64,8 +64,9 @@ impl SmsClient {
         let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type(ShortString::from("application/json"))
-            .with_message_id(ShortString::from(id))
-            .with_correlation_id(ShortString::from(id))
+            // An id too long for the properties is the worker's to refuse, not ours to panic on.
+            .with_message_id(short(id))
+            .with_correlation_id(short(id))
             .with_timestamp(u64::try_from(chrono::Utc::now().timestamp()).unwrap_or(0));
         if let Some(r) = reply_to {
             props = props.with_reply_to(ShortString::from(r));
@@ -120,6 +121,7 @@ impl SmsClient {
             .await?;
         self.publish_on(&channel, body, id, Some(DIRECT_REPLY_TO))
             .await?;
+        let correlation = short(id);
         let wait = async {
             while let Some(delivery) = replies.next().await {
                 let delivery = delivery?;
@@ -127,7 +129,7 @@ impl SmsClient {
                     .properties
                     .correlation_id()
                     .as_ref()
-                    .is_some_and(|c| c.as_str() == id);
+                    .is_some_and(|c| *c == correlation);
                 if correlates {
                     return serde_json::from_slice::<JobResult>(&delivery.data)
                         .map_err(ClientError::BadResult);

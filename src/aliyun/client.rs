@@ -67,7 +67,8 @@ pub struct Answer {
 
 impl Answer {
     pub fn parse(http_status: u16, bytes: &[u8]) -> Self {
-        let body: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+        let mut body: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+        drop_nul(&mut body);
         let text = |v: Option<&Value>| match v {
             Some(Value::String(s)) => Some(s.clone()),
             Some(Value::Number(n)) => Some(n.to_string()),
@@ -119,6 +120,26 @@ impl Answer {
 
     pub fn is_ok(&self) -> bool {
         self.code.as_deref() == Some("OK")
+    }
+}
+
+/// Any text of an answer may be stored (code, message, RequestId, BizId, a receipt's ErrCode),
+/// and Postgres refuses NUL: one in an answer must not make its outcome unstorable.
+fn drop_nul(v: &mut Value) {
+    match v {
+        Value::String(s) => s.retain(|c| c != '\0'),
+        Value::Array(items) => items.iter_mut().for_each(drop_nul),
+        Value::Object(m) => {
+            *m = std::mem::take(m)
+                .into_iter()
+                .map(|(mut k, mut v)| {
+                    k.retain(|c| c != '\0');
+                    drop_nul(&mut v);
+                    (k, v)
+                })
+                .collect();
+        }
+        _ => {}
     }
 }
 
@@ -472,6 +493,22 @@ mod tests {
             let a = Answer::parse(200, garbage);
             assert!(!a.is_ok());
         }
+    }
+
+    #[test]
+    fn nul_bytes_in_an_answer_are_dropped_so_its_outcome_can_be_stored() {
+        let a = Answer::parse(
+            400,
+            br#"{"Code":"Bad\u0000Code","Message":"m\u0000","RequestId":"R\u00001",
+                "BizId":"B\u0000^1","Model":{"VerifyResult":"PASS\u0000"},
+                "SmsSendDetailDTOs":{"SmsSendDetailDTO":[{"ErrCode":"D\u0000","k\u0000":1}]}}"#,
+        );
+        assert_eq!(a.code.as_deref(), Some("BadCode"));
+        assert_eq!(a.message.as_deref(), Some("m"));
+        assert_eq!(a.request_id.as_deref(), Some("R1"));
+        assert_eq!(a.biz_id().as_deref(), Some("B^1"));
+        assert_eq!(a.verify_result().as_deref(), Some("PASS"));
+        assert!(!a.body.to_string().contains("\\u0000"), "{}", a.body);
     }
 
     #[tokio::test]

@@ -1,7 +1,9 @@
 //! The one classification table: what the worker does with each answer (or non-answer).
 //!
 //! Rules, from `shared/aliyun-api.md` §5:
-//! - retry only what cannot have executed a send (not connected, throttled, 503, 429);
+//! - retry only what cannot have executed a send: not connected, or an Aliyun code that says
+//!   the request was turned away (`Throttling*`, `ServiceUnavailable`). A 503 or 429 alone
+//!   proves nothing: a proxy in front of the API may answer one after it forwarded the call;
 //! - never repeat a send (or a check) whose answer was lost (timeout, 5xx, nonce reuse): `unknown`;
 //! - per-number flow control is final for the job (`rate_limited`): the code would expire
 //!   before the window reopens;
@@ -168,7 +170,12 @@ pub fn meaning(code: &str) -> &'static str {
         _ if upper == "NOT_SENT" => "answer lost, and Aliyun confirmed it never sent it",
         _ if upper == "LOCAL_NUMBER_LIMIT" => "refused by the local per-number limit",
         _ if upper == "EXPIRED" => "deadline passed before sending",
-        _ if upper.starts_with("INVALID_") || upper == "TOO_LARGE" || upper == "MISSING_ID" => {
+        _ if upper == "INVALID_DATA" => "the database refused a value of the job message",
+        _ if upper.starts_with("INVALID_")
+            || upper == "TOO_LARGE"
+            || upper == "MISSING_ID"
+            || upper == "ID_TOO_LONG" =>
+        {
             "the job message was malformed"
         }
         _ if upper == "INTERNALERROR" || upper.contains("SYSTEM_ERROR") => "Aliyun internal error",
@@ -211,12 +218,10 @@ pub fn classify(effect: Effect, result: &Result<Answer, CallError>) -> Verdict {
         }
         Ok(answer) => answer,
     };
-    if matches!(answer.http_status, 429 | 503) {
-        return Verdict::Retry;
-    }
     let Some(code) = answer.code.as_deref() else {
         return match answer.http_status {
-            500..=599 => maybe_executed,
+            // A bare 5xx or 429 is what a proxy says, possibly after forwarding the request.
+            429 | 500..=599 => maybe_executed,
             400..=499 => Verdict::Failed,
             // 2xx/3xx without an Aliyun body: something answered, but not in a way we can
             // trust for a send.
@@ -237,7 +242,7 @@ pub fn classify(effect: Effect, result: &Result<Answer, CallError>) -> Verdict {
         maybe_executed
     } else if is_credentials(code) || is_account(code) {
         Verdict::Failed
-    } else if answer.http_status >= 500 {
+    } else if answer.http_status >= 500 || answer.http_status == 429 {
         maybe_executed
     } else {
         Verdict::Rejected
@@ -274,9 +279,8 @@ mod tests {
             (400, Some("Throttling.Api")),
             (400, Some("Throttling")),
             (503, Some("ServiceUnavailable")),
-            (503, None),
-            (429, None),
-            (429, Some("SomethingElse")),
+            (503, Some("Throttling")),
+            (429, Some("Throttling.User")),
             (200, Some("SENTINEL_BLOCK_EXCEPTION")),
             (400, Some("InvalidTimeStamp.Expired")),
         ] {
@@ -322,6 +326,11 @@ mod tests {
             answer(502, None),
             answer(504, Some("GatewayTimeout")),
             answer(200, None),
+            // A proxy's 503 or 429 says nothing of whether it forwarded the request first.
+            answer(503, None),
+            answer(429, None),
+            answer(429, Some("SomethingElse")),
+            answer(503, Some("UpstreamReset")),
         ];
         for r in &lost {
             assert_eq!(classify(NotIdempotent, r), Unknown, "{r:?}");

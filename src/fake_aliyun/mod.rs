@@ -103,6 +103,14 @@ impl Reply {
         }
     }
 
+    /// A proxy's own answer: a status with a text body and no Aliyun code.
+    fn proxy_error(status: StatusCode, text: &str) -> Self {
+        Self {
+            status,
+            body: Value::String(text.to_owned()),
+        }
+    }
+
     fn code(&self) -> String {
         self.body
             .get("Code")
@@ -120,12 +128,17 @@ impl From<GatewayError> for Reply {
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            [(header::CONTENT_TYPE, "application/json;charset=utf-8")],
-            self.body.to_string(),
-        )
-            .into_response()
+        match self.body {
+            Value::String(text) => {
+                (self.status, [(header::CONTENT_TYPE, "text/plain")], text).into_response()
+            }
+            body => (
+                self.status,
+                [(header::CONTENT_TYPE, "application/json;charset=utf-8")],
+                body.to_string(),
+            )
+                .into_response(),
+        }
     }
 }
 
@@ -409,6 +422,7 @@ async fn execute(shared: &Shared, request: auth::Authorised) -> Reply {
         return reply;
     }
     let mut hang_after = false;
+    let mut reset_after = false;
     let refusal = match shared.state.take_fault(&action, &phones) {
         None => None,
         Some(Fault::Latency { ms }) => {
@@ -417,6 +431,10 @@ async fn execute(shared: &Shared, request: auth::Authorised) -> Reply {
         }
         Some(Fault::HangAfterSend) => {
             hang_after = true;
+            None
+        }
+        Some(Fault::Http503AfterSend) => {
+            reset_after = true;
             None
         }
         Some(Fault::Hang) => {
@@ -480,6 +498,12 @@ async fn execute(shared: &Shared, request: auth::Authorised) -> Reply {
     ));
     if hang_after {
         tokio::time::sleep(HANG).await;
+    }
+    if reset_after {
+        return Reply::proxy_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream connect error or disconnect/reset before headers. reset reason: connection termination",
+        );
     }
     done.reply
 }

@@ -24,6 +24,9 @@ pub enum Fault {
     Hang,
     /// Execute (record the send, issue the code), then never answer: the lost-answer case.
     HangAfterSend,
+    /// Execute, then answer a bare HTTP 503 with a proxy's plain-text body: what an Envoy in
+    /// front of the API says when the upstream connection resets after it forwarded the call.
+    Http503AfterSend,
     /// Answer with this code, without executing.
     Error {
         code: String,

@@ -20,8 +20,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    AttemptArrays, AttemptRecord, Claim, Followup, JobRow, Outcome, ReplyRoute, StoreError,
-    deliveries,
+    AttemptArrays, AttemptRecord, Claim, ErrorClass, Followup, JobRow, Outcome, ReplyRoute,
+    StoreError, deliveries,
 };
 use crate::wire::Job;
 
@@ -253,9 +253,10 @@ impl Writer {
 }
 
 /// Whether a failed batch should be retried one job at a time: an error about the data of
-/// one row must not fail its neighbours, while a lost connection fails them all alike.
+/// one row must not fail its neighbours, while a lost connection, a shutdown or a read-only
+/// failover fails them all alike (and one at a time would only multiply the wait).
 fn is_about_data(e: &StoreError) -> bool {
-    matches!(e, StoreError::Database(sqlx::Error::Database(_)))
+    e.class() == ErrorClass::Data
 }
 
 fn shared_failure<T>(n: usize, e: StoreError) -> Vec<Result<T, StoreError>> {
@@ -599,4 +600,24 @@ pub(super) async fn finish_together(
                 .ok_or(StoreError::Database(sqlx::Error::RowNotFound))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::db_error;
+
+    #[test]
+    fn only_a_refused_value_makes_a_batch_retry_one_job_at_a_time() {
+        for data in ["22021", "22P05", "23505", "23514"] {
+            assert!(is_about_data(&db_error(data)), "{data}");
+        }
+        // An administrator's shutdown or a read-only failover fails every job alike.
+        for outage in ["57P01", "57P02", "57P03", "25006", "08006", "53300"] {
+            assert!(!is_about_data(&db_error(outage)), "{outage}");
+        }
+        assert!(!is_about_data(&StoreError::Database(
+            sqlx::Error::PoolTimedOut
+        )));
+    }
 }

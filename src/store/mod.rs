@@ -30,6 +30,84 @@ pub enum StoreError {
     WriterGone,
 }
 
+/// What a failed database call says: whether the database is away, or this row's data is bad.
+/// The two call for opposite answers — wait for the database, or refuse the message — and
+/// taking one for the other either stops the worker for one bad message or loses jobs to an
+/// outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The database cannot be reached or cannot take writes: the connection broke, the server
+    /// is shutting down or refusing connections, or it is a read-only standby after a failover.
+    Outage,
+    /// The database refused a value of this row (SQLSTATE class 22, data exception, or 23,
+    /// integrity): the same write fails the same way however healthy the database is.
+    Data,
+    /// Neither (a serialization failure, a bug, a corrupt row): tried again later.
+    Other,
+}
+
+impl StoreError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            StoreError::Database(e) => class_of(e),
+            StoreError::Shared(e) => e.class(),
+            StoreError::Migrate(_) | StoreError::CorruptStatus(..) | StoreError::WriterGone => {
+                ErrorClass::Other
+            }
+        }
+    }
+
+    /// The SQLSTATE Postgres answered with, if it answered.
+    pub fn sqlstate(&self) -> Option<String> {
+        match self {
+            StoreError::Database(sqlx::Error::Database(e)) => e.code().map(|c| c.into_owned()),
+            StoreError::Shared(e) => e.sqlstate(),
+            _ => None,
+        }
+    }
+}
+
+fn class_of(e: &sqlx::Error) -> ErrorClass {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => ErrorClass::Outage,
+        sqlx::Error::Database(e) => e.code().map_or(ErrorClass::Other, |c| sqlstate_class(&c)),
+        // A value sqlx could not encode for Postgres.
+        sqlx::Error::Encode(_) => ErrorClass::Data,
+        _ => ErrorClass::Other,
+    }
+}
+
+/// SQLSTATEs that mean the server, not the row: see
+/// <https://www.postgresql.org/docs/current/errcodes-appendix.html>.
+const OUTAGE_SQLSTATES: &[&str] = &[
+    // connection exception
+    "08", // invalid authorization (a rotated password)
+    "28", // insufficient resources: 53300 too many connections, disk full, out of memory
+    "53", // system error (I/O)
+    "58",
+    // operator intervention: admin or crash shutdown, cannot connect now, idle session ended
+    // (not 57014, a cancelled statement)
+    "57P",   // read_only_sql_transaction: this server became a standby in a failover
+    "25006", // the database itself is gone
+    "3D000",
+];
+
+fn sqlstate_class(code: &str) -> ErrorClass {
+    if OUTAGE_SQLSTATES.iter().any(|p| code.starts_with(p)) {
+        ErrorClass::Outage
+    } else if code.starts_with("22") || code.starts_with("23") {
+        ErrorClass::Data
+    } else {
+        ErrorClass::Other
+    }
+}
+
 /// The migrations this binary carries (`migrate` applies them, `check-config` compares).
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -483,5 +561,93 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::borrow::Cow;
+
+    use super::*;
+
+    /// A database error with the given SQLSTATE, as sqlx reports one.
+    #[derive(Debug)]
+    struct Refused(&'static str);
+
+    impl std::fmt::Display for Refused {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "SQLSTATE {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Refused {}
+
+    impl sqlx::error::DatabaseError for Refused {
+        fn message(&self) -> &str {
+            "refused"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    pub(in crate::store) fn db_error(sqlstate: &'static str) -> StoreError {
+        StoreError::Database(sqlx::Error::Database(Box::new(Refused(sqlstate))))
+    }
+
+    #[test]
+    fn sqlstates_tell_a_bad_value_from_a_database_that_is_away() {
+        use ErrorClass::*;
+        for (code, class) in [
+            ("22021", Data), // a NUL in text
+            ("22P05", Data), // \u0000 in jsonb
+            ("22001", Data), // a value too long
+            ("23505", Data), // a duplicate key
+            ("23514", Data), // a check constraint
+            ("08006", Outage),
+            ("08P01", Outage),
+            ("57P01", Outage), // admin shutdown (pg_terminate_backend)
+            ("57P02", Outage), // crash shutdown
+            ("57P03", Outage), // cannot connect now (starting up, recovering)
+            ("53300", Outage), // too many connections
+            ("25006", Outage), // read-only: a standby after a failover
+            ("28P01", Outage),
+            ("3D000", Outage),
+            ("57014", Other), // a cancelled statement
+            ("40001", Other), // a serialization failure
+            ("42P01", Other), // an undefined table: a bug
+            ("XX000", Other),
+        ] {
+            assert_eq!(db_error(code).class(), class, "{code}");
+            assert_eq!(db_error(code).sqlstate().as_deref(), Some(code));
+        }
+        let shared = StoreError::Shared(Arc::new(db_error("22021")));
+        assert_eq!(shared.class(), Data);
+        assert_eq!(shared.sqlstate().as_deref(), Some("22021"));
+        for away in [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::WorkerCrashed,
+            sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into()),
+        ] {
+            assert_eq!(StoreError::Database(away).class(), Outage);
+        }
+        assert_eq!(
+            StoreError::Database(sqlx::Error::RowNotFound).class(),
+            Other
+        );
+        assert_eq!(StoreError::WriterGone.class(), Other);
     }
 }

@@ -23,6 +23,11 @@ pub use verify_code::{CheckVerifyCode, SendVerifyCode};
 /// Larger bodies are refused unread: a job is a few hundred bytes.
 pub const MAX_JOB_BYTES: usize = 64 * 1024;
 const MAX_ID_CHARS: usize = 128;
+/// Ids become AMQP short strings of at most 255 bytes: a result's message_id and correlation_id,
+/// and a delivery event's `{id}:{phone}` (a number has at most 15 digits). Counted in bytes:
+/// 90 Chinese characters are 270.
+pub const MAX_ID_BYTES: usize = 200;
+const _: () = assert!(MAX_ID_BYTES + ":".len() + 15 <= 255);
 
 /// The `type` field of a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -302,7 +307,13 @@ pub fn decode_job(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid>
 
     let id = take_id(&mut map, message_id);
     let job_type = map.remove("type");
-    let type_text = job_type.as_ref().and_then(Value::as_str).map(str::to_owned);
+    // The type goes back in the result and into the row of an invalid job, so only a storable
+    // one is kept.
+    let type_text = job_type
+        .as_ref()
+        .and_then(Value::as_str)
+        .filter(|t| !t.chars().any(char::is_control))
+        .map(str::to_owned);
     let known_id = id.as_ref().ok().cloned();
     let with_context = |mut e: Invalid| {
         e.id = known_id.clone();
@@ -311,6 +322,21 @@ pub fn decode_job(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid>
     };
 
     let id = id.map_err(with_context)?;
+    let with_nul = job_type
+        .as_ref()
+        .filter(|t| holds_nul(t))
+        .map(|_| "type")
+        .or_else(|| {
+            map.iter()
+                .find(|(k, v)| k.contains('\0') || holds_nul(v))
+                .map(|(k, _)| k.as_str())
+        });
+    if let Some(field) = with_nul {
+        return Err(with_context(Invalid::field(
+            field,
+            "contains a NUL character, which cannot be stored",
+        )));
+    }
     let expires_at = match map.remove("expires_at") {
         None | Some(Value::Null) => None,
         Some(Value::String(t)) => Some(
@@ -377,13 +403,45 @@ fn take_id(map: &mut Map<String, Value>, message_id: Option<&str>) -> Result<Str
         Some(_) => return Err(Invalid::field("id", "must be a string")),
     };
     let chars = id.chars().count();
-    if chars == 0 || chars > MAX_ID_CHARS || id.chars().any(char::is_control) {
+    if chars == 0 || id.chars().any(char::is_control) {
         return Err(Invalid::field(
             "id",
             format!("must be 1-{MAX_ID_CHARS} characters without control characters"),
         ));
     }
+    if chars > MAX_ID_CHARS || id.len() > MAX_ID_BYTES {
+        return Err(Invalid::new(
+            "ID_TOO_LONG",
+            format!(
+                "field `id`: is {chars} characters, {} bytes of UTF-8; the limit is \
+                 {MAX_ID_CHARS} characters and {MAX_ID_BYTES} bytes",
+                id.len()
+            ),
+        ));
+    }
     Ok(id)
+}
+
+/// Postgres refuses NUL in text and `\u0000` in jsonb, and any string of a job may be stored.
+fn holds_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || holds_nul(v)),
+        _ => false,
+    }
+}
+
+/// A delivery property that is stored with the job (`reply_to`, `correlation_id`): `None`
+/// stays `None`, and one Postgres could not store is refused.
+pub fn stored_property(name: &str, value: Option<String>) -> Result<Option<String>, Invalid> {
+    match value {
+        Some(v) if v.contains('\0') => Err(Invalid::new(
+            "INVALID_PROPERTY",
+            format!("AMQP property `{name}`: contains a NUL character, which cannot be stored"),
+        )),
+        v => Ok(v),
+    }
 }
 
 #[cfg(test)]
@@ -479,6 +537,70 @@ mod tests {
         );
         let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
         assert_eq!(job(&deep).unwrap_err().code, "INVALID_JSON");
+    }
+
+    #[test]
+    fn ids_are_limited_in_bytes_for_the_amqp_short_strings_made_from_them() {
+        let body = |id: &str| FULL.replace("signup-42-7f3a", id);
+        // 90 characters, 270 bytes: within the character limit, over the byte limit.
+        let err = job(&body(&"验".repeat(90))).unwrap_err();
+        assert_eq!(err.code, "ID_TOO_LONG");
+        assert!(
+            err.message.contains(&format!("{MAX_ID_BYTES} bytes")) && err.message.contains("270"),
+            "{}",
+            err.message
+        );
+        assert_eq!(err.id, None, "an id that is refused is not echoed");
+        assert_eq!(job(&body(&"验".repeat(66))).unwrap().id.len(), 198);
+        let long_message_id = "m".repeat(201);
+        let no_id = FULL.replace(r#""id": "signup-42-7f3a","#, "");
+        let err = decode_job(no_id.as_bytes(), Some(&long_message_id)).unwrap_err();
+        assert_eq!(err.code, "ID_TOO_LONG");
+    }
+
+    #[test]
+    fn a_nul_anywhere_in_a_job_is_refused_and_never_kept() {
+        let err = job(r#"{"id":"n1","type":"\u0000"}"#).unwrap_err();
+        assert!(err.message.contains("NUL"), "{}", err.message);
+        assert!(err.message.contains("type"), "{}", err.message);
+        assert_eq!(err.id.as_deref(), Some("n1"));
+        assert!(
+            err.job_type.as_deref().is_none_or(|t| !t.contains('\0')),
+            "{:?}",
+            err.job_type
+        );
+        let cases = [
+            r#""template_param": {"a\u0000b": "x"}"#,
+            r###""template_param": {"code": "##code##", "min": [1, "\u0000"]}"###,
+            r#""out_id": "a\u0000""#,
+            r#""scheme_name": "\u0000""#,
+            r#""country_code": "8\u00006""#,
+            r#""sms\u0000": 1"#,
+            r#""expires_at": "2026-11-23T10:00:00Z\u0000""#,
+        ];
+        for patch in cases {
+            let mut v: Value = serde_json::from_str(FULL).unwrap();
+            let p: Value = serde_json::from_str(&format!("{{{patch}}}")).unwrap();
+            for (k, val) in p.as_object().unwrap() {
+                v[k] = val.clone();
+            }
+            let err = job(&v.to_string()).unwrap_err();
+            assert!(!err.message.contains('\0'), "{patch}: {}", err.message);
+            assert_eq!(err.id.as_deref(), Some("signup-42-7f3a"), "{patch}");
+        }
+    }
+
+    #[test]
+    fn stored_properties_refuse_a_nul() {
+        assert_eq!(stored_property("reply_to", None), Ok(None));
+        assert_eq!(
+            stored_property("reply_to", Some("q".into())),
+            Ok(Some("q".into()))
+        );
+        let err = stored_property("correlation_id", Some("a\0b".into())).unwrap_err();
+        assert_eq!(err.code, "INVALID_PROPERTY");
+        assert!(err.message.contains("correlation_id"), "{}", err.message);
+        assert!(!err.message.contains('\0'), "{}", err.message);
     }
 
     #[test]

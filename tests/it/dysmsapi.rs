@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::{TestApp, unique_id, unique_phone};
 
-fn sms_job(id: &str, phones: &[String]) -> Value {
+pub(crate) fn sms_job(id: &str, phones: &[String]) -> Value {
     json!({
         "id": id,
         "type": "send_sms",

@@ -212,14 +212,7 @@ impl TestApp {
             .expect("worker is running");
 
         let pool = PgPool::connect(&db_url).await.expect("connect test db");
-        let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-            .await
-            .expect("connect RabbitMQ");
-        let channel = connection.create_channel().await.expect("channel");
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirms");
+        let (connection, channel) = test_link().await;
         let results = consume(&connection, &config.queues.results).await;
         let dead = consume(&connection, &config.queues.dead_letter).await;
         let receipts = consume(
@@ -245,20 +238,7 @@ impl TestApp {
 
     /// Publishes raw bytes to the jobs queue with the given properties, confirmed.
     pub async fn publish_raw(&self, body: &[u8], props: BasicProperties) {
-        let confirm = self
-            .channel
-            .basic_publish(
-                ShortString::from(""),
-                ShortString::from(self.config.queues.jobs.as_str()),
-                BasicPublishOptions::default(),
-                body,
-                props.with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack(), "job publish was not confirmed");
+        publish_to(&self.channel, &self.config.queues.jobs, body, props).await;
     }
 
     pub async fn publish(&self, job: &Value) {
@@ -422,6 +402,37 @@ pub async fn delete_topology(connection: &Connection, settings: &HashMap<String,
             .exchange_delete(ShortString::from(dlx.as_str()), Default::default())
             .await;
     }
+}
+
+/// The test's own connection to RabbitMQ, and a channel on it in confirm mode.
+pub async fn test_link() -> (Connection, Channel) {
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect RabbitMQ");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    (connection, channel)
+}
+
+/// Publishes raw bytes, persistent, to `queue` on a channel in confirm mode; returns once
+/// RabbitMQ confirmed them.
+pub async fn publish_to(channel: &Channel, queue: &str, body: &[u8], props: BasicProperties) {
+    let confirm = channel
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(queue),
+            BasicPublishOptions::default(),
+            body,
+            props.with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "job publish was not confirmed");
 }
 
 pub async fn consume(connection: &Connection, queue: &str) -> Consumer {

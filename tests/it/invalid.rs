@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::helpers::{TestApp, send_job, unique_id};
 
-fn header(props: &BasicProperties, name: &str) -> String {
+pub(crate) fn header(props: &BasicProperties, name: &str) -> String {
     let headers = props.headers().as_ref().expect("headers");
     match headers.inner().get(&ShortString::from(name)) {
         Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),

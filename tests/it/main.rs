@@ -17,6 +17,7 @@ mod json_logs;
 mod metrics;
 mod operators;
 mod outages;
+mod poison;
 mod process;
 mod prometheus_text;
 mod proxy;

@@ -187,6 +187,32 @@ async fn a_lost_answer_to_a_send_is_unknown_and_never_resent() {
     app.shutdown().await;
 }
 
+/// A proxy in front of the API (Envoy's "upstream reset") may answer a bare 503 after it
+/// forwarded the send: only Aliyun's own `ServiceUnavailable` proves nothing was executed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_503_after_the_send_went_through_is_unknown_and_not_resent() {
+    let app = TestApp::spawn().await;
+    let id = unique_id("proxy-503");
+    let job = send_job(&id);
+    app.fake.push_fault(fault_for(
+        &job["phone_number"],
+        Fault::Http503AfterSend,
+        Some(1),
+    ));
+    app.publish(&job).await;
+
+    let result = app.next_result().await.0;
+    assert_eq!(result.status, Status::Unknown, "{result:?}");
+    assert_eq!(result.attempts, 1, "{result:?}");
+    assert_eq!(app.fake.sends_for(&id), 1, "the fake did execute it");
+    assert_eq!(app.fake.calls_for(&id), 1, "and it was not resent");
+    let attempts = app.attempts(&id).await;
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0]["http_status"], 503);
+    assert_eq!(attempts[0]["outcome"], "unknown");
+    app.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_500_to_a_send_is_unknown() {
     let app = TestApp::spawn().await;
