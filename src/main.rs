@@ -44,7 +44,8 @@ enum Command {
     /// Inspect jobs in the results table.
     #[command(subcommand)]
     Jobs(JobsCommand),
-    /// Counts by type and status, and the most frequent failure codes with their meaning.
+    /// Counts by type and status, the most frequent failure codes with their meaning, and the
+    /// live workers with the jobs each holds (and dead ones still holding claims).
     Stats(StatsArgs),
     /// Measure throughput, latency, RSS and CPU against the local RabbitMQ and Postgres and an
     /// in-process fake Aliyun, next to the bare-broker ceiling of this machine.
@@ -323,13 +324,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let since = ops::parse_age(&args.since).map_err(anyhow::Error::msg)?;
             let store = operator_store().await?;
             let stats = store.stats(since).await?;
+            let fleet = store.fleet().await?;
             if args.json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&ops::stats_json(&stats))?
+                    serde_json::to_string_pretty(&ops::stats_json(&stats, &fleet))?
                 );
             } else {
-                print!("{}", ops::render_stats(&stats, &args.since));
+                print!("{}", ops::render_stats(&stats, &fleet, &args.since));
             }
             Ok(ExitCode::SUCCESS)
         }

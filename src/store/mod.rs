@@ -183,7 +183,7 @@ use batch::ClaimReq;
 mod deliveries;
 mod reports;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
-pub use reports::{JobDetail, JobFilter, MinuteCount, Stats};
+pub use reports::{FleetWorker, JobDetail, JobFilter, MinuteCount, Stats, WorkerState};
 
 /// Attempts of many jobs, as one array per column.
 #[derive(Default)]
