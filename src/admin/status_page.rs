@@ -395,6 +395,43 @@ mod tests {
         assert!(html.contains("ServiceUnavailable") && html.contains("R-1"));
     }
 
+    fn worker(name: &str, live: bool, held: i64) -> FleetWorker {
+        FleetWorker {
+            id: uuid::Uuid::new_v4(),
+            name: Some(name.into()),
+            started_at: None,
+            heartbeat_at: None,
+            heartbeat_age_ms: Some(1500),
+            heartbeat_ms: Some(2000),
+            stopping_at: None,
+            live,
+            held,
+        }
+    }
+
+    #[test]
+    fn the_fleet_shows_every_worker_escaped_and_raises_the_alarm_only_for_dead_claims() {
+        let mut body = String::new();
+        fleet_table(&mut body, &[worker("<b>w</b>", true, 2)]);
+        assert!(
+            body.contains("&lt;b&gt;w&lt;/b&gt;") && !body.contains("<b>w"),
+            "{body}"
+        );
+        assert!(!body.contains("fleet-alarm"), "{body}");
+        assert!(body.contains("1 live worker(s) (0 draining), holding 2 job(s)"));
+
+        let mut body = String::new();
+        fleet_table(&mut body, &[worker("gone", false, 3)]);
+        assert!(
+            body.contains("1 worker(s) stopped beating but still hold 3 sending job(s)"),
+            "{body}"
+        );
+        assert!(
+            body.contains("<span class=\"badge bad\">dead</span>"),
+            "{body}"
+        );
+    }
+
     #[test]
     fn latest_jobs_link_to_their_page() {
         let mut body = String::new();
