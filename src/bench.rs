@@ -3,7 +3,8 @@
 //! same shape of work (a bare consume → confirmed publish → ack loop), measured in the same run.
 //!
 //! The worker runs as a child process (this same binary, `run`), so its peak RSS and CPU time
-//! are its own, not the load generator's.
+//! are its own, not the load generator's. `bench --workers 1,2,3` runs fleets of such
+//! processes instead (see [`fleet`]).
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -23,6 +24,9 @@ use sqlx::Connection as _;
 
 use crate::config;
 use crate::fake_aliyun::{FakeAliyun, FakeConfig};
+
+mod fleet;
+pub use fleet::{FleetOptions, run_fleet};
 
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -263,10 +267,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     ensure!(opts.jobs > 0, "--jobs must be at least 1");
-    let tag = format!(
-        "smsw-bench-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
     println!(
         "bench: {} jobs, upstream latency {} ms, concurrency {}, {} cores",
         opts.jobs,
@@ -275,31 +275,167 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
 
-    // A fresh database and fresh queues for the worker.
-    let db_name = format!("smsw_bench_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = sqlx::PgConnection::connect(&opts.database_url)
-        .await
-        .context("connecting to Postgres")?;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "CREATE DATABASE \"{db_name}\""
-    )))
-    .execute(&mut admin)
-    .await?;
-    let db_url = match opts.database_url.rsplit_once('/') {
-        Some((server, _)) => format!("{server}/{db_name}"),
-        None => bail!("DATABASE_URL has no database part"),
-    };
-    let outcome = measure(&opts, &tag, &db_url).await;
-    // Whether the run worked or not: a failed run must not leave 20,000 messages behind.
+    scratch_run(&opts, async |tag, db_url| measure(&opts, tag, db_url).await).await
+}
+
+/// Runs `body` with fresh names for its queues and job ids (the tag) and a fresh database
+/// (its URL), and removes both afterwards, whether the run worked or not: a failed run must not
+/// leave 20,000 messages behind.
+async fn scratch_run<T>(
+    opts: &BenchOptions,
+    body: impl AsyncFnOnce(&str, &str) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let tag = format!(
+        "smsw-bench-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let db = ScratchDb::create(&opts.database_url).await?;
+    let outcome = body(&tag, &db.url).await;
     if let Err(e) = remove_queues(&opts.amqp_url, &tag).await {
         eprintln!("bench: could not remove the {tag}.* queues: {e}");
     }
-    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await;
+    db.drop().await;
     outcome
+}
+
+/// A database of its own for one run, on the server of `DATABASE_URL`, dropped afterwards.
+struct ScratchDb {
+    admin: sqlx::PgConnection,
+    name: String,
+    url: String,
+}
+
+impl ScratchDb {
+    async fn create(database_url: &str) -> anyhow::Result<Self> {
+        let name = format!("smsw_bench_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = sqlx::PgConnection::connect(database_url)
+            .await
+            .context("connecting to Postgres")?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await?;
+        let url = match database_url.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => bail!("DATABASE_URL has no database part"),
+        };
+        Ok(Self { admin, name, url })
+    }
+
+    async fn drop(mut self) {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        )))
+        .execute(&mut self.admin)
+        .await;
+    }
+}
+
+/// Starts this binary as a worker (`run <args>`) with only `env` (and PATH, HOME); its log goes
+/// to the bench's stderr, each line after `label`.
+fn spawn_worker(
+    env: &HashMap<String, String>,
+    args: &[&str],
+    label: &str,
+) -> anyhow::Result<tokio::process::Child> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg("run")
+        .args(args)
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME"))
+        .envs(env)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the worker")?;
+    let stderr = child.stderr.take().context("worker stderr")?;
+    let label = label.to_owned();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{label}: {line}");
+        }
+    });
+    Ok(child)
+}
+
+/// SIGTERM, then up to 30 s for the worker to drain and exit.
+async fn stop_worker(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+}
+
+/// The bench's side of a run on RabbitMQ: the worker's queues (from its environment), and the
+/// connection and channel that published the backlog and read the results.
+struct Backlog {
+    queues: config::QueueConfig,
+    connection: Connection,
+    ch: Channel,
+    broker: crate::broker::Broker,
+}
+
+impl Backlog {
+    /// Declares the worker's topology and publishes `jobs` jobs (ids `{tag}-{i}`) before any
+    /// worker starts.
+    async fn publish(
+        opts: &BenchOptions,
+        env: &HashMap<String, String>,
+        tag: &str,
+    ) -> anyhow::Result<Self> {
+        let queues = config::Config::from_map(env)?.queues;
+        let connection =
+            Connection::connect(&opts.amqp_url, ConnectionProperties::default()).await?;
+        let ch = channel(&connection).await?;
+        let broker =
+            crate::broker::Broker::connect(&opts.amqp_url, "bench", queues.clone()).await?;
+        broker.declare_topology().await?;
+        let ids: Vec<String> = (0..opts.jobs).map(|i| format!("{tag}-{i}")).collect();
+        for chunk in ids.chunks(1000) {
+            publish_all(&ch, &queues.jobs, chunk).await?;
+        }
+        Ok(Self {
+            queues,
+            connection,
+            ch,
+            broker,
+        })
+    }
+
+    async fn close(self) {
+        self.broker.close().await;
+        let _ = self.connection.close(200, short("bench done")).await;
+    }
+}
+
+/// The bench's own check of a run: one row per job, every one `sent`, and exactly one send per
+/// job at the fake. Returns the number of rows and of sends.
+async fn verify(db_url: &str, fake: &FakeAliyun, total: usize) -> anyhow::Result<(i64, usize)> {
+    let pool = sqlx::PgPool::connect(db_url).await?;
+    let counted: Result<(i64, i64), sqlx::Error> =
+        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE status = 'sent') FROM sms_jobs")
+            .fetch_one(&pool)
+            .await;
+    pool.close().await;
+    let (rows, sent) = counted?;
+    ensure!(
+        rows == total as i64 && sent == rows,
+        "expected {total} sent rows, found {rows} rows, {sent} sent"
+    );
+    let fake_sends = fake.requests().iter().filter(|r| r.executed).count();
+    ensure!(
+        fake_sends == total,
+        "the fake executed {fake_sends} sends for {total} jobs"
+    );
+    Ok((rows, fake_sends))
 }
 
 /// Deletes every queue and exchange a run named after `tag`.
@@ -359,6 +495,23 @@ fn worker_env(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
+}
+
+/// An in-process fake Aliyun answering after `latency`, with fresh credentials, and the
+/// environment of a worker that calls it.
+async fn fake_and_env(
+    opts: &BenchOptions,
+    latency: Duration,
+    tag: &str,
+    db_url: &str,
+) -> anyhow::Result<(FakeAliyun, HashMap<String, String>)> {
+    let key_id = "bench-key";
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let mut fake_config = FakeConfig::new(key_id, secret.clone());
+    fake_config.latency = latency;
+    let fake = FakeAliyun::start(fake_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
+    let env = worker_env(opts, tag, db_url, &fake, key_id, &secret);
+    Ok((fake, env))
 }
 
 /// A job body like a backend's; ids carry the run's tag so results can be matched.
@@ -601,53 +754,21 @@ async fn consume_results(ch: &Channel, queue: &str) -> anyhow::Result<lapin::Con
 }
 
 async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result<()> {
-    let key_id = "bench-key";
-    let secret = uuid::Uuid::new_v4().simple().to_string();
-    let mut fake_config = FakeConfig::new(key_id, secret.clone());
-    fake_config.latency = opts.latency;
-    let fake = FakeAliyun::start(fake_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
-    let mut env = worker_env(opts, tag, db_url, &fake, key_id, &secret);
+    let (fake, mut env) = fake_and_env(opts, opts.latency, tag, db_url).await?;
     // The worker's own stage timings come from its /metrics, on a port free a moment ago.
     let admin = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .to_string();
     env.insert(config::ADMIN_ADDR.to_owned(), admin.clone());
-    let queues = config::Config::from_map(&env)?.queues;
-    let connection = Connection::connect(&opts.amqp_url, ConnectionProperties::default()).await?;
-    let ch = channel(&connection).await?;
-
     // The jobs wait in the queue before the worker starts, as they do for the ceiling: both
     // figures are then about draining a backlog, not about how fast this process publishes.
-    let broker = crate::broker::Broker::connect(&opts.amqp_url, "bench", queues.clone()).await?;
-    broker.declare_topology().await?;
-    let ids: Vec<String> = (0..opts.jobs).map(|i| format!("{tag}-{i}")).collect();
-    for chunk in ids.chunks(1000) {
-        publish_all(&ch, &queues.jobs, chunk).await?;
-    }
-    let mut results = consume_results(&ch, &queues.results).await?;
-    let exe = std::env::current_exe().context("locating this binary")?;
-    let mut child = tokio::process::Command::new(exe)
-        .arg("run")
-        .env_clear()
-        .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME"))
-        .envs(&env)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting the worker")?;
+    let backlog = Backlog::publish(opts, &env, tag).await?;
+    let (queues, connection, ch) = (&backlog.queues, &backlog.connection, &backlog.ch);
+    let mut results = consume_results(ch, &queues.results).await?;
+    let mut child = spawn_worker(&env, &[], "worker")?;
     let pid = child.id().context("worker pid")?;
-    let stderr = child.stderr.take().context("worker stderr")?;
-    tokio::spawn(async move {
-        use tokio::io::AsyncBufReadExt;
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("worker: {line}");
-        }
-    });
     let worker = drive(
-        &connection,
+        connection,
         &queues.jobs,
         &mut results,
         opts.jobs,
@@ -656,42 +777,23 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         Some(&admin),
     )
     .await?;
-    let _ = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await;
-    let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+    stop_worker(&mut child).await;
 
     // Check every job's row: one, final, sent; and one send each at the fake.
-    let total = opts.jobs + worker.latencies.len();
-    let pool = sqlx::PgPool::connect(db_url).await?;
-    let (rows, sent): (i64, i64) =
-        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE status = 'sent') FROM sms_jobs")
-            .fetch_one(&pool)
-            .await?;
-    pool.close().await;
-    ensure!(
-        rows == total as i64 && sent == rows,
-        "expected {total} sent rows, found {rows} rows, {sent} sent"
-    );
-    let fake_sends = fake.requests().iter().filter(|r| r.executed).count();
-    ensure!(
-        fake_sends == total,
-        "the fake executed {fake_sends} sends for {total} jobs"
-    );
+    let (rows, fake_sends) = verify(db_url, &fake, opts.jobs + worker.latencies.len()).await?;
 
     // The ceiling, the same way: a backlog of the same jobs, then the worker's paced rate.
     let (input, output) = (format!("{tag}.ceiling.in"), format!("{tag}.ceiling.out"));
-    declare(&ch, &input, true).await?;
-    declare(&ch, &output, false).await?;
+    declare(ch, &input, true).await?;
+    declare(ch, &output, false).await?;
     let ceiling_ids: Vec<String> = (0..opts.jobs).map(|i| format!("{tag}-c{i}")).collect();
     for chunk in ceiling_ids.chunks(1000) {
-        publish_all(&ch, &input, chunk).await?;
+        publish_all(ch, &input, chunk).await?;
     }
-    let mut echoed = consume_results(&ch, &output).await?;
-    let echo = start_echo(&connection, &input, &output, opts.concurrency).await?;
+    let mut echoed = consume_results(ch, &output).await?;
+    let echo = start_echo(connection, &input, &output, opts.concurrency).await?;
     let ceiling = drive(
-        &connection,
+        connection,
         &input,
         &mut echoed,
         opts.jobs,
@@ -701,9 +803,7 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     )
     .await;
     echo.abort();
-
-    broker.close().await;
-    let _ = connection.close(200, short("bench done")).await;
+    backlog.close().await;
     let ceiling = ceiling?;
 
     let latency_ms = opts.latency.as_secs_f64() * 1000.0;

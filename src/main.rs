@@ -16,7 +16,7 @@ use aliyun_sms_worker::ops;
 use aliyun_sms_worker::sms_client::SmsClient;
 use aliyun_sms_worker::store::{JobFilter, Store};
 use aliyun_sms_worker::wire::Status;
-use aliyun_sms_worker::{check_config, retention, sandbox, telemetry, worker};
+use aliyun_sms_worker::{bench, check_config, retention, sandbox, telemetry, worker};
 
 #[derive(Parser)]
 #[command(
@@ -44,10 +44,12 @@ enum Command {
     /// Inspect jobs in the results table.
     #[command(subcommand)]
     Jobs(JobsCommand),
-    /// Counts by type and status, and the most frequent failure codes with their meaning.
+    /// Counts by type and status, the most frequent failure codes with their meaning, and the
+    /// live workers with the jobs each holds (and dead ones still holding claims).
     Stats(StatsArgs),
     /// Measure throughput, latency, RSS and CPU against the local RabbitMQ and Postgres and an
-    /// in-process fake Aliyun, next to the bare-broker ceiling of this machine.
+    /// in-process fake Aliyun, next to the bare-broker ceiling of this machine; with --workers,
+    /// the throughput of fleets of worker processes instead.
     Bench(BenchArgs),
     /// Look at the dead-letter queue, or send messages from it back to the jobs queue.
     #[command(subcommand)]
@@ -136,12 +138,16 @@ struct StatsArgs {
 struct BenchArgs {
     #[arg(long, default_value_t = 20_000)]
     jobs: usize,
-    /// The fake Aliyun's latency per call.
-    #[arg(long, default_value_t = 0)]
-    latency_ms: u64,
-    /// Jobs in flight (WORKER_CONCURRENCY of the measured worker, and the ceiling's prefetch).
+    /// The fake Aliyun's latency per call [default: 0; with --workers: 0 and 50].
+    #[arg(long)]
+    latency_ms: Option<u64>,
+    /// Jobs in flight (WORKER_CONCURRENCY of each measured worker, and the ceiling's prefetch).
     #[arg(long, default_value_t = 256)]
     concurrency: u16,
+    /// Fleet sizes, e.g. 1,2,3: runs that many worker processes on one queue and one database
+    /// for each size and latency, and prints their throughput as one table.
+    #[arg(long, value_delimiter = ',')]
+    workers: Vec<usize>,
 }
 
 #[derive(Args)]
@@ -323,13 +329,14 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let since = ops::parse_age(&args.since).map_err(anyhow::Error::msg)?;
             let store = operator_store().await?;
             let stats = store.stats(since).await?;
+            let fleet = store.fleet().await?;
             if args.json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&ops::stats_json(&stats))?
+                    serde_json::to_string_pretty(&ops::stats_json(&stats, &fleet))?
                 );
             } else {
-                print!("{}", ops::render_stats(&stats, &args.since));
+                print!("{}", ops::render_stats(&stats, &fleet, &args.since));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -359,15 +366,28 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     .unwrap_or_default()
                     .to_owned()
             };
-            aliyun_sms_worker::bench::run(aliyun_sms_worker::bench::BenchOptions {
+            let base = bench::BenchOptions {
                 jobs: args.jobs,
-                latency: Duration::from_millis(args.latency_ms),
+                latency: Duration::from_millis(args.latency_ms.unwrap_or(0)),
                 concurrency: args.concurrency,
                 amqp_url: lookup(config::AMQP_URL).unwrap_or_else(|| default(config::AMQP_URL)),
                 database_url: lookup(config::DATABASE_URL)
                     .unwrap_or_else(|| default(config::DATABASE_URL)),
-            })
-            .await?;
+            };
+            if args.workers.is_empty() {
+                bench::run(base).await?;
+            } else {
+                let latencies = match args.latency_ms {
+                    Some(ms) => vec![Duration::from_millis(ms)],
+                    None => vec![Duration::ZERO, Duration::from_millis(50)],
+                };
+                bench::run_fleet(bench::FleetOptions {
+                    base,
+                    workers: args.workers,
+                    latencies,
+                })
+                .await?;
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

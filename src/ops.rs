@@ -4,11 +4,12 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use crate::aliyun::outcome::meaning;
 use crate::phone;
-use crate::store::{JobDetail, Stats};
+use crate::store::{FleetWorker, JobDetail, Stats, WorkerState};
 
 /// `30s`, `15m`, `1h`, `90d`.
 pub fn parse_age(raw: &str) -> Result<Duration, String> {
@@ -39,7 +40,7 @@ fn text(v: &Value) -> String {
 }
 
 /// A plain-text table; every column as wide as its widest cell.
-fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -177,15 +178,122 @@ pub fn detail_json(d: &JobDetail) -> Value {
     json!({"job": d.job, "attempts": d.attempts, "deliveries": d.deliveries})
 }
 
-pub fn stats_json(s: &Stats) -> Value {
+/// A time as the tables and the status page show it: UTC to the second.
+pub fn utc(t: Option<DateTime<Utc>>) -> String {
+    t.map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+/// How long ago, in the coarsest unit that still tells a beat from a crash.
+pub fn ago(ms: Option<i64>) -> String {
+    let Some(ms) = ms.map(|ms| ms.max(0)) else {
+        return "never".into();
+    };
+    match ms {
+        0..10_000 => format!("{:.1} s ago", ms as f64 / 1000.0),
+        10_000..120_000 => format!("{} s ago", ms / 1000),
+        120_000..7_200_000 => format!("{} min ago", ms / 60_000),
+        7_200_000..172_800_000 => format!("{} h ago", ms / 3_600_000),
+        _ => format!("{} d ago", ms / 86_400_000),
+    }
+}
+
+/// The one-line summary of the fleet, and its alarm when a dead worker still holds claims.
+pub fn fleet_summary(fleet: &[FleetWorker]) -> (String, Option<String>) {
+    let count = |state| fleet.iter().filter(|w| w.state() == state).count();
+    let held = |state| -> i64 {
+        fleet
+            .iter()
+            .filter(|w| w.state() == state)
+            .map(|w| w.held)
+            .sum()
+    };
+    let (live, draining, dead) = (
+        count(WorkerState::Live),
+        count(WorkerState::Draining),
+        count(WorkerState::Dead),
+    );
+    let summary = format!(
+        "{} live worker(s) ({draining} draining), holding {} job(s)",
+        live + draining,
+        held(WorkerState::Live) + held(WorkerState::Draining)
+    );
+    let alarm = (dead > 0).then(|| {
+        format!(
+            "{dead} worker(s) stopped beating but still hold {} sending job(s)",
+            held(WorkerState::Dead)
+        )
+    });
+    (summary, alarm)
+}
+
+pub fn render_fleet(fleet: &[FleetWorker]) -> String {
+    let (summary, alarm) = fleet_summary(fleet);
+    let mut out = format!("{summary}\n");
+    if let Some(alarm) = alarm {
+        let _ = writeln!(out, "ALARM: {alarm}");
+    }
+    if fleet.is_empty() {
+        return out;
+    }
+    out.push('\n');
+    let rows: Vec<Vec<String>> = fleet
+        .iter()
+        .map(|w| {
+            vec![
+                w.state().as_str().to_owned(),
+                w.name.clone().unwrap_or_else(|| "-".into()),
+                w.short_id(),
+                utc(w.started_at),
+                ago(w.heartbeat_age_ms),
+                w.held.to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "state",
+            "worker",
+            "id",
+            "started (UTC)",
+            "last beat",
+            "held",
+        ],
+        &rows,
+    ));
+    out
+}
+
+pub fn fleet_json(fleet: &[FleetWorker]) -> Value {
+    fleet
+        .iter()
+        .map(|w| {
+            json!({
+                "id": w.id.to_string(),
+                "name": w.name,
+                "state": w.state().as_str(),
+                "started_at": w.started_at,
+                "heartbeat_at": w.heartbeat_at,
+                "heartbeat_age_ms": w.heartbeat_age_ms,
+                "heartbeat_ms": w.heartbeat_ms,
+                "stopping_at": w.stopping_at,
+                "held": w.held,
+            })
+        })
+        .collect()
+}
+
+/// `stats --json`: the counts, and the fleet as it is now.
+pub fn stats_json(s: &Stats, fleet: &[FleetWorker]) -> Value {
     json!({
+        "workers": fleet_json(fleet),
         "total": s.total,
         "by_status": s.by_status.iter().map(|(t, st, n)| json!({"type": t, "status": st, "count": n})).collect::<Vec<_>>(),
         "top_codes": s.top_codes.iter().map(|(c, n)| json!({"code": c, "count": n, "meaning": meaning(c)})).collect::<Vec<_>>(),
     })
 }
 
-pub fn render_stats(s: &Stats, since: &str) -> String {
+/// `stats`: the counts of the window, then the fleet as it is now.
+pub fn render_stats(s: &Stats, fleet: &[FleetWorker], since: &str) -> String {
     let pct = |n: i64| {
         if s.total == 0 {
             0.0
@@ -223,6 +331,8 @@ pub fn render_stats(s: &Stats, since: &str) -> String {
             .collect();
         out.push_str(&table(&["share", "code", "count", "meaning"], &rows));
     }
+    out.push('\n');
+    out.push_str(&render_fleet(fleet));
     out
 }
 
@@ -237,6 +347,17 @@ mod tests {
         assert!(parse_age("1").is_err());
         assert!(parse_age("h").is_err());
         assert!(parse_age("1w").is_err());
+    }
+
+    #[test]
+    fn heartbeat_ages_tell_a_beat_from_a_crash() {
+        assert_eq!(ago(Some(340)), "0.3 s ago");
+        assert_eq!(ago(Some(-5)), "0.0 s ago", "clock skew is not the future");
+        assert_eq!(ago(Some(45_000)), "45 s ago");
+        assert_eq!(ago(Some(3_599_999)), "59 min ago");
+        assert_eq!(ago(Some(3 * 3_600_000)), "3 h ago");
+        assert_eq!(ago(Some(9 * 86_400_000)), "9 d ago");
+        assert_eq!(ago(None), "never");
     }
 
     #[test]

@@ -74,12 +74,13 @@ pub fn masked_phones(v: &Value) -> String {
     }
 }
 
-/// The CSS class of a status badge; statuses outside the known set get the neutral one.
+/// The CSS class of a status badge (a job's, a receipt's or a worker's); statuses outside the
+/// known set get the neutral one.
 pub fn status_class(status: &str) -> &'static str {
     match status {
-        "sent" | "verified" | "delivered" => "ok",
-        "not_verified" | "rate_limited" | "waiting" => "warn",
-        "rejected" | "failed" | "unknown" => "bad",
+        "sent" | "verified" | "delivered" | "live" => "ok",
+        "not_verified" | "rate_limited" | "waiting" | "draining" => "warn",
+        "rejected" | "failed" | "unknown" | "dead" => "bad",
         "sending" => "busy",
         _ => "muted",
     }

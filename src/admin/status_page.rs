@@ -16,7 +16,8 @@ use super::AdminState;
 use super::chart;
 use super::html::{badge, esc, job_href, masked_phones, page, respond, text, time};
 use crate::aliyun::outcome::meaning;
-use crate::store::{JobDetail, JobFilter, Stats, StoreError};
+use crate::ops::{ago, fleet_summary, utc};
+use crate::store::{FleetWorker, JobDetail, JobFilter, Stats, StoreError};
 
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
@@ -99,6 +100,7 @@ async fn index_page(state: &AdminState) -> Result<String, PageError> {
             ..JobFilter::default()
         })
         .await?;
+    let fleet = store.fleet().await?;
 
     let mut body = String::with_capacity(32 * 1024);
     let (ready, why) = state.ready();
@@ -113,6 +115,7 @@ async fn index_page(state: &AdminState) -> Result<String, PageError> {
         esc(&why),
         state.metrics.jobs_in_flight()
     );
+    fleet_table(&mut body, &fleet);
     body.push_str("<div class=\"grid\"><section id=\"counts\"><h2>Jobs by status</h2>");
     counts_table(&mut body, &hour, &day);
     body.push_str("</section><section id=\"chart\"><h2>Jobs per minute, last hour</h2>");
@@ -175,6 +178,47 @@ fn counts_table(body: &mut String, hour: &Stats, day: &Stats) {
          <td class=\"num\">{}</td></tr></tbody></table>",
         hour.total, day.total
     );
+}
+
+/// Every worker of the fleet (not only this one): the page of any replica shows them all.
+fn fleet_table(body: &mut String, fleet: &[FleetWorker]) {
+    let (summary, alarm) = fleet_summary(fleet);
+    let _ = write!(
+        body,
+        "<section id=\"workers\"><h2>Workers</h2><p id=\"fleet-summary\">{}</p>",
+        esc(&summary)
+    );
+    if let Some(alarm) = alarm {
+        let _ = write!(
+            body,
+            "<p id=\"fleet-alarm\">{} {}</p>",
+            badge("dead"),
+            esc(&alarm)
+        );
+    }
+    if fleet.is_empty() {
+        body.push_str("</section>");
+        return;
+    }
+    body.push_str(
+        "<table><thead><tr><th>state</th><th>worker</th><th>id</th><th>started (UTC)</th>\
+         <th>last heartbeat</th><th class=\"num\">jobs held</th></tr></thead><tbody>",
+    );
+    for w in fleet {
+        let _ = write!(
+            body,
+            "<tr data-worker=\"{}\"><td>{}</td><td class=\"wrap\">{}</td><td class=\"mono\">{}</td>\
+             <td class=\"mono nowrap\">{}</td><td class=\"nowrap\">{}</td><td class=\"num\">{}</td></tr>",
+            esc(&w.short_id()),
+            badge(w.state().as_str()),
+            esc(w.name.as_deref().unwrap_or("-")),
+            esc(&w.short_id()),
+            esc(&utc(w.started_at)),
+            esc(&ago(w.heartbeat_age_ms)),
+            w.held
+        );
+    }
+    body.push_str("</tbody></table></section>");
 }
 
 fn top_codes(body: &mut String, hour: &Stats) {
@@ -349,6 +393,43 @@ mod tests {
         assert!(!html.contains("13800138000"), "{html}");
         assert!(!html.contains("654321"), "parameters are not shown: {html}");
         assert!(html.contains("ServiceUnavailable") && html.contains("R-1"));
+    }
+
+    fn worker(name: &str, live: bool, held: i64) -> FleetWorker {
+        FleetWorker {
+            id: uuid::Uuid::new_v4(),
+            name: Some(name.into()),
+            started_at: None,
+            heartbeat_at: None,
+            heartbeat_age_ms: Some(1500),
+            heartbeat_ms: Some(2000),
+            stopping_at: None,
+            live,
+            held,
+        }
+    }
+
+    #[test]
+    fn the_fleet_shows_every_worker_escaped_and_raises_the_alarm_only_for_dead_claims() {
+        let mut body = String::new();
+        fleet_table(&mut body, &[worker("<b>w</b>", true, 2)]);
+        assert!(
+            body.contains("&lt;b&gt;w&lt;/b&gt;") && !body.contains("<b>w"),
+            "{body}"
+        );
+        assert!(!body.contains("fleet-alarm"), "{body}");
+        assert!(body.contains("1 live worker(s) (0 draining), holding 2 job(s)"));
+
+        let mut body = String::new();
+        fleet_table(&mut body, &[worker("gone", false, 3)]);
+        assert!(
+            body.contains("1 worker(s) stopped beating but still hold 3 sending job(s)"),
+            "{body}"
+        );
+        assert!(
+            body.contains("<span class=\"badge bad\">dead</span>"),
+            "{body}"
+        );
     }
 
     #[test]

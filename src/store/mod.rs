@@ -269,7 +269,7 @@ mod reports;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
 pub use fleet::{Stale, Swept};
 pub use leader::Leadership;
-pub use reports::{JobDetail, JobFilter, MinuteCount, Stats};
+pub use reports::{FleetWorker, JobDetail, JobFilter, MinuteCount, Stats, WorkerState};
 
 /// Attempts of many jobs, as one array per column.
 #[derive(Default)]

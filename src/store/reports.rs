@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
+use uuid::Uuid;
 
 use super::{Store, StoreError};
 
@@ -43,6 +45,60 @@ pub struct MinuteCount {
     pub succeeded: i64,
     /// Ended any other final way (refused, failed, unknown, rate limited, invalid, expired).
     pub failed: i64,
+}
+
+/// A worker process as its heartbeats show it, with the `sending` claims it holds: a live one,
+/// or one that looks dead but still holds claims (what an operator must look at).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct FleetWorker {
+    pub id: Uuid,
+    /// `None` when claims name a worker that has no `sms_workers` row at all.
+    pub name: Option<String>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub heartbeat_at: Option<DateTime<Utc>>,
+    /// Since the last beat, by the database's clock (the reader's may be off).
+    pub heartbeat_age_ms: Option<i64>,
+    /// The interval the worker itself beats at; 5 of them without a beat and it is dead.
+    pub heartbeat_ms: Option<i32>,
+    /// Set when it began draining after SIGTERM.
+    pub stopping_at: Option<DateTime<Utc>>,
+    pub live: bool,
+    /// Jobs `sending` under its claim.
+    pub held: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerState {
+    Live,
+    /// Alive, finishing what it holds, taking nothing new.
+    Draining,
+    /// Silent for 5 of its beats (or never seen) while still holding claims.
+    Dead,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Live => "live",
+            WorkerState::Draining => "draining",
+            WorkerState::Dead => "dead",
+        }
+    }
+}
+
+impl FleetWorker {
+    pub fn state(&self) -> WorkerState {
+        match (self.live, self.stopping_at) {
+            (false, _) => WorkerState::Dead,
+            (true, Some(_)) => WorkerState::Draining,
+            (true, None) => WorkerState::Live,
+        }
+    }
+
+    /// The id as operators quote it: enough to tell the fleet's workers apart.
+    pub fn short_id(&self) -> String {
+        self.id.simple().to_string().chars().take(8).collect()
+    }
 }
 
 fn secs(d: Option<Duration>) -> Option<f64> {
@@ -136,6 +192,31 @@ impl Store {
             top_codes,
             total,
         })
+    }
+
+    /// The live workers and every worker that looks dead but still holds `sending` claims,
+    /// dead ones first. Liveness is judged by each worker's own beat interval.
+    pub async fn fleet(&self) -> Result<Vec<FleetWorker>, StoreError> {
+        Ok(sqlx::query_as::<_, FleetWorker>(
+            "WITH held AS (
+                 SELECT claimed_by AS id, count(*) AS n FROM sms_jobs
+                 WHERE status = 'sending' AND claimed_by IS NOT NULL
+                 GROUP BY claimed_by
+             ), workers AS (
+                 SELECT w.*, w.heartbeat_at > now() - 5 * w.heartbeat_ms * interval '1 millisecond'
+                             AS live
+                 FROM sms_workers w
+             )
+             SELECT coalesce(w.id, h.id) AS id, w.name, w.started_at, w.heartbeat_at,
+                    (extract(epoch FROM now() - w.heartbeat_at) * 1000)::bigint AS heartbeat_age_ms,
+                    w.heartbeat_ms, w.stopping_at,
+                    coalesce(w.live, false) AS live, coalesce(h.n, 0) AS held
+             FROM workers w FULL JOIN held h ON h.id = w.id
+             WHERE coalesce(w.live, false) OR h.n > 0
+             ORDER BY live, w.started_at NULLS FIRST, id",
+        )
+        .fetch_all(self.pool())
+        .await?)
     }
 
     /// Jobs per minute over `window`, by whether they succeeded; minutes without jobs are left

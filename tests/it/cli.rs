@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use aliyun_sms_worker::config;
 
 use crate::helpers::{
-    PATIENCE, amqp_url, create_database, delete_topology, drop_database, queue_settings,
+    PATIENCE, admin_database_url, amqp_url, create_database, delete_topology, drop_database,
+    queue_settings,
 };
 use crate::process::{WorkerProcess, command, run_to_end};
 
@@ -135,5 +136,45 @@ async fn a_missing_setting_is_named_at_start() {
     assert!(
         stderr.contains(config::ALIBABA_CLOUD_ACCESS_KEY_ID),
         "the message names the variable: {stderr}"
+    );
+}
+
+/// `bench --workers` on a small backlog: two worker processes on one queue and one database, at
+/// 0 and 50 ms upstream. The bench fails (exit 1) unless its own check passes: one `sent` row
+/// and one send at the fake per job, every result `sent`, claims by no more workers than ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_a_fleet_of_worker_processes_and_checks_every_job() {
+    let (amqp, db) = (amqp_url(), admin_database_url());
+    let run = run_to_end(
+        [
+            (config::AMQP_URL, amqp.as_str()),
+            (config::DATABASE_URL, db.as_str()),
+        ],
+        &[
+            "bench",
+            "--jobs",
+            "300",
+            "--workers",
+            "2",
+            "--concurrency",
+            "32",
+        ],
+    );
+    let (code, stdout, stderr) = tokio::time::timeout(PATIENCE * 10, run)
+        .await
+        .expect("the bench finished in time");
+    let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
+    assert_eq!(code, 0, "{stdout}\n{}", tail.join("\n"));
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|cells: &Vec<&str>| cells.first() == Some(&"2"))
+        .collect();
+    assert_eq!(rows.len(), 2, "one row per latency:\n{stdout}");
+    assert_eq!(rows[0][1..3], ["0", "ms"], "{stdout}");
+    assert_eq!(rows[1][1..3], ["50", "ms"], "{stdout}");
+    assert!(
+        stdout.contains("checked in every run: 300 rows, all sent, one send per job at the fake"),
+        "{stdout}"
     );
 }

@@ -503,25 +503,125 @@ fn prometheus_scrapes_the_workers_admin_port() {
         .get("scrape_configs")
         .and_then(Value::as_sequence)
         .expect("prometheus.yml has scrape_configs");
+    // One target per replica: the service name's A records, on the admin port. (Without a
+    // port, dns_sd_configs asks for SRV records, which Docker's DNS does not serve.)
     let job = jobs
         .iter()
         .find(|job| {
-            job.get("static_configs")
+            job.get("dns_sd_configs")
                 .and_then(Value::as_sequence)
                 .into_iter()
                 .flatten()
-                .filter_map(|c| c.get("targets").and_then(Value::as_sequence))
-                .flatten()
-                .filter_map(Value::as_str)
-                .any(|t| t == format!("worker:{admin_port}"))
+                .any(|sd| {
+                    sd.get("type").and_then(Value::as_str) == Some("A")
+                        && sd.get("port").and_then(Value::as_u64) == Some(u64::from(admin_port))
+                        && sd
+                            .get("names")
+                            .and_then(Value::as_sequence)
+                            .is_some_and(|n| n.iter().any(|n| n.as_str() == Some("worker")))
+                })
         })
-        .unwrap_or_else(|| panic!("no scrape job targets worker:{admin_port}: {config:?}"));
+        .unwrap_or_else(|| {
+            panic!("no scrape job finds every `worker` replica by DNS (type A, port {admin_port}): {config:?}")
+        });
+    // A static `worker:PORT` resolves to one replica at random on each scrape, mixing their
+    // counters into one jagged series.
+    let static_worker_targets: Vec<&str> = jobs
+        .iter()
+        .filter_map(|job| job.get("static_configs").and_then(Value::as_sequence))
+        .flatten()
+        .filter_map(|c| c.get("targets").and_then(Value::as_sequence))
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|t| t.split(':').next() == Some("worker"))
+        .collect();
+    assert!(
+        static_worker_targets.is_empty(),
+        "static targets on the scaled worker service: {static_worker_targets:?}"
+    );
     let path = job
         .get("metrics_path")
         .and_then(Value::as_str)
         .unwrap_or("/metrics");
     assert_eq!(path, "/metrics", "the worker serves /metrics");
     assert_depends_started(&doc, "prometheus", "worker");
+}
+
+/// The host side of each port a service publishes: `None` when Docker picks it, else the
+/// fixed port or range as written.
+fn host_ports(doc: &Value, name: &str) -> Vec<Option<String>> {
+    let Some(ports) = service(doc, name).get("ports").and_then(Value::as_sequence) else {
+        return Vec::new();
+    };
+    ports
+        .iter()
+        .map(|entry| {
+            let host = match entry {
+                // "container", "host:container" or "ip:host:container" (host may be empty).
+                Value::String(spec) => {
+                    let parts: Vec<&str> = spec.split(':').collect();
+                    match parts.as_slice() {
+                        [_] => None,
+                        [host, _] | [_, host, _] => Some(host.to_string()),
+                        _ => panic!("service `{name}`: bad port spec `{spec}`"),
+                    }
+                }
+                Value::Number(_) => None,
+                other => other.get("published").map(|p| match p {
+                    Value::String(s) => s.clone(),
+                    other => format!("{other:?}"),
+                }),
+            };
+            host.filter(|h| !h.is_empty())
+        })
+        .collect()
+}
+
+/// `docker compose up --scale worker=3` must start three replicas that do not collide, each
+/// with its own admin listener.
+#[test]
+fn the_worker_service_scales() {
+    let doc = compose();
+    let worker = service(&doc, "worker");
+    for fixed in ["container_name", "hostname"] {
+        assert!(
+            worker.get(fixed).is_none(),
+            "a fixed {fixed} on the worker makes a second replica impossible (or a copy of the first)"
+        );
+    }
+    let ports = host_ports(&doc, "worker");
+    assert!(!ports.is_empty(), "the worker publishes its admin port");
+    for host in ports.into_iter().flatten() {
+        assert!(
+            host.contains('-'),
+            "the worker publishes the fixed host port {host}: a second replica cannot bind it \
+             (leave the host port to Docker, or give a range)"
+        );
+    }
+    let admin = compose_default(env_var(&doc, "worker", "ADMIN_ADDR"));
+    assert!(
+        admin.starts_with("0.0.0.0:"),
+        "each replica's admin listener must answer on its container's address, for Prometheus: `{admin}`"
+    );
+}
+
+#[test]
+fn host_ports_tell_fixed_from_picked() {
+    let doc: Value = serde_yaml_ng::from_str(
+        "services:\n  w:\n    ports: [\"8080\", \"127.0.0.1::8080\", \"9000:8080\", \"1.2.3.4:9001-9003:8080\", {target: 8080, published: \"9100\"}, {target: 8080}]",
+    )
+    .expect("yaml");
+    assert_eq!(
+        host_ports(&doc, "w"),
+        vec![
+            None,
+            None,
+            Some("9000".into()),
+            Some("9001-9003".into()),
+            Some("9100".into()),
+            None
+        ]
+    );
 }
 
 fn assert_depends_started(doc: &Value, name: &str, dependency: &str) {

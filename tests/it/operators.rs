@@ -1,11 +1,84 @@
 //! The operator commands against a database a real worker filled.
 
+use std::time::{Duration, Instant};
+
 use aliyun_sms_worker::config;
 use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
 use serde_json::Value;
 
-use crate::helpers::{TestApp, send_job, unique_id};
+use crate::helpers::{PATIENCE, TestApp, send_job, unique_id};
 use crate::process::run_to_end;
+
+/// The fleet as an operator must see it: the test's live worker holding one job (its call to
+/// the fake is slow), and a worker that stopped beating 3 hours ago with a claim still on.
+pub(crate) struct Fleet {
+    pub live: String,
+    pub dead: String,
+    pub held_job: String,
+}
+
+/// Long enough for every look at the fleet, within the settings of [`hold_slow_calls`].
+const SLOW_CALL: Duration = Duration::from_secs(25);
+
+/// Lets a call as slow as [`SLOW_CALL`] run its course instead of timing out.
+pub(crate) fn hold_slow_calls(settings: &mut std::collections::HashMap<String, String>) {
+    settings.insert(config::HTTP_REQUEST_TIMEOUT_MS.into(), "60000".into());
+}
+
+pub(crate) async fn hold_a_job_and_plant_a_dead_worker(app: &TestApp) -> Fleet {
+    let held_job = unique_id("fleet-held");
+    let job = send_job(&held_job);
+    app.fake.push_fault(
+        FaultRule::every(Fault::Latency {
+            ms: SLOW_CALL.as_millis() as u64,
+        })
+        .on_phone(job["phone_number"].as_str().unwrap_or_default())
+        .times(1),
+    );
+    app.publish(&job).await;
+    let deadline = Instant::now() + PATIENCE;
+    let live = loop {
+        let row = app.job_row(&held_job).await;
+        if row["status"] == "sending"
+            && let Some(worker) = row["claimed_by"].as_str()
+        {
+            break worker.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slow job was never claimed: {row}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    let dead = uuid::Uuid::new_v4().to_string();
+    sqlx::query(
+        "INSERT INTO sms_workers (id, name, started_at, heartbeat_at)
+         VALUES ($1::uuid, 'crashed-worker', now() - interval '1 day', now() - interval '3 hours')",
+    )
+    .bind(&dead)
+    .execute(&app.pool)
+    .await
+    .expect("plant a dead worker");
+    sqlx::query(
+        "INSERT INTO sms_jobs (id, type, status, claimed_by, lease_until)
+         VALUES ($1, 'send_sms', 'sending', $2::uuid, now() + interval '1 hour')",
+    )
+    .bind(unique_id("fleet-orphan"))
+    .bind(&dead)
+    .execute(&app.pool)
+    .await
+    .expect("plant its claim");
+    Fleet {
+        live,
+        dead,
+        held_job,
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..8]
+}
 
 async fn cli(app: &TestApp, args: &[&str]) -> (i32, String) {
     let db = app.config.database_url.expose().to_owned();
@@ -15,7 +88,7 @@ async fn cli(app: &TestApp, args: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_list_show_and_stats_answer_operators_questions() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_with(hold_slow_calls).await;
     let sent = unique_id("ops-sent");
     let retried = unique_id("ops-retried");
     let refused = unique_id("ops-refused");
@@ -80,5 +153,60 @@ async fn jobs_list_show_and_stats_answer_operators_questions() {
     assert_eq!(top["meaning"], "signature (sign name) not approved");
     let (_, text) = cli(&app, &["stats"]).await;
     assert!(text.contains("33.3%"), "{text}");
+
+    let fleet = hold_a_job_and_plant_a_dead_worker(&app).await;
+    let (code, stats) = cli(&app, &["stats", "--json"]).await;
+    assert_eq!(code, 0, "{stats}");
+    let stats: Value = serde_json::from_str(&stats).expect("JSON stats");
+    let workers = stats["workers"].as_array().expect("a workers list");
+    let worker = |id: &str| {
+        workers
+            .iter()
+            .find(|w| w["id"] == id)
+            .unwrap_or_else(|| panic!("worker {id} not listed: {stats}"))
+    };
+    let live = worker(&fleet.live);
+    assert_eq!(live["state"], "live", "{live}");
+    assert_eq!(live["held"], 1, "the slow job {}: {live}", fleet.held_job);
+    assert!(
+        live["heartbeat_age_ms"]
+            .as_i64()
+            .is_some_and(|ms| ms < 10_000)
+    );
+    let dead = worker(&fleet.dead);
+    assert_eq!(dead["state"], "dead", "{dead}");
+    assert_eq!(dead["held"], 1, "{dead}");
+    assert_eq!(dead["name"], "crashed-worker");
+    assert_eq!(
+        workers.len(),
+        2,
+        "only the live and the claiming dead: {stats}"
+    );
+
+    let (_, text) = cli(&app, &["stats"]).await;
+    let line = |id: &str| {
+        text.lines()
+            .find(|l| l.contains(short(id)))
+            .unwrap_or_else(|| panic!("no line for worker {id}:\n{text}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    let live = line(&fleet.live);
+    assert_eq!(
+        (live[0], live.last().copied()),
+        ("live", Some("1")),
+        "{text}"
+    );
+    let dead = line(&fleet.dead);
+    assert_eq!(
+        (dead[0], dead[1], dead[dead.len() - 4..].join(" ")),
+        ("dead", "crashed-worker", "3 h ago 1".to_owned()),
+        "{text}"
+    );
+    assert!(
+        text.contains("1 live worker(s) (0 draining), holding 1 job(s)")
+            && text.contains("ALARM: 1 worker(s) stopped beating but still hold 1 sending job(s)"),
+        "{text}"
+    );
     app.shutdown().await;
 }

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::chromium::{dump_dom, element, screenshot, visible_text};
 use crate::helpers::{PATIENCE, TestApp, TestEnv, admin_get, free_addr, send_job, unique_id};
+use crate::operators::{hold_a_job_and_plant_a_dead_worker, hold_slow_calls};
 use crate::proxy::{Proxy, target_of, through};
 
 fn phone(job: &Value) -> &str {
@@ -19,6 +20,7 @@ async fn status_page_shows_counts_chart_masked_latest_jobs_and_a_jobs_attempts()
     let admin_setting = admin.clone();
     let app = TestApp::spawn_with(|s| {
         s.insert(config::ADMIN_ADDR.into(), admin_setting);
+        hold_slow_calls(s);
     })
     .await;
 
@@ -164,6 +166,39 @@ async fn status_page_shows_counts_chart_masked_latest_jobs_and_a_jobs_attempts()
     let (status, missing) = admin_get(&admin, "/jobs/no-such-job").await;
     assert_eq!(status, 404);
     assert!(missing.contains("No such job"));
+
+    // The fleet: this worker holding a slow job, and a crashed one still holding a claim.
+    let fleet = hold_a_job_and_plant_a_dead_worker(&app).await;
+    let dom = dump_dom(&format!("{base}/")).await;
+    let worker = |id: &str| {
+        visible_text(element(
+            &dom,
+            &format!("data-worker=\"{}\"", &id[..8]),
+            "tr",
+        ))
+    };
+    let live = worker(&fleet.live);
+    assert!(
+        live.starts_with("live aliyun-sms-worker@")
+            && live.contains(&format!(" {} ", &fleet.live[..8]))
+            && live.ends_with(" s ago 1"),
+        "the live worker, beating, holding the slow job {}: {live}",
+        fleet.held_job
+    );
+    let dead = worker(&fleet.dead);
+    assert!(
+        dead.starts_with(&format!("dead crashed-worker {} ", &fleet.dead[..8]))
+            && dead.ends_with(" 3 h ago 1"),
+        "{dead}"
+    );
+    assert_eq!(
+        visible_text(element(&dom, "id=\"fleet-summary\"", "p")),
+        "1 live worker(s) (0 draining), holding 1 job(s)"
+    );
+    assert_eq!(
+        visible_text(element(&dom, "id=\"fleet-alarm\"", "p")),
+        "dead 1 worker(s) stopped beating but still hold 1 sending job(s)"
+    );
 
     let png = std::env::temp_dir().join(format!("smsw-status-{}.png", uuid::Uuid::new_v4()));
     screenshot(&format!("{base}/"), &png).await;
