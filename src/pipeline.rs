@@ -507,6 +507,12 @@ impl Pipeline {
         }
     }
 
+    /// The ids of the jobs this process is handling right now; their claims are renewed with
+    /// every heartbeat.
+    pub fn jobs_in_hand(&self) -> Vec<String> {
+        lock_std(&self.local).keys().cloned().collect()
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }

@@ -47,7 +47,14 @@ impl Default for RunOptions {
     fn default() -> Self {
         Self {
             migrate: true,
-            name: format!("aliyun-sms-worker@{}", std::process::id()),
+            // The host too: in containers every replica is process 1.
+            name: format!(
+                "aliyun-sms-worker@{}:{}",
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_owned())
+                    .unwrap_or_default(),
+                std::process::id()
+            ),
         }
     }
 }
@@ -328,7 +335,19 @@ async fn beat(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Err(e) = store.heartbeat(worker, &name, every).await {
+                let config = pipeline.config();
+                let beat = async {
+                    store.heartbeat(worker, &name, every).await?;
+                    store
+                        .renew_claims(
+                            worker,
+                            &pipeline.jobs_in_hand(),
+                            config.claim_lease(),
+                            config.job_lease(),
+                        )
+                        .await
+                };
+                if let Err(e) = beat.await {
                     tracing::warn!(error = %e, "heartbeat failed");
                 }
                 if !stopping {

@@ -94,6 +94,35 @@ impl Store {
         Ok(())
     }
 
+    /// Renews the leases of the claims this worker is still working on (`ids`): a stamped one
+    /// for `job_lease`, an unstamped one for `claim_lease`. A claim its owner no longer works on
+    /// (its reply was lost, its task gave up) is not renewed, and others settle it once its lease
+    /// is over; one its owner is busy with — a long backoff, an outcome waiting for the database
+    /// to come back — keeps its owner for as long as the owner beats.
+    pub async fn renew_claims(
+        &self,
+        worker: Uuid,
+        ids: &[String],
+        claim_lease: Duration,
+        job_lease: Duration,
+    ) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE sms_jobs SET lease_until = GREATEST(lease_until, now() + make_interval(
+                     secs => CASE WHEN called_at IS NULL THEN $3 ELSE $4 END::double precision / 1000))
+             WHERE id = ANY($2) AND status = 'sending' AND claimed_by = $1",
+        )
+        .bind(worker)
+        .bind(ids)
+        .bind(millis(claim_lease))
+        .bind(millis(job_lease))
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
     /// This worker got SIGTERM: it takes no new jobs but still owns (and finishes) its claims.
     pub async fn stopping(&self, worker: Uuid) -> Result<(), StoreError> {
         sqlx::query("UPDATE sms_workers SET stopping_at = now() WHERE id = $1")

@@ -50,7 +50,13 @@ async fn all_sent(app: &TestApp, ids: &HashSet<String>) -> usize {
             ids.contains(&id),
             "result for a job nobody sent: {result:?}"
         );
-        assert_eq!(result.status, Status::Sent, "{result:?}");
+        if result.status != Status::Sent {
+            panic!(
+                "{result:?}\nrow: {}\nattempts: {:?}",
+                app.job_row(&id).await,
+                app.attempts(&id).await
+            );
+        }
         answered.insert(id);
     }
     for id in ids {

@@ -68,3 +68,20 @@ fn every_operator_command_is_in_the_commands_table() {
         );
     }
 }
+
+#[test]
+fn every_setting_is_classified_for_a_fleet() {
+    let readme = readme();
+    let section = readme
+        .split("### Settings: per account, per fleet, per process")
+        .nth(1)
+        .and_then(|rest| rest.split("\n### ").next())
+        .expect("README has the fleet settings section");
+    for s in SETTINGS {
+        assert!(
+            section.contains(&format!("`{}`", s.name)),
+            "{} is not classified in \"Settings: per account, per fleet, per process\"",
+            s.name
+        );
+    }
+}
