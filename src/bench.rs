@@ -17,10 +17,11 @@ use lapin::options::{
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use serde_json::json;
 use sqlx::Connection as _;
 
+use crate::amqp_nodes::AmqpNodes;
 use crate::config;
 use crate::fake_aliyun::{FakeAliyun, FakeConfig};
 
@@ -35,6 +36,11 @@ pub struct BenchOptions {
 
 fn short(s: &str) -> ShortString {
     ShortString::from(s)
+}
+
+/// The bench's own connections go to the nodes `AMQP_URL` lists, like the worker's.
+fn nodes(amqp_url: &str) -> anyhow::Result<AmqpNodes> {
+    AmqpNodes::parse(amqp_url).map_err(|e| anyhow::anyhow!("AMQP_URL is malformed: {e}"))
 }
 
 async fn channel(connection: &Connection) -> anyhow::Result<Channel> {
@@ -304,7 +310,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
 
 /// Deletes every queue and exchange a run named after `tag`.
 async fn remove_queues(amqp_url: &str, tag: &str) -> anyhow::Result<()> {
-    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+    let connection = nodes(amqp_url)?.connect("bench", 0).await?.connection;
     for suffix in [
         "jobs",
         "results",
@@ -613,12 +619,13 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         .to_string();
     env.insert(config::ADMIN_ADDR.to_owned(), admin.clone());
     let queues = config::Config::from_map(&env)?.queues;
-    let connection = Connection::connect(&opts.amqp_url, ConnectionProperties::default()).await?;
+    let nodes = nodes(&opts.amqp_url)?;
+    let connection = nodes.connect("bench", 0).await?.connection;
     let ch = channel(&connection).await?;
 
     // The jobs wait in the queue before the worker starts, as they do for the ceiling: both
     // figures are then about draining a backlog, not about how fast this process publishes.
-    let broker = crate::broker::Broker::connect(&opts.amqp_url, "bench", queues.clone()).await?;
+    let broker = crate::broker::Broker::connect(&nodes, 0, "bench", queues.clone()).await?;
     broker.declare_topology().await?;
     let ids: Vec<String> = (0..opts.jobs).map(|i| format!("{tag}-{i}")).collect();
     for chunk in ids.chunks(1000) {

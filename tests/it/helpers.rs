@@ -245,20 +245,7 @@ impl TestApp {
 
     /// Publishes raw bytes to the jobs queue with the given properties, confirmed.
     pub async fn publish_raw(&self, body: &[u8], props: BasicProperties) {
-        let confirm = self
-            .channel
-            .basic_publish(
-                ShortString::from(""),
-                ShortString::from(self.config.queues.jobs.as_str()),
-                BasicPublishOptions::default(),
-                body,
-                props.with_delivery_mode(2),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
-        assert!(confirm.is_ack(), "job publish was not confirmed");
+        publish_confirmed(&self.channel, &self.config.queues.jobs, body, props).await;
     }
 
     pub async fn publish(&self, job: &Value) {
@@ -422,6 +409,29 @@ pub async fn delete_topology(connection: &Connection, settings: &HashMap<String,
             .exchange_delete(ShortString::from(dlx.as_str()), Default::default())
             .await;
     }
+}
+
+/// Publishes a persistent message to `queue` on a channel in confirm mode and waits for
+/// RabbitMQ's confirm.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    props: BasicProperties,
+) {
+    let confirm = channel
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(queue),
+            BasicPublishOptions::default(),
+            body,
+            props.with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "publish to {queue} was not confirmed");
 }
 
 pub async fn consume(connection: &Connection, queue: &str) -> Consumer {
