@@ -128,7 +128,7 @@ fn start_node(node: &Node) -> Result<(), String> {
     Ok(())
 }
 
-/// Waits until the node listens, then until it has booted completely.
+/// Waits until the node listens for clients: the last step of its boot.
 fn await_node(node: &Node) -> Result<(), String> {
     let deadline = Instant::now() + NODE_START;
     while !port_open(node.port) {
@@ -142,7 +142,7 @@ fn await_node(node: &Node) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    ctl(&node.name, &["await_startup", "--timeout", "120"])
+    Ok(())
 }
 
 impl Cluster {
@@ -183,10 +183,10 @@ impl Cluster {
         }
         let first = cluster.nodes[0].name.clone();
         for node in &cluster.nodes[1..] {
+            // start_app returns once the node is running again, as a member of the cluster.
             let joined = ctl(&node.name, &["stop_app"])
                 .and_then(|()| ctl(&node.name, &["join_cluster", &first]))
-                .and_then(|()| ctl(&node.name, &["start_app"]))
-                .and_then(|()| ctl(&node.name, &["await_startup", "--timeout", "120"]));
+                .and_then(|()| ctl(&node.name, &["start_app"]));
             if let Err(e) = joined {
                 panic!("joining {} to {first}: {e}", node.name);
             }
@@ -213,13 +213,17 @@ impl Cluster {
             .expect("node stopped");
     }
 
-    /// Closes every client connection to node `i`, as a node under maintenance does.
+    /// Closes every client connection to node `i`, and only to it (`rabbitmqctl
+    /// close_all_connections` closes the whole cluster's), as a node under maintenance does.
     pub async fn close_connections(&self, i: usize) {
         let name = self.nodes[i].name.clone();
         tokio::task::spawn_blocking(move || {
             ctl(
                 &name,
-                &["close_all_connections", "test: connections closed"],
+                &[
+                    "eval",
+                    r#"rabbit_networking:close_connections(rabbit_networking:connections_local(), "test: connections closed")."#,
+                ],
             )
         })
         .await

@@ -392,14 +392,20 @@ const CHAOS_EVERY: Duration = Duration::from_millis(50);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_chaos_on_a_three_node_cluster() {
+    let booting = Instant::now();
     let cluster = Cluster::start(3).await;
+    println!(
+        "fleet chaos: three-node cluster up in {:?}",
+        booting.elapsed()
+    );
     let mut env = TestEnv::new(|s| {
         fleet_settings(s);
         s.insert(config::WORKER_CONCURRENCY.into(), "16".into());
     })
     .await;
+    // About seven jobs in each worker's hands at any time.
     env.fake
-        .push_fault(FaultRule::every(Fault::Latency { ms: 200 }));
+        .push_fault(FaultRule::every(Fault::Latency { ms: 1000 }));
     // The workers reach Postgres through a proxy the test can cut; the test itself does not.
     let db = Proxy::start(target_of(&env.db_url)).await;
     let proxied_db = through(&env.db_url, &db);
@@ -437,35 +443,61 @@ async fn fleet_chaos_on_a_three_node_cluster() {
     let at = |s: u64| tokio::time::sleep_until(start + Duration::from_secs(s));
     at(3).await;
     let killed = w1.id;
-    let (status, _) = w1.process.kill9().await;
+    let (status, killed_log) = w1.process.kill9().await;
     assert!(!status.success());
-    let w1b = fleet.worker(&on(1)).await;
+    // The replacement comes from the next deploy, which beats less often: each worker is
+    // judged by its own interval, not by the reader's.
+    let w1b = {
+        let [(amqp, nodes)] = on(1);
+        let heartbeat = (config::WORKER_HEARTBEAT_MS, "2000".to_owned());
+        fleet.worker(&[(amqp, nodes), heartbeat]).await
+    };
     at(6).await;
     w0.process.sigterm();
     let w0b = fleet.worker(&on(0)).await;
     at(9).await;
-    cluster.close_connections(1).await;
-    at(12).await;
     cluster.stop_node(2).await;
-    at(15).await;
+    at(12).await;
     db.cut();
-    at(25).await;
+    // While the database is away, the workers on node 1 lose their deliveries: other workers
+    // get them back with claims whose owners could not beat for ten seconds, yet are alive.
+    at(16).await;
+    cluster.close_connections(1).await;
+    at(22).await;
     db.restore();
     stream.await.expect("every job published");
 
     let results = fleet.collect(&ids, 1, PATIENCE).await;
+    let w0_id = w0.id;
     let (w0_status, w0_log) = w0.process.exited().await;
-    let mut logs = vec![w0_log];
-    for w in [w0b, w1b, w2] {
-        let (status, log) = w.process.terminate().await;
-        assert!(status.success(), "a live worker stops cleanly:\n{log}");
-        logs.push(log);
-    }
     assert!(
         w0_status.success(),
-        "the SIGTERMed worker drained and exited cleanly:\n{}",
-        logs[0]
+        "the SIGTERMed worker drained and exited cleanly:\n{w0_log}"
     );
+    // Every worker's whole log, to explain a failure below.
+    let mut logs = vec![
+        (format!("killed {killed}"), killed_log),
+        (format!("SIGTERMed {w0_id}"), w0_log),
+    ];
+    for (label, w) in [
+        ("replacement of the SIGTERMed", w0b),
+        ("replacement of the killed", w1b),
+        ("third", w2),
+    ] {
+        let (status, log) = w.process.terminate().await;
+        assert!(status.success(), "a live worker stops cleanly:\n{log}");
+        logs.push((format!("{label} {}", w.id), log));
+    }
+    let about = |job: &str| -> String {
+        logs.iter()
+            .flat_map(|(worker, log)| {
+                log.lines()
+                    .filter(move |l| l.contains(job))
+                    .map(move |l| format!("  [{worker}] {l}"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
 
     let rows = fleet.rows().await;
     let (lost, inconsistent) = lost_and_inconsistent(&ids, &results);
@@ -492,14 +524,27 @@ async fn fleet_chaos_on_a_three_node_cluster() {
         neither.is_empty(),
         "jobs neither sent nor unknown: {neither:?}"
     );
-    let wrongly_unknown: Vec<String> = rows
+    let wrongly_unknown: Vec<(&String, &Row)> = rows
         .iter()
         .filter(|(_, r)| r.status == "unknown" && r.claimed_by != Some(killed))
-        .map(|(id, r)| format!("{id}: claimed by {:?}", r.claimed_by))
+        .collect();
+    let explained: Vec<String> = wrongly_unknown
+        .iter()
+        .take(3)
+        .map(|(id, r)| {
+            format!(
+                "{id}: claimed by {:?}, {} send(s) at the fake; the workers' log about it:\n{}",
+                r.claimed_by,
+                fleet.env.fake.sends_for(id),
+                about(id)
+            )
+        })
         .collect();
     assert!(
         wrongly_unknown.is_empty(),
-        "unknown, but not in the hands of the killed worker {killed}: {wrongly_unknown:?}"
+        "{} job(s) unknown, but not in the hands of the killed worker {killed}; the first:\n{}",
+        wrongly_unknown.len(),
+        explained.join("\n")
     );
     let unsent: Vec<&String> = rows
         .iter()
