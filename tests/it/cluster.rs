@@ -5,8 +5,8 @@
 //! It needs what Debian's `rabbitmq-server` package installs: the `rabbitmq` user (the nodes
 //! run as it, with its Erlang cookie, the one `rabbitmqctl` uses) and
 //! `/usr/lib/rabbitmq/bin/rabbitmq-server`; and root, to run a process as that user.
-//! Node names start with [`NODE_PREFIX`] and folders with `$TMPDIR/smsw-it-`, so `.ci/run` can
-//! sweep what a killed run left behind.
+//! Nodes are named `smsw-it-<test pid>-…` and keep their files in `/tmp/<that name>`, so
+//! `.ci/run` can sweep what a killed run left behind.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 pub const NODE_PREFIX: &str = "smsw-it-";
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+/// Not `$TMPDIR`: the `rabbitmq` user must reach the folders, and `.ci/run` looks here.
+const BASE: &str = "/tmp";
 /// Starting a node takes about 6 s on an idle machine; much longer on a busy one.
 const NODE_START: Duration = Duration::from_secs(120);
 
@@ -167,7 +169,7 @@ impl Cluster {
                 name: format!("{run}-{i}@localhost"),
                 port: free_low_port(&mut taken),
                 dist_port: free_low_port(&mut taken),
-                dir: std::env::temp_dir().join(format!("{run}-{i}")),
+                dir: PathBuf::from(BASE).join(format!("{run}-{i}")),
             };
             // Pushed first, so the guard stops it even if starting fails half-way.
             cluster.nodes.push(node);
