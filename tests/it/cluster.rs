@@ -40,8 +40,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
 }
 
-/// Runs `rabbitmqctl -n <node> <args>`; Err with its output when it fails.
-fn ctl(node: &str, args: &[&str]) -> Result<(), String> {
+/// Runs `rabbitmqctl -n <node> <args>`; its output, or Err with it when it fails.
+fn ctl(node: &str, args: &[&str]) -> Result<String, String> {
     let out = Command::new("rabbitmqctl")
         .args(["-q", "-n", node])
         .args(args)
@@ -49,7 +49,7 @@ fn ctl(node: &str, args: &[&str]) -> Result<(), String> {
         .output()
         .map_err(|e| format!("rabbitmqctl: {e}"))?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!(
             "rabbitmqctl -n {node} {}: {}{}",
@@ -187,8 +187,8 @@ impl Cluster {
         for node in &cluster.nodes[1..] {
             // start_app returns once the node is running again, as a member of the cluster.
             let joined = ctl(&node.name, &["stop_app"])
-                .and_then(|()| ctl(&node.name, &["join_cluster", &first]))
-                .and_then(|()| ctl(&node.name, &["start_app"]));
+                .and_then(|_| ctl(&node.name, &["join_cluster", &first]))
+                .and_then(|_| ctl(&node.name, &["start_app"]));
             if let Err(e) = joined {
                 panic!("joining {} to {first}: {e}", node.name);
             }
@@ -203,6 +203,27 @@ impl Cluster {
             .map(|i| self.nodes[(first + i) % self.nodes.len()].url())
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    /// The nodes holding a replica of quorum queue `queue`, as node 0 sees them.
+    pub async fn queue_members(&self, queue: &str) -> Vec<String> {
+        let name = self.nodes[0].name.clone();
+        let json = tokio::task::spawn_blocking(move || {
+            ctl(
+                &name,
+                &["list_queues", "name", "members", "--formatter", "json"],
+            )
+        })
+        .await
+        .expect("rabbitmqctl did not panic")
+        .expect("list queues");
+        let queues: Vec<serde_json::Value> = serde_json::from_str(&json).expect("JSON queue list");
+        let members = queues
+            .iter()
+            .find(|q| q["name"] == queue)
+            .map(|q| q["members"].clone())
+            .unwrap_or_default();
+        serde_json::from_value(members).unwrap_or_default()
     }
 
     /// `rabbitmqctl stop`: the node goes away as a crashed or upgraded one would, and the

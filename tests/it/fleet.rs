@@ -20,10 +20,10 @@ use uuid::Uuid;
 
 use crate::cluster::Cluster;
 use crate::helpers::{
-    PATIENCE, TestEnv, amqp_url, consume, delete_topology, drop_database, publish_confirmed,
-    send_job, unique_id,
+    PATIENCE, TestEnv, amqp_url, consume, delete_topology, drop_database, free_addr,
+    publish_confirmed, send_job, unique_id,
 };
-use crate::process::WorkerProcess;
+use crate::process::{WorkerProcess, run_to_end};
 use crate::proxy::{Proxy, target_of, through};
 
 /// A worker process and the id it claims jobs under (`sms_jobs.claimed_by`).
@@ -412,6 +412,11 @@ async fn fleet_chaos_on_a_three_node_cluster() {
     env.settings.insert(config::DATABASE_URL.into(), proxied_db);
     // The test's link, and so its queues, are on node 0, which stays up throughout.
     let mut fleet = Fleet::new(env, &cluster.nodes[0].url()).await;
+    let mut members = cluster.queue_members(&fleet.jobs_queue).await;
+    members.sort();
+    let mut names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    names.sort();
+    assert_eq!(members, names, "the jobs queue is replicated on every node");
     // Each worker lists the nodes from a different one, so they sit on different nodes.
     let on = |node: usize| [(config::AMQP_URL, cluster.urls_from(node))];
     let w0 = fleet.worker(&on(0)).await;
@@ -639,6 +644,62 @@ async fn a_worker_moves_round_the_node_list_when_its_node_is_lost() {
             .collect::<Vec<_>>(),
         [Status::Sent]
     );
+    let (status, log) = worker.terminate().await;
+    assert!(status.success(), "{log}");
+    fleet.remove().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_takes_the_node_list_and_skips_a_dead_node() {
+    // Nothing listens on the first node of the list.
+    let dead = format!("amqp://guest:guest@{}/%2f", free_addr());
+    let list = format!("{dead},{}", amqp_url());
+    let env = TestEnv::new(|s| {
+        fleet_settings(s);
+        s.insert(config::AMQP_URL.into(), list.clone());
+    })
+    .await;
+    let fleet = Fleet::new(env, &amqp_url()).await;
+    let worker = fleet.worker(&[]).await.process;
+    let settings = fleet.env.settings.clone();
+    let envs = || settings.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+
+    let (code, stdout, stderr) = run_to_end(envs(), &["check-config"]).await;
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("(node 2 of 2)"),
+        "check-config names the node that answered: {stdout}"
+    );
+    let job = send_job(&unique_id("list"));
+    let (code, stdout, stderr) =
+        run_to_end(envs(), &["enqueue", "json", &job.to_string(), "--wait"]).await;
+    assert_eq!(
+        code, 0,
+        "enqueue --wait through the list:\n{stdout}\n{stderr}"
+    );
+    let (code, stdout, stderr) = run_to_end(envs(), &["dead-letters", "list"]).await;
+    assert_eq!(
+        code, 0,
+        "dead-letters through the list:\n{stdout}\n{stderr}"
+    );
+
+    // A malformed entry stops a command at start, named, with no password shown.
+    let bad = format!("{},amqp//guest:s3cret@rabbit-2:5672", amqp_url());
+    let (code, _, stderr) = run_to_end(
+        [(config::AMQP_URL, bad.as_str())],
+        &["enqueue", "json", "{}"],
+    )
+    .await;
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains(config::AMQP_URL) && stderr.contains("node 2 of 2"),
+        "the error names the variable and the entry: {stderr}"
+    );
+    assert!(
+        !stderr.contains("s3cret"),
+        "a password was printed: {stderr}"
+    );
+
     let (status, log) = worker.terminate().await;
     assert!(status.success(), "{log}");
     fleet.remove().await;
