@@ -36,11 +36,14 @@ struct Worker {
 /// (publishing jobs, reading results) and to Postgres, neither through any proxy.
 struct Fleet {
     env: TestEnv,
-    connection: Connection,
+    /// Held open: the publisher and the results consumer are its channels.
+    _connection: Connection,
     publisher: Channel,
     results: Consumer,
     pool: PgPool,
     jobs_queue: String,
+    /// The node the test's own link goes to.
+    amqp: String,
 }
 
 /// One `sms_jobs` row as these tests judge it.
@@ -74,11 +77,12 @@ impl Fleet {
         let pool = PgPool::connect(&env.db_url).await.expect("connect test db");
         Self {
             env,
-            connection,
+            _connection: connection,
             publisher,
             results,
             pool,
             jobs_queue: queues.jobs,
+            amqp: amqp.to_owned(),
         }
     }
 
@@ -153,13 +157,32 @@ impl Fleet {
             .map(|(id, status, claimed_by)| (id, Row { status, claimed_by }))
             .collect()
     }
+}
 
-    /// Removes the queues and the database. Workers must be stopped first.
-    async fn remove(self) {
-        delete_topology(&self.connection, &self.env.settings).await;
-        let _ = self.connection.close(200, ShortString::from("done")).await;
-        self.pool.close().await;
-        drop_database(&self.env.db_name).await;
+impl Drop for Fleet {
+    /// Removes the queues and the database, when a test fails too: several of these tests fail
+    /// until the fleet defects are fixed, and must not leave their leftovers behind meanwhile.
+    /// The test's workers, declared after the fleet, are gone by now.
+    fn drop(&mut self) {
+        let amqp = self.amqp.clone();
+        let settings = self.env.settings.clone();
+        let db_name = self.env.db_name.clone();
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for the clean-up");
+            runtime.block_on(async {
+                if let Ok(connection) =
+                    Connection::connect(&amqp, ConnectionProperties::default()).await
+                {
+                    delete_topology(&connection, &settings).await;
+                    let _ = connection.close(200, ShortString::from("done")).await;
+                }
+                drop_database(&db_name).await;
+            });
+        });
+        let _ = cleanup.join();
     }
 }
 
@@ -313,7 +336,6 @@ async fn two_and_three_workers_send_each_job_once() {
         let (status, log) = w.process.terminate().await;
         assert!(status.success(), "worker stops cleanly:\n{log}");
     }
-    fleet.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,7 +405,6 @@ async fn a_draining_worker_keeps_its_claim() {
     );
     let (b_status, b_log) = b.process.terminate().await;
     assert!(b_status.success(), "{b_log}");
-    fleet.remove().await;
 }
 
 /// Jobs of the chaos test, published at a steady rate for the whole of the chaos.
@@ -577,7 +598,8 @@ async fn fleet_chaos_on_a_three_node_cluster() {
         "results that are not the row: {disagree:?}"
     );
 
-    fleet.remove().await;
+    // The fleet cleans up through node 0: before the cluster goes.
+    drop(fleet);
     drop(cluster);
 }
 
@@ -646,7 +668,6 @@ async fn a_worker_moves_round_the_node_list_when_its_node_is_lost() {
     );
     let (status, log) = worker.terminate().await;
     assert!(status.success(), "{log}");
-    fleet.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,5 +723,4 @@ async fn every_command_takes_the_node_list_and_skips_a_dead_node() {
 
     let (status, log) = worker.terminate().await;
     assert!(status.success(), "{log}");
-    fleet.remove().await;
 }
