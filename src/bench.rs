@@ -18,10 +18,11 @@ use lapin::options::{
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use serde_json::json;
 use sqlx::Connection as _;
 
+use crate::amqp_nodes::AmqpNodes;
 use crate::config;
 use crate::fake_aliyun::{FakeAliyun, FakeConfig};
 
@@ -39,6 +40,11 @@ pub struct BenchOptions {
 
 fn short(s: &str) -> ShortString {
     ShortString::from(s)
+}
+
+/// The bench's own connections go to the nodes `AMQP_URL` lists, like the worker's.
+fn nodes(amqp_url: &str) -> anyhow::Result<AmqpNodes> {
+    AmqpNodes::parse(amqp_url).map_err(|e| anyhow::anyhow!("AMQP_URL is malformed: {e}"))
 }
 
 async fn channel(connection: &Connection) -> anyhow::Result<Channel> {
@@ -392,11 +398,10 @@ impl Backlog {
         tag: &str,
     ) -> anyhow::Result<Self> {
         let queues = config::Config::from_map(env)?.queues;
-        let connection =
-            Connection::connect(&opts.amqp_url, ConnectionProperties::default()).await?;
+        let nodes = nodes(&opts.amqp_url)?;
+        let connection = nodes.connect("bench", 0).await?.connection;
         let ch = channel(&connection).await?;
-        let broker =
-            crate::broker::Broker::connect(&opts.amqp_url, "bench", queues.clone()).await?;
+        let broker = crate::broker::Broker::connect(&nodes, 0, "bench", queues.clone()).await?;
         broker.declare_topology().await?;
         let ids: Vec<String> = (0..opts.jobs).map(|i| format!("{tag}-{i}")).collect();
         for chunk in ids.chunks(1000) {
@@ -440,7 +445,7 @@ async fn verify(db_url: &str, fake: &FakeAliyun, total: usize) -> anyhow::Result
 
 /// Deletes every queue and exchange a run named after `tag`.
 async fn remove_queues(amqp_url: &str, tag: &str) -> anyhow::Result<()> {
-    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+    let connection = nodes(amqp_url)?.connect("bench", 0).await?.connection;
     for suffix in [
         "jobs",
         "results",

@@ -6,8 +6,9 @@ use lapin::options::{
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, MAX_SHORT_STRING_LENGTH, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, Consumer};
 
+use crate::amqp_nodes::{AmqpNodes, ConnectError, Connected};
 use crate::config::{QueueConfig, QueueType};
 use crate::store::ReplyRoute;
 use crate::wire::JobResult;
@@ -25,6 +26,8 @@ pub enum BrokerError {
     Amqp(#[from] lapin::Error),
     #[error("RabbitMQ refused to take the message (publisher nack)")]
     Nacked,
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
 }
 
 /// Whether a confirmed publish reached a queue.
@@ -41,6 +44,8 @@ pub struct Broker {
     consume: Channel,
     publish: Channel,
     queues: QueueConfig,
+    /// Which of the configured nodes this connection went to.
+    node: usize,
 }
 
 /// `s` as an AMQP short string, cut at a character boundary past 255 bytes. lapin's own
@@ -59,13 +64,15 @@ fn long(s: &str) -> AMQPValue {
 }
 
 impl Broker {
-    pub async fn connect(url: &str, name: &str, queues: QueueConfig) -> Result<Self, BrokerError> {
-        crate::tls::install_crypto_provider();
-        let connection = Connection::connect(
-            url,
-            ConnectionProperties::default().with_connection_name(name.into()),
-        )
-        .await?;
+    /// Connects to the first of `nodes` that answers, trying them from `start` (see
+    /// [`AmqpNodes::connect`]).
+    pub async fn connect(
+        nodes: &AmqpNodes,
+        start: usize,
+        name: &str,
+        queues: QueueConfig,
+    ) -> Result<Self, BrokerError> {
+        let Connected { connection, node } = nodes.connect(name, start).await?;
         let consume = connection.create_channel().await?;
         let publish = connection.create_channel().await?;
         publish
@@ -76,7 +83,13 @@ impl Broker {
             consume,
             publish,
             queues,
+            node,
         })
+    }
+
+    /// The index in the node list of the node this broker is connected to.
+    pub fn node(&self) -> usize {
+        self.node
     }
 
     /// Declares the queues and the dead-letter exchange. Idempotent; run on every (re)connect

@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Connection, ConnectionProperties};
 use sqlx::{Connection as _, PgConnection};
 
 use crate::aliyun::outcome;
 use crate::aliyun::{AliyunClient, CallError, Product};
-use crate::config::{ALIBABA_CLOUD_ACCESS_KEY_ID, ALIBABA_CLOUD_ACCESS_KEY_SECRET, Config};
+use crate::config::{
+    ALIBABA_CLOUD_ACCESS_KEY_ID, ALIBABA_CLOUD_ACCESS_KEY_SECRET, Config, host_of,
+};
 use crate::store::china_time;
 
 /// Longest any one check may take: an unreachable host must not hang the command.
@@ -109,16 +110,6 @@ fn key_id_hint(id: &str) -> String {
     }
 }
 
-/// `scheme://user:password@host:port/path` → `host:port`.
-fn host_of(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split(['/', '?']).next().unwrap_or_default();
-    authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host)
-        .to_owned()
-}
-
 async fn within<T>(what: &str, f: impl Future<Output = Result<T, String>>) -> Result<T, String> {
     tokio::time::timeout(CHECK_TIMEOUT, f)
         .await
@@ -128,16 +119,18 @@ async fn within<T>(what: &str, f: impl Future<Output = Result<T, String>>) -> Re
 async fn rabbitmq(config: &Config) -> Check {
     const NAME: &str = "rabbitmq";
     crate::tls::install_crypto_provider();
-    let host = host_of(config.amqp_url.expose());
+    let nodes = &config.amqp_nodes;
     let queue = config.queues.jobs.clone();
-    let result = within(&format!("RabbitMQ at {host}"), async {
-        let connection = Connection::connect(
-            config.amqp_url.expose(),
-            ConnectionProperties::default()
-                .with_connection_name("aliyun-sms-worker check-config".into()),
-        )
-        .await
-        .map_err(|e| format!("cannot connect to {host}: {e}"))?;
+    let result = within(&format!("RabbitMQ at {nodes}"), async {
+        let connected = nodes
+            .connect("aliyun-sms-worker check-config", 0)
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let connection = connected.connection;
+        let host = match nodes.len() {
+            1 => nodes.host(connected.node).to_owned(),
+            n => format!("{} (node {} of {n})", nodes.host(connected.node), connected.node + 1),
+        };
         let declared = async {
             let channel = connection.create_channel().await?;
             let declared = channel
@@ -338,19 +331,6 @@ async fn aliyun(config: &Config) -> Check {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hosts_lose_their_credentials() {
-        assert_eq!(
-            host_of("amqp://guest:s3cret@rabbit:5672/%2f"),
-            "rabbit:5672"
-        );
-        assert_eq!(
-            host_of("postgres://u:p@db.internal:5432/sms?sslmode=require"),
-            "db.internal:5432"
-        );
-        assert_eq!(host_of("postgres://localhost/sms"), "localhost");
-    }
 
     #[tokio::test]
     async fn a_missing_variable_is_named_and_the_rest_skipped() {

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+pub use crate::amqp_nodes::AmqpNodes;
+
 /// A value that must never reach a log line or an error message.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -171,7 +173,7 @@ pub struct FleetConfig {
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub amqp_url: Secret,
+    pub amqp_nodes: AmqpNodes,
     pub database_url: Secret,
     pub database_max_connections: u32,
     pub queues: QueueConfig,
@@ -206,14 +208,14 @@ macro_rules! settings {
 }
 
 settings! {
-    AMQP_URL = "AMQP_URL", Some("amqp://guest:guest@127.0.0.1:5672/%2f"), "RabbitMQ connection URL (amqps:// for TLS)";
+    AMQP_URL = "AMQP_URL", Some("amqp://guest:guest@127.0.0.1:5672/%2f"), "RabbitMQ connection URL (amqps:// for TLS), or a cluster's node URLs separated by commas: the first that answers is used, the next one when it is lost";
     DATABASE_URL = "DATABASE_URL", Some("postgres://postgres@127.0.0.1:5432/postgres"), "Postgres connection URL";
     DATABASE_MAX_CONNECTIONS = "DATABASE_MAX_CONNECTIONS", Some("16"), "size of the Postgres connection pool";
     SMS_JOBS_QUEUE = "SMS_JOBS_QUEUE", Some("sms.jobs"), "queue the worker consumes jobs from";
     SMS_RESULTS_QUEUE = "SMS_RESULTS_QUEUE", Some("sms.results"), "queue results go to when a job has no reply_to";
     SMS_DEAD_LETTER_QUEUE = "SMS_DEAD_LETTER_QUEUE", Some("sms.jobs.dead"), "queue that receives invalid and poison jobs";
     SMS_DEAD_LETTER_EXCHANGE = "SMS_DEAD_LETTER_EXCHANGE", Some("sms.jobs.dlx"), "exchange that routes dead letters to SMS_DEAD_LETTER_QUEUE";
-    SMS_JOBS_QUEUE_TYPE = "SMS_JOBS_QUEUE_TYPE", Some("quorum"), "quorum | classic (quorum enforces the delivery limit)";
+    SMS_JOBS_QUEUE_TYPE = "SMS_JOBS_QUEUE_TYPE", Some("quorum"), "quorum | classic (quorum enforces the delivery limit and replicates the jobs over the cluster's nodes)";
     SMS_JOBS_DELIVERY_LIMIT = "SMS_JOBS_DELIVERY_LIMIT", Some("5"), "redeliveries before a message is dead-lettered (quorum queues)";
     ALIBABA_CLOUD_ACCESS_KEY_ID = "ALIBABA_CLOUD_ACCESS_KEY_ID", None, "AccessKey ID (required; `run --sandbox` generates one)";
     ALIBABA_CLOUD_ACCESS_KEY_SECRET = "ALIBABA_CLOUD_ACCESS_KEY_SECRET", None, "AccessKey secret (required; never printed)";
@@ -311,6 +313,14 @@ impl Reader<'_> {
         Ok(value)
     }
 
+    /// `AMQP_URL`: one node's URL or several, comma-separated.
+    fn amqp_nodes(&self) -> Result<AmqpNodes, ConfigError> {
+        AmqpNodes::parse(&self.string(AMQP_URL)?).map_err(|reason| ConfigError::Malformed {
+            name: AMQP_URL,
+            reason,
+        })
+    }
+
     fn queue_name(&self, name: &'static str) -> Result<String, ConfigError> {
         let value = self.string(name)?;
         if value.len() > 255 || value.starts_with("amq.") {
@@ -352,6 +362,17 @@ impl Reader<'_> {
     }
 }
 
+/// `scheme://user:password@host:port/path` → `host:port`: how a URL is shown in logs and
+/// errors, since its user info may hold a password.
+pub fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host)
+        .to_owned()
+}
+
 /// Reads the process environment, after loading `.env` if there is one.
 pub fn env_lookup(name: &str) -> Option<String> {
     static DOTENV: std::sync::Once = std::sync::Once::new();
@@ -365,7 +386,7 @@ pub fn env_lookup(name: &str) -> Option<String> {
 /// What a program that only publishes jobs needs (no Aliyun credentials).
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
-    pub amqp_url: Secret,
+    pub amqp_nodes: AmqpNodes,
     pub jobs_queue: String,
 }
 
@@ -386,7 +407,7 @@ impl ClientSettings {
     pub fn from_lookup(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let r = Reader { lookup };
         Ok(Self {
-            amqp_url: Secret::new(r.url(AMQP_URL, &["amqp", "amqps"])?),
+            amqp_nodes: r.amqp_nodes()?,
             jobs_queue: r.queue_name(SMS_JOBS_QUEUE)?,
         })
     }
@@ -427,7 +448,7 @@ impl Config {
             });
         }
         Ok(Self {
-            amqp_url: Secret::new(r.url(AMQP_URL, &["amqp", "amqps"])?),
+            amqp_nodes: r.amqp_nodes()?,
             database_url: Secret::new(r.url(DATABASE_URL, &["postgres", "postgresql"])?),
             database_max_connections: r.number(DATABASE_MAX_CONNECTIONS, 1, 1000)?,
             queues: QueueConfig {
@@ -609,6 +630,49 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn amqp_url_takes_a_node_list_and_names_a_bad_entry_without_its_password() {
+        let mut pairs = CREDS.to_vec();
+        pairs.push((
+            AMQP_URL,
+            "amqp://u:pw1@rabbit-1:5672/%2f, amqp://u:pw1@rabbit-2:5672/%2f,amqp://u:pw1@rabbit-3:5672/%2f",
+        ));
+        let c = with(&pairs).unwrap();
+        assert_eq!(c.amqp_nodes.len(), 3);
+        assert!(!format!("{c:?}").contains("pw1"));
+        pairs.pop();
+        pairs.push((AMQP_URL, "amqp://u:pw1@rabbit-1:5672/%2f,rabbit-2:5672"));
+        let err = with(&pairs).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Malformed { name: AMQP_URL, .. }),
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("node 2 of 2"), "{text}");
+        assert!(!text.contains("pw1"), "{text}");
+    }
+
+    #[test]
+    fn the_jobs_queue_is_a_quorum_queue_unless_told_otherwise() {
+        assert_eq!(
+            with(&CREDS).unwrap().queues.jobs_queue_type,
+            QueueType::Quorum
+        );
+    }
+
+    #[test]
+    fn host_of_keeps_only_host_and_port() {
+        assert_eq!(
+            host_of("amqp://guest:s3cret@rabbit:5672/%2f"),
+            "rabbit:5672"
+        );
+        assert_eq!(
+            host_of("postgres://u:p@db.internal:5432/sms?sslmode=require"),
+            "db.internal:5432"
+        );
+        assert_eq!(host_of("postgres://localhost/sms"), "localhost");
     }
 
     #[test]

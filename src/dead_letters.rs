@@ -16,10 +16,11 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::amqp_nodes::{AmqpNodes, ConnectError};
 use crate::broker::{HEADER_INVALID_CODE, HEADER_INVALID_REASON};
 use crate::phone;
 
@@ -30,6 +31,8 @@ const PREVIEW_CHARS: usize = 120;
 pub enum DeadLetterError {
     #[error("RabbitMQ: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("queue {0:?} does not exist")]
     NoSuchQueue(String),
     #[error(
@@ -98,17 +101,14 @@ fn short(s: &str) -> ShortString {
 
 impl DeadLetters {
     pub async fn connect(
-        amqp_url: &str,
+        nodes: &AmqpNodes,
         dead_letter_queue: &str,
         jobs_queue: &str,
     ) -> Result<Self, DeadLetterError> {
-        crate::tls::install_crypto_provider();
-        let connection = Connection::connect(
-            amqp_url,
-            ConnectionProperties::default()
-                .with_connection_name("aliyun-sms-worker dead-letters".into()),
-        )
-        .await?;
+        let connection = nodes
+            .connect("aliyun-sms-worker dead-letters", 0)
+            .await?
+            .connection;
         Ok(Self {
             connection,
             dead_letter_queue: dead_letter_queue.to_owned(),

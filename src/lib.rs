@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod aliyun;
+pub mod amqp_nodes;
 pub mod bench;
 pub mod broker;
 pub mod check_config;

@@ -411,7 +411,7 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<ExitCode> {
     }
     let settings = ClientSettings::from_lookup(&config::env_lookup)?;
     let queue = config::dead_letter_queue(&config::env_lookup)?;
-    let dlq = DeadLetters::connect(settings.amqp_url.expose(), &queue, &settings.jobs_queue)
+    let dlq = DeadLetters::connect(&settings.amqp_nodes, &queue, &settings.jobs_queue)
         .await
         .context("connecting to RabbitMQ")?;
     let outcome = match command {
@@ -637,7 +637,7 @@ async fn enqueue(mut job: serde_json::Value, delivery: Delivery) -> anyhow::Resu
     };
     job["id"] = json!(id);
     let body = serde_json::to_vec(&job)?;
-    let client = SmsClient::connect(settings.amqp_url.expose(), &settings.jobs_queue).await?;
+    let client = SmsClient::connect_nodes(&settings.amqp_nodes, &settings.jobs_queue).await?;
     let code = if delivery.wait {
         let result = client
             .request(&body, &id, Duration::from_secs(delivery.timeout_secs))

@@ -6,8 +6,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
+use crate::amqp_nodes::{AmqpNodes, ConnectError};
 use crate::broker::{DIRECT_REPLY_TO, short};
 use crate::wire::JobResult;
 
@@ -15,6 +16,10 @@ use crate::wire::JobResult;
 pub enum ClientError {
     #[error("RabbitMQ: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error("AMQP_URL is malformed: {0}")]
+    BadUrl(String),
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
     #[error("queue {0:?} does not exist: start the worker once so it declares its queues")]
     NoSuchQueue(String),
     #[error("RabbitMQ refused the job (publisher nack)")]
@@ -33,13 +38,18 @@ pub struct SmsClient {
 }
 
 impl SmsClient {
+    /// `amqp_url` is what `AMQP_URL` holds: one node's URL, or a cluster's, comma-separated
+    /// (the first that answers is used).
     pub async fn connect(amqp_url: &str, jobs_queue: &str) -> Result<Self, ClientError> {
-        crate::tls::install_crypto_provider();
-        let connection = Connection::connect(
-            amqp_url,
-            ConnectionProperties::default().with_connection_name("aliyun-sms-worker client".into()),
-        )
-        .await?;
+        let nodes = AmqpNodes::parse(amqp_url).map_err(ClientError::BadUrl)?;
+        Self::connect_nodes(&nodes, jobs_queue).await
+    }
+
+    pub async fn connect_nodes(nodes: &AmqpNodes, jobs_queue: &str) -> Result<Self, ClientError> {
+        let connection = nodes
+            .connect("aliyun-sms-worker client", 0)
+            .await?
+            .connection;
         Ok(Self {
             connection,
             jobs_queue: jobs_queue.to_owned(),

@@ -167,9 +167,12 @@ pub async fn run(
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut reconnect = reconnect_backoff();
     let mut last_broker: Option<Broker> = None;
+    // Where the next connect starts: the node after the one last connected to, so a lost node
+    // is tried last, not first, when the worker reconnects.
+    let mut next_node = 0;
 
     'connect: while !*shutdown.borrow() {
-        let broker = match open(&config, &options, &tag).await {
+        let broker = match open(&config, &options, &tag, next_node).await {
             Ok(pair) => pair,
             Err(e) => {
                 let wait = reconnect.next().unwrap_or(Duration::from_secs(10));
@@ -181,12 +184,13 @@ pub async fn run(
             }
         };
         let (broker, mut consumer) = broker;
+        next_node = broker.node() + 1;
         // One reference count per job instead of a copy of the broker's channels and names.
         let shared = Arc::new(broker.clone());
         reconnect = reconnect_backoff();
         let _ = broker_tx.send(Some(broker.clone()));
         let _ = ready.send(true);
-        tracing::info!(queue = %config.queues.jobs, concurrency = config.concurrency, "consuming jobs");
+        tracing::info!(queue = %config.queues.jobs, concurrency = config.concurrency, node = %config.amqp_nodes.host(broker.node()), "consuming jobs");
         last_broker = Some(broker.clone());
         loop {
             tokio::select! {
@@ -255,9 +259,11 @@ async fn open(
     config: &Config,
     options: &RunOptions,
     tag: &str,
+    start_node: usize,
 ) -> Result<(Broker, lapin::Consumer), crate::broker::BrokerError> {
     let broker = Broker::connect(
-        config.amqp_url.expose(),
+        &config.amqp_nodes,
+        start_node,
         &options.name,
         config.queues.clone(),
     )

@@ -98,6 +98,10 @@ impl WorkerProcess {
         tokio::time::timeout(PATIENCE, scan).await.unwrap_or(false)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("worker still running")
+    }
+
     fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("worker still running");
         let status = std::process::Command::new("kill")
@@ -110,6 +114,16 @@ impl WorkerProcess {
     /// SIGTERM, then the exit status and the rest of the log.
     pub async fn terminate(mut self) -> (ExitStatus, String) {
         self.signal("-TERM");
+        self.finish().await
+    }
+
+    /// SIGTERM without waiting: the worker drains while the test goes on; see [`Self::exited`].
+    pub fn sigterm(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Waits for the process to exit by itself: its status and its whole log.
+    pub async fn exited(mut self) -> (ExitStatus, String) {
         self.finish().await
     }
 
