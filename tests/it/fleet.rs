@@ -94,8 +94,9 @@ impl Fleet {
         }
         let process = WorkerProcess::start(&["run"], &settings).await;
         // A worker beats (names itself in sms_workers) before it consumes.
-        let name = format!("aliyun-sms-worker@{}", process.pid());
-        let (id,): (Uuid,) = sqlx::query_as("SELECT id FROM sms_workers WHERE name = $1")
+        // Named `aliyun-sms-worker@<host>:<pid>`.
+        let name = format!("aliyun-sms-worker@%:{}", process.pid());
+        let (id,): (Uuid,) = sqlx::query_as("SELECT id FROM sms_workers WHERE name LIKE $1")
             .bind(&name)
             .fetch_one(&self.pool)
             .await
