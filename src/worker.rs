@@ -68,7 +68,9 @@ pub async fn run(
         store.migrate().await?;
     }
     let metrics = Arc::new(Metrics::default());
-    let aliyun = AliyunClient::new(config.aliyun.clone())?.with_metrics(metrics.clone());
+    let aliyun = AliyunClient::new(config.aliyun.clone())?
+        .with_metrics(metrics.clone())
+        .with_schedule(store.rate_schedule());
     let (broker_tx, broker_rx) = watch::channel::<Option<Broker>>(None);
     let receipts = config.receipts.enabled.then(|| {
         let poller = Receipts::new(

@@ -181,6 +181,7 @@ macro_rules! bind_attempts {
 mod batch;
 use batch::ClaimReq;
 mod deliveries;
+mod rate;
 mod reports;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
 pub use reports::{JobDetail, JobFilter, MinuteCount, Stats};
