@@ -10,6 +10,7 @@ mod compose;
 mod dead_letters;
 mod dysmsapi;
 mod examples;
+mod fleet_rate;
 mod helpers;
 mod invalid;
 mod json_logs;
