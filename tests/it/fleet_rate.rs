@@ -5,18 +5,21 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use aliyun_sms_worker::aliyun::rate::Pacer;
 use aliyun_sms_worker::config;
 use aliyun_sms_worker::fake_aliyun::FakeConfig;
+use aliyun_sms_worker::store::Store;
 use chrono::{DateTime, Utc};
 use lapin::types::ShortString;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    PATIENCE, TestEnv, amqp_url, consume, delete_topology, drop_database, next_from, publish_jobs,
-    send_job, unique_id, unique_phone,
+    PATIENCE, TestEnv, amqp_url, consume, create_database, delete_topology, drop_database,
+    next_from, publish_jobs, send_job, unique_id, unique_phone,
 };
 use crate::process::WorkerProcess;
+use crate::proxy::{Proxy, target_of, through};
 
 const WORKERS: usize = 3;
 
@@ -226,4 +229,81 @@ async fn three_workers_share_one_receipts_qps_limit() {
         "the fleet polled only {rate:.1} of {LIMIT} queries/s with a backlog of due receipts"
     );
     fleet.stop().await;
+}
+
+/// The schedule in Postgres, without workers: three stores (three pools, as three processes
+/// have) pace one action together, then the database link is cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_schedule_spaces_every_store_and_fails_closed_without_the_database() {
+    const LIMIT: usize = 50;
+    let (db_name, db_url) = create_database().await;
+    let proxy = Proxy::start(target_of(&db_url)).await;
+    let url = through(&db_url, &proxy);
+    let patience = Duration::from_secs(2);
+    let mut pacers = Vec::new();
+    for _ in 0..WORKERS {
+        let store = Store::connect(&url, 4).await.expect("connect");
+        store.migrate().await.expect("migrate");
+        let limit = u32::try_from(LIMIT).expect("small");
+        pacers.push(std::sync::Arc::new(Pacer::new(
+            store.rate_schedule(),
+            limit,
+            patience,
+        )));
+    }
+    let run_for = Duration::from_secs(3);
+    let started = tokio::time::Instant::now();
+    let mut callers = Vec::new();
+    for pacer in &pacers {
+        for _ in 0..8 {
+            let pacer = pacer.clone();
+            callers.push(tokio::spawn(async move {
+                let mut at = Vec::new();
+                while started.elapsed() < run_for {
+                    pacer.pace("SendSms").await.expect("a slot");
+                    at.push(Utc::now());
+                }
+                at
+            }));
+        }
+    }
+    let mut at = Vec::new();
+    for caller in callers {
+        at.extend(caller.await.expect("caller"));
+    }
+    at.sort();
+    let (busiest, rate) = (busiest_second(&at), rate(&at));
+    println!(
+        "shared schedule: calls={} busiest_second={busiest} rate={rate:.1}/s",
+        at.len()
+    );
+    assert!(
+        busiest <= LIMIT,
+        "{busiest} slots in one second, limit {LIMIT}"
+    );
+    assert!(
+        rate >= 0.8 * LIMIT as f64,
+        "only {rate:.1} slots/s of {LIMIT}"
+    );
+
+    // No database: the call is refused after the patience, neither made unpaced nor held.
+    proxy.cut();
+    let cut_at = tokio::time::Instant::now();
+    let refused = tokio::time::timeout(PATIENCE, pacers[0].pace("SendSms"))
+        .await
+        .expect("pace gives up");
+    assert!(refused.is_err(), "a slot without the database: {refused:?}");
+    assert!(
+        cut_at.elapsed() <= patience + Duration::from_secs(1),
+        "gave up after {:?}",
+        cut_at.elapsed()
+    );
+    // And it paces again once the database is back.
+    proxy.restore();
+    tokio::time::timeout(PATIENCE, pacers[0].pace("SendSms"))
+        .await
+        .expect("pace answers")
+        .expect("a slot again");
+    drop(pacers);
+    drop_database(&db_name).await;
 }
