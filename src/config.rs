@@ -152,8 +152,8 @@ impl std::str::FromStr for NumberLimits {
 pub struct ReceiptsConfig {
     pub enabled: bool,
     pub poll_interval: Duration,
-    /// QuerySendDetails calls per second at most (Aliyun's budget is 5000/s per account,
-    /// shared with every other user of the account).
+    /// QuerySendDetails calls per second at most, for the fleet (Aliyun's budget is 5000/s per
+    /// account, shared with every other user of the account).
     pub max_qps: u32,
     /// How long an unknown send is looked up before it is declared never sent.
     pub reconcile_grace: Duration,
@@ -223,7 +223,7 @@ settings! {
     ALIYUN_DYPNSAPI_ENDPOINT = "ALIYUN_DYPNSAPI_ENDPOINT", Some("https://dypnsapi.aliyuncs.com"), "Dypnsapi endpoint (verification codes)";
     ALIYUN_DYSMSAPI_ENDPOINT = "ALIYUN_DYSMSAPI_ENDPOINT", Some("https://dysmsapi.aliyuncs.com"), "Dysmsapi endpoint (templated SMS)";
     ALIYUN_SIGNATURE_VERSION = "ALIYUN_SIGNATURE_VERSION", Some("v1"), "v1 (HMAC-SHA1 RPC signature) | v3 (ACS3-HMAC-SHA256)";
-    ALIYUN_MAX_QPS = "ALIYUN_MAX_QPS", Some("1000"), "calls per second per Aliyun action at most (a token bucket; bursts are spread out, not throttled by Aliyun)";
+    ALIYUN_MAX_QPS = "ALIYUN_MAX_QPS", Some("1000"), "calls per Aliyun action in any one-second window at most, across all workers sharing the database (bursts are spread out, not throttled by Aliyun)";
     HTTP_CONNECT_TIMEOUT_MS = "HTTP_CONNECT_TIMEOUT_MS", Some("3000"), "TCP+TLS connect timeout for Aliyun calls";
     HTTP_REQUEST_TIMEOUT_MS = "HTTP_REQUEST_TIMEOUT_MS", Some("10000"), "whole-request timeout for one Aliyun call";
     WORKER_CONCURRENCY = "WORKER_CONCURRENCY", Some("64"), "jobs in flight at once (also the AMQP prefetch)";
@@ -236,7 +236,7 @@ settings! {
     RETRY_MAX_ELAPSED_MS = "RETRY_MAX_ELAPSED_MS", Some("30000"), "no retry starts later than this after the first attempt";
     RECEIPTS_ENABLED = "RECEIPTS_ENABLED", Some("true"), "poll delivery receipts and reconcile unknown Dysmsapi sends";
     RECEIPTS_POLL_INTERVAL_MS = "RECEIPTS_POLL_INTERVAL_MS", Some("30000"), "how often due receipts are checked; a number still waiting is checked less and less often";
-    RECEIPTS_MAX_QPS = "RECEIPTS_MAX_QPS", Some("50"), "QuerySendDetails calls per second at most";
+    RECEIPTS_MAX_QPS = "RECEIPTS_MAX_QPS", Some("50"), "QuerySendDetails calls in any one-second window at most, across all workers sharing the database";
     RECONCILE_GRACE_MS = "RECONCILE_GRACE_MS", Some("300000"), "how long an unknown Dysmsapi send is looked up by OutId before it is declared never sent";
     SMS_RECEIPTS_QUEUE = "SMS_RECEIPTS_QUEUE", Some("sms.receipts"), "queue that receives a delivery event when a receipt turns final";
     RECEIPT_EVENTS_ENABLED = "RECEIPT_EVENTS_ENABLED", Some("true"), "publish delivery events to SMS_RECEIPTS_QUEUE";

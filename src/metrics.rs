@@ -168,7 +168,7 @@ impl Metrics {
         self.retries[action_index(action)].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A call waited `waited` for the per-action token bucket; no wait is not counted.
+    /// A call waited `waited` for its rate-limit slot; no wait is not counted.
     pub fn rate_limit_wait(&self, action: &str, waited: Duration) {
         if waited.is_zero() {
             return;
@@ -262,14 +262,14 @@ impl Metrics {
         per_action(
             &mut out,
             "sms_rate_limit_waits_total",
-            "Aliyun calls that waited for the per-action token bucket (ALIYUN_MAX_QPS).",
+            "Aliyun calls that waited for their slot under the rate limit (ALIYUN_MAX_QPS, RECEIPTS_MAX_QPS).",
             &self.rate_waits,
             |n| n.to_string(),
         );
         per_action(
             &mut out,
             "sms_rate_limit_wait_seconds_total",
-            "Time Aliyun calls spent waiting for the per-action token bucket.",
+            "Time Aliyun calls spent waiting for their slot under the rate limit.",
             &self.rate_wait_nanos,
             |nanos| seconds(nanos as f64 / 1e9),
         );

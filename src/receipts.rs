@@ -7,8 +7,9 @@
 //!   and the backend gets a second result; not found within the grace period, it was never
 //!   sent and ends `failed` (`NOT_SENT`). Nothing is resent.
 //!
-//! Calls are paced to `RECEIPTS_MAX_QPS`, since QuerySendDetails shares Aliyun's per-account
-//! budget with every other user of the account.
+//! Calls are paced to `RECEIPTS_MAX_QPS` across the fleet (the client's schedule, with a lower
+//! limit for QuerySendDetails), since QuerySendDetails shares Aliyun's per-account budget with
+//! every other user of the account.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use tokio::time::{Interval, MissedTickBehavior};
+use tokio::time::MissedTickBehavior;
 
 use crate::aliyun::{AliyunClient, Answer, Effect, Product, Verdict, classify};
 use crate::broker::Broker;
@@ -30,6 +31,7 @@ use crate::store::{DeliveryRow, ReceiptUpdate, ReconcileRow, Store, StoreError, 
 const BATCH: i64 = 200;
 /// Aliyun keeps send details for 30 days.
 const DETAILS_KEPT_DAYS: i64 = 30;
+const QUERY_SEND_DETAILS: &str = "QuerySendDetails";
 /// QuerySendDetails' largest page.
 const PAGE_SIZE: usize = 50;
 /// Pages looked through for one OutId (a number rarely gets more than a few sends a day).
@@ -93,7 +95,6 @@ pub struct Receipts {
     /// second results happen once per fleet.
     leader: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
-    pace: Interval,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,9 +112,8 @@ impl Receipts {
         leader: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let per_call = Duration::from_secs_f64(1.0 / f64::from(config.receipts.max_qps.max(1)));
-        let mut pace = tokio::time::interval(per_call);
-        pace.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Only the poller calls QuerySendDetails, so the action's limit is the poller's.
+        let aliyun = aliyun.with_action_limit(QUERY_SEND_DETAILS, config.receipts.max_qps);
         Self {
             config,
             store,
@@ -121,7 +121,6 @@ impl Receipts {
             broker,
             leader,
             metrics,
-            pace,
         }
     }
 
@@ -130,17 +129,25 @@ impl Receipts {
         let mut tick = tokio::time::interval(self.config.receipts.poll_interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            // A round can take longer than a drain: the fleet shares RECEIPTS_MAX_QPS. Stopping
+            // mid-round is safe: the queries are idempotent, every write is whole, and rows
+            // left unchecked are claimed under a lease and come back to the fleet.
+            let round = async {
+                tick.tick().await;
+                let leading = *self.leader.borrow();
+                if !leading {
+                    return Ok(());
+                }
+                self.round().await
+            };
             tokio::select! {
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
                         return;
                     }
                 }
-                _ = tick.tick() => {
-                    if !*self.leader.borrow() {
-                        continue;
-                    }
-                    if let Err(e) = self.round().await {
+                result = round => {
+                    if let Err(e) = result {
                         tracing::warn!(error = %e, "receipt round failed; trying again next round");
                     }
                 }
@@ -170,7 +177,6 @@ impl Receipts {
         biz_id: Option<&str>,
         page: usize,
     ) -> Option<Answer> {
-        self.pace.tick().await;
         let mut params = vec![
             ("PhoneNumber", phone.to_owned()),
             ("SendDate", date.format("%Y%m%d").to_string()),
@@ -182,7 +188,7 @@ impl Receipts {
         }
         let result = self
             .aliyun
-            .call(Product::Dysmsapi, "QuerySendDetails", &params, &[])
+            .call(Product::Dysmsapi, QUERY_SEND_DETAILS, &params, &[])
             .await;
         match (classify(Effect::Idempotent, &result), result) {
             (Verdict::Success, Ok(answer)) => Some(answer),

@@ -78,7 +78,9 @@ pub async fn run(
     }
     let metrics = Arc::new(Metrics::default());
     let supervisor = Supervisor::new(metrics.clone());
-    let aliyun = AliyunClient::new(config.aliyun.clone())?.with_metrics(metrics.clone());
+    let aliyun = AliyunClient::new(config.aliyun.clone())?
+        .with_metrics(metrics.clone())
+        .with_schedule(store.rate_schedule());
     let (broker_tx, broker_rx) = watch::channel::<Option<Broker>>(None);
     let (leader_tx, leader_rx) = watch::channel(false);
     let health = DbHealth::new(store.clone());

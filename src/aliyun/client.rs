@@ -10,7 +10,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use super::outcome::codes;
-use super::rate::RateLimiter;
+use super::rate::{LocalSchedule, PaceError, Pacer, Schedule};
 use super::sign;
 use crate::config::{AliyunConfig, SignatureVersion};
 use crate::metrics::Metrics;
@@ -40,6 +40,9 @@ pub enum CallError {
     Broken(String),
     #[error("Aliyun answered HTTP {0} with more than {MAX_RESPONSE_BYTES} bytes")]
     TooLarge(u16),
+    /// No slot could be had from the rate-limit schedule: the request was never made.
+    #[error("not sent: {0}")]
+    NotPaced(#[from] PaceError),
 }
 
 impl CallError {
@@ -50,6 +53,7 @@ impl CallError {
             CallError::Timeout(_) => codes::TIMEOUT,
             CallError::Broken(_) => codes::CONNECTION_BROKEN,
             CallError::TooLarge(_) => codes::RESPONSE_TOO_LARGE,
+            CallError::NotPaced(_) => codes::NOT_PACED,
         }
     }
 }
@@ -147,7 +151,7 @@ fn drop_nul(v: &mut Value) {
 pub struct AliyunClient {
     http: reqwest::Client,
     config: AliyunConfig,
-    limiter: std::sync::Arc<RateLimiter>,
+    pacer: std::sync::Arc<Pacer>,
     metrics: std::sync::Arc<Metrics>,
 }
 
@@ -165,7 +169,12 @@ impl AliyunClient {
             .build()?;
         Ok(Self {
             http,
-            limiter: std::sync::Arc::new(RateLimiter::new(config.max_qps)),
+            // This process's own schedule until `with_schedule` gives the fleet's.
+            pacer: std::sync::Arc::new(Pacer::new(
+                std::sync::Arc::new(LocalSchedule::default()),
+                config.max_qps,
+                config.http.request_timeout,
+            )),
             metrics: std::sync::Arc::default(),
             config,
         })
@@ -177,6 +186,24 @@ impl AliyunClient {
         self
     }
 
+    /// Takes the call slots from `schedule` (the fleet's, shared through the database) instead
+    /// of this process's own. An unreachable schedule is waited for as long as an answer from
+    /// Aliyun would be (`HTTP_REQUEST_TIMEOUT_MS`); then the call fails unsent.
+    pub fn with_schedule(mut self, schedule: std::sync::Arc<dyn Schedule>) -> Self {
+        self.pacer = std::sync::Arc::new(Pacer::new(
+            schedule,
+            self.config.max_qps,
+            self.config.http.request_timeout,
+        ));
+        self
+    }
+
+    /// Holds `action` to `per_second` calls at most, if that is below `ALIYUN_MAX_QPS`.
+    pub fn with_action_limit(mut self, action: &str, per_second: u32) -> Self {
+        self.pacer = std::sync::Arc::new(self.pacer.with_limit(action, per_second));
+        self
+    }
+
     fn endpoint(&self, product: Product) -> &str {
         match product {
             Product::Dypnsapi => &self.config.dypnsapi_endpoint,
@@ -184,8 +211,7 @@ impl AliyunClient {
         }
     }
 
-    /// Signs and sends one call: POST, parameters in the query and `form` (if any) as an
-    /// url-encoded body, as Aliyun's SDKs do.
+    /// [`Self::pace`], then [`Self::send`].
     pub async fn call(
         &self,
         product: Product,
@@ -193,8 +219,28 @@ impl AliyunClient {
         params: &[(&'static str, String)],
         form: &[(&'static str, String)],
     ) -> Result<Answer, CallError> {
-        let waited = self.limiter.acquire(action).await;
+        self.pace(action).await?;
+        self.send(product, action, params, form).await
+    }
+
+    /// Waits for a slot of `action` under the rate limit; says how long that took. Send right
+    /// after it: a slot used late is a slot the limit did not plan for. Dropping the future
+    /// only loses its slot.
+    pub async fn pace(&self, action: &str) -> Result<Duration, PaceError> {
+        let waited = self.pacer.pace(action).await?;
         self.metrics.rate_limit_wait(action, waited);
+        Ok(waited)
+    }
+
+    /// Signs and sends one call, unpaced (see [`Self::pace`]): POST, parameters in the query
+    /// and `form` (if any) as an url-encoded body, as Aliyun's SDKs do.
+    pub async fn send(
+        &self,
+        product: Product,
+        action: &str,
+        params: &[(&'static str, String)],
+        form: &[(&'static str, String)],
+    ) -> Result<Answer, CallError> {
         let endpoint = self.endpoint(product).trim_end_matches('/');
         let owned = |p: &[(&'static str, String)]| -> Vec<(String, String)> {
             p.iter()

@@ -54,6 +54,7 @@ pub mod codes {
     pub const CONNECTION_BROKEN: &str = "ALIYUN_CONNECTION_BROKEN";
     pub const RESPONSE_TOO_LARGE: &str = "ALIYUN_RESPONSE_TOO_LARGE";
     pub const BAD_RESPONSE: &str = "ALIYUN_BAD_RESPONSE";
+    pub const NOT_PACED: &str = "RATE_LIMIT_UNAVAILABLE";
 }
 
 /// The gateway did not accept the AccessKey, the signature or the STS token (every
@@ -131,6 +132,7 @@ const WELL_KNOWN: &[&str] = &[
     codes::CONNECTION_BROKEN,
     codes::RESPONSE_TOO_LARGE,
     codes::BAD_RESPONSE,
+    codes::NOT_PACED,
 ];
 
 /// The canonical spelling of a code this module knows, for use as a bounded metric label;
@@ -166,6 +168,9 @@ pub fn meaning(code: &str) -> &'static str {
         _ if upper.starts_with("INVALIDACCESSKEYID") => "unknown or disabled AccessKey ID",
         _ if upper == "ALIYUN_TIMEOUT" => "no answer in time; the send may have happened",
         _ if upper == "ALIYUN_UNREACHABLE" => "could not connect to Aliyun",
+        _ if upper == "RATE_LIMIT_UNAVAILABLE" => {
+            "the fleet's rate-limit schedule (Postgres) did not answer; not sent"
+        }
         _ if upper == "WORKER_INTERRUPTED" => "a worker died mid-call; not repeated",
         _ if upper == "NOT_SENT" => "answer lost, and Aliyun confirmed it never sent it",
         _ if upper == "LOCAL_NUMBER_LIMIT" => "refused by the local per-number limit",
@@ -212,7 +217,7 @@ pub fn classify(effect: Effect, result: &Result<Answer, CallError>) -> Verdict {
         Effect::Idempotent => Verdict::Retry,
     };
     let answer = match result {
-        Err(CallError::NotSent(_)) => return Verdict::Retry,
+        Err(CallError::NotSent(_) | CallError::NotPaced(_)) => return Verdict::Retry,
         Err(CallError::Timeout(_) | CallError::Broken(_) | CallError::TooLarge(_)) => {
             return maybe_executed;
         }

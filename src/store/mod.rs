@@ -265,6 +265,7 @@ use batch::ClaimReq;
 mod deliveries;
 mod fleet;
 mod leader;
+mod rate;
 mod reports;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
 pub use fleet::{Stale, Swept};

@@ -58,11 +58,10 @@ async fn check_config_reports_each_dependency_in_plain_words() {
     for check in ["config", "rabbitmq", "postgres", "aliyun"] {
         assert!(good.line(check).starts_with("ok "), "{}", good.stdout);
     }
+    let migrations = aliyun_sms_worker::store::MIGRATOR.iter().count();
     assert!(
-        good.line("postgres").contains(&format!(
-            "all {} migrations applied",
-            aliyun_sms_worker::store::MIGRATOR.iter().count()
-        )),
+        good.line("postgres")
+            .contains(&format!("all {migrations} migrations applied")),
         "{}",
         good.stdout
     );

@@ -500,3 +500,32 @@ pub async fn admin_get(addr: &str, path: &str) -> (u16, String) {
     let status = response.status().as_u16();
     (status, response.text().await.expect("body"))
 }
+
+/// Publishes `jobs` to `queue` (persistent) and waits until RabbitMQ confirmed every one.
+pub async fn publish_jobs(connection: &Connection, queue: &str, jobs: &[Value]) {
+    let publisher = connection.create_channel().await.expect("channel");
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut confirms = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let confirm = publisher
+            .basic_publish(
+                ShortString::from(""),
+                ShortString::from(queue),
+                BasicPublishOptions::default(),
+                &serde_json::to_vec(job).expect("json"),
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        confirms.push(confirm);
+    }
+    for confirm in futures_util::future::join_all(confirms).await {
+        assert!(
+            confirm.expect("confirmed").is_ack(),
+            "a job was not confirmed"
+        );
+    }
+}

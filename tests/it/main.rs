@@ -13,6 +13,7 @@ mod dead_letters;
 mod dysmsapi;
 mod examples;
 mod fleet;
+mod fleet_rate;
 mod helpers;
 mod invalid;
 mod json_logs;
