@@ -5,7 +5,10 @@
 -- the first request to Aliyun leaves. A stale claim without the stamp never reached Aliyun and
 -- is taken over and sent by another worker; only a stamped one may have reached Aliyun and
 -- ends `unknown`.
-ALTER TABLE sms_jobs ADD COLUMN called_at TIMESTAMPTZ;
+-- The default is for rows written by binaries older than this migration (during a rolling
+-- upgrade, and rows already `sending` now): they never stamp, so they count as called — never
+-- taken over and sent again. This binary writes NULL explicitly when it claims.
+ALTER TABLE sms_jobs ADD COLUMN called_at TIMESTAMPTZ DEFAULT now();
 
 -- The outbox: set once the job's (latest) result was confirmed by RabbitMQ. A final row without
 -- it is re-published by the fleet's sweeper, so no result is dropped when a reply queue is gone

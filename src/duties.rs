@@ -4,9 +4,11 @@
 //!   queue): a claim that may have reached Aliyun ends `unknown`, one that never did ends
 //!   `failed` (`ABANDONED`) after `ABANDONED_CLAIM_AFTER_MS`;
 //! - the result outbox: a final result that no queue confirmed (its worker died between the
-//!   commit and the publish, or the broker was away) is published again.
+//!   commit and the publish, or the broker was away) is published again;
+//! - the rows of workers dead for a day that hold no claims are forgotten.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -18,6 +20,10 @@ use crate::store::{Store, StoreError};
 
 /// Results re-published in one sweep at most.
 const OUTBOX_BATCH: i64 = 500;
+/// How long one re-published result may wait for RabbitMQ's confirm.
+const PUBLISH_PATIENCE: Duration = Duration::from_secs(10);
+/// How long the row of a worker that died (was never retired) is kept once it holds nothing.
+const DEAD_WORKER_KEPT: Duration = Duration::from_secs(86_400);
 
 pub struct Duties {
     pub config: Arc<Config>,
@@ -91,7 +97,32 @@ impl Duties {
             );
         }
         for row in rows {
-            publish_result(&self.store, &broker, &row.to_result()?, &row.route()).await?;
+            // One result that cannot go out (or a broker that stopped confirming) must not hold
+            // the others, nor this worker's other duties: it stays in the outbox for next time.
+            if !*self.leader.borrow() {
+                break;
+            }
+            let (result, route) = (row.to_result()?, row.route());
+            let publish = publish_result(&self.store, &broker, &result, &route);
+            match tokio::time::timeout(PUBLISH_PATIENCE, publish).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(job_id = %row.id, error = %e, "result not re-published; next sweep");
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "RabbitMQ did not confirm a re-published result in time; next sweep"
+                    );
+                    break;
+                }
+            }
+        }
+        let pruned = self.store.prune_dead_workers(DEAD_WORKER_KEPT).await?;
+        if pruned > 0 {
+            tracing::info!(
+                workers = pruned,
+                "forgot workers dead for a day with no claims left"
+            );
         }
         Ok(())
     }

@@ -32,6 +32,10 @@ use crate::store::{
 };
 use crate::wire::{self, Invalid, Job, JobKind, JobResult, JobType, Status};
 
+/// How late after its rate-limit slot a call may still leave (the schedule leaves a margin
+/// of 100 ms, of which the pacer itself may use 25).
+const SLOT_ALLOWANCE: Duration = Duration::from_millis(50);
+
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error(transparent)]
@@ -59,10 +63,12 @@ pub struct Pipeline {
     worker_id: Uuid,
     /// One lock per job id being handled here: two deliveries of one job in this process take
     /// turns, so while a task holds it, no other task of ours is claiming or calling that job.
-    local: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    local: LocalLocks,
     /// Jobs this process called Aliyun for but could not record the outcome of. Their claims
     /// are never continued; only the lease can end them (as `unknown`).
     unrecorded: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Of those, the ones whose task gave up recording: their leases are no longer renewed.
+    gave_up: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// The Aliyun call a job makes. Every job action is not idempotent: the three sends cost a
@@ -133,6 +139,7 @@ impl Pipeline {
             worker_id: Uuid::new_v4(),
             local: std::sync::Mutex::default(),
             unrecorded: std::sync::Mutex::default(),
+            gave_up: std::sync::Mutex::default(),
         }
     }
 
@@ -200,18 +207,22 @@ impl Pipeline {
         route: &ReplyRoute,
         invalid: Invalid,
     ) -> Result<(), PipelineError> {
-        if let Some(id) = &invalid.id {
-            self.store
-                .record_invalid(
-                    id,
-                    invalid.job_type.as_deref(),
-                    route,
-                    invalid.code,
-                    &invalid.message,
-                )
-                .await?;
-        }
-        self.answer_invalid(delivery, broker, route, invalid).await
+        let recorded = match &invalid.id {
+            Some(id) => {
+                self.store
+                    .record_invalid(
+                        id,
+                        invalid.job_type.as_deref(),
+                        route,
+                        invalid.code,
+                        &invalid.message,
+                    )
+                    .await?
+            }
+            None => None,
+        };
+        self.answer_invalid(delivery, broker, route, invalid, recorded)
+            .await
     }
 
     /// The database refused a value of this delivery (see [`ErrorClass::Data`]). Unless Aliyun
@@ -246,7 +257,10 @@ impl Pipeline {
         }
         tracing::warn!(error = %error, "the database refused a value of this message");
         let (route, _) = checked_route(delivery);
-        match self.answer_invalid(delivery, broker, &route, invalid).await {
+        match self
+            .answer_invalid(delivery, broker, &route, invalid, None)
+            .await
+        {
             Ok(()) => Disposition::Ack,
             Err(e) => {
                 tracing::warn!(error = %e, "job not answered; returning it to the queue");
@@ -266,13 +280,16 @@ impl Pipeline {
         }
     }
 
-    /// Dead-letters a refused delivery and publishes its `invalid` result.
+    /// Dead-letters a refused delivery and publishes its `invalid` result. `recorded` is when
+    /// its `invalid` row was written, if this delivery wrote one: only then is the outbox told
+    /// the result is out (a row of another job with this id keeps its own result).
     async fn answer_invalid(
         &self,
         delivery: &Delivery,
         broker: &Broker,
         route: &ReplyRoute,
         invalid: Invalid,
+        recorded: Option<DateTime<Utc>>,
     ) -> Result<(), PipelineError> {
         tracing::warn!(
             job_id = invalid.id.as_deref().unwrap_or(""),
@@ -300,10 +317,14 @@ impl Pipeline {
             biz_id: None,
             request_id: None,
             attempts: 0,
-            finished_at: Utc::now(),
+            finished_at: recorded.unwrap_or_else(Utc::now),
             verify_code: None,
         };
-        self.publish(broker, &result, route).await
+        if recorded.is_some() {
+            self.publish(broker, &result, route).await
+        } else {
+            deliver_result(broker, &result, route).await.map(|_| ())
+        }
     }
 
     async fn publish(
@@ -325,22 +346,18 @@ impl Pipeline {
         route: &ReplyRoute,
         published: Option<DateTime<Utc>>,
     ) -> Result<JobResult, StoreError> {
+        // Declared first, so it is dropped last, after our reference to the lock, whether the
+        // job ends or its task is aborted (the drain's deadline) or panics.
+        let _in_hand = InHand {
+            local: &self.local,
+            id: &job.id,
+        };
         let lock = {
             let mut local = lock_std(&self.local);
             local.entry(job.id.clone()).or_default().clone()
         };
-        let held = lock.lock().await;
-        let result = self.run_job_alone(job, route, published).await;
-        drop(held);
-        let mut local = lock_std(&self.local);
-        // Two references, the map's and ours: nobody else is waiting for this id.
-        if local
-            .get(&job.id)
-            .is_some_and(|l| Arc::strong_count(l) == 2)
-        {
-            local.remove(&job.id);
-        }
-        result
+        let _held = lock.lock().await;
+        self.run_job_alone(job, route, published).await
     }
 
     /// `run_job` with this job's local lock held.
@@ -419,7 +436,11 @@ impl Pipeline {
         if deadline.is_some_and(|d| d <= Utc::now()) {
             return self.expire(job).await.map(Some);
         }
-        self.call_aliyun(job, deadline).await
+        let result = self.call_aliyun(job, deadline).await;
+        if result.is_err() && lock_std(&self.unrecorded).contains(&job.id) {
+            lock_std(&self.gave_up).insert(job.id.clone());
+        }
+        result
     }
 
     /// `expires_at` if the job has one; for code jobs, else, the maximum age from `since`: when
@@ -496,6 +517,8 @@ impl Pipeline {
         loop {
             match write().await {
                 Ok(v) => return Ok(v),
+                // Waiting does not change what the database refuses.
+                Err(e) if e.class() == ErrorClass::Data => return Err(e),
                 Err(e) if Instant::now() < give_up => {
                     tracing::warn!(error = %e, "could not record an Aliyun outcome; waiting for the database");
                     self.health.failed();
@@ -509,8 +532,16 @@ impl Pipeline {
 
     /// The ids of the jobs this process is handling right now; their claims are renewed with
     /// every heartbeat.
+    ///
+    /// A job whose outcome could not be recorded is not in hand any more, even while a later
+    /// delivery of it waits here: its lease must run out so that it ends `unknown`.
     pub fn jobs_in_hand(&self) -> Vec<String> {
-        lock_std(&self.local).keys().cloned().collect()
+        let gave_up = lock_std(&self.gave_up).clone();
+        lock_std(&self.local)
+            .keys()
+            .filter(|id| !gave_up.contains(*id))
+            .cloned()
+            .collect()
     }
 
     pub fn config(&self) -> &Config {
@@ -533,6 +564,25 @@ impl Pipeline {
         &self.store
     }
 
+    /// The fence before each call: the claim is stamped (and its lease renewed) only while this
+    /// worker still owns it, and nothing is sent otherwise. The stamp is committed before the
+    /// request leaves, so a worker that dies after it is never taken to have not called. It
+    /// comes after the rate-limit slot, so a job waiting for its turn is not taken to have
+    /// called; a stamp slow enough to make the slot late takes a fresh slot (in `call_aliyun`).
+    async fn stamp(&self, job: &Job, attempt: u32) -> Result<bool, StoreError> {
+        let stamp = || {
+            self.store
+                .stamp(&job.id, self.worker_id, self.config.job_lease())
+        };
+        if attempt == 1 {
+            stamp().await
+        } else {
+            // Earlier attempts were answered "not executed", but waiting out an outage here
+            // keeps the job rather than leaving it to be retried from scratch.
+            self.persist(stamp).await
+        }
+    }
+
     /// Calls Aliyun (with retries) for a job this worker owns, and records the outcome. `None`
     /// when the claim was lost before the first call: nothing was sent.
     async fn call_aliyun(
@@ -545,44 +595,53 @@ impl Pipeline {
         let first = Instant::now();
         let mut delays = backoff(policy);
         let mut attempt = 0u32;
+        let mut stamped = false;
         let (verdict, answer, last_attempt) = loop {
             attempt += 1;
-            // The fence: the claim is stamped (and its lease renewed) only while this worker
-            // still owns it, and nothing is sent otherwise. The stamp is committed before the
-            // request leaves, so a worker that dies after it is never taken to have not called.
-            let stamp = || {
-                self.store
-                    .stamp(&job.id, self.worker_id, self.config.job_lease())
-            };
-            let owned = if attempt == 1 {
-                stamp().await?
-            } else {
-                // Earlier attempts were answered "not executed", but waiting out an outage here
-                // keeps the job rather than leaving a called claim behind.
-                self.persist(stamp).await?
-            };
-            if !owned {
-                if attempt == 1 {
-                    return Ok(None);
-                }
-                // Ended by another worker between two attempts: its answer is the one to give.
-                tracing::warn!(
-                    attempt,
-                    "claim lost between two attempts; not calling again"
-                );
-                lock_std(&self.unrecorded).remove(&job.id);
-                return self.fetch(&job.id).await?.to_result().map(Some);
-            }
-            lock_std(&self.unrecorded).insert(job.id.clone());
             let started_at = Utc::now();
-            // Boxed, like the writes below: the HTTP exchange is the largest state a job goes
-            // through, and every job in flight would otherwise reserve room for it all along.
-            let result =
-                Box::pin(
-                    self.aliyun
-                        .call(plan.product, plan.action, &plan.params, &plan.form),
-                )
-                .await;
+            let result = match self.aliyun.pace(plan.action).await {
+                // No slot under the fleet's rate limit: nothing was sent, and the claim is not
+                // stamped; retried like a call that never left.
+                Err(e) => Err(CallError::from(e)),
+                Ok(_) => {
+                    let stamping = Instant::now();
+                    if !self.stamp(job, attempt).await? {
+                        if !stamped {
+                            // Taken over before we ever called: the new owner answers.
+                            return Ok(None);
+                        }
+                        // Ended by another worker between two attempts: its answer stands.
+                        tracing::warn!(
+                            attempt,
+                            "claim lost between two attempts; not calling again"
+                        );
+                        lock_std(&self.unrecorded).remove(&job.id);
+                        return self.fetch(&job.id).await?.to_result().map(Some);
+                    }
+                    stamped = true;
+                    lock_std(&self.unrecorded).insert(job.id.clone());
+                    let repaced = if stamping.elapsed() > SLOT_ALLOWANCE {
+                        self.aliyun.pace(plan.action).await.map(|_| ())
+                    } else {
+                        Ok(())
+                    };
+                    match repaced {
+                        Err(e) => Err(CallError::from(e)),
+                        // Boxed, like the writes below: the HTTP exchange is the largest state a job
+                        // goes through, and every job in flight would otherwise reserve room for it
+                        // all along.
+                        Ok(()) => {
+                            Box::pin(self.aliyun.send(
+                                plan.product,
+                                plan.action,
+                                &plan.params,
+                                &plan.form,
+                            ))
+                            .await
+                        }
+                    }
+                }
+            };
             let verdict = classify(Effect::NotIdempotent, &result);
             self.metrics.aliyun_call(plan.action, verdict.as_str());
             let (code, message) = describe(&result);
@@ -708,6 +767,28 @@ fn checked_route(delivery: &Delivery) -> (ReplyRoute, Option<Invalid>) {
         correlation_id: keep("correlation_id", asked.correlation_id),
     };
     (route, refusal)
+}
+
+type LocalLocks = std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+
+/// A job id this process is handling; its local lock is forgotten when the last task that
+/// wanted it is done.
+struct InHand<'a> {
+    local: &'a LocalLocks,
+    id: &'a str,
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        let mut local = lock_std(self.local);
+        // Only the map's reference is left: nobody else is waiting for this id.
+        if local
+            .get(self.id)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            local.remove(self.id);
+        }
+    }
 }
 
 fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

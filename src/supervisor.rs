@@ -15,6 +15,14 @@ use crate::metrics::Metrics;
 /// The first restart comes at once; a task that keeps failing is restarted at most this often.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[derive(Clone)]
 pub struct Supervisor {
     down: Arc<watch::Sender<BTreeSet<&'static str>>>,
@@ -50,7 +58,10 @@ impl Supervisor {
         tokio::spawn(async move {
             let mut backoff = Duration::ZERO;
             loop {
-                let ended = tokio::spawn(make()).await;
+                let task = tokio::spawn(make());
+                // Aborting the supervisor aborts the task too, instead of leaving it detached.
+                let _abort = AbortOnDrop(task.abort_handle());
+                let ended = task.await;
                 if *shutdown.borrow() {
                     return;
                 }

@@ -115,12 +115,23 @@ pub async fn run(
     let (beat_stop, beat_until) = watch::channel(false);
     let heartbeat = {
         let (pipeline, name, shutdown) = (pipeline.clone(), options.name.clone(), shutdown.clone());
-        let (leader_tx, metrics) = (Arc::new(leader_tx), metrics.clone());
+        let until = beat_until.clone();
         supervisor.spawn("heartbeat", beat_until, move || {
             beat(
                 pipeline.clone(),
                 name.clone(),
                 shutdown.clone(),
+                until.clone(),
+            )
+        })
+    };
+    let leadership = {
+        let (pipeline, stop) = (pipeline.clone(), shutdown.clone());
+        let (leader_tx, metrics) = (Arc::new(leader_tx), metrics.clone());
+        supervisor.spawn("leadership", shutdown.clone(), move || {
+            lead(
+                pipeline.clone(),
+                stop.clone(),
                 leader_tx.clone(),
                 metrics.clone(),
             )
@@ -242,8 +253,9 @@ pub async fn run(
         let _ = receipts.await;
     }
     let _ = duties.await;
+    let _ = leadership.await;
     beat_stop.send_replace(true);
-    heartbeat.abort();
+    let _ = heartbeat.await;
     if let Some(admin) = admin {
         admin.abort();
     }
@@ -322,28 +334,27 @@ async fn settle(pipeline: &Pipeline, broker: &Broker, delivery: lapin::message::
     }
 }
 
-/// Renews this worker's heartbeat, and checks the fleet leadership, until the task is stopped
-/// after the drain. At the shutdown signal it marks the worker as draining and gives up the
-/// leadership, but goes on beating: the jobs it still holds are its own until it exits. A failed
-/// beat is only logged: if the database stays away, others wait for it (see `store::fleet`).
+/// Renews this worker's heartbeat, and the leases of the claims it is working on, until it is
+/// told the drain is over (`until`). At the shutdown signal it marks the worker as draining but
+/// goes on beating: the jobs it still holds are its own until it exits. A failed beat is only
+/// logged: if the database stays away, others wait for it (see `store::fleet`). A beat never
+/// takes much longer than its interval, so beats keep their rhythm through an outage.
 async fn beat(
     pipeline: Arc<Pipeline>,
     name: String,
     mut shutdown: watch::Receiver<bool>,
-    leader: Arc<watch::Sender<bool>>,
-    metrics: Arc<Metrics>,
+    mut until: watch::Receiver<bool>,
 ) {
     let store = pipeline.store();
     let worker = pipeline.worker_id();
-    let every = pipeline.config().heartbeat;
-    let mut leadership = Leadership::new(store.pool().clone());
+    let config = pipeline.config();
+    let every = config.heartbeat;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping = *shutdown.borrow();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let config = pipeline.config();
                 let beat = async {
                     store.heartbeat(worker, &name, every).await?;
                     store
@@ -355,28 +366,54 @@ async fn beat(
                         )
                         .await
                 };
-                if let Err(e) = beat.await {
-                    tracing::warn!(error = %e, "heartbeat failed");
-                }
-                if !stopping {
-                    let leading = leadership.check().await;
-                    leader.send_replace(leading);
-                    metrics.set_leader(leading);
+                match tokio::time::timeout(every.max(Duration::from_millis(500)), beat).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat failed"),
+                    Err(_) => tracing::warn!("heartbeat timed out"),
                 }
             }
             changed = shutdown.changed(), if !stopping => {
                 if changed.is_err() || *shutdown.borrow() {
                     stopping = true;
-                    leadership.resign().await;
-                    leader.send_replace(false);
-                    metrics.set_leader(false);
                     if let Err(e) = store.stopping(worker).await {
                         tracing::warn!(error = %e, "could not mark this worker as draining");
                     }
                 }
             }
+            _ = async { let _ = until.wait_for(|done| *done).await; } => return,
         }
     }
+}
+
+/// Checks the fleet leadership every heartbeat interval until shutdown, when it gives the
+/// leadership up at once so a worker that stays takes the duties without waiting for this
+/// process to exit.
+async fn lead(
+    pipeline: Arc<Pipeline>,
+    mut shutdown: watch::Receiver<bool>,
+    leader: Arc<watch::Sender<bool>>,
+    metrics: Arc<Metrics>,
+) {
+    let mut leadership =
+        Leadership::new(pipeline.store().pool().clone(), pipeline.config().heartbeat);
+    let mut tick = tokio::time::interval(pipeline.config().heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        tokio::select! {
+            _ = tick.tick() => {
+                let leading = leadership.check().await;
+                leader.send_replace(leading);
+                metrics.set_leader(leading);
+            }
+            _ = shutdown.changed() => {}
+        }
+    }
+    leadership.resign().await;
+    leader.send_replace(false);
+    metrics.set_leader(false);
 }
 
 async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {

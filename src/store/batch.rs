@@ -119,6 +119,9 @@ async fn run_lane<Req, Resp, F, Fut>(
                 Err(_) => break,
             }
         }
+        // Rows are locked in id order, so two workers' batches over the same ids queue behind
+        // each other instead of deadlocking.
+        batch.sort_by(|a, b| a.0.key().cmp(b.0.key()));
         let pool = pool.clone();
         let execute = execute.clone();
         tokio::spawn(async move {
@@ -422,14 +425,15 @@ pub(super) async fn claim_together(
     let written: Vec<JobRow> = sqlx::query_as(concat!(
         "INSERT INTO sms_jobs (id, type, status, phone_number, params, out_id, reply_to,
                                correlation_id, claimed_by, lease_until, code, message,
-                               finished_at)
+                               finished_at, called_at)
          SELECT t_id, t_type,
                 CASE WHEN t_refusal IS NULL THEN 'sending' ELSE 'rate_limited' END,
                 t_phone, t_params::jsonb, t_out_id, t_reply_to, t_correlation, t_worker,
                 now() + make_interval(secs => t_lease::double precision / 1000),
                 CASE WHEN t_refusal IS NULL THEN NULL ELSE 'LOCAL_NUMBER_LIMIT' END,
                 t_refusal,
-                CASE WHEN t_refusal IS NULL THEN NULL ELSE now() END
+                CASE WHEN t_refusal IS NULL THEN NULL ELSE now() END,
+                NULL
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $7::text[], $8::uuid[], $9::bigint[], $10::text[])
               AS t(t_id, t_type, t_phone, t_params, t_out_id, t_reply_to, t_correlation,

@@ -18,7 +18,8 @@ use super::{JobRow, Store, StoreError, millis};
 ///
 /// The judge's own unbroken run matters after a database outage: then every heartbeat is old,
 /// and nobody is judged dead until its owner has had five beats' time to come back. A judge
-/// whose own heartbeat is stale (it has not beaten since the outage) judges no one.
+/// whose own last beat is more than two beats old (it has not beaten since the outage) judges
+/// no one.
 macro_rules! claim_is_stale {
     ($me:literal) => {
         concat!(
@@ -27,7 +28,7 @@ macro_rules! claim_is_stale {
                          WHERE o.id = sms_jobs.claimed_by AND judge.id = ",
             $me,
             "
-                           AND judge.heartbeat_at > now() - judge.heartbeat_ms * interval '5 milliseconds'
+                           AND judge.heartbeat_at > now() - judge.heartbeat_ms * interval '2 milliseconds'
                            AND judge.alive_since <= now() - o.heartbeat_ms * interval '5 milliseconds'
                            AND (o.heartbeat_at <= now() - o.heartbeat_ms * interval '5 milliseconds'
                                 OR sms_jobs.lease_until <= now())))"
@@ -70,7 +71,9 @@ macro_rules! interrupted_set {
 
 impl Store {
     /// Announces (or renews) this worker process and how often it beats. A beat after a gap of
-    /// more than five beats starts a new unbroken run (`alive_since`).
+    /// more than two beats starts a new unbroken run (`alive_since`): an outage too short to make
+    /// anyone stale still restarts every judge's count, so one just short of five beats cannot
+    /// make an owner whose next beat is a little late look dead.
     pub async fn heartbeat(
         &self,
         worker: Uuid,
@@ -82,7 +85,7 @@ impl Store {
              ON CONFLICT (id) DO UPDATE SET
                  alive_since = CASE
                      WHEN sms_workers.heartbeat_at
-                          <= now() - sms_workers.heartbeat_ms * interval '5 milliseconds'
+                          <= now() - sms_workers.heartbeat_ms * interval '2 milliseconds'
                      THEN now() ELSE sms_workers.alive_since END,
                  heartbeat_at = now(), heartbeat_ms = EXCLUDED.heartbeat_ms",
         )
@@ -121,6 +124,21 @@ impl Store {
         .execute(self.pool())
         .await?;
         Ok(())
+    }
+
+    /// Forgets workers that stopped beating `kept` ago and hold no claims (killed, never
+    /// retired). Says how many.
+    pub async fn prune_dead_workers(&self, kept: Duration) -> Result<u64, StoreError> {
+        Ok(sqlx::query(
+            "DELETE FROM sms_workers w
+             WHERE w.heartbeat_at < now() - make_interval(secs => $1::double precision / 1000)
+               AND NOT EXISTS (SELECT 1 FROM sms_jobs j
+                               WHERE j.status = 'sending' AND j.claimed_by = w.id)",
+        )
+        .bind(millis(kept))
+        .execute(self.pool())
+        .await?
+        .rows_affected())
     }
 
     /// This worker got SIGTERM: it takes no new jobs but still owns (and finishes) its claims.

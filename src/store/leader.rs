@@ -11,22 +11,27 @@ use std::time::Duration;
 
 use sqlx::{Connection, PgConnection, PgPool};
 
-/// The lock's key within the database ("smsw"); advisory locks are per database, so test
-/// databases on one server do not share a leader.
-const LOCK_KEY: i64 = 0x736d_7377;
+/// The lock's key within the database ("smsw", "lead"), in the two-part key space, which the
+/// single-key per-number locks (`hashtext`) cannot reach. Advisory locks are per database, so
+/// test databases on one server do not share a leader.
+const LOCK_KEY: (i32, i32) = (0x736d_7377, 0x6c65_6164);
 /// A check that takes longer than this counts as a lost connection.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Leadership {
     pool: PgPool,
+    /// How often the leader checks in; its session is ended by Postgres itself after a few
+    /// checks' silence, so a leader whose host vanished does not hold the lock for hours.
+    every: Duration,
     conn: Option<PgConnection>,
     leading: bool,
 }
 
 impl Leadership {
-    pub fn new(pool: PgPool) -> Self {
+    pub fn new(pool: PgPool, every: Duration) -> Self {
         Self {
             pool,
+            every,
             conn: None,
             leading: false,
         }
@@ -56,7 +61,18 @@ impl Leadership {
     async fn try_check(&mut self) -> Result<bool, sqlx::Error> {
         if self.conn.is_none() {
             let options = self.pool.connect_options();
-            self.conn = Some(PgConnection::connect_with(&options).await?);
+            let mut conn = PgConnection::connect_with(&options).await?;
+            let silence = i64::try_from((self.every * 5).max(Duration::from_secs(5)).as_millis())
+                .unwrap_or(i64::MAX);
+            // Postgres 14 and later; on older servers the lock waits for TCP to notice.
+            if let Err(e) = sqlx::query("SELECT set_config('idle_session_timeout', $1, false)")
+                .bind(silence.to_string())
+                .execute(&mut conn)
+                .await
+            {
+                tracing::debug!(error = %e, "idle_session_timeout not set on the leader's session");
+            }
+            self.conn = Some(conn);
         }
         let Some(conn) = self.conn.as_mut() else {
             return Ok(false);
@@ -67,8 +83,9 @@ impl Leadership {
                 .await
                 .map(|_| true)
         } else {
-            sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-                .bind(LOCK_KEY)
+            sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(LOCK_KEY.0)
+                .bind(LOCK_KEY.1)
                 .fetch_one(&mut *conn)
                 .await
         };

@@ -538,7 +538,8 @@ impl Store {
     }
 
     /// Records a message that failed validation, when it carried an id, so operators find it.
-    /// A real job already stored under that id is left alone.
+    /// A real job already stored under that id is left alone. Says when the row was written,
+    /// if it was.
     pub async fn record_invalid(
         &self,
         id: &str,
@@ -546,12 +547,13 @@ impl Store {
         route: &ReplyRoute,
         code: &str,
         message: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
+    ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        Ok(sqlx::query_scalar(
             "INSERT INTO sms_jobs (id, type, status, reply_to, correlation_id, code, message,
                                    finished_at)
              VALUES ($1, $2, 'invalid', $3, $4, $5, $6, now())
-             ON CONFLICT (id) DO NOTHING",
+             ON CONFLICT (id) DO NOTHING
+             RETURNING finished_at",
         )
         .bind(id)
         .bind(job_type.unwrap_or(""))
@@ -559,9 +561,8 @@ impl Store {
         .bind(&route.correlation_id)
         .bind(code)
         .bind(message)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .fetch_optional(&self.pool)
+        .await?)
     }
 }
 

@@ -446,3 +446,29 @@ async fn three_workers_publish_one_delivery_event_per_number() {
     delete_topology(&connection, &env.settings).await;
     drop_database(&env.db_name).await;
 }
+
+/// During a rolling upgrade, binaries from before the two-step claim still write `sending`
+/// rows without a stamp, even mid-call. Such a row counts as called: never taken over and sent
+/// again, but ended `unknown` once its owner is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_written_by_an_older_binary_is_never_sent_again() {
+    let app = TestApp::spawn().await;
+    let id = unique_id("oldbinary");
+    let job = send_job(&id);
+    // The INSERT of the previous release: no called_at column.
+    sqlx::query(
+        "INSERT INTO sms_jobs (id, type, status, phone_number, claimed_by, lease_until)
+         VALUES ($1, 'send_verify_code', 'sending', $2, gen_random_uuid(), now() - interval '1 second')",
+    )
+    .bind(&id)
+    .bind(job["phone_number"].as_str())
+    .execute(&app.pool)
+    .await
+    .expect("insert the old claim");
+    app.publish(&job).await;
+    let (result, _) = app.next_result().await;
+    assert_eq!(result.status, Status::Unknown, "{result:?}");
+    assert_eq!(result.code, "WORKER_INTERRUPTED");
+    assert_eq!(app.fake.calls_for(&id), 0, "never resent");
+    app.shutdown().await;
+}
