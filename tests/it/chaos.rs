@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use aliyun_sms_worker::config;
 use futures_util::StreamExt;
-use futures_util::future::join_all;
-use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use serde_json::Value;
 
 use crate::helpers::{
-    PATIENCE, TestEnv, amqp_url, consume, delete_topology, drop_database, send_job, unique_id,
+    PATIENCE, TestEnv, amqp_url, consume, delete_topology, drop_database, publish_jobs, send_job,
+    unique_id,
 };
 use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
@@ -52,28 +51,7 @@ async fn two_thousand_jobs_through_broker_cuts_and_kill_9s() {
         .iter()
         .map(|j| j["id"].as_str().unwrap_or_default().to_owned())
         .collect();
-    let publisher = connection.create_channel().await.expect("channel");
-    publisher
-        .confirm_select(Default::default())
-        .await
-        .expect("confirms");
-    let mut confirms = Vec::new();
-    for job in &jobs {
-        let confirm = publisher
-            .basic_publish(
-                ShortString::from(""),
-                ShortString::from(settings[config::SMS_JOBS_QUEUE].as_str()),
-                BasicPublishOptions::default(),
-                &serde_json::to_vec(job).expect("json"),
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .expect("publish");
-        confirms.push(confirm);
-    }
-    for confirm in join_all(confirms).await {
-        assert!(confirm.expect("confirmed").is_ack());
-    }
+    publish_jobs(&connection, &settings[config::SMS_JOBS_QUEUE], &jobs).await;
 
     // Every status each job was answered with. Results are read until every job has one, or
     // until none came for a while: then the jobs without one are lost.
