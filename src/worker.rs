@@ -249,7 +249,7 @@ pub async fn run(
     let _ = ready.send(false);
     drain(&mut tasks, config.shutdown_grace).await;
     if let Some(receipts) = receipts {
-        // It watches the same shutdown signal and stops between two calls.
+        // It watches the same shutdown signal and stops mid-round (every write of a round is whole).
         let _ = receipts.await;
     }
     let _ = duties.await;
