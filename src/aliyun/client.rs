@@ -11,10 +11,10 @@ use thiserror::Error;
 
 use super::outcome::codes;
 use super::rate::{LocalSchedule, PaceError, Pacer, Schedule};
+use super::redact;
 use super::sign;
 use crate::config::{AliyunConfig, SignatureVersion};
 use crate::metrics::Metrics;
-use crate::phone;
 
 pub const API_VERSION: &str = "2017-05-25";
 /// Aliyun answers are a few hundred bytes; anything far larger is an error page or an attack.
@@ -93,6 +93,17 @@ impl Answer {
             request_id: text(body.get("RequestId"))
                 .or_else(|| text(body.get("Model").and_then(|m| m.get("RequestId")))),
             body,
+        }
+    }
+
+    /// Hides every echo of the request (see [`redact::message`]) in what of the answer is
+    /// stored, published or logged, before it leaves the client.
+    fn redact(&mut self, sent: &[(&str, &str)]) {
+        if let Some(m) = self.message.as_mut() {
+            *m = redact::message(m, sent);
+        }
+        if let Some(Value::String(m)) = self.body.get_mut("Message") {
+            *m = redact::message(m, sent);
         }
     }
 
@@ -258,7 +269,20 @@ impl AliyunClient {
             Err(e) => e.code(),
         };
         self.metrics.aliyun_answer(action, started.elapsed(), code);
-        let answer = exchanged?;
+        let mut answer = exchanged?;
+        let sent: Vec<(&str, &str)> = params
+            .iter()
+            .chain(form)
+            .map(|(k, v)| (*k, v.as_str()))
+            .chain(
+                self.config
+                    .credentials
+                    .security_token
+                    .as_ref()
+                    .map(|t| ("SecurityToken", t.expose())),
+            )
+            .collect();
+        answer.redact(&sent);
         tracing::debug!(
             action,
             http_status = answer.http_status,
@@ -415,28 +439,18 @@ impl AliyunClient {
     }
 
     /// On a signature mismatch Aliyun returns its own string-to-sign; logging it beside ours
-    /// shows which parameter was encoded differently. Phone numbers, codes, template values and
-    /// tokens are masked in both; the secret is never part of a string-to-sign.
+    /// shows which parameter was encoded differently. Both are shown as [`redact`] allows (the
+    /// answer was redacted on arrival); the secret is never part of a string-to-sign.
     fn log_signature_mismatch(
         &self,
         action: &str,
         answer: &Answer,
         params: &[(&'static str, String)],
     ) {
-        let theirs = answer
-            .message
-            .as_deref()
-            .and_then(|m| m.split("server string to sign is:").nth(1))
-            .map(|s| redact_string_to_sign(s.trim()))
-            .unwrap_or_else(|| "(not given)".into());
-        let ours: Vec<String> = params
-            .iter()
-            .map(|(k, v)| format!("{k}={}", redact_value(k, v)))
-            .collect();
         tracing::error!(
             action,
-            aliyun_string_to_sign = %theirs,
-            our_api_params = %ours.join("&"),
+            aliyun_message = answer.message.as_deref().unwrap_or("(not given)"),
+            our_api_params = %redact::params(params),
             "Aliyun says SignatureDoesNotMatch: check ALIBABA_CLOUD_ACCESS_KEY_SECRET, then compare the two"
         );
     }
@@ -478,33 +492,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
-}
-
-/// Values of these parameters never reach a log.
-fn redact_value(name: &str, value: &str) -> String {
-    match name {
-        "PhoneNumber" | "PhoneNumbers" => value
-            .split(',')
-            .map(phone::mask)
-            .collect::<Vec<_>>()
-            .join(","),
-        "VerifyCode" | "TemplateParam" | "TemplateParamJson" | "PhoneNumberJson"
-        | "SecurityToken" => format!("<{} chars hidden>", value.chars().count()),
-        _ => value.to_owned(),
-    }
-}
-
-fn redact_string_to_sign(sts: &str) -> String {
-    match sign::v1_params_from_string_to_sign(sts) {
-        Some((method, params)) => {
-            let shown: Vec<String> = params
-                .iter()
-                .map(|(k, v)| format!("{k}={}", redact_value(k, v)))
-                .collect();
-            format!("{method} {}", shown.join("&"))
-        }
-        None => format!("<unparseable, {} chars>", sts.len()),
-    }
 }
 
 #[cfg(test)]
@@ -594,24 +581,5 @@ mod tests {
         for secret in ["13800138000", "482913", "sts-token-value", "Signature="] {
             assert!(!text.contains(secret), "{secret} leaked: {text}");
         }
-    }
-
-    #[test]
-    fn redaction_hides_numbers_codes_and_tokens() {
-        let sts = sign::v1_string_to_sign(
-            "POST",
-            &[
-                ("PhoneNumber".into(), "13800138000".into()),
-                ("VerifyCode".into(), "482913".into()),
-                ("SecurityToken".into(), "tok".into()),
-                ("SignName".into(), "x".into()),
-            ],
-        );
-        let shown = redact_string_to_sign(&sts);
-        assert!(!shown.contains("13800138000"), "{shown}");
-        assert!(!shown.contains("482913"), "{shown}");
-        assert!(!shown.contains("tok&"), "{shown}");
-        assert!(shown.contains("138****8000"), "{shown}");
-        assert!(shown.contains("SignName=x"), "{shown}");
     }
 }

@@ -3,6 +3,7 @@
 pub mod client;
 pub mod outcome;
 pub mod rate;
+pub mod redact;
 pub mod sign;
 
 pub use client::{AliyunClient, Answer, CallError, Product};

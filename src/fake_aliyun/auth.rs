@@ -235,3 +235,108 @@ pub fn verify_v3(
         params: query,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PHONE: &str = "13912345678";
+    const CODE: &str = "987654";
+
+    fn keys() -> Keys {
+        Keys {
+            access_key_id: "id".into(),
+            access_key_secret: "the-fakes-secret".into(),
+        }
+    }
+
+    fn now() -> String {
+        Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+    }
+
+    /// The worker's redaction is only tested if the fake echoes the request as Aliyun does.
+    fn assert_echoes_the_request(e: &GatewayError, echo_starts: &str) {
+        assert_eq!(e.code, "SignatureDoesNotMatch");
+        assert!(e.message.contains(echo_starts), "{}", e.message);
+        for value in [PHONE, CODE] {
+            assert!(
+                e.message.contains(value),
+                "{value} not echoed: {}",
+                e.message
+            );
+        }
+    }
+
+    #[test]
+    fn a_v1_signature_mismatch_echoes_the_string_to_sign() {
+        let mut params: Vec<(String, String)> = [
+            ("AccessKeyId", "id"),
+            ("Action", "CheckSmsVerifyCode"),
+            ("SignatureMethod", "HMAC-SHA1"),
+            ("SignatureNonce", "n1"),
+            ("SignatureVersion", "1.0"),
+            ("Version", crate::aliyun::client::API_VERSION),
+            ("PhoneNumber", PHONE),
+            ("VerifyCode", CODE),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        params.push(("Timestamp".into(), now()));
+        let sts = sign::v1_string_to_sign("POST", &params);
+        params.push(("Signature".into(), sign::v1_signature("wrong", &sts)));
+        let Err(e) = verify_v1(&keys(), &State::default(), "POST", params) else {
+            panic!("a wrong secret was accepted");
+        };
+        assert_echoes_the_request(&e, "server string to sign is:POST&%2F&");
+    }
+
+    #[test]
+    fn a_v3_signature_mismatch_echoes_the_canonical_request() {
+        let query = vec![
+            ("PhoneNumber".to_owned(), PHONE.to_owned()),
+            ("VerifyCode".to_owned(), CODE.to_owned()),
+        ];
+        let signed = vec![
+            ("host".to_owned(), "localhost".to_owned()),
+            ("x-acs-action".to_owned(), "CheckSmsVerifyCode".to_owned()),
+            ("x-acs-content-sha256".to_owned(), sign::sha256_hex(b"")),
+            ("x-acs-date".to_owned(), now()),
+            ("x-acs-signature-nonce".to_owned(), "n1".to_owned()),
+            ("x-acs-version".to_owned(), "2017-05-25".to_owned()),
+        ];
+        let (authorization, _) = sign::v3_authorization(
+            &sign::V3Request {
+                method: "POST",
+                pathname: "/",
+                query: &query,
+                headers: &signed,
+                body: b"",
+            },
+            "id",
+            "wrong",
+        );
+        let mut headers = HeaderMap::new();
+        for (name, value) in signed
+            .iter()
+            .chain([&("authorization".into(), authorization)])
+        {
+            headers.insert(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        let Err(e) = verify_v3(
+            &keys(),
+            &State::default(),
+            "POST",
+            "/",
+            &headers,
+            query,
+            b"",
+        ) else {
+            panic!("a wrong secret was accepted");
+        };
+        assert_echoes_the_request(&e, "server canonical request is:POST\n/\n");
+    }
+}

@@ -328,24 +328,11 @@ impl TestApp {
     }
 
     pub async fn job_row(&self, id: &str) -> Value {
-        let row: Option<(Value,)> =
-            sqlx::query_as("SELECT to_jsonb(j) FROM sms_jobs j WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await
-                .expect("query sms_jobs");
-        row.map(|r| r.0).unwrap_or(Value::Null)
+        job_row(&self.pool, id).await
     }
 
     pub async fn attempts(&self, id: &str) -> Vec<Value> {
-        let rows: Vec<(Value,)> = sqlx::query_as(
-            "SELECT to_jsonb(a) FROM sms_attempts a WHERE job_id = $1 ORDER BY attempt",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await
-        .expect("query sms_attempts");
-        rows.into_iter().map(|r| r.0).collect()
+        attempts(&self.pool, id).await
     }
 
     /// Stops the worker the way SIGTERM does, keeping its queues and database.
@@ -375,6 +362,27 @@ impl TestApp {
         self.pool.close().await;
         drop_database(&self.db_name).await;
     }
+}
+
+/// A job's `sms_jobs` row as JSON (null when there is none).
+pub async fn job_row(pool: &PgPool, id: &str) -> Value {
+    let row: Option<(Value,)> = sqlx::query_as("SELECT to_jsonb(j) FROM sms_jobs j WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+        .expect("query sms_jobs");
+    row.map(|r| r.0).unwrap_or(Value::Null)
+}
+
+/// A job's `sms_attempts` rows as JSON, in order.
+pub async fn attempts(pool: &PgPool, id: &str) -> Vec<Value> {
+    let rows: Vec<(Value,)> =
+        sqlx::query_as("SELECT to_jsonb(a) FROM sms_attempts a WHERE job_id = $1 ORDER BY attempt")
+            .bind(id)
+            .fetch_all(pool)
+            .await
+            .expect("query sms_attempts");
+    rows.into_iter().map(|r| r.0).collect()
 }
 
 /// Removes a test's queues and dead-letter exchange.

@@ -25,6 +25,7 @@ mod process;
 mod prometheus_text;
 mod proxy;
 mod readme;
+mod redaction;
 mod reliability;
 mod retention;
 mod send_verify_code;
