@@ -6,6 +6,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 
 use super::GatewayError;
 use super::state::State;
+use super::v3;
 use crate::aliyun::sign;
 
 const MAX_SKEW_SECS: i64 = 15 * 60;
@@ -156,7 +157,7 @@ pub fn verify_v1(
     Ok(Authorised { action, params })
 }
 
-/// Signature V3 (ACS3-HMAC-SHA256): `Authorization` header over the signed headers.
+/// Signature V3 (ACS3-HMAC-SHA256): `Authorization` header over the headers the client lists.
 pub fn verify_v3(
     keys: &Keys,
     state: &State,
@@ -174,27 +175,29 @@ pub fn verify_v3(
         )
     };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let authorization = header("authorization").ok_or_else(incomplete)?;
-    let rest = authorization
-        .strip_prefix(sign::V3_ALGORITHM)
-        .ok_or_else(incomplete)?
-        .trim();
-    let mut credential = None;
-    let mut signed_headers = None;
-    for part in rest.split(',') {
-        match part.trim().split_once('=') {
-            Some(("Credential", v)) => credential = Some(v),
-            Some(("SignedHeaders", v)) => signed_headers = Some(v),
-            _ => {}
-        }
+    let authorization = header("authorization")
+        .and_then(v3::parse_authorization)
+        .ok_or_else(incomplete)?;
+    // An unsigned `x-acs-*` or `host` could be changed in flight without breaking the signature.
+    let unsigned = headers
+        .keys()
+        .map(|name| name.as_str())
+        .find(|name| v3::must_be_signed(name) && !authorization.signed_headers.contains(name));
+    if let Some(name) = unsigned {
+        return Err(err(
+            StatusCode::BAD_REQUEST,
+            "IncompleteSignature",
+            format!(
+                "The request signature does not conform to Aliyun standards. Header {name} must be signed."
+            ),
+        ));
     }
-    let credential = credential.ok_or_else(incomplete)?;
-    let signed_headers = signed_headers.ok_or_else(incomplete)?;
-    check_key(keys, credential)?;
+    check_key(keys, authorization.credential)?;
     let action = header("x-acs-action").ok_or_else(incomplete)?.to_owned();
     let date = header("x-acs-date").ok_or_else(incomplete)?;
     let nonce = header("x-acs-signature-nonce").ok_or_else(incomplete)?;
-    if header("x-acs-content-sha256") != Some(sign::sha256_hex(body).as_str()) {
+    let hashed_payload = sign::sha256_hex(body);
+    if header("x-acs-content-sha256") != Some(hashed_payload.as_str()) {
         return Err(err(
             StatusCode::BAD_REQUEST,
             "SignatureDoesNotMatch",
@@ -202,25 +205,29 @@ pub fn verify_v3(
         ));
     }
     check_timestamp(date)?;
-    let signed: Vec<(String, String)> = signed_headers
-        .split(';')
-        .map(|name| {
-            let value = header(name).unwrap_or_default();
-            (name.to_owned(), value.to_owned())
-        })
-        .collect();
-    let (expected, canonical_request) = sign::v3_authorization(
-        &sign::V3Request {
-            method,
-            pathname: path,
-            query: &query,
-            headers: &signed,
-            body,
-        },
-        &keys.access_key_id,
-        &keys.access_key_secret,
-    );
-    if expected != authorization {
+    let canonical_request = v3::canonical_request(
+        method,
+        path,
+        &query,
+        headers,
+        &authorization.signed_headers,
+        &hashed_payload,
+    )
+    .map_err(|name| {
+        err(
+            StatusCode::BAD_REQUEST,
+            "IncompleteSignature",
+            format!("The request signature does not conform to Aliyun standards. Signed header {name} is missing."),
+        )
+    })?;
+    let expected = v3::signature(&keys.access_key_secret, &canonical_request).ok_or_else(|| {
+        err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "The request processing has failed due to some unknown error, exception or failure.",
+        )
+    })?;
+    if expected != authorization.signature {
         return Err(err(
             StatusCode::BAD_REQUEST,
             "SignatureDoesNotMatch",

@@ -128,7 +128,7 @@ pub(super) fn send_sms_verify_code(
         ));
     };
     let scheme = get(params, "SchemeName").unwrap_or(DEFAULT_SCHEME);
-    let (Some(code_length), Some(code_type), Some(valid_time), Some(_interval), Some(policy)) = (
+    let (Some(code_length), Some(code_type), Some(valid_time), Some(interval), Some(policy)) = (
         long_in(params, "CodeLength", 4, 8, 4),
         long_in(params, "CodeType", 1, 7, 1),
         long_in(params, "ValidTime", 1, 86_400, 300),
@@ -145,6 +145,17 @@ pub(super) fn send_sms_verify_code(
             "INVALID_PARAMETERS",
             "SchemeName or CountryCode is not valid.",
         ));
+    }
+    if config.enforce_interval && interval > 0 {
+        let window = Duration::from_secs(interval as u64);
+        let recent = state.with(|s| {
+            s.last_verify_send
+                .get(phone)
+                .is_some_and(|last| last.elapsed() < window)
+        });
+        if recent {
+            return not_executed(business("biz.FREQUENCY", "check frequency failed"));
+        }
     }
     if let Some(limit) = config.per_number_per_minute {
         let now = Instant::now();
@@ -166,6 +177,7 @@ pub(super) fn send_sms_verify_code(
             .entry(phone.to_owned())
             .or_default()
             .push(Instant::now());
+        s.last_verify_send.insert(phone.to_owned(), Instant::now());
         if let Some(code) = &code {
             let live = s
                 .codes

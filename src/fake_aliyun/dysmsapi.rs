@@ -78,6 +78,7 @@ fn execute(
                 template_code: template_code.to_owned(),
                 sent_at,
                 receipt_at,
+                failure: None,
             });
         }
         biz_id
@@ -215,10 +216,15 @@ pub(super) fn query_send_details(state: &State, params: &[(String, String)]) -> 
         .take(page_size)
         .map(|r| {
             let delivered = now >= r.receipt_at;
+            let (status, err_code) = match (&r.failure, delivered) {
+                (_, false) => (1, ""),
+                (None, true) => (3, "DELIVERED"),
+                (Some(code), true) => (2, code.as_str()),
+            };
             let mut d = json!({
                 "PhoneNum": r.phone,
-                "SendStatus": if delivered { 3 } else { 1 },
-                "ErrCode": if delivered { "DELIVERED" } else { "" },
+                "SendStatus": status,
+                "ErrCode": err_code,
                 "TemplateCode": r.template_code,
                 "Content": "【阿里云】您的验证码为******",
                 "SendDate": r.sent_at.with_timezone(&china).format("%Y-%m-%d %H:%M:%S").to_string(),

@@ -4,7 +4,11 @@
 //! nonce reuse), plays the Dypnsapi actions with their documented shapes and codes, remembers
 //! every request it executed, and injects faults on demand.
 //!
-//! Control endpoints (unsigned, for tests and people):
+//! It listens on three ports: one serving both products (what the CLI prints, so that one URL
+//! configures both endpoints), and one per product ([`FakeAliyun::endpoint_for`]) where an
+//! action of the other product is `InvalidApi.NotFound`, as at Aliyun's own endpoints.
+//!
+//! Control endpoints (unsigned, for tests and people, on every port):
 //! - `GET /__fake/requests` — every authenticated request, as JSON;
 //! - `POST /__fake/faults` — queue a [`FaultRule`]; `DELETE /__fake/faults` — clear them;
 //! - `GET /__fake/health`.
@@ -13,6 +17,7 @@ mod auth;
 mod dypnsapi;
 mod dysmsapi;
 mod state;
+mod v3;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +36,7 @@ use tokio::net::TcpListener;
 pub use auth::Keys;
 pub use state::{Fault, FaultRule, RecordedRequest};
 
-use crate::aliyun::sign;
+use crate::aliyun::{Product, sign};
 use state::State;
 
 /// How long a hanging request stays open: longer than any client timeout worth having.
@@ -44,6 +49,9 @@ pub struct FakeConfig {
     pub latency: Duration,
     /// Sends per phone number per minute before `biz.FREQUENCY`; None = no limit.
     pub per_number_per_minute: Option<u32>,
+    /// Refuse a SendSmsVerifyCode within its `Interval` (default 60 s) of the last send to the
+    /// same number with `biz.FREQUENCY`, as Aliyun does; off only for tests that resend on purpose.
+    pub enforce_interval: bool,
     /// Faults active from the start (the `--fault` flag).
     pub faults: Vec<FaultRule>,
     /// How long after a Dysmsapi send its delivery receipt turns `DELIVERED`.
@@ -61,6 +69,7 @@ impl FakeConfig {
             },
             latency: Duration::ZERO,
             per_number_per_minute: None,
+            enforce_interval: true,
             faults: Vec::new(),
             receipt_delay: Duration::from_secs(1),
             max_qps: None,
@@ -151,37 +160,69 @@ struct Shared {
     state: State,
 }
 
-/// A running fake. Dropping it stops the server.
+/// A running fake. Dropping it stops the servers.
 pub struct FakeAliyun {
     addr: SocketAddr,
+    dypnsapi_addr: SocketAddr,
+    dysmsapi_addr: SocketAddr,
     shared: Arc<Shared>,
-    server: tokio::task::JoinHandle<()>,
+    servers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for FakeAliyun {
     fn drop(&mut self) {
-        self.server.abort();
+        for server in &self.servers {
+            server.abort();
+        }
     }
 }
 
+/// Which product's actions one listener serves; None serves both.
+#[derive(Clone)]
+struct Endpoint {
+    shared: Arc<Shared>,
+    only: Option<Product>,
+}
+
+async fn serve(listener: TcpListener, endpoint: Endpoint) -> tokio::task::JoinHandle<()> {
+    let app = router(endpoint);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "fake Aliyun server stopped");
+        }
+    })
+}
+
 impl FakeAliyun {
-    /// Binds `listen` (port 0 picks a free port) and serves in the background.
+    /// Binds `listen` (port 0 picks a free port) for both products, plus a free port on the
+    /// same address for each product alone, and serves in the background.
     pub async fn start(config: FakeConfig, listen: SocketAddr) -> std::io::Result<Self> {
         let listener = TcpListener::bind(listen).await?;
-        let addr = listener.local_addr()?;
+        let dypnsapi = TcpListener::bind((listen.ip(), 0)).await?;
+        let dysmsapi = TcpListener::bind((listen.ip(), 0)).await?;
+        let (addr, dypnsapi_addr, dysmsapi_addr) = (
+            listener.local_addr()?,
+            dypnsapi.local_addr()?,
+            dysmsapi.local_addr()?,
+        );
         let state = State::default();
         state.with(|s| s.faults = config.faults.clone());
         let shared = Arc::new(Shared { config, state });
-        let app = router(shared.clone());
-        let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "fake Aliyun server stopped");
-            }
-        });
+        let endpoint = |only| Endpoint {
+            shared: shared.clone(),
+            only,
+        };
+        let servers = vec![
+            serve(listener, endpoint(None)).await,
+            serve(dypnsapi, endpoint(Some(Product::Dypnsapi))).await,
+            serve(dysmsapi, endpoint(Some(Product::Dysmsapi))).await,
+        ];
         Ok(Self {
             addr,
+            dypnsapi_addr,
+            dysmsapi_addr,
             shared,
-            server,
+            servers,
         })
     }
 
@@ -192,6 +233,15 @@ impl FakeAliyun {
     /// The base URL to use as both Aliyun endpoints.
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The base URL serving `product`'s actions only.
+    pub fn endpoint_for(&self, product: Product) -> String {
+        let addr = match product {
+            Product::Dypnsapi => self.dypnsapi_addr,
+            Product::Dysmsapi => self.dysmsapi_addr,
+        };
+        format!("http://{addr}")
     }
 
     pub fn push_fault(&self, rule: FaultRule) {
@@ -240,14 +290,14 @@ impl FakeAliyun {
         }
     }
 
-    /// Waits until the server task ends (it only ends on error); for the CLI.
+    /// Waits until a server task ends (they only end on error); for the CLI.
     pub async fn serve_forever(mut self) {
-        let server = std::mem::replace(&mut self.server, tokio::spawn(async {}));
-        let _ = server.await;
+        let servers = std::mem::take(&mut self.servers);
+        let _ = futures_util::future::select_all(servers).await;
     }
 }
 
-fn router(shared: Arc<Shared>) -> Router {
+fn router(endpoint: Endpoint) -> Router {
     Router::new()
         .route("/__fake/health", get(|| async { "ok" }))
         .route("/__fake/requests", get(list_requests))
@@ -256,20 +306,23 @@ fn router(shared: Arc<Shared>) -> Router {
             get(list_faults).post(add_fault).delete(clear_faults),
         )
         .route("/", any(handle))
-        .with_state(shared)
+        .with_state(endpoint)
 }
 
-async fn list_requests(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
+async fn list_requests(AxumState(Endpoint { shared, .. }): AxumState<Endpoint>) -> Response {
     let requests = shared.state.with(|s| s.requests.clone());
     json_response(StatusCode::OK, &json!(requests))
 }
 
-async fn list_faults(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
+async fn list_faults(AxumState(Endpoint { shared, .. }): AxumState<Endpoint>) -> Response {
     let faults = shared.state.with(|s| s.faults.clone());
     json_response(StatusCode::OK, &json!(faults))
 }
 
-async fn add_fault(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Response {
+async fn add_fault(
+    AxumState(Endpoint { shared, .. }): AxumState<Endpoint>,
+    body: Bytes,
+) -> Response {
     match serde_json::from_slice::<FaultRule>(&body) {
         Ok(rule) => {
             shared.state.with(|s| s.faults.push(rule));
@@ -282,7 +335,7 @@ async fn add_fault(AxumState(shared): AxumState<Arc<Shared>>, body: Bytes) -> Re
     }
 }
 
-async fn clear_faults(AxumState(shared): AxumState<Arc<Shared>>) -> Response {
+async fn clear_faults(AxumState(Endpoint { shared, .. }): AxumState<Endpoint>) -> Response {
     shared.state.with(|s| s.faults.clear());
     json_response(StatusCode::OK, &json!({"ok": true}))
 }
@@ -341,7 +394,7 @@ fn parameters(
 }
 
 async fn handle(
-    AxumState(shared): AxumState<Arc<Shared>>,
+    AxumState(Endpoint { shared, only }): AxumState<Endpoint>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -381,7 +434,26 @@ async fn handle(
         Ok(r) => r,
         Err(e) => return e.into(),
     };
+    if only.is_some_and(|p| product_of(&request.action) != Some(p)) {
+        return api_not_found();
+    }
     execute(&shared, request).await
+}
+
+fn product_of(action: &str) -> Option<Product> {
+    match action {
+        "SendSmsVerifyCode" | "CheckSmsVerifyCode" => Some(Product::Dypnsapi),
+        "SendSms" | "SendBatchSms" | "QuerySendDetails" => Some(Product::Dysmsapi),
+        _ => None,
+    }
+}
+
+fn api_not_found() -> Reply {
+    Reply::gateway_error(
+        404,
+        "InvalidApi.NotFound",
+        "Specified api is not found, please check your url and method.",
+    )
 }
 
 async fn execute(shared: &Shared, request: auth::Authorised) -> Reply {
@@ -423,10 +495,15 @@ async fn execute(shared: &Shared, request: auth::Authorised) -> Reply {
     }
     let mut hang_after = false;
     let mut reset_after = false;
+    let mut receipt_failure = None;
     let refusal = match shared.state.take_fault(&action, &phones) {
         None => None,
         Some(Fault::Latency { ms }) => {
             tokio::time::sleep(Duration::from_millis(ms)).await;
+            None
+        }
+        Some(Fault::ReceiptFailed { err_code }) => {
+            receipt_failure = Some(err_code);
             None
         }
         Some(Fault::HangAfterSend) => {
@@ -483,14 +560,15 @@ async fn execute(shared: &Shared, request: auth::Authorised) -> Reply {
         "SendSms" => dysmsapi::send_sms(&shared.config, &shared.state, &params),
         "SendBatchSms" => dysmsapi::send_batch_sms(&shared.config, &shared.state, &params),
         "QuerySendDetails" => dysmsapi::query_send_details(&shared.state, &params),
-        _ => {
-            return Reply::gateway_error(
-                404,
-                "InvalidApi.NotFound",
-                "Specified api is not found, please check your url and method.",
-            );
-        }
+        _ => return api_not_found(),
     };
+    if let (Some(code), Some(biz_id)) = (receipt_failure, &done.biz_id) {
+        shared.state.with(|s| {
+            for sms in s.sms.iter_mut().filter(|r| &r.biz_id == biz_id) {
+                sms.failure = Some(code.clone());
+            }
+        });
+    }
     shared.state.record(record(
         done.reply.code(),
         done.biz_id.clone(),

@@ -27,6 +27,9 @@ pub enum Fault {
     /// Execute, then answer a bare HTTP 503 with a proxy's plain-text body: what an Envoy in
     /// front of the API says when the upstream connection resets after it forwarded the call.
     Http503AfterSend,
+    /// Execute the send, and let the carrier's receipt report it failed (`SendStatus` 2) with
+    /// this `ErrCode`, e.g. `MK:0001` or `UNDELIV`.
+    ReceiptFailed { err_code: String },
     /// Answer with this code, without executing.
     Error {
         code: String,
@@ -120,8 +123,10 @@ pub(crate) struct SmsRecord {
     pub out_id: Option<String>,
     pub template_code: String,
     pub sent_at: DateTime<Utc>,
-    /// When the carrier's receipt arrives (SendStatus turns 3).
+    /// When the carrier's receipt arrives (SendStatus turns 3, or 2 if `failure` is set).
     pub receipt_at: DateTime<Utc>,
+    /// The carrier's ErrCode for a send its receipt will report failed.
+    pub failure: Option<String>,
 }
 
 #[derive(Default)]
@@ -134,6 +139,8 @@ pub(crate) struct Inner {
     pub codes: HashMap<(String, String), Vec<IssuedCode>>,
     /// Send times per phone, for the per-number limit.
     pub sends: HashMap<String, Vec<Instant>>,
+    /// The last SendSmsVerifyCode per phone, for Dypnsapi's `Interval`.
+    pub last_verify_send: HashMap<String, Instant>,
     pub biz_counter: u64,
     /// Recent call times per action, for the API QPS limit.
     pub calls: HashMap<String, std::collections::VecDeque<Instant>>,

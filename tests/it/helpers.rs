@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use aliyun_sms_worker::aliyun::Product;
 use aliyun_sms_worker::config::{self, Config};
 use aliyun_sms_worker::fake_aliyun::{FakeAliyun, FakeConfig};
 use aliyun_sms_worker::wire::JobResult;
@@ -88,15 +89,21 @@ pub fn queue_settings(prefix: &str) -> [(&'static str, String); 5] {
 }
 
 pub fn test_settings(db_url: &str, fake: &FakeAliyun, prefix: &str) -> HashMap<String, String> {
-    let endpoint = fake.endpoint();
     [
         (config::AMQP_URL, amqp_url()),
         (config::DATABASE_URL, db_url.to_owned()),
         (config::DATABASE_MAX_CONNECTIONS, "8".into()),
         (config::ALIBABA_CLOUD_ACCESS_KEY_ID, TEST_KEY_ID.into()),
         (config::ALIBABA_CLOUD_ACCESS_KEY_SECRET, TEST_SECRET.into()),
-        (config::ALIYUN_DYPNSAPI_ENDPOINT, endpoint.clone()),
-        (config::ALIYUN_DYSMSAPI_ENDPOINT, endpoint),
+        // One endpoint per product, as at Aliyun: a call sent to the wrong one fails.
+        (
+            config::ALIYUN_DYPNSAPI_ENDPOINT,
+            fake.endpoint_for(Product::Dypnsapi),
+        ),
+        (
+            config::ALIYUN_DYSMSAPI_ENDPOINT,
+            fake.endpoint_for(Product::Dysmsapi),
+        ),
         (config::WORKER_CONCURRENCY, "32".into()),
         (config::RETRY_MAX_ATTEMPTS, "4".into()),
         (config::RETRY_INITIAL_DELAY_MS, "10".into()),

@@ -12,6 +12,7 @@ mod compose;
 mod dead_letters;
 mod dysmsapi;
 mod examples;
+mod fake_aliyun;
 mod fleet;
 mod fleet_rate;
 mod helpers;

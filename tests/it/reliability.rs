@@ -305,11 +305,15 @@ async fn a_message_that_keeps_failing_is_dead_lettered_after_the_delivery_limit(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_local_per_number_limit_holds_across_two_workers() {
-    let env = TestEnv::new(|s| {
-        s.insert(config::LOCAL_NUMBER_LIMIT_ENABLED.into(), "true".into());
-        s.insert(config::LOCAL_NUMBER_LIMITS.into(), "2/min,3/h".into());
-        s.insert("RUST_LOG".into(), "info".into());
-    })
+    // The fake's own Interval would refuse the second send: this test is about the worker's limit.
+    let env = TestEnv::with_fake(
+        |fake| fake.enforce_interval = false,
+        |s| {
+            s.insert(config::LOCAL_NUMBER_LIMIT_ENABLED.into(), "true".into());
+            s.insert(config::LOCAL_NUMBER_LIMITS.into(), "2/min,3/h".into());
+            s.insert("RUST_LOG".into(), "info".into());
+        },
+    )
     .await;
     let settings = env.settings.clone();
     let app = TestApp::start(env).await;
