@@ -24,8 +24,11 @@ use tokio::time::Instant;
 /// The window the limit is about.
 pub const WINDOW: Duration = Duration::from_secs(1);
 /// Added to the window when spacing slots: the most a call may trail its slot, all delays
-/// together, before two calls could crowd one window.
-pub const MARGIN: Duration = Duration::from_millis(100);
+/// together, before two calls could crowd one window. A busy machine delays a request by a
+/// hundred milliseconds and more between its slot and its arrival (seen on two shared cores
+/// with the test suite running), so the margin is a quarter of a second; the fleet then reaches
+/// 80 % of the limit.
+pub const MARGIN: Duration = Duration::from_millis(250);
 /// How late a caller may still use its slot. Later than this, the slot is given up and a new
 /// one taken; the rest of [`MARGIN`] is for what happens after the slot (signing, the request
 /// reaching Aliyun).
@@ -311,8 +314,8 @@ mod tests {
         }
         let calls = calls.lock().unwrap().clone();
         assert!(busiest_window(calls.clone()) <= 20);
-        // 20 calls per 1.1 s: what the margin leaves of the limit.
-        assert!(calls.len() >= 180, "{} calls in 10 s", calls.len());
+        // 20 calls per 1.25 s: what the margin leaves of the limit.
+        assert!(calls.len() >= 155, "{} calls in 10 s", calls.len());
     }
 
     #[tokio::test(start_paused = true)]

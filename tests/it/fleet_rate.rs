@@ -169,7 +169,7 @@ async fn three_workers_share_one_aliyun_qps_limit() {
         busiest <= LIMIT,
         "{busiest} calls in one second across the fleet, limit {LIMIT}"
     );
-    // The schedule's own margin allows about 91 %; on two cores shared with the rest of the
+    // The schedule's own margin allows 80 %; on two cores shared with the rest of the
     // suite a little more is lost to scheduling. The floor is there to catch a limiter that
     // leaves most of the budget unused, not to time the machine.
     assert!(
@@ -228,7 +228,7 @@ async fn three_workers_share_one_receipts_qps_limit() {
         "{busiest} QuerySendDetails in one second across the fleet, limit {LIMIT}"
     );
     assert!(
-        rate >= 0.7 * LIMIT as f64,
+        rate >= 0.6 * LIMIT as f64,
         "the fleet polled only {rate:.1} of {LIMIT} queries/s with a backlog of due receipts"
     );
     fleet.stop().await;
@@ -284,8 +284,9 @@ async fn the_shared_schedule_spaces_every_store_and_fails_closed_without_the_dat
         busiest <= LIMIT,
         "{busiest} slots in one second, limit {LIMIT}"
     );
+    // The margin leaves 80 % of the limit; the floor catches waste, not a slow machine.
     assert!(
-        rate >= 0.8 * LIMIT as f64,
+        rate >= 0.6 * LIMIT as f64,
         "only {rate:.1} slots/s of {LIMIT}"
     );
 
