@@ -14,8 +14,9 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::broker::Broker;
+use crate::broker::Routed;
 use crate::config::Config;
-use crate::pipeline::{PipelineError, publish_result};
+use crate::pipeline::{PipelineError, deliver_result};
 use crate::store::{Store, StoreError};
 
 /// Results re-published in one sweep at most.
@@ -103,9 +104,15 @@ impl Duties {
                 break;
             }
             let (result, route) = (row.to_result()?, row.route());
-            let publish = publish_result(&self.store, &broker, &result, &route);
+            let publish = deliver_result(&broker, &result, &route);
             match tokio::time::timeout(PUBLISH_PATIENCE, publish).await {
-                Ok(Ok(())) => {}
+                // Marked before the next row, so the next sweep cannot publish it again.
+                Ok(Ok(Routed::Yes)) => {
+                    self.store
+                        .mark_result_published(&row.id, result.finished_at)
+                        .await?;
+                }
+                Ok(Ok(Routed::NoQueue)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(job_id = %row.id, error = %e, "result not re-published; next sweep");
                 }

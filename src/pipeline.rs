@@ -815,7 +815,7 @@ pub async fn publish_result(
 
 /// Publishes a result to its `reply_to`; when that queue is gone, to the results queue, so the
 /// result reaches someone. Says whether it reached a queue.
-async fn deliver_result(
+pub async fn deliver_result(
     broker: &Broker,
     result: &JobResult,
     route: &ReplyRoute,

@@ -503,6 +503,20 @@ impl Store {
         }
     }
 
+    /// [`Self::result_published`], waited for: for the outbox sweeper, whose next sweep must
+    /// not find the row it has just published unmarked.
+    pub async fn mark_result_published(
+        &self,
+        job_id: &str,
+        finished_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let req = batch::PublishedReq {
+            job_id: job_id.to_owned(),
+            finished_at,
+        };
+        batch::mark_published(&self.pool, &[req]).await
+    }
+
     pub async fn record_attempt(&self, job_id: &str, a: &AttemptRecord) -> Result<(), StoreError> {
         let mut arrays = AttemptArrays::default();
         arrays.push(job_id, a);
