@@ -239,7 +239,9 @@ async fn the_sweeper_ends_orphaned_claims_and_publishes_unconfirmed_results() {
     let app = TestApp::spawn_with(|s| {
         s.insert(config::SWEEP_INTERVAL_MS.into(), "100".into());
         s.insert(config::RESULT_REPUBLISH_AFTER_MS.into(), "500".into());
-        s.insert(config::ABANDONED_CLAIM_AFTER_MS.into(), "2000".into());
+        // Long enough that `fresh` (below) is still waiting for its message when the test
+        // looks, however slow the machine.
+        s.insert(config::ABANDONED_CLAIM_AFTER_MS.into(), "60000".into());
     })
     .await;
     let dead = Uuid::new_v4();
@@ -247,7 +249,7 @@ async fn the_sweeper_ends_orphaned_claims_and_publishes_unconfirmed_results() {
     let never = send_job(&unique_id("orphan-never"));
     let fresh = send_job(&unique_id("orphan-fresh"));
     leave_claim(&app.pool, &called, dead, true, 1.0, 1.0).await;
-    leave_claim(&app.pool, &never, dead, false, 5.0, 5.0).await;
+    leave_claim(&app.pool, &never, dead, false, 120.0, 120.0).await;
     // Not abandoned yet: its message may still come back.
     leave_claim(&app.pool, &fresh, dead, false, 0.0, 0.0).await;
     // A job finished by a worker that died before it could publish the result.
