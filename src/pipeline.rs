@@ -32,6 +32,11 @@ use crate::store::{
 };
 use crate::wire::{self, Invalid, Job, JobKind, JobResult, JobType, Status};
 
+/// A retry must be able to start this long before the job's deadline: its rate-limit slot, the
+/// stamp and the request itself take time after the decision, and must not carry the call past
+/// the deadline.
+const DEADLINE_GUARD: chrono::Duration = chrono::Duration::milliseconds(100);
+
 /// How late after its rate-limit slot a call may still leave (the schedule leaves a margin
 /// of 100 ms, of which the pacer itself may use 25).
 const SLOT_ALLOWANCE: Duration = Duration::from_millis(50);
@@ -668,6 +673,7 @@ impl Pipeline {
                     chrono::Duration::from_std(d)
                         .ok()
                         .and_then(|d| Utc::now().checked_add_signed(d))
+                        .and_then(|resume| resume.checked_add_signed(DEADLINE_GUARD))
                         .is_some_and(|resume| resume < dl)
                 })
             });
