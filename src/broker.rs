@@ -48,6 +48,21 @@ pub struct Broker {
     node: usize,
 }
 
+/// A passive declare: the queue's counts if it exists, RabbitMQ's NOT_FOUND otherwise (which
+/// closes `channel`; use one of its own).
+pub async fn inspect_queue(channel: &Channel, queue: &str) -> Result<lapin::Queue, lapin::Error> {
+    channel
+        .queue_declare(
+            short(queue),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
 /// `s` as an AMQP short string, cut at a character boundary past 255 bytes. lapin's own
 /// conversion panics there, and ids, correlation ids and receipt ids come from messages: a
 /// property that cannot be whole is better cut than a worker task dead mid-job.

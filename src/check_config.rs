@@ -9,8 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::ShortString;
 use sqlx::{Connection as _, PgConnection};
 
 use crate::aliyun::outcome;
@@ -133,16 +132,7 @@ async fn rabbitmq(config: &Config) -> Check {
         };
         let declared = async {
             let channel = connection.create_channel().await?;
-            let declared = channel
-                .queue_declare(
-                    ShortString::from(queue.as_str()),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
+            let declared = crate::broker::inspect_queue(&channel, &queue).await;
             // A refused passive declare has closed the channel already.
             if declared.is_ok() {
                 let _ = channel.close(200, ShortString::from("checked")).await;

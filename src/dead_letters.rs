@@ -11,10 +11,7 @@ use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use serde::Serialize;
@@ -120,16 +117,7 @@ impl DeadLetters {
     /// on, and a clear message beats a channel error later. Returns the ready messages.
     async fn ensure_queue(&self, queue: &str) -> Result<u32, DeadLetterError> {
         let channel = self.connection.create_channel().await?;
-        let declared = channel
-            .queue_declare(
-                short(queue),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
+        let declared = crate::broker::inspect_queue(&channel, queue).await;
         match declared {
             Ok(q) => {
                 let _ = channel.close(200, short("checked")).await;

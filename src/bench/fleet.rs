@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use futures_util::future::join_all;
 use lapin::Connection;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 
 use super::{
     Backlog, BenchOptions, collect_results, consume_results, fake_and_env, scratch_run, short,
@@ -141,16 +139,7 @@ async fn wait_for_consumers(
     let ch = connection.create_channel().await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let declared = ch
-            .queue_declare(
-                short(queue),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let declared = crate::broker::inspect_queue(&ch, queue).await?;
         if declared.consumer_count() as usize >= n {
             let _ = ch.close(200, short("counted")).await;
             return Ok(Instant::now());
