@@ -147,6 +147,108 @@ impl std::str::FromStr for NumberLimits {
     }
 }
 
+/// The abuse guards, counted in Postgres so that they hold across the fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuardConfig {
+    /// Checks per number per window; None when the guard is off.
+    pub check_limit: Option<CheckLimit>,
+    pub countries: CountryCodes,
+    pub daily: Option<DailyLimits>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckLimit {
+    pub max_attempts: u32,
+    pub window: Duration,
+}
+
+/// The fleet's SMS budget per day; either limit may be off, not both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DailyLimits {
+    pub total: Option<u32>,
+    pub per_prefix: Option<u32>,
+    /// Seconds east of UTC at which the day starts.
+    pub utc_offset_secs: i32,
+}
+
+/// Country calling codes templated SMS may go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CountryCodes {
+    Any,
+    Only(Vec<String>),
+}
+
+impl CountryCodes {
+    /// Whether a number as stored (11 digits for the mainland, else country code + number)
+    /// is in an allowed country. Calling codes are prefix-free, so a prefix match is exact.
+    pub fn allows(&self, number: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(codes) => {
+                // Mainland numbers are stored without their 86 (and start with 1, which is
+                // also North America's code): their country is known from their shape.
+                let mainland =
+                    crate::phone::PhoneNumber::parse(number).is_ok_and(|p| p.as_str() == number);
+                codes.iter().any(|c| {
+                    if mainland {
+                        c == "86"
+                    } else {
+                        number.starts_with(c.as_str())
+                    }
+                })
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for CountryCodes {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim() == "*" {
+            return Ok(Self::Any);
+        }
+        let codes = s
+            .split(',')
+            .map(|c| {
+                let c = c.trim().trim_start_matches('+');
+                if (1..=3).contains(&c.len())
+                    && c.bytes().all(|b| b.is_ascii_digit())
+                    && !c.starts_with('0')
+                {
+                    Ok(c.to_owned())
+                } else {
+                    Err(format!(
+                        "{c:?} is not a country calling code (1 to 3 digits, e.g. 86, 852, 1)"
+                    ))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::Only(codes))
+    }
+}
+
+/// `+08:00`, `-05:30`, `Z` or `+0` → seconds east of UTC.
+fn parse_utc_offset(raw: &str) -> Result<i32, String> {
+    let raw = raw.trim();
+    if raw.eq_ignore_ascii_case("z") || raw == "0" {
+        return Ok(0);
+    }
+    let bad = || format!("expected an offset like +08:00 or -05:30, got {raw:?}");
+    let (sign, rest) = match raw.split_at_checked(1) {
+        Some(("+", rest)) => (1, rest),
+        Some(("-", rest)) => (-1, rest),
+        _ => return Err(bad()),
+    };
+    let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
+    let h: i32 = h.parse().map_err(|_| bad())?;
+    let m: i32 = m.parse().map_err(|_| bad())?;
+    if !(0..=14).contains(&h) || !(0..60).contains(&m) {
+        return Err(bad());
+    }
+    Ok(sign * (h * 3600 + m * 60))
+}
+
 /// The receipt poller and the reconciler of unknown Dysmsapi sends.
 #[derive(Debug, Clone)]
 pub struct ReceiptsConfig {
@@ -183,6 +285,7 @@ pub struct Config {
     pub code_job_max_age: Duration,
     /// None when the local per-number limit is off.
     pub number_limits: Option<NumberLimits>,
+    pub guards: GuardConfig,
     pub receipts: ReceiptsConfig,
     pub heartbeat: Duration,
     pub fleet: FleetConfig,
@@ -232,6 +335,12 @@ settings! {
     RETRY_MAX_DELAY_MS = "RETRY_MAX_DELAY_MS", Some("5000"), "largest backoff step";
     LOCAL_NUMBER_LIMIT_ENABLED = "LOCAL_NUMBER_LIMIT_ENABLED", Some("false"), "refuse send_verify_code jobs past LOCAL_NUMBER_LIMITS as rate_limited, without a paid call";
     LOCAL_NUMBER_LIMITS = "LOCAL_NUMBER_LIMITS", Some("1/min,5/h,10/day"), "sends per number per window for the local limit (units s, min, h, day)";
+    CHECK_MAX_ATTEMPTS = "CHECK_MAX_ATTEMPTS", Some("5"), "check_verify_code jobs per number per CHECK_WINDOW_MS at most, across the fleet; past it, rate_limited (CHECK_LIMIT) without a call; a verified check starts a new window; 0 turns the guard off";
+    CHECK_WINDOW_MS = "CHECK_WINDOW_MS", Some("600000"), "the window of CHECK_MAX_ATTEMPTS";
+    SMS_ALLOWED_COUNTRY_CODES = "SMS_ALLOWED_COUNTRY_CODES", Some("86"), "country calling codes send_sms and send_batch_sms may send to, comma-separated; others are rejected (COUNTRY_NOT_ALLOWED) without a call; * allows every country";
+    SMS_DAILY_LIMIT = "SMS_DAILY_LIMIT", Some(""), "SMS the fleet may send per day (every send job type, one per number), counted at the claim; past it, rate_limited (DAILY_LIMIT) without a call; empty means no limit";
+    SMS_DAILY_LIMIT_PER_PREFIX = "SMS_DAILY_LIMIT_PER_PREFIX", Some(""), "SMS the fleet may send per day to the numbers sharing their first 7 digits (a number range, where SMS pumping concentrates); empty means no limit";
+    SMS_DAILY_LIMIT_UTC_OFFSET = "SMS_DAILY_LIMIT_UTC_OFFSET", Some("+08:00"), "where the day of the daily limits starts, as an offset from UTC (Aliyun's own daily limits follow Beijing time)";
     CODE_JOB_MAX_AGE_MS = "CODE_JOB_MAX_AGE_MS", Some("600000"), "a code job without expires_at expires this long after it was published (AMQP timestamp) or first seen";
     RETRY_MAX_ELAPSED_MS = "RETRY_MAX_ELAPSED_MS", Some("30000"), "no retry starts later than this after the first attempt";
     RECEIPTS_ENABLED = "RECEIPTS_ENABLED", Some("true"), "poll delivery receipts and reconcile unknown Dysmsapi sends";
@@ -330,6 +439,41 @@ impl Reader<'_> {
             });
         }
         Ok(value)
+    }
+
+    fn guards(&self) -> Result<GuardConfig, ConfigError> {
+        let max_attempts = self.number(CHECK_MAX_ATTEMPTS, 0, 1000)?;
+        let window = self.millis(CHECK_WINDOW_MS, 1000, 7 * 86_400_000)?;
+        let malformed = |name| move |reason| ConfigError::Malformed { name, reason };
+        let countries = self
+            .string(SMS_ALLOWED_COUNTRY_CODES)?
+            .parse()
+            .map_err(malformed(SMS_ALLOWED_COUNTRY_CODES))?;
+        let optional = |name| {
+            self.raw(name)
+                .map(|_| self.number::<u32>(name, 1, 100_000_000))
+                .transpose()
+        };
+        let total = optional(SMS_DAILY_LIMIT)?;
+        let per_prefix = optional(SMS_DAILY_LIMIT_PER_PREFIX)?;
+        let daily = if total.is_some() || per_prefix.is_some() {
+            Some(DailyLimits {
+                total,
+                per_prefix,
+                utc_offset_secs: parse_utc_offset(&self.string(SMS_DAILY_LIMIT_UTC_OFFSET)?)
+                    .map_err(malformed(SMS_DAILY_LIMIT_UTC_OFFSET))?,
+            })
+        } else {
+            None
+        };
+        Ok(GuardConfig {
+            check_limit: (max_attempts > 0).then_some(CheckLimit {
+                max_attempts,
+                window,
+            }),
+            countries,
+            daily,
+        })
     }
 
     fn flag(&self, name: &'static str) -> Result<bool, ConfigError> {
@@ -496,6 +640,7 @@ impl Config {
             } else {
                 None
             },
+            guards: r.guards()?,
             receipts: ReceiptsConfig {
                 enabled: r.flag(RECEIPTS_ENABLED)?,
                 poll_interval: r.millis(RECEIPTS_POLL_INTERVAL_MS, 10, 86_400_000)?,
@@ -604,6 +749,63 @@ mod tests {
         let mut pairs = CREDS.to_vec();
         pairs.push((SMS_JOBS_QUEUE_TYPE, "stream"));
         assert!(with(&pairs).is_err());
+    }
+
+    #[test]
+    fn country_codes_match_numbers_as_stored() {
+        let only: CountryCodes = "86, +852".parse().unwrap();
+        assert!(only.allows("13800138000"));
+        assert!(only.allows("85291234567"));
+        assert!(!only.allows("2348012345678"));
+        let us: CountryCodes = "1".parse().unwrap();
+        assert!(
+            !us.allows("13800138000"),
+            "a mainland number is not North American"
+        );
+        assert!(us.allows("12025550123"));
+        assert!(CountryCodes::Any.allows("2348012345678"));
+        for bad in ["", "0086", "86a", "1234", "86,"] {
+            assert!(bad.parse::<CountryCodes>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn guards_default_to_five_checks_per_ten_minutes_and_mainland_only() {
+        let c = with(&CREDS).unwrap();
+        assert_eq!(
+            c.guards.check_limit,
+            Some(CheckLimit {
+                max_attempts: 5,
+                window: Duration::from_secs(600)
+            })
+        );
+        assert_eq!(c.guards.countries, CountryCodes::Only(vec!["86".into()]));
+        assert_eq!(c.guards.daily, None);
+        let mut pairs = CREDS.to_vec();
+        pairs.extend([
+            (CHECK_MAX_ATTEMPTS, "0"),
+            (SMS_DAILY_LIMIT_PER_PREFIX, "20"),
+        ]);
+        let c = with(&pairs).unwrap();
+        assert_eq!(c.guards.check_limit, None);
+        assert_eq!(
+            c.guards.daily,
+            Some(DailyLimits {
+                total: None,
+                per_prefix: Some(20),
+                utc_offset_secs: 8 * 3600
+            })
+        );
+    }
+
+    #[test]
+    fn utc_offsets_parse() {
+        assert_eq!(parse_utc_offset("+08:00"), Ok(28_800));
+        assert_eq!(parse_utc_offset("-05:30"), Ok(-19_800));
+        assert_eq!(parse_utc_offset("Z"), Ok(0));
+        for bad in ["08:00", "+15:00", "+8:60", "", "+"] {
+            assert!(parse_utc_offset(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //!   `failed` (`ABANDONED`) after `ABANDONED_CLAIM_AFTER_MS`;
 //! - the result outbox: a final result that no queue confirmed (its worker died between the
 //!   commit and the publish, or the broker was away) is published again;
-//! - the rows of workers dead for a day that hold no claims are forgotten.
+//! - the rows of workers dead for a day that hold no claims are forgotten, and so are the SMS
+//!   budgets of days more than a week past.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,6 +124,9 @@ impl Duties {
                     break;
                 }
             }
+        }
+        if self.config.guards.daily.is_some() {
+            self.store.prune_daily_usage().await?;
         }
         let pruned = self.store.prune_dead_workers(DEAD_WORKER_KEPT).await?;
         if pruned > 0 {

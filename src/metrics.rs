@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::aliyun::outcome;
+use crate::store::DailyUsage;
 
 /// Every metric family `/metrics` exposes. The Grafana dashboard is checked against it, and the
 /// metrics test checks it against a live scrape.
@@ -30,6 +31,7 @@ pub const FAMILIES: &[&str] = &[
     "sms_worker_ready",
     "sms_worker_task_restarts_total",
     "sms_worker_fleet_leader",
+    "sms_daily_sms_budget",
 ];
 
 /// The Aliyun actions this program calls; anything else is counted as `other`.
@@ -119,6 +121,8 @@ pub struct Metrics {
     task_restarts: Mutex<BTreeMap<&'static str, u64>>,
     /// 1 while this worker does the fleet's one-at-a-time duties.
     leader: AtomicI64,
+    /// The fleet's SMS budget today, as last read (heartbeat); None when there is none.
+    daily: Mutex<Option<DailyUsage>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -190,6 +194,15 @@ impl Metrics {
 
     pub fn in_flight(&self, delta: i64) {
         self.in_flight.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    pub fn set_daily_usage(&self, usage: DailyUsage) {
+        *lock(&self.daily) = Some(usage);
+    }
+
+    /// Today's SMS budget, as last read; None when there are no daily limits.
+    pub fn daily_usage(&self) -> Option<DailyUsage> {
+        lock(&self.daily).clone()
     }
 
     pub fn jobs_in_flight(&self) -> i64 {
@@ -327,6 +340,30 @@ impl Metrics {
             "sms_worker_fleet_leader {}",
             self.leader.load(Ordering::Relaxed)
         );
+        header(
+            &mut out,
+            "sms_daily_sms_budget",
+            "gauge",
+            "The fleet's SMS budget today (SMS_DAILY_LIMIT, SMS_DAILY_LIMIT_PER_PREFIX), as read at the last heartbeat: scope=\"fleet\" limit, used and left; scope=\"prefix\" limit, the busiest range's use and the ranges spent.",
+        );
+        if let Some(d) = lock(&self.daily).as_ref() {
+            let mut gauge = |scope: &str, what: &str, v: u32| {
+                let _ = writeln!(
+                    out,
+                    "sms_daily_sms_budget{{scope=\"{scope}\",what=\"{what}\"}} {v}"
+                );
+            };
+            if let (Some(limit), Some(left)) = (d.total_limit, d.total_left()) {
+                gauge("fleet", "limit", limit);
+                gauge("fleet", "used", d.total_used);
+                gauge("fleet", "left", left);
+            }
+            if let Some(limit) = d.per_prefix_limit {
+                gauge("prefix", "limit", limit);
+                gauge("prefix", "busiest_used", d.busiest_prefix_used);
+                gauge("prefix", "ranges_spent", d.prefixes_spent);
+            }
+        }
         out
     }
 

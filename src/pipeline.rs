@@ -27,8 +27,8 @@ use crate::config::{Config, RetryPolicy};
 use crate::health::DbHealth;
 use crate::metrics::Stage;
 use crate::store::{
-    AttemptRecord, Claim, ErrorClass, Followup, JobRow, Outcome, ReplyRoute, Stale, Store,
-    StoreError,
+    AttemptRecord, Claim, ErrorClass, Followup, Guards, JobRow, Outcome, Refusal, ReplyRoute,
+    Stale, Store, StoreError,
 };
 use crate::wire::{self, Invalid, Job, JobKind, JobResult, JobType, Status};
 
@@ -372,19 +372,14 @@ impl Pipeline {
         route: &ReplyRoute,
         published: Option<DateTime<Utc>>,
     ) -> Result<JobResult, StoreError> {
-        // Aliyun's per-number limits are about verification codes.
-        let limits = self
-            .config
-            .number_limits
-            .as_ref()
-            .filter(|_| job.job_type() == JobType::SendVerifyCode);
+        let guards = self.guards(job);
         let started = Instant::now();
         let claim = Box::pin(self.store.claim(
             job,
             route,
             self.worker_id,
             self.config.claim_lease(),
-            limits,
+            &guards,
         ))
         .await?;
         self.metrics.stage(Stage::Claim, started.elapsed());
@@ -419,6 +414,32 @@ impl Pipeline {
                     }
                 },
             };
+        }
+    }
+
+    /// The abuse guards that apply to this job (see `store::guards`).
+    fn guards(&self, job: &Job) -> Guards<'_> {
+        let g = &self.config.guards;
+        let job_type = job.job_type();
+        let templated = matches!(job_type, JobType::SendSms | JobType::SendBatchSms);
+        let sends = job_type != JobType::CheckVerifyCode;
+        let refusal = job
+            .phones()
+            .iter()
+            .any(|p| templated && !g.countries.allows(p.as_str()))
+            .then(Refusal::country_not_allowed);
+        Guards {
+            refusal,
+            // Aliyun's per-number limits are about verification codes.
+            number_limits: self
+                .config
+                .number_limits
+                .as_ref()
+                .filter(|_| job_type == JobType::SendVerifyCode),
+            check_limit: g
+                .check_limit
+                .filter(|_| job_type == JobType::CheckVerifyCode),
+            daily: g.daily.filter(|_| sends),
         }
     }
 

@@ -364,7 +364,12 @@ async fn beat(
                             config.claim_lease(),
                             config.job_lease(),
                         )
-                        .await
+                        .await?;
+                    // For /metrics and the status page: what is left of today's budget.
+                    if let Some(limits) = config.guards.daily {
+                        pipeline.metrics().set_daily_usage(store.daily_usage(limits).await?);
+                    }
+                    Ok::<_, crate::store::StoreError>(())
                 };
                 match tokio::time::timeout(every.max(Duration::from_millis(500)), beat).await {
                     Ok(Ok(())) => {}

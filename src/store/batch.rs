@@ -19,6 +19,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
+use super::guards::Refusal;
 use super::{
     AttemptArrays, AttemptRecord, Claim, ErrorClass, Followup, JobRow, Outcome, ReplyRoute,
     StoreError, deliveries,
@@ -146,8 +147,8 @@ pub(super) struct ClaimReq {
     route: ReplyRoute,
     worker: Uuid,
     lease_ms: i64,
-    /// Why the local per-number limit refused it; the row is then written final.
-    refusal: Option<String>,
+    /// Why a guard refused it; the row is then written final.
+    refusal: Option<Refusal>,
 }
 
 impl ClaimReq {
@@ -169,8 +170,8 @@ impl ClaimReq {
         }
     }
 
-    pub(super) fn refused(mut self, why: String) -> Self {
-        self.refusal = Some(why);
+    pub(super) fn refused(mut self, why: Option<Refusal>) -> Self {
+        self.refusal = why;
         self
     }
 }
@@ -391,8 +392,8 @@ async fn write_batch<R: Batched>(pool: PgPool, reqs: Vec<R>) -> Vec<Result<R::Ou
     }
 }
 
-/// Inserts every job as `sending` (or, refused by the local per-number limit, as final
-/// `rate_limited`) in one statement. Ids already present and not `invalid` are left alone and
+/// Inserts every job as `sending` (or, refused by a guard, as final with the guard's status
+/// and code) in one statement. Ids already present and not `invalid` are left alone and
 /// read back as they are. A row left `invalid` may be re-claimed: an invalid message never
 /// reached Aliyun, so a corrected job with the same id is a first attempt, not a duplicate.
 pub(super) async fn claim_together(
@@ -410,6 +411,8 @@ pub(super) async fn claim_together(
     let mut workers = Vec::with_capacity(n);
     let mut leases = Vec::with_capacity(n);
     let mut refusals = Vec::with_capacity(n);
+    let mut refused_statuses = Vec::with_capacity(n);
+    let mut refused_codes = Vec::with_capacity(n);
     for r in reqs {
         ids.push(r.id.as_str());
         types.push(r.job_type);
@@ -420,24 +423,26 @@ pub(super) async fn claim_together(
         correlations.push(r.route.correlation_id.as_deref());
         workers.push(r.worker);
         leases.push(r.lease_ms);
-        refusals.push(r.refusal.as_deref());
+        refusals.push(r.refusal.as_ref().map(|f| f.message.as_str()));
+        refused_statuses.push(r.refusal.as_ref().map(|f| f.status.as_str()));
+        refused_codes.push(r.refusal.as_ref().map(|f| f.code));
     }
     let written: Vec<JobRow> = sqlx::query_as(concat!(
         "INSERT INTO sms_jobs (id, type, status, phone_number, params, out_id, reply_to,
                                correlation_id, claimed_by, lease_until, code, message,
                                finished_at, called_at)
          SELECT t_id, t_type,
-                CASE WHEN t_refusal IS NULL THEN 'sending' ELSE 'rate_limited' END,
+                COALESCE(t_refused_status, 'sending'),
                 t_phone, t_params::jsonb, t_out_id, t_reply_to, t_correlation, t_worker,
                 now() + make_interval(secs => t_lease::double precision / 1000),
-                CASE WHEN t_refusal IS NULL THEN NULL ELSE 'LOCAL_NUMBER_LIMIT' END,
-                t_refusal,
+                t_refused_code, t_refusal,
                 CASE WHEN t_refusal IS NULL THEN NULL ELSE now() END,
                 NULL
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::uuid[], $9::bigint[], $10::text[])
+                     $7::text[], $8::uuid[], $9::bigint[], $10::text[], $11::text[],
+                     $12::text[])
               AS t(t_id, t_type, t_phone, t_params, t_out_id, t_reply_to, t_correlation,
-                   t_worker, t_lease, t_refusal)
+                   t_worker, t_lease, t_refusal, t_refused_status, t_refused_code)
          ON CONFLICT (id) DO UPDATE SET
              type = EXCLUDED.type, status = EXCLUDED.status,
              phone_number = EXCLUDED.phone_number, params = EXCLUDED.params,
@@ -461,6 +466,8 @@ pub(super) async fn claim_together(
     .bind(&workers)
     .bind(&leases)
     .bind(&refusals)
+    .bind(&refused_statuses)
+    .bind(&refused_codes)
     .fetch_all(&mut *conn)
     .await?;
     let mut rows: HashMap<String, JobRow> =

@@ -12,7 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::config::NumberLimits;
+use crate::config::DailyLimits;
 use crate::wire::{Job, JobResult, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -264,11 +264,13 @@ mod batch;
 use batch::ClaimReq;
 mod deliveries;
 mod fleet;
+mod guards;
 mod leader;
 mod rate;
 mod reports;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
 pub use fleet::{Stale, Swept};
+pub use guards::{DailyUsage, Guards, Refusal};
 pub use leader::Leadership;
 pub use reports::{FleetWorker, JobDetail, JobFilter, MinuteCount, Stats, WorkerState};
 
@@ -382,7 +384,8 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts the job as `sending`, or finds the row that is already there.
+    /// Inserts the job as `sending`, or finds the row that is already there. A job a guard
+    /// refuses is inserted final instead (see [`Guards`]).
     ///
     /// A row left `invalid` may be re-claimed: an invalid message never reached Aliyun, so a
     /// corrected job with the same id is a first attempt, not a duplicate.
@@ -392,10 +395,10 @@ impl Store {
         route: &ReplyRoute,
         worker: Uuid,
         lease: Duration,
-        limits: Option<&NumberLimits>,
+        guards: &Guards<'_>,
     ) -> Result<Claim, StoreError> {
-        let req = ClaimReq::new(job, route, worker, lease);
-        let Some(limits) = limits else {
+        let req = ClaimReq::new(job, route, worker, lease).refused(guards.refusal.clone());
+        if !guards.counted() {
             if let Some(writer) = &self.writer {
                 return writer.claim(req).await;
             }
@@ -403,53 +406,54 @@ impl Store {
             // Boxed here and below: these statements' futures are kilobytes, and every job in
             // flight would otherwise carry room for them while it waits on the batched path.
             return one(Box::pin(batch::claim_together(&mut conn, &[req])).await?);
-        };
-        Box::pin(self.claim_limited(job, req, limits)).await
+        }
+        Box::pin(self.claim_guarded(job, req, guards)).await
     }
 
-    /// A claim under the local per-number limit: counted and written in one transaction.
-    async fn claim_limited(
+    /// A claim under guards that count the fleet's history: counted and written in one
+    /// transaction, with the number's guarded claims serialised across every worker so that
+    /// two cannot both pass the count.
+    async fn claim_guarded(
         &self,
         job: &Job,
         req: ClaimReq,
-        limits: &NumberLimits,
+        guards: &Guards<'_>,
     ) -> Result<Claim, StoreError> {
-        // Serialise the sends to one number across every worker, so two instances cannot both
-        // pass the count; the lock ends with the transaction.
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(format!("smsw-number:{}", job.phone().as_str()))
-            .execute(&mut *tx)
-            .await?;
         let mut refusal = None;
-        for (window, max) in &limits.windows {
-            let (recent,): (i64,) = sqlx::query_as(
-                "SELECT count(*) FROM sms_jobs
-                 WHERE phone_number = $1 AND type = $2 AND id <> $3
-                   AND status IN ('sending', 'sent', 'unknown')
-                   AND created_at > now() - make_interval(secs => $4::double precision / 1000)",
-            )
-            .bind(job.phone().as_str())
-            .bind(job.job_type().as_str())
-            .bind(&job.id)
-            .bind(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
-            .fetch_one(&mut *tx)
-            .await?;
-            if recent >= i64::from(*max) {
-                refusal = Some(format!(
-                    "local per-number limit: {max} per {}s reached for this number; not sent",
-                    window.as_secs()
-                ));
-                break;
-            }
+        if let Some(limits) = guards.number_limits {
+            guards::lock_number(&mut tx, "number", job.phone().as_str()).await?;
+            refusal = guards::number_limits(&mut tx, job, limits).await?;
         }
-        let req = match refusal {
-            Some(why) => req.refused(why),
-            None => req,
-        };
-        let claim = one(batch::claim_together(&mut tx, &[req]).await?)?;
+        if let Some(limit) = guards.check_limit.filter(|_| refusal.is_none()) {
+            guards::lock_number(&mut tx, "check", job.phone().as_str()).await?;
+            refusal = guards::check_limit(&mut tx, job, limit).await?;
+        }
+        let mut spent = false;
+        if let Some(limits) = guards.daily.filter(|_| refusal.is_none()) {
+            refusal = guards::spend_daily(&mut tx, job, limits).await?;
+            spent = refusal.is_none();
+        }
+        let claim = one(batch::claim_together(&mut tx, &[req.refused(refusal)]).await?)?;
+        if spent && !matches!(claim, Claim::Owned(_)) {
+            // A job the fleet has seen before spent its SMS when it was first claimed.
+            tx.rollback().await?;
+            return Ok(claim);
+        }
         tx.commit().await?;
         Ok(claim)
+    }
+
+    /// Today's SMS budget and what is spent of it.
+    pub async fn daily_usage(&self, limits: DailyLimits) -> Result<DailyUsage, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        guards::daily_usage(&mut conn, limits).await
+    }
+
+    /// Forgets the budgets of days long past.
+    pub async fn prune_daily_usage(&self) -> Result<u64, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        guards::prune_daily(&mut conn).await
     }
 
     pub async fn fetch(&self, id: &str) -> Result<Option<JobRow>, StoreError> {

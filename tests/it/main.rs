@@ -15,6 +15,7 @@ mod examples;
 mod fake_aliyun;
 mod fleet;
 mod fleet_rate;
+mod guards;
 mod helpers;
 mod invalid;
 mod json_logs;
