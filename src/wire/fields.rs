@@ -20,14 +20,16 @@ impl TemplateParam {
         serde_json::to_string(&self.0).unwrap_or_default()
     }
 
-    /// A literal `code` value is a verification code and must not be stored.
+    /// What is stored of the parameters: their names, and the code placeholder. The values are
+    /// the backend's text for one person (a code it generated under any name, a name, an
+    /// order number), and the records must not become a copy of them.
     pub(super) fn redacted_json(&self) -> String {
         let redacted: BTreeMap<&str, &str> = self
             .0
             .iter()
             .map(|(k, v)| {
-                let hide = k.eq_ignore_ascii_case("code") && v != CODE_PLACEHOLDER;
-                (k.as_str(), if hide { "***" } else { v.as_str() })
+                let keep = v == CODE_PLACEHOLDER;
+                (k.as_str(), if keep { v.as_str() } else { "***" })
             })
             .collect();
         serde_json::to_string(&redacted).unwrap_or_default()

@@ -452,6 +452,38 @@ mod tests {
         decode_job(json.as_bytes(), None)
     }
 
+    #[test]
+    fn template_values_are_never_stored_only_their_names_and_the_code_placeholder() {
+        let sms = job(
+            r###"{"id": "s1", "type": "send_sms", "phone_numbers": ["13800138000"],
+            "sign_name": "阿里云", "template_code": "SMS_1",
+            "template_param": {"code": "4821", "otp": "993311", "name": "张三"}}"###,
+        )
+        .unwrap();
+        let batch = job(r###"{"id": "b1", "type": "send_batch_sms",
+            "phone_numbers": ["13800138000"], "sign_names": ["阿里云"], "template_code": "SMS_1",
+            "template_params": [{"pin": "993311", "name": "张三"}]}"###)
+        .unwrap();
+        let code = job(r###"{"id": "c1", "type": "send_verify_code",
+            "phone_number": "13800138000", "sign_name": "s", "template_code": "100001",
+            "template_param": {"code": "##code##", "order": "A-77"}}"###)
+        .unwrap();
+        for (j, names) in [
+            (&sms, vec!["code", "otp", "name"]),
+            (&batch, vec!["pin", "name"]),
+            (&code, vec!["code", "order"]),
+        ] {
+            let stored = j.stored_params().to_string();
+            for value in ["4821", "993311", "张三", "A-77"] {
+                assert!(!stored.contains(value), "{value} stored: {stored}");
+            }
+            for name in names {
+                assert!(stored.contains(name), "{name} not kept: {stored}");
+            }
+        }
+        assert!(code.stored_params().to_string().contains("##code##"));
+    }
+
     const FULL: &str = r###"{"id": "signup-42-7f3a", "type": "send_verify_code",
         "phone_number": "13800138000", "sign_name": "速通互联验证码", "template_code": "100001",
         "template_param": {"code": "##code##", "min": "5"},
