@@ -28,6 +28,7 @@ pub const FAMILIES: &[&str] = &[
     "sms_rate_limit_wait_seconds_total",
     "sms_receipts_total",
     "sms_jobs_in_flight",
+    "sms_jobs_in_flight_peak",
     "sms_worker_ready",
     "sms_worker_task_restarts_total",
     "sms_worker_fleet_leader",
@@ -117,6 +118,8 @@ pub struct Metrics {
     /// `RECEIPT_STATUSES`, then `other`.
     receipts: [AtomicU64; RECEIPT_STATUSES.len() + 1],
     in_flight: AtomicI64,
+    /// The most deliveries ever handled at once since the start.
+    in_flight_peak: AtomicI64,
     /// Restarts of supervised background tasks, by task name.
     task_restarts: Mutex<BTreeMap<&'static str, u64>>,
     /// 1 while this worker does the fleet's one-at-a-time duties.
@@ -193,7 +196,8 @@ impl Metrics {
     }
 
     pub fn in_flight(&self, delta: i64) {
-        self.in_flight.fetch_add(delta, Ordering::Relaxed);
+        let now = self.in_flight.fetch_add(delta, Ordering::Relaxed) + delta;
+        self.in_flight_peak.fetch_max(now, Ordering::Relaxed);
     }
 
     pub fn set_daily_usage(&self, usage: DailyUsage) {
@@ -309,6 +313,17 @@ impl Metrics {
             "Deliveries being handled.",
         );
         let _ = writeln!(out, "sms_jobs_in_flight {}", self.jobs_in_flight());
+        header(
+            &mut out,
+            "sms_jobs_in_flight_peak",
+            "gauge",
+            "The most deliveries handled at once since the worker started.",
+        );
+        let _ = writeln!(
+            out,
+            "sms_jobs_in_flight_peak {}",
+            self.in_flight_peak.load(Ordering::Relaxed)
+        );
         header(
             &mut out,
             "sms_worker_ready",

@@ -139,6 +139,54 @@ async fn a_missing_setting_is_named_at_start() {
     );
 }
 
+/// `bench` on a small backlog, one worker process: its own checks (a `sent` row and exactly one
+/// send at the fake for every job, a readable peak RSS, the in-flight peak the worker reported)
+/// must pass, and the figures it prints must be the measured ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_measures_one_worker_against_the_ceiling_and_checks_every_job() {
+    let (amqp, db) = (amqp_url(), admin_database_url());
+    let run = run_to_end(
+        [
+            (config::AMQP_URL, amqp.as_str()),
+            (config::DATABASE_URL, db.as_str()),
+        ],
+        &["bench", "--jobs", "300", "--concurrency", "32"],
+    );
+    let (code, stdout, stderr) = tokio::time::timeout(PATIENCE * 10, run)
+        .await
+        .expect("the bench finished in time");
+    let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
+    assert_eq!(code, 0, "{stdout}\n{}", tail.join("\n"));
+    let line = |start: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start:?} line:\n{stdout}"))
+            .to_owned()
+    };
+    let rss = line("worker peak RSS:");
+    let peak: u32 = rss
+        .split("at most ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no in-flight peak in {rss:?}"));
+    assert!((1..=32).contains(&peak), "{rss}");
+    let mib: f64 = rss
+        .split_whitespace()
+        .nth(3)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no RSS figure in {rss:?}"));
+    assert!(mib > 1.0, "a real RSS, not a default: {rss}");
+    let checked = line("checked:");
+    let rows: usize = checked
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no row count in {checked:?}"));
+    assert!(rows > 300, "the backlog and the paced jobs: {checked}");
+}
+
 /// `bench --workers` on a small backlog: two worker processes on one queue and one database, at
 /// 0 and 50 ms upstream. The bench fails (exit 1) unless its own check passes: one `sent` row
 /// and one send at the fake per job, every result `sent`, claims by no more workers than ran.
