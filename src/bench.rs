@@ -25,6 +25,8 @@ use sqlx::Connection as _;
 use crate::amqp_nodes::AmqpNodes;
 use crate::config;
 use crate::fake_aliyun::{FakeAliyun, FakeConfig};
+use crate::outln;
+use crate::output::OutputError;
 
 mod fleet;
 pub use fleet::{FleetOptions, run_fleet};
@@ -249,7 +251,7 @@ impl CpuSnapshot {
 
 /// One line per group with CPU milliseconds per job, and what the machine could do if CPU
 /// were the only limit.
-fn print_cpu(label: &str, used: [f64; 4], jobs: usize) {
+fn print_cpu(label: &str, used: [f64; 4], jobs: usize) -> Result<(), OutputError> {
     let per_job_ms = |s: f64| s * 1000.0 / jobs.max(1) as f64;
     let total: f64 = used.iter().sum();
     let parts: Vec<String> = CPU_GROUPS
@@ -259,7 +261,7 @@ fn print_cpu(label: &str, used: [f64; 4], jobs: usize) {
         .map(|(g, s)| format!("{g} {:.3}", per_job_ms(s)))
         .collect();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    println!(
+    outln!(
         "{label} CPU ms per job: {} = {:.3} in all; {cores:.0} cores allow at most {:.0}/s",
         parts.join(" + "),
         per_job_ms(total),
@@ -268,7 +270,7 @@ fn print_cpu(label: &str, used: [f64; 4], jobs: usize) {
         } else {
             0.0
         }
-    );
+    )
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -281,13 +283,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
     ensure!(opts.jobs > 0, "--jobs must be at least 1");
-    println!(
+    outln!(
         "bench: {} jobs, upstream latency {} ms, concurrency {}, {} cores",
         opts.jobs,
         opts.latency.as_millis(),
         opts.concurrency,
         std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
+    )?;
 
     scratch_run(&opts, async |tag, db_url| measure(&opts, tag, db_url).await).await
 }
@@ -345,36 +347,36 @@ impl ScratchDb {
     }
 }
 
-/// Starts this binary as a worker (`run <args>`) with only `env` (and PATH, HOME); its log goes
-/// to the bench's stderr, each line after `label`.
+/// Starts this binary as a worker (`run <args>`) with only `env` (and PATH, HOME). Its log
+/// (at `info`, as users run it) goes to a file named after `label`, written by the worker
+/// itself: relayed through the bench, every job's line would cost the bench's CPU and count
+/// against the figures.
 fn spawn_worker(
     env: &HashMap<String, String>,
     args: &[&str],
     label: &str,
 ) -> anyhow::Result<tokio::process::Child> {
     let exe = std::env::current_exe().context("locating this binary")?;
-    let mut child = tokio::process::Command::new(exe)
+    let log_path = std::env::temp_dir().join(format!(
+        "aliyun-sms-worker-bench-{}-{}.log",
+        label.replace(' ', "-"),
+        std::process::id()
+    ));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating the worker log {}", log_path.display()))?;
+    eprintln!("bench: {label} logs to {}", log_path.display());
+    let child = tokio::process::Command::new(exe)
         .arg("run")
         .args(args)
         .env_clear()
         .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME"))
         .envs(env)
-        // As users run it: the default level, every job's "job finished" line included.
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(log)
         .kill_on_drop(true)
         .spawn()
         .context("starting the worker")?;
-    let stderr = child.stderr.take().context("worker stderr")?;
-    let label = label.to_owned();
-    tokio::spawn(async move {
-        use tokio::io::AsyncBufReadExt;
-        let mut lines = tokio::io::BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("{label}: {line}");
-        }
-    });
     Ok(child)
 }
 
@@ -857,43 +859,44 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     let rss_mib = worker.peak_rss_kb as f64 / 1024.0;
     let ratio_target = if opts.latency.is_zero() { 0.8 } else { 0.75 };
     let verdict = |met: bool| if met { "met" } else { "NOT met" };
-    println!(
+    outln!(
         "ceiling (bare lapin consume -> confirmed publish -> ack): {:.0} msgs/s",
         ceiling.rate
-    );
-    print_cpu("ceiling", ceiling.cpu, opts.jobs);
-    println!(
+    )?;
+    print_cpu("ceiling", ceiling.cpu, opts.jobs)?;
+    outln!(
         "ceiling latency at the worker's paced rate ({:.0}/s): {}",
         ceiling.paced_rate,
         ceiling.latency_line()
-    );
-    println!(
+    )?;
+    outln!(
         "worker throughput: {:.0} jobs/s (draining a backlog of {} jobs)",
-        worker.rate, opts.jobs
-    );
-    println!(
+        worker.rate,
+        opts.jobs
+    )?;
+    outln!(
         "ratio to ceiling: {ratio:.2} (target {ratio_target}: {})",
         verdict(ratio >= ratio_target)
-    );
-    println!(
+    )?;
+    outln!(
         "worker latency, enqueue -> result at half that rate ({:.0}/s, {} jobs): {} (target p99 <= {:.0} ms: {})",
         worker.paced_rate,
         worker.latencies.len(),
         worker.latency_line(),
         latency_ms + 25.0,
         verdict(p99_ms <= latency_ms + 25.0)
-    );
-    println!(
+    )?;
+    outln!(
         "worker peak RSS: {rss_mib:.1} MiB with at most {peak_in_flight:.0} jobs in flight (WORKER_CONCURRENCY {}; target 64 MiB: {})",
         opts.concurrency,
         verdict(rss_mib <= 64.0)
-    );
-    print_cpu("worker run", worker.cpu, opts.jobs);
+    )?;
+    print_cpu("worker run", worker.cpu, opts.jobs)?;
     if let Some((backlog, paced)) = &worker.stages {
-        println!("worker stages, mean ms per job, backlog: {backlog}");
-        println!("worker stages, mean ms per job, paced: {paced}");
+        outln!("worker stages, mean ms per job, backlog: {backlog}")?;
+        outln!("worker stages, mean ms per job, paced: {paced}")?;
     }
-    println!("checked: {rows} rows, all sent, {fake_sends} sends at the fake");
+    outln!("checked: {rows} rows, all sent, {fake_sends} sends at the fake")?;
     Ok(())
 }
 

@@ -19,6 +19,7 @@ pub mod fake_aliyun;
 pub mod health;
 pub mod metrics;
 pub mod ops;
+pub mod output;
 pub mod phone;
 pub mod pipeline;
 pub mod receipts;

@@ -17,6 +17,7 @@ use aliyun_sms_worker::sms_client::SmsClient;
 use aliyun_sms_worker::store::{JobFilter, Store};
 use aliyun_sms_worker::wire::Status;
 use aliyun_sms_worker::{bench, check_config, retention, sandbox, telemetry, worker};
+use aliyun_sms_worker::{out, outln, output};
 
 #[derive(Parser)]
 #[command(
@@ -292,6 +293,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
+        Err(e) if output::closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -316,7 +318,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .await
                 .context("connecting to Postgres")?;
             store.migrate().await?;
-            println!("migrations applied");
+            outln!("migrations applied")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Enqueue(command) => {
@@ -331,12 +333,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let stats = store.stats(since).await?;
             let fleet = store.fleet().await?;
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&ops::stats_json(&stats, &fleet))?
-                );
+                )?;
             } else {
-                print!("{}", ops::render_stats(&stats, &fleet, &args.since));
+                out!("{}", ops::render_stats(&stats, &fleet, &args.since))?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -345,7 +347,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::CheckConfig => {
             let checks = check_config::run(&config::env_lookup).await;
             for check in &checks {
-                println!("{check}");
+                outln!("{check}")?;
             }
             let failed = checks
                 .iter()
@@ -417,9 +419,9 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<ExitCode> {
     let outcome = match command {
         DeadLettersCommand::List { limit, json } => dlq.list(limit.max(1)).await.map(|letters| {
             if json {
-                serde_json::to_string_pretty(&letters).map(|s| println!("{s}"))?;
+                outln!("{}", serde_json::to_string_pretty(&letters)?)?;
             } else {
-                print!("{}", dead_letters::render(&letters, &queue));
+                out!("{}", dead_letters::render(&letters, &queue))?;
             }
             Ok(ExitCode::SUCCESS)
         }),
@@ -430,16 +432,16 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<ExitCode> {
                 Selection::Ids(ids.into_iter().collect())
             };
             dlq.redrive(&selection).await.map(|r| {
-                println!(
+                outln!(
                     "redrove {} message(s) from {queue} to {}",
                     r.moved.len(),
                     settings.jobs_queue
-                );
+                )?;
                 for id in &r.moved {
-                    println!("  {id}");
+                    outln!("  {id}")?;
                 }
                 for id in &r.not_found {
-                    println!("not in {queue}: {id}");
+                    outln!("not in {queue}: {id}")?;
                 }
                 // Like `jobs show`: 2 tells a script that something asked for was not there.
                 Ok(if r.not_found.is_empty() {
@@ -451,8 +453,7 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<ExitCode> {
         }
     };
     dlq.close().await;
-    let code: Result<ExitCode, serde_json::Error> = outcome?;
-    Ok(code?)
+    outcome?
 }
 
 async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
@@ -462,16 +463,23 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
     let before = cutoff.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     if args.dry_run {
         let n = retention::count(&store, cutoff).await?;
-        println!(
+        outln!(
             "would purge {} job(s) finished before {before} (older than {}), with {} attempt(s) and {} delivery receipt(s); nothing deleted (--dry-run)",
-            n.jobs, args.older_than, n.attempts, n.deliveries
-        );
+            n.jobs,
+            args.older_than,
+            n.attempts,
+            n.deliveries
+        )?;
     } else {
         let n = retention::purge(&store, cutoff, args.batch_size).await?;
-        println!(
+        outln!(
             "purged {} job(s) finished before {before} (older than {}), with {} attempt(s) and {} delivery receipt(s), in {} batch(es)",
-            n.jobs, args.older_than, n.attempts, n.deliveries, n.batches
-        );
+            n.jobs,
+            args.older_than,
+            n.attempts,
+            n.deliveries,
+            n.batches
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -495,22 +503,22 @@ async fn jobs(command: JobsCommand) -> anyhow::Result<ExitCode> {
             };
             let jobs = store.list_jobs(&filter).await?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&jobs)?);
+                outln!("{}", serde_json::to_string_pretty(&jobs)?)?;
             } else {
-                print!("{}", ops::render_jobs(&jobs));
+                out!("{}", ops::render_jobs(&jobs))?;
             }
             Ok(ExitCode::SUCCESS)
         }
         JobsCommand::Show { id, json } => match store.job_detail(&id).await? {
             Some(detail) if json => {
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&ops::detail_json(&detail))?
-                );
+                )?;
                 Ok(ExitCode::SUCCESS)
             }
             Some(detail) => {
-                print!("{}", ops::render_detail(&detail));
+                out!("{}", ops::render_detail(&detail))?;
                 Ok(ExitCode::SUCCESS)
             }
             None => {
@@ -642,7 +650,7 @@ async fn enqueue(mut job: serde_json::Value, delivery: Delivery) -> anyhow::Resu
         let result = client
             .request(&body, &id, Duration::from_secs(delivery.timeout_secs))
             .await?;
-        println!("{}", serde_json::to_string_pretty(&result)?);
+        outln!("{}", serde_json::to_string_pretty(&result)?)?;
         if matches!(result.status, Status::Sent | Status::Verified) {
             ExitCode::SUCCESS
         } else {
@@ -650,7 +658,7 @@ async fn enqueue(mut job: serde_json::Value, delivery: Delivery) -> anyhow::Resu
         }
     } else {
         client.publish(&body, &id).await?;
-        println!("published job {id} to {}", settings.jobs_queue);
+        outln!("published job {id} to {}", settings.jobs_queue)?;
         ExitCode::SUCCESS
     };
     client.close().await;
@@ -667,7 +675,8 @@ async fn fake(args: FakeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(endpoint = %fake.endpoint(), "fake Aliyun listening");
-    println!("fake Aliyun listening on {}", fake.endpoint());
+    // A server keeps serving when nobody reads its standard output; the address is logged too.
+    let _ = outln!("fake Aliyun listening on {}", fake.endpoint());
     tokio::select! {
         _ = fake.serve_forever() => {}
         _ = shutdown_signal() => {}

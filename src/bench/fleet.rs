@@ -12,6 +12,8 @@ use anyhow::{Context, ensure};
 use futures_util::future::join_all;
 use lapin::Connection;
 
+use crate::{out, outln};
+
 use super::{
     Backlog, BenchOptions, collect_results, consume_results, fake_and_env, scratch_run, short,
     spawn_worker, stop_worker, verify,
@@ -51,12 +53,12 @@ pub async fn run_fleet(opts: FleetOptions) -> anyhow::Result<()> {
         "--workers takes worker counts from 1 to {MAX_WORKERS}, e.g. --workers 1,2,3"
     );
     ensure!(!opts.latencies.is_empty(), "no upstream latency to run at");
-    println!(
+    outln!(
         "bench --workers: {} jobs per run, concurrency {} per worker, {} cores",
         base.jobs,
         base.concurrency,
         std::thread::available_parallelism().map_or(1, |n| n.get())
-    );
+    )?;
     let mut cells = Vec::with_capacity(opts.workers.len() * opts.latencies.len());
     for &latency in &opts.latencies {
         for &workers in &opts.workers {
@@ -71,11 +73,11 @@ pub async fn run_fleet(opts: FleetOptions) -> anyhow::Result<()> {
             cells.push(cell);
         }
     }
-    print!("{}", render(&cells, base.jobs));
-    println!(
+    out!("{}", render(&cells, base.jobs))?;
+    outln!(
         "checked in every run: {} rows, all sent, one send per job at the fake, every result sent",
         base.jobs
-    );
+    )?;
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 //! Headless Chromium, to look at the admin pages as a browser renders them. Not installed is a
-//! failure, not a skip: `.ci/run` installs it (`apt-get install -y chromium`).
+//! failure, not a skip: `scripts/test` installs it (`apt-get install -y chromium`).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -25,7 +25,7 @@ fn binary() -> PathBuf {
     }
     panic!(
         "Chromium is not installed, and the status page tests need it: run \
-         `apt-get install -y chromium` (Debian's package; `.ci/run` does it), or set CHROMIUM \
+         `apt-get install -y chromium` (Debian's package; `scripts/test` does it), or set CHROMIUM \
          to the browser's path"
     );
 }

@@ -325,8 +325,9 @@ fn tests_service_is_behind_a_profile_and_builds_a_dockerfile_stage() {
     }
 }
 
-/// The suite renders the status page in Chromium and runs the README's Python and Node
-/// examples; the image the `tests` service runs in must carry all three.
+/// The suite renders the status page in Chromium, runs the README's Python and Node examples
+/// and checks the metrics with promtool (Debian's prometheus package); the image the `tests`
+/// service runs in must carry them all.
 #[test]
 fn the_tests_image_has_what_the_suite_drives() {
     let doc = compose();
@@ -342,12 +343,96 @@ fn the_tests_image_has_what_the_suite_drives() {
         .find(|stage| stage.name.as_deref() == Some(target.as_str()))
         .expect("the tests target is a stage");
     let text = stage.lines.join("\n");
-    for needed in ["chromium", "python3-pika", "nodejs", "npm ci"] {
+    for needed in ["chromium", "python3-pika", "nodejs", "npm ci", "prometheus"] {
         assert!(
             text.contains(needed),
             "the `{target}` stage must install {needed}:\n{text}"
         );
     }
+}
+
+/// A stage's instructions, each with its continuation lines (`\`) joined.
+fn instructions(stage: &Stage) -> Vec<String> {
+    let mut joined: Vec<String> = Vec::new();
+    let mut continues = false;
+    for line in &stage.lines {
+        let (text, next_continues) = match line.strip_suffix('\\') {
+            Some(text) => (text.trim_end(), true),
+            None => (line.as_str(), false),
+        };
+        match joined.last_mut() {
+            Some(last) if continues => {
+                last.push(' ');
+                last.push_str(text);
+            }
+            _ => joined.push(text.to_owned()),
+        }
+        continues = next_continues;
+    }
+    joined
+}
+
+/// The second `docker compose run tests` starts testing in seconds: the `tests` image carries
+/// the test build, on top of a dependency layer that a change to the sources leaves cached,
+/// and it installs its tools before it copies the sources.
+#[test]
+fn the_tests_image_carries_the_test_build_with_its_dependencies_cached() {
+    let stages = dockerfile_stages(&dockerfile());
+    let stage = stages
+        .iter()
+        .find(|stage| stage.name.as_deref() == Some("tests"))
+        .expect("the Dockerfile has a `tests` stage");
+    assert!(
+        !stages
+            .iter()
+            .any(|other| other.name.as_deref() == Some(stage.image.as_str())),
+        "the `tests` stage is based on the stage `{}`, whose layers (with the sources) it \
+         would rebuild on every source change",
+        stage.image
+    );
+    let steps = instructions(stage);
+    let position = |what: &str, found: &dyn Fn(&str) -> bool| {
+        steps
+            .iter()
+            .position(|step| found(step))
+            .unwrap_or_else(|| panic!("the `tests` stage has no {what}:\n{}", steps.join("\n")))
+    };
+    let test_build = |step: &str| {
+        instruction(step, "RUN")
+            .is_some_and(|run| run.contains("cargo test --locked") && run.contains("--no-run"))
+    };
+    let manifests = position("COPY Cargo.toml Cargo.lock", &|step| {
+        instruction(step, "COPY")
+            .is_some_and(|copy| copy.contains("Cargo.toml") && copy.contains("Cargo.lock"))
+    });
+    let dependencies = position(
+        "dependency build (cargo test --locked --no-run)",
+        &test_build,
+    );
+    let sources = position("COPY . .", &|step| {
+        instruction(step, "COPY").is_some_and(|copy| copy.split_whitespace().eq([".", "."]))
+    });
+    let build = steps
+        .iter()
+        .skip(sources)
+        .position(|step| test_build(step))
+        .map(|offset| sources + offset);
+    let tools = position("apt-get install", &|step| step.contains("apt-get install"));
+    assert!(
+        manifests < dependencies && dependencies < sources,
+        "the dependencies must be built from Cargo.toml and Cargo.lock alone, before the \
+         sources are copied:\n{}",
+        steps.join("\n")
+    );
+    assert!(
+        build.is_some(),
+        "the tests must be built in the image, after the sources are copied:\n{}",
+        steps.join("\n")
+    );
+    assert!(
+        tools < sources,
+        "the tools are installed after the sources are copied, so again on every change"
+    );
 }
 
 #[test]

@@ -23,7 +23,9 @@ async fn run_example(app: &TestApp, program: &str, script: &str, phone: &str) ->
     tokio::time::timeout(PATIENCE, run)
         .await
         .unwrap_or_else(|_| panic!("{script} did not finish in time"))
-        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed? see .ci/run): {e}"))
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} (is it installed? scripts/test installs it): {e}")
+        })
 }
 
 async fn assert_sent(app: &TestApp, out: &Output, phone: &str) {

@@ -7,6 +7,7 @@ mod check_verify_code;
 mod chromium;
 mod claims;
 mod cli;
+mod closed_pipe;
 mod cluster;
 mod compose;
 mod dead_letters;

@@ -85,3 +85,38 @@ fn every_setting_is_classified_for_a_fleet() {
         );
     }
 }
+
+/// The README's test command is exactly what CI runs: `.ci/run` ends by calling it.
+#[test]
+fn the_readme_test_command_is_what_ci_runs() {
+    let readme = readme();
+    let command = readme
+        .split("### Run the tests")
+        .nth(1)
+        .and_then(|rest| rest.split("```sh\n").nth(1))
+        .and_then(|block| block.split("```").next())
+        .map(str::trim)
+        .expect("README's \"Run the tests\" shows the command in a sh block");
+    let ci =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/run")).expect(".ci/run");
+    let last = ci
+        .lines()
+        .map(str::trim)
+        .rfind(|line| !line.is_empty() && !line.starts_with('#'));
+    assert_eq!(
+        last,
+        Some(command),
+        ".ci/run must end with the README's test command"
+    );
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(command);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&script)
+            .unwrap_or_else(|e| panic!("{}: {e}", script.display()))
+            .permissions(),
+    );
+    assert!(
+        mode & 0o111 != 0,
+        "{} must be executable, as the README runs it",
+        script.display()
+    );
+}
