@@ -97,11 +97,8 @@ impl Gate {
             .query()?
             .split('&')
             .find_map(|pair| pair.strip_prefix("token="))
-            .map(|raw| {
-                percent_decode_str(&raw.replace('+', " "))
-                    .decode_utf8_lossy()
-                    .into_owned()
-            })
+            // No `+` to space: a token may hold a `+`, and a space never.
+            .map(|raw| percent_decode_str(raw).decode_utf8_lossy().into_owned())
     }
 }
 
