@@ -1,7 +1,9 @@
 //! The admin HTTP listener inside `run`: `/healthz` (alive), `/readyz` (consuming, database
 //! reachable, not draining), `/metrics` (Prometheus text format), and a read-only status page
-//! at `/` with one page per job at `/jobs/{id}`.
+//! at `/` with one page per job at `/jobs/{id}`. With `ADMIN_TOKEN` set, all but the two probes
+//! need the token (see `access`).
 
+mod access;
 mod chart;
 mod html;
 mod status_page;
@@ -12,11 +14,13 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::config::Secret;
 pub use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -61,8 +65,10 @@ impl AdminState {
 }
 
 /// Serves the admin endpoints on `addr` until the runtime stops; returns the bound address.
+/// `token`, when given, guards every page but `/healthz` and `/readyz`.
 pub async fn serve(
     addr: SocketAddr,
+    token: Option<&Secret>,
     metrics: Arc<Metrics>,
     probes: Probes,
     store: Store,
@@ -74,12 +80,20 @@ pub async fn serve(
         probes,
         store,
     };
-    let app = Router::new()
+    let mut pages = Router::new()
         .route("/", get(status_page::index))
         .route("/jobs/{id}", get(status_page::job))
+        .route("/metrics", get(metrics_text));
+    if let Some(token) = token {
+        pages = pages.route_layer(middleware::from_fn_with_state(
+            access::Gate::new(token),
+            access::require,
+        ));
+    }
+    let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
+        .merge(pages)
         .with_state(state);
     let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -805,6 +805,8 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         .local_addr()?
         .to_string();
     env.insert(config::ADMIN_ADDR.to_owned(), admin.clone());
+    // Set empty, so an ADMIN_TOKEN in a .env file cannot lock the bench out of /metrics.
+    env.insert(config::ADMIN_TOKEN.to_owned(), String::new());
     // The jobs wait in the queue before the worker starts, as they do for the ceiling: both
     // figures are then about draining a backlog, not about how fast this process publishes.
     let backlog = Backlog::publish(opts, &env, tag).await?;

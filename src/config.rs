@@ -292,6 +292,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// None when the admin listener is off.
     pub admin_addr: Option<std::net::SocketAddr>,
+    /// None leaves the admin listener open to anyone who reaches it (loopback only).
+    pub admin_token: Option<Secret>,
     pub log_format: LogFormat,
 }
 
@@ -355,6 +357,7 @@ settings! {
     ABANDONED_CLAIM_AFTER_MS = "ABANDONED_CLAIM_AFTER_MS", Some("900000"), "a dead worker's claim that never reached Aliyun, and whose message did not come back, ends failed (ABANDONED) after this long";
     SHUTDOWN_GRACE_MS = "SHUTDOWN_GRACE_MS", Some("30000"), "on SIGTERM, how long in-flight jobs may take to finish";
     ADMIN_ADDR = "ADMIN_ADDR", Some("127.0.0.1:8080"), "admin HTTP listener (status page /, /healthz, /readyz, /metrics); empty turns it off";
+    ADMIN_TOKEN = "ADMIN_TOKEN", Some(""), "bearer token every admin page but /healthz and /readyz requires (at least 16 characters; never printed); required when ADMIN_ADDR is not a loopback address";
     LOG_FORMAT = "LOG_FORMAT", Some("pretty"), "pretty | json (one JSON object per line)";
 }
 
@@ -506,6 +509,30 @@ impl Reader<'_> {
     }
 }
 
+/// Shorter tokens are guessable by whoever can reach the listener.
+pub const ADMIN_TOKEN_MIN_LEN: usize = 16;
+
+fn admin_token(r: &Reader<'_>) -> Result<Option<Secret>, ConfigError> {
+    let Some(token) = r.raw(ADMIN_TOKEN) else {
+        return Ok(None);
+    };
+    let token = token.trim();
+    if token.chars().count() < ADMIN_TOKEN_MIN_LEN {
+        return Err(ConfigError::Malformed {
+            name: ADMIN_TOKEN,
+            reason: format!("at least {ADMIN_TOKEN_MIN_LEN} characters are required"),
+        });
+    }
+    // A token travels in a header and a cookie: visible ASCII only, so nothing is lost on the way.
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::Malformed {
+            name: ADMIN_TOKEN,
+            reason: "only visible ASCII characters (no spaces) are allowed".into(),
+        });
+    }
+    Ok(Some(Secret::new(token)))
+}
+
 /// `scheme://user:password@host:port/path` → `host:port`: how a URL is shown in logs and
 /// errors, since its user info may hold a password.
 pub fn host_of(url: &str) -> String {
@@ -591,7 +618,7 @@ impl Config {
                 reason: "must not be smaller than RETRY_INITIAL_DELAY_MS".into(),
             });
         }
-        Ok(Self {
+        let config = Self {
             amqp_nodes: r.amqp_nodes()?,
             database_url: Secret::new(r.url(DATABASE_URL, &["postgres", "postgresql"])?),
             database_max_connections: r.number(DATABASE_MAX_CONNECTIONS, 1, 1000)?,
@@ -665,11 +692,27 @@ impl Config {
                     })?)
                 }
             },
+            admin_token: admin_token(&r)?,
             log_format: r.choice(
                 LOG_FORMAT,
                 &[("pretty", LogFormat::Pretty), ("json", LogFormat::Json)],
             )?,
-        })
+        };
+        if let Some(addr) = config.admin_addr
+            && !addr.ip().is_loopback()
+            && config.admin_token.is_none()
+        {
+            // The status page shows masked numbers, codes and messages of every job, and
+            // /metrics the traffic: nothing to hand to whoever reaches the port.
+            return Err(ConfigError::Malformed {
+                name: ADMIN_ADDR,
+                reason: format!(
+                    "{addr} is not a loopback address, so {ADMIN_TOKEN} must be set (or bind \
+                     {ADMIN_ADDR} to 127.0.0.1, or set it empty to turn the listener off)"
+                ),
+            });
+        }
+        Ok(config)
     }
 
     /// How long a fresh claim is held before it is stamped (the call about to leave). A claim
@@ -878,7 +921,58 @@ mod tests {
     }
 
     #[test]
+    fn a_listener_off_loopback_needs_a_token() {
+        let mut pairs = CREDS.to_vec();
+        pairs.push((ADMIN_ADDR, "0.0.0.0:8080"));
+        let err = with(&pairs).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(ADMIN_ADDR) && text.contains(ADMIN_TOKEN),
+            "{text}"
+        );
+        pairs.push((ADMIN_TOKEN, "a-long-enough-admin-token"));
+        let c = with(&pairs).unwrap();
+        assert_eq!(
+            c.admin_token.as_ref().map(Secret::expose),
+            Some("a-long-enough-admin-token")
+        );
+        for loopback in ["127.0.0.1:8080", "[::1]:8080"] {
+            let mut pairs = CREDS.to_vec();
+            pairs.push((ADMIN_ADDR, loopback));
+            assert!(with(&pairs).unwrap().admin_token.is_none(), "{loopback}");
+        }
+    }
+
+    #[test]
+    fn short_or_odd_tokens_are_refused_without_being_shown() {
+        for bad in [
+            "too-short",
+            "has a space in the middle",
+            "ünïcödé-tökén-lönger",
+        ] {
+            let mut pairs = CREDS.to_vec();
+            pairs.push((ADMIN_TOKEN, bad));
+            let err = with(&pairs).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Malformed {
+                        name: ADMIN_TOKEN,
+                        ..
+                    }
+                ),
+                "{bad}: {err}"
+            );
+            assert!(!err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
     fn secrets_never_print() {
+        let mut pairs = CREDS.to_vec();
+        pairs.push((ADMIN_TOKEN, "admin-token-never-printed"));
+        let debug = format!("{:?}", with(&pairs).unwrap());
+        assert!(!debug.contains("admin-token-never-printed"), "{debug}");
         let c = with(&CREDS).unwrap();
         let debug = format!("{c:?}");
         assert!(!debug.contains("very-secret"), "{debug}");

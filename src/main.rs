@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use tokio::sync::watch;
 
+use aliyun_sms_worker::aliyun::Product;
 use aliyun_sms_worker::config::{self, ClientSettings, Config, LogFormat};
 use aliyun_sms_worker::dead_letters::{self, DeadLetters, Selection};
 use aliyun_sms_worker::fake_aliyun::{FakeAliyun, FakeConfig, FaultRule};
@@ -270,6 +271,10 @@ struct FakeArgs {
     /// Calls per action per second before Throttling.Api.
     #[arg(long)]
     max_qps: Option<u32>,
+    /// Refuse a SendSmsVerifyCode within its Interval of the last send to the number
+    /// (biz.FREQUENCY), as Aliyun does; `--enforce-interval false` to send codes back to back.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    enforce_interval: bool,
     /// A fault rule as JSON, e.g. '{"fault":{"kind":"http503"},"times":1}'; repeatable.
     #[arg(long = "fault", value_parser = parse_fault)]
     faults: Vec<FaultRule>,
@@ -671,12 +676,25 @@ async fn fake(args: FakeArgs) -> anyhow::Result<ExitCode> {
     config.per_number_per_minute = args.per_number_per_minute;
     config.faults = args.faults;
     config.max_qps = args.max_qps;
+    config.enforce_interval = args.enforce_interval;
     let fake = FakeAliyun::start(config, args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(endpoint = %fake.endpoint(), "fake Aliyun listening");
     // A server keeps serving when nobody reads its standard output; the address is logged too.
-    let _ = outln!("fake Aliyun listening on {}", fake.endpoint());
+    let interval = if args.enforce_interval {
+        "enforced (--enforce-interval false to turn it off)"
+    } else {
+        "not enforced"
+    };
+    let _ = outln!(
+        "fake Aliyun listening on {} (both products)",
+        fake.endpoint()
+    );
+    // Aliyun serves each product on its own host, where the other's actions do not exist.
+    let _ = outln!("  Dypnsapi only: {}", fake.endpoint_for(Product::Dypnsapi));
+    let _ = outln!("  Dysmsapi only: {}", fake.endpoint_for(Product::Dysmsapi));
+    let _ = outln!("  Dypnsapi Interval: {interval}");
     tokio::select! {
         _ = fake.serve_forever() => {}
         _ = shutdown_signal() => {}

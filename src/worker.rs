@@ -92,8 +92,20 @@ pub async fn run(
                 db_ok: health.subscribe(),
                 tasks_down: supervisor.subscribe(),
             };
-            let (bound, task) = admin::serve(addr, metrics.clone(), probes, store.clone()).await?;
-            tracing::info!(%bound, "admin listener: / /jobs/{{id}} /healthz /readyz /metrics");
+            let (bound, task) = admin::serve(
+                addr,
+                config.admin_token.as_ref(),
+                metrics.clone(),
+                probes,
+                store.clone(),
+            )
+            .await?;
+            let access = if config.admin_token.is_some() {
+                "ADMIN_TOKEN required but for /healthz /readyz"
+            } else {
+                "open (loopback)"
+            };
+            tracing::info!(%bound, access, "admin listener: / /jobs/{{id}} /healthz /readyz /metrics");
             Some(task)
         }
         None => None,

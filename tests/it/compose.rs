@@ -286,15 +286,116 @@ fn worker_urls_point_at_compose_services() {
 }
 
 #[test]
-fn fake_aliyun_and_worker_share_default_credentials() {
+fn fake_aliyun_gets_fixed_sandbox_credentials_that_the_worker_defaults_to() {
     let doc = compose();
     for var in CREDENTIAL_VARS {
+        let fake = env_var(&doc, "fake-aliyun", var);
+        // A real AccessKey exported for the worker must never reach the fake.
+        assert!(
+            !fake.contains('$'),
+            "fake-aliyun's {var} is `{fake}`: it must be a literal, not interpolated from the host"
+        );
         assert_eq!(
-            env_var(&doc, "fake-aliyun", var),
-            env_var(&doc, "worker", var),
-            "fake-aliyun and worker must use the same {var} expression, or signatures fail"
+            compose_default(env_var(&doc, "worker", var)),
+            fake,
+            "with nothing exported the worker must sign with the fake's {var}, or signatures fail"
         );
     }
+    let fake_env = serde_yaml_ng::to_string(environment(&doc, "fake-aliyun")).expect("yaml");
+    assert!(
+        !fake_env.contains("${ALIBABA_CLOUD_"),
+        "fake-aliyun interpolates a host credential: {fake_env}"
+    );
+}
+
+/// Every port of every service on the host's loopback: the stack's RabbitMQ, Postgres and admin
+/// pages use development passwords and tokens.
+#[test]
+fn every_published_port_is_on_the_hosts_loopback() {
+    let doc = compose();
+    let services = doc
+        .get("services")
+        .and_then(Value::as_mapping)
+        .expect("services");
+    let mut checked = 0;
+    for (name, svc) in services {
+        let name = name.as_str().expect("service name");
+        let Some(ports) = svc.get("ports").and_then(Value::as_sequence) else {
+            continue;
+        };
+        for entry in ports {
+            let ip = match entry {
+                // "ip:host:container" (host may be empty); shorter forms bind every interface.
+                Value::String(spec) => match spec.split(':').collect::<Vec<_>>().as_slice() {
+                    [ip, _, _] => Some((*ip).to_owned()),
+                    _ => None,
+                },
+                other => other
+                    .get("host_ip")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+            };
+            assert_eq!(
+                ip.as_deref(),
+                Some("127.0.0.1"),
+                "service `{name}` publishes {entry:?} on every interface of the host"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 7, "only {checked} ports checked");
+}
+
+#[test]
+fn the_worker_and_prometheus_share_an_admin_token() {
+    let doc = compose();
+    let worker = env_var(&doc, "worker", "ADMIN_TOKEN");
+    let token = compose_default(worker);
+    assert!(
+        token.len() >= aliyun_sms_worker::config::ADMIN_TOKEN_MIN_LEN,
+        "the compose default ADMIN_TOKEN `{token}` is too short for the worker to start"
+    );
+    assert_eq!(
+        env_var(&doc, "prometheus", "ADMIN_TOKEN"),
+        worker,
+        "Prometheus must get the same ADMIN_TOKEN expression as the worker"
+    );
+
+    let command = str_list(service(&doc, "prometheus"), "prometheus", "command");
+    let config_path = command
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--config.file="))
+        .expect("prometheus command sets --config.file=");
+    let config = yaml_file(&host_file(&doc, "prometheus", config_path));
+    let jobs = config
+        .get("scrape_configs")
+        .and_then(Value::as_sequence)
+        .expect("prometheus.yml has scrape_configs");
+    let job = jobs
+        .iter()
+        .find(|job| job.get("job_name").and_then(Value::as_str) == Some("aliyun-sms-worker"))
+        .expect("a scrape job for the workers");
+    let authorization = job
+        .get("authorization")
+        .unwrap_or_else(|| panic!("the workers' scrape job sends no authorization: {job:?}"));
+    assert_eq!(
+        authorization
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("Bearer"),
+        "Bearer"
+    );
+    let file = authorization
+        .get("credentials_file")
+        .and_then(Value::as_str)
+        .expect("prometheus reads the token from credentials_file");
+    // The entrypoint writes ADMIN_TOKEN to that file before Prometheus starts.
+    let entrypoint = str_list(service(&doc, "prometheus"), "prometheus", "entrypoint").join(" ");
+    assert!(
+        entrypoint.contains(&format!("\"$$ADMIN_TOKEN\" > {file}"))
+            && entrypoint.contains("exec /bin/prometheus \"$$@\""),
+        "the prometheus entrypoint must write $ADMIN_TOKEN to {file} and exec Prometheus: {entrypoint}"
+    );
 }
 
 #[test]

@@ -233,15 +233,18 @@ fn verify_code_query(phone: &str) -> Vec<(&'static str, String)> {
 
 /// An SDK-shaped SendSmsVerifyCode at the Dypnsapi endpoint, signed over every header it sends.
 async fn sdk_send_code(fake: &FakeAliyun, phone: &str) -> (u16, Value) {
-    let endpoint = fake.endpoint_for(Product::Dypnsapi);
+    sdk_send_code_at(&fake.endpoint_for(Product::Dypnsapi), phone).await
+}
+
+async fn sdk_send_code_at(endpoint: &str, phone: &str) -> (u16, Value) {
     let request = sdk_request(
-        host(&endpoint),
+        host(endpoint),
         "SendSmsVerifyCode",
         verify_code_query(phone),
         None,
     );
     let auth = request.authorization(TEST_KEY_ID, TEST_SECRET, &all_headers(&request));
-    send(&endpoint, &request, &auth).await
+    send(endpoint, &request, &auth).await
 }
 
 #[tokio::test]
@@ -582,4 +585,64 @@ async fn a_failed_receipt_is_recorded_failed_with_its_code_and_published() {
     assert_eq!(rows[0]["delivery_status"], "failed", "{}", rows[0]);
     assert_eq!(rows[0]["err_code"], "MK:0001", "{}", rows[0]);
     app.shutdown().await;
+}
+
+/// `aliyun-sms-worker fake-aliyun` as a person starts it: it prints each product's own
+/// endpoint, and `--enforce-interval false` lets codes go to one number back to back.
+#[tokio::test]
+async fn the_fake_cli_prints_each_products_endpoint_and_can_stop_enforcing_the_interval() {
+    for (args, second_code) in [
+        (vec![], "biz.FREQUENCY"),
+        (vec!["--enforce-interval", "false"], "OK"),
+    ] {
+        let mut child = crate::process::command([
+            ("ALIBABA_CLOUD_ACCESS_KEY_ID", TEST_KEY_ID),
+            ("ALIBABA_CLOUD_ACCESS_KEY_SECRET", TEST_SECRET),
+        ])
+        .args(["fake-aliyun", "--listen", "127.0.0.1:0"])
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the fake");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        let mut printed = Vec::new();
+        let banner = async {
+            while let Some(line) = lines.next_line().await.expect("read stdout") {
+                let last = line.contains("Interval");
+                printed.push(line);
+                if last {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(crate::helpers::PATIENCE, banner)
+            .await
+            .expect("the fake prints its banner");
+        let endpoint_of = |label: &str| {
+            printed
+                .iter()
+                .find_map(|l| l.trim().strip_prefix(label))
+                .map(|rest| rest.trim().to_owned())
+                .unwrap_or_else(|| panic!("no {label:?} line: {printed:?}"))
+        };
+        let dypnsapi = endpoint_of("Dypnsapi only:");
+        let dysmsapi = endpoint_of("Dysmsapi only:");
+        assert!(
+            dypnsapi.starts_with("http://127.0.0.1:") && dysmsapi.starts_with("http://127.0.0.1:"),
+            "{printed:?}"
+        );
+        assert_ne!(dypnsapi, dysmsapi);
+
+        let phone = unique_phone();
+        let (_, first) = sdk_send_code_at(&dypnsapi, &phone).await;
+        assert_eq!(first["Code"], "OK", "{first}");
+        let (_, second) = sdk_send_code_at(&dypnsapi, &phone).await;
+        assert_eq!(second["Code"], second_code, "{args:?}: {second}");
+        // The other product's endpoint does not know the action, as at Aliyun.
+        let (status, _) = sdk_send_code_at(&dysmsapi, &phone).await;
+        assert_eq!(status, 404);
+        child.kill().await.expect("stop the fake");
+    }
 }

@@ -3,8 +3,10 @@
 
 use aliyun_sms_worker::config;
 use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 
+use crate::admin_access::TOKEN;
 use crate::chromium::{dump_dom, element, screenshot, visible_text};
 use crate::helpers::{PATIENCE, TestApp, TestEnv, admin_get, free_addr, send_job, unique_id};
 use crate::operators::{hold_a_job_and_plant_a_dead_worker, hold_slow_calls};
@@ -258,5 +260,146 @@ async fn status_page_says_so_when_the_database_is_gone_and_recovers_by_itself() 
         .await
         .expect("the page works again once the database is back");
     assert!(page.contains(id), "{page}");
+    app.shutdown().await;
+}
+
+/// A value no field may turn into markup: it closes an attribute, adds an element with a
+/// handler, and a script, each of which would mark the page if it ran.
+fn hostile(field: &str) -> String {
+    format!(
+        "{field}\"'><img src=x onerror=\"document.documentElement.dataset.pwned=1\">\
+         <script>document.documentElement.dataset.pwned=1</script>&amp;"
+    )
+}
+
+/// Every text field the two pages show, planted in the database as a backend, Aliyun or another
+/// worker could leave it; the browser (logged in with the token) must show each literally.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_field_the_pages_show_is_text_never_markup() {
+    let admin = free_addr();
+    let admin_setting = admin.clone();
+    let app = TestApp::spawn_with(|s| {
+        s.insert(config::ADMIN_ADDR.into(), admin_setting);
+        s.insert(config::ADMIN_TOKEN.into(), TOKEN.into());
+    })
+    .await;
+    let id = hostile(&unique_id("id"));
+    let phone = hostile("phone");
+    sqlx::query(
+        "INSERT INTO sms_jobs (id, type, status, phone_number, out_id, reply_to, biz_id,
+                               request_id, code, message, attempts, finished_at)
+         VALUES ($1, $2, 'rejected', $3, $4, $5, $6, $7, $8, $9, 1, now())",
+    )
+    .bind(&id)
+    .bind(hostile("type"))
+    .bind(&phone)
+    .bind(hostile("out_id"))
+    .bind(hostile("reply_to"))
+    .bind(hostile("biz_id"))
+    .bind(hostile("request_id"))
+    .bind(hostile("code"))
+    .bind(hostile("message"))
+    .execute(&app.pool)
+    .await
+    .expect("plant the job");
+    sqlx::query(
+        "INSERT INTO sms_attempts (job_id, attempt, action, started_at, finished_at, http_status,
+                                   code, message, request_id, outcome)
+         VALUES ($1, 1, $2, now(), now(), 400, $3, $4, $5, $6)",
+    )
+    .bind(&id)
+    .bind(hostile("action"))
+    .bind(hostile("attempt_code"))
+    .bind(hostile("attempt_message"))
+    .bind(hostile("attempt_request_id"))
+    .bind(hostile("outcome"))
+    .execute(&app.pool)
+    .await
+    .expect("plant its call");
+    sqlx::query(
+        "INSERT INTO sms_deliveries (job_id, phone_number, send_date, delivery_status, err_code,
+                                     received_at)
+         VALUES ($1, $2, current_date, 'failed', $3, now())",
+    )
+    .bind(&id)
+    .bind(&phone)
+    .bind(hostile("err_code"))
+    .execute(&app.pool)
+    .await
+    .expect("plant its receipt");
+    // Beating once an hour, so it stays live however slow the browser is.
+    sqlx::query("INSERT INTO sms_workers (id, name, heartbeat_ms) VALUES ($1::uuid, $2, 3600000)")
+        .bind(uuid::Uuid::new_v4().to_string())
+        .bind(hostile("worker"))
+        .execute(&app.pool)
+        .await
+        .expect("plant a worker");
+
+    let base = format!("http://{admin}");
+    let index = dump_dom(&format!("{base}/?token={TOKEN}")).await;
+    let encoded = utf8_percent_encode(&id, NON_ALPHANUMERIC).to_string();
+    let job = dump_dom(&format!("{base}/jobs/{encoded}?token={TOKEN}")).await;
+    // The phone number shows masked: its first three and last four characters.
+    let masked = aliyun_sms_worker::phone::mask(&phone);
+    for (page, marker, dom, shown) in [
+        (
+            "index",
+            "id=\"latest\"",
+            &index,
+            vec![
+                id.clone(),
+                hostile("type"),
+                hostile("code"),
+                hostile("worker"),
+                masked.clone(),
+            ],
+        ),
+        (
+            "job",
+            "id=\"job-id\"",
+            &job,
+            vec![
+                id.clone(),
+                hostile("type"),
+                hostile("code"),
+                hostile("message"),
+                hostile("biz_id"),
+                hostile("request_id"),
+                hostile("out_id"),
+                hostile("reply_to"),
+                hostile("action"),
+                hostile("attempt_code"),
+                hostile("attempt_message"),
+                hostile("attempt_request_id"),
+                hostile("outcome"),
+                hostile("err_code"),
+                masked.clone(),
+            ],
+        ),
+    ] {
+        assert!(
+            dom.contains(marker),
+            "the browser did not log in on the {page} page:\n{dom}"
+        );
+        assert!(
+            !dom.contains("data-pwned"),
+            "a planted script or handler ran on the {page} page:\n{dom}"
+        );
+        assert!(
+            !dom.contains("<img") && !dom.contains("<script"),
+            "a planted element is in the {page} page:\n{dom}"
+        );
+        let text = visible_text(dom);
+        for value in shown {
+            assert!(
+                text.contains(&value),
+                "the {page} page does not show {value:?} as written:\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("phone\"'"),
+            "the {page} page shows the unmasked number"
+        );
+    }
     app.shutdown().await;
 }
