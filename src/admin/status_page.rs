@@ -16,6 +16,7 @@ use super::AdminState;
 use super::chart;
 use super::html::{badge, esc, job_href, masked_phones, page, respond, text, time};
 use crate::aliyun::outcome::meaning;
+use crate::metrics::AccountTrouble;
 use crate::ops::{ago, fleet_summary, utc};
 use crate::store::{FleetWorker, JobDetail, JobFilter, Stats, StoreError};
 
@@ -103,6 +104,7 @@ async fn index_page(state: &AdminState) -> Result<String, PageError> {
     let fleet = store.fleet().await?;
 
     let mut body = String::with_capacity(32 * 1024);
+    account_banner(&mut body, &state.metrics.account_troubles());
     let (ready, why) = state.ready();
     let _ = write!(
         body,
@@ -135,6 +137,30 @@ async fn index_page(state: &AdminState) -> Result<String, PageError> {
     top_codes(&mut body, &hour);
     latest_table(&mut body, &latest);
     Ok(page("aliyun-sms-worker status", Some(REFRESH_SECS), &body))
+}
+
+/// Account trouble leaves the worker ready, so the readiness badge stays green: the banner is
+/// what makes it impossible to miss.
+fn account_banner(body: &mut String, troubles: &[AccountTrouble]) {
+    if troubles.is_empty() {
+        return;
+    }
+    body.push_str(
+        "<div id=\"account-error\" class=\"banner bad\"><b>Aliyun refuses the account or its \
+         credentials</b>: jobs of these actions fail at once until an operator acts.<ul>",
+    );
+    for t in troubles {
+        let _ = write!(
+            body,
+            "<li><code>{}</code> on {} <code>{}</code> since {} UTC: {}</li>",
+            esc(t.code),
+            esc(t.product),
+            esc(t.action),
+            t.since.format("%Y-%m-%d %H:%M:%S"),
+            esc(meaning(t.code))
+        );
+    }
+    body.push_str("</ul></div>");
 }
 
 fn by_status(stats: &Stats) -> BTreeMap<&str, i64> {

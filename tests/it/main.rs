@@ -1,6 +1,7 @@
 //! The integration suite: one binary, real RabbitMQ and Postgres, the fake Aliyun over HTTP.
 //! Every test has its own database and queues, so the suite runs in parallel.
 
+mod alerts;
 mod chaos;
 mod check_config;
 mod check_verify_code;
