@@ -271,3 +271,56 @@ async fn an_account_error_raises_the_gauge_and_the_readiness_detail_until_a_call
     assert!(!page.contains("id=\"account-error\""), "{page}");
     app.shutdown().await;
 }
+
+/// The leader measures what the fleet left behind: a `sending` claim an hour old (its owner
+/// alive, its lease running, so no sweep ends it) shows in `sms_fleet_oldest_sending_seconds`,
+/// and the dead-letter queue's depth is there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_exposes_the_fleet_gauges_the_rules_need() {
+    let admin = free_addr();
+    let admin_setting = admin.clone();
+    let app = TestApp::spawn_with(|s| {
+        s.insert(config::ADMIN_ADDR.into(), admin_setting);
+        s.insert(config::SWEEP_INTERVAL_MS.into(), "100".into());
+    })
+    .await;
+    let (worker,): (uuid::Uuid,) = sqlx::query_as("SELECT id FROM sms_workers")
+        .fetch_one(&app.pool)
+        .await
+        .expect("the worker's row");
+    sqlx::query(
+        "INSERT INTO sms_jobs (id, type, status, claimed_by, lease_until, called_at,
+                               created_at, updated_at)
+         VALUES ($1, 'send_verify_code', 'sending', $2, now() + interval '1 hour', now(),
+                 now() - interval '1 hour', now() - interval '1 hour')",
+    )
+    .bind(unique_id("stuck"))
+    .bind(worker)
+    .execute(&app.pool)
+    .await
+    .expect("insert a stuck claim");
+
+    // Each scrape is a fresh look; the leader measures every sweep (100 ms here).
+    let deadline = tokio::time::Instant::now() + crate::helpers::PATIENCE;
+    let exp = loop {
+        let (_, text) = admin_get(&admin, "/metrics").await;
+        let exp = prometheus_text::parse(&text);
+        let oldest = exp.value("sms_fleet_oldest_sending_seconds", &[]);
+        if oldest.is_some_and(|s| s >= 3600.0) {
+            break exp;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never measured the hour-old claim: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert_eq!(exp.value("sms_worker_fleet_leader", &[]), Some(1.0));
+    // The harness consumes the dead-letter queue as letters arrive: empty, but measured.
+    assert_eq!(exp.value("sms_fleet_dead_letters", &[]), Some(0.0));
+    assert_eq!(
+        exp.value("sms_fleet_receipts_overdue_seconds", &[]),
+        Some(0.0)
+    );
+    app.shutdown().await;
+}
