@@ -20,7 +20,9 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::aliyun::outcome::meaning;
 use crate::config::Secret;
+use crate::metrics::AccountTrouble;
 pub use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -43,7 +45,18 @@ struct AdminState {
 }
 
 impl AdminState {
+    /// Whether to take jobs, and why, with any account trouble after it. Account trouble does
+    /// not make the worker unready: a restart cannot fix it, and the worker still answers every
+    /// job at once (`failed`), which beats jobs piling up behind an unready fleet.
     fn ready(&self) -> (bool, String) {
+        let (ready, why) = self.readiness();
+        match account_detail(&self.metrics.account_troubles()) {
+            Some(detail) => (ready, format!("{why}; {detail}")),
+            None => (ready, why),
+        }
+    }
+
+    fn readiness(&self) -> (bool, String) {
         let down = self.probes.tasks_down.borrow();
         if !*self.probes.consuming.borrow() {
             (
@@ -62,6 +75,28 @@ impl AdminState {
             (true, "ready".into())
         }
     }
+}
+
+/// `degraded: Aliyun account error <code> on <product> <action> since <time> (<meaning>)`, one
+/// clause per action in trouble; `None` when there is none.
+fn account_detail(troubles: &[AccountTrouble]) -> Option<String> {
+    if troubles.is_empty() {
+        return None;
+    }
+    let clauses: Vec<String> = troubles
+        .iter()
+        .map(|t| {
+            format!(
+                "Aliyun account error {} on {} {} since {} ({})",
+                t.code,
+                t.product,
+                t.action,
+                t.since.format("%Y-%m-%dT%H:%M:%SZ"),
+                meaning(t.code)
+            )
+        })
+        .collect();
+    Some(format!("degraded: {}", clauses.join("; ")))
 }
 
 /// Serves the admin endpoints on `addr` until the runtime stops; returns the bound address.

@@ -102,6 +102,17 @@ impl Broker {
         })
     }
 
+    /// Messages waiting in the dead-letter queue, asked on a channel of its own: a queue
+    /// deleted under the worker closes the channel the question is asked on.
+    pub async fn dead_letter_depth(&self) -> Result<u32, BrokerError> {
+        let channel = self.connection.create_channel().await?;
+        let declared = inspect_queue(&channel, &self.queues.dead_letter).await;
+        if declared.is_ok() {
+            let _ = channel.close(200, short("counted")).await;
+        }
+        Ok(declared?.message_count())
+    }
+
     /// The index in the node list of the node this broker is connected to.
     pub fn node(&self) -> usize {
         self.node

@@ -6,7 +6,9 @@
 //! - the result outbox: a final result that no queue confirmed (its worker died between the
 //!   commit and the publish, or the broker was away) is published again;
 //! - the rows of workers dead for a day that hold no claims are forgotten, and so are the SMS
-//!   budgets of days more than a week past.
+//!   budgets of days more than a week past;
+//! - what the fleet left behind is measured for the alert rules (`deploy/alerts.yml`): the
+//!   oldest `sending` claim, the most overdue receipt check, the dead-letter queue's depth.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,7 @@ use uuid::Uuid;
 use crate::broker::Broker;
 use crate::broker::Routed;
 use crate::config::Config;
+use crate::metrics::{FleetGauges, Metrics};
 use crate::pipeline::{PipelineError, deliver_result};
 use crate::store::{Store, StoreError};
 
@@ -33,6 +36,7 @@ pub struct Duties {
     pub worker_id: Uuid,
     pub broker: watch::Receiver<Option<Broker>>,
     pub leader: watch::Receiver<bool>,
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,14 +61,52 @@ impl Duties {
                 }
                 _ = tick.tick() => {
                     if !*self.leader.borrow() {
+                        // Also undoes a measurement that finished just after the leadership
+                        // was lost.
+                        self.metrics.set_fleet(FleetGauges::default());
                         continue;
                     }
                     if let Err(e) = self.sweep().await {
                         tracing::warn!(error = %e, "fleet sweep failed; trying again next time");
                     }
+                    self.measure().await;
                 }
             }
         }
+    }
+
+    /// What cannot be measured now is left out of `/metrics` rather than shown stale: an alert
+    /// on a figure that stopped changing would neither fire nor resolve truthfully.
+    async fn measure(&self) {
+        let backlog = match self.store.backlog().await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not measure the fleet's backlog");
+                None
+            }
+        };
+        let broker = self.broker.borrow().clone();
+        let dead_letters = match broker {
+            Some(broker) => {
+                match tokio::time::timeout(PUBLISH_PATIENCE, broker.dead_letter_depth()).await {
+                    Ok(Ok(n)) => Some(u64::from(n)),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "could not count the dead letters");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            }
+            None => None,
+        };
+        self.metrics.set_fleet(FleetGauges {
+            oldest_sending_seconds: backlog.map(|b| b.oldest_sending),
+            // With the poller off, every receipt is overdue and nobody is to blame.
+            receipts_overdue_seconds: backlog
+                .filter(|_| self.config.receipts.enabled)
+                .map(|b| b.receipts_overdue),
+            dead_letters,
+        });
     }
 
     async fn sweep(&self) -> Result<(), SweepError> {

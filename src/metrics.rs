@@ -12,7 +12,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::aliyun::outcome;
+use chrono::{DateTime, Utc};
+
+use crate::aliyun::{Product, outcome};
 use crate::store::DailyUsage;
 
 /// Every metric family `/metrics` exposes. The Grafana dashboard is checked against it, and the
@@ -33,6 +35,10 @@ pub const FAMILIES: &[&str] = &[
     "sms_worker_task_restarts_total",
     "sms_worker_fleet_leader",
     "sms_daily_sms_budget",
+    "sms_worker_aliyun_account_error",
+    "sms_fleet_oldest_sending_seconds",
+    "sms_fleet_receipts_overdue_seconds",
+    "sms_fleet_dead_letters",
 ];
 
 /// The Aliyun actions this program calls; anything else is counted as `other`.
@@ -101,6 +107,38 @@ impl Histogram {
     }
 }
 
+/// Aliyun refused the account or its credentials on the latest call of an action: restarting
+/// will not help, an operator must act (top up, re-enable the key, grant the RAM permission).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountTrouble {
+    pub product: &'static str,
+    pub action: &'static str,
+    /// Aliyun's code, canonical (see [`outcome::account_trouble`]).
+    pub code: &'static str,
+    /// The first answer with this code since the action last worked.
+    pub since: DateTime<Utc>,
+}
+
+/// What one answer changed of the account trouble of its action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountChange {
+    Raised(AccountTrouble),
+    Cleared(AccountTrouble),
+    Unchanged,
+}
+
+/// What the fleet's leader measures of the whole fleet (see `duties`); `None` is not measured.
+/// They are fleet-wide, so only the leader exposes them: N workers do not multiply them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FleetGauges {
+    /// Age of the oldest `sending` claim (since it last changed); 0 when there is none.
+    pub oldest_sending_seconds: Option<f64>,
+    /// How late the most overdue delivery-receipt check is; 0 when none is overdue.
+    pub receipts_overdue_seconds: Option<f64>,
+    /// Messages in the dead-letter queue.
+    pub dead_letters: Option<u64>,
+}
+
 /// A counter family with two labels, keyed by their values (no allocation on a bump).
 type Pairs = BTreeMap<(&'static str, &'static str), u64>;
 
@@ -126,6 +164,11 @@ pub struct Metrics {
     leader: AtomicI64,
     /// The fleet's SMS budget today, as last read (heartbeat); None when there is none.
     daily: Mutex<Option<DailyUsage>>,
+    /// Account trouble by action (each action is its own permission, and only sends spend
+    /// balance: one action's refusal says nothing of another's).
+    account: Mutex<BTreeMap<&'static str, AccountTrouble>>,
+    /// Set by the leader's duties; cleared when this worker stops leading.
+    fleet: Mutex<FleetGauges>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -145,6 +188,49 @@ impl Metrics {
 
     pub fn set_leader(&self, leading: bool) {
         self.leader.store(i64::from(leading), Ordering::Relaxed);
+        if !leading {
+            // The new leader measures them now; two workers exposing them would count twice,
+            // and this one's would go stale.
+            *lock(&self.fleet) = FleetGauges::default();
+        }
+    }
+
+    /// The leader's latest measurement of the fleet.
+    pub fn set_fleet(&self, gauges: FleetGauges) {
+        *lock(&self.fleet) = gauges;
+    }
+
+    /// Aliyun answered a call of `action` with `code`. An account-level or credential code
+    /// raises the action's account trouble; an accepted call (`OK`) clears it. Other answers
+    /// leave it: a refused number or a throttled call says nothing of the account, and Aliyun
+    /// may check them before the balance or the RAM policy.
+    pub fn account_answer(&self, product: Product, action: &str, code: &str) -> AccountChange {
+        let action = action_name(action_index(action));
+        let mut troubles = lock(&self.account);
+        if let Some(code) = outcome::account_trouble(code) {
+            if troubles.get(action).is_some_and(|t| t.code == code) {
+                return AccountChange::Unchanged;
+            }
+            let trouble = AccountTrouble {
+                product: product.as_str(),
+                action,
+                code,
+                since: Utc::now(),
+            };
+            troubles.insert(action, trouble.clone());
+            AccountChange::Raised(trouble)
+        } else if code.eq_ignore_ascii_case("OK") {
+            troubles
+                .remove(action)
+                .map_or(AccountChange::Unchanged, AccountChange::Cleared)
+        } else {
+            AccountChange::Unchanged
+        }
+    }
+
+    /// The account trouble standing now, by action.
+    pub fn account_troubles(&self) -> Vec<AccountTrouble> {
+        lock(&self.account).values().cloned().collect()
     }
 
     pub fn job_finished(&self, job_type: &'static str, status: &'static str) {
@@ -379,7 +465,51 @@ impl Metrics {
                 gauge("prefix", "ranges_spent", d.prefixes_spent);
             }
         }
+        header(
+            &mut out,
+            "sms_worker_aliyun_account_error",
+            "gauge",
+            "1 while the latest answer to an Aliyun action was an account-level or credential code (balance, disabled key, RAM permission); cleared by the next accepted call of that action.",
+        );
+        for t in self.account_troubles() {
+            let _ = writeln!(
+                out,
+                "sms_worker_aliyun_account_error{{product=\"{}\",action=\"{}\",code=\"{}\"}} 1",
+                t.product,
+                t.action,
+                escape(t.code)
+            );
+        }
+        self.render_fleet(&mut out);
         out
+    }
+
+    fn render_fleet(&self, out: &mut String) {
+        let fleet = *lock(&self.fleet);
+        let gauge = |out: &mut String, name: &str, help: &str, value: Option<String>| {
+            header(out, name, "gauge", help);
+            if let Some(v) = value {
+                let _ = writeln!(out, "{name} {v}");
+            }
+        };
+        gauge(
+            out,
+            "sms_fleet_oldest_sending_seconds",
+            "Fleet-wide, from the leader only: age of the oldest sending claim since it last changed (0 when none); one the sweep cannot end stays and grows.",
+            fleet.oldest_sending_seconds.map(seconds),
+        );
+        gauge(
+            out,
+            "sms_fleet_receipts_overdue_seconds",
+            "Fleet-wide, from the leader only: how late the most overdue delivery-receipt check is (0 when none is due); grows while the receipt poller is stopped or behind.",
+            fleet.receipts_overdue_seconds.map(seconds),
+        );
+        gauge(
+            out,
+            "sms_fleet_dead_letters",
+            "Fleet-wide, from the leader only: messages in the dead-letter queue (SMS_DEAD_LETTER_QUEUE).",
+            fleet.dead_letters.map(|n| n.to_string()),
+        );
     }
 
     fn render_durations(&self, out: &mut String) {
@@ -553,6 +683,74 @@ mod tests {
         }
         let typed = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         assert_eq!(typed, FAMILIES.len(), "{text}");
+    }
+
+    #[test]
+    fn account_trouble_is_raised_by_account_codes_and_cleared_by_an_accepted_call() {
+        let m = Metrics::default();
+        let raised = m.account_answer(Product::Dysmsapi, "SendSms", "isv.amount_not_enough");
+        assert!(
+            matches!(&raised, AccountChange::Raised(t) if t.code == "isv.AMOUNT_NOT_ENOUGH"),
+            "{raised:?}"
+        );
+        let since = m.account_troubles()[0].since;
+        // The same trouble again keeps its start; answers that say nothing of the account
+        // leave it standing.
+        for code in [
+            "isv.AMOUNT_NOT_ENOUGH",
+            "isv.MOBILE_NUMBER_ILLEGAL",
+            "Throttling.User",
+            "ALIYUN_TIMEOUT",
+        ] {
+            assert_eq!(
+                m.account_answer(Product::Dysmsapi, "SendSms", code),
+                AccountChange::Unchanged,
+                "{code}"
+            );
+        }
+        // Another action's success proves nothing of this one's permission or balance.
+        m.account_answer(Product::Dysmsapi, "QuerySendDetails", "OK");
+        assert_eq!(m.account_troubles()[0].since, since);
+        let text = m.render(true);
+        assert!(
+            text.contains(
+                "sms_worker_aliyun_account_error{product=\"dysmsapi\",action=\"SendSms\",code=\"isv.AMOUNT_NOT_ENOUGH\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(matches!(
+            m.account_answer(Product::Dysmsapi, "SendSms", "OK"),
+            AccountChange::Cleared(_)
+        ));
+        assert!(m.account_troubles().is_empty());
+        assert!(!m.render(true).contains("sms_worker_aliyun_account_error{"));
+    }
+
+    #[test]
+    fn fleet_gauges_show_only_while_leading() {
+        let m = Metrics::default();
+        m.set_leader(true);
+        m.set_fleet(FleetGauges {
+            oldest_sending_seconds: Some(12.5),
+            receipts_overdue_seconds: Some(0.0),
+            dead_letters: None,
+        });
+        let text = m.render(true);
+        assert!(
+            text.contains("\nsms_fleet_oldest_sending_seconds 12.5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nsms_fleet_receipts_overdue_seconds 0\n"),
+            "{text}"
+        );
+        assert!(!text.contains("\nsms_fleet_dead_letters "), "{text}");
+        m.set_leader(false);
+        let text = m.render(true);
+        assert!(
+            !text.contains("\nsms_fleet_oldest_sending_seconds "),
+            "{text}"
+        );
     }
 
     #[test]

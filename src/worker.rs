@@ -177,6 +177,7 @@ pub async fn run(
             pipeline.worker_id(),
         );
         let (broker, leader, stop) = (broker_rx.clone(), leader_rx.clone(), shutdown.clone());
+        let metrics = metrics.clone();
         supervisor.spawn("fleet-duties", shutdown.clone(), move || {
             Duties {
                 config: config.clone(),
@@ -184,6 +185,7 @@ pub async fn run(
                 worker_id,
                 broker: broker.clone(),
                 leader: leader.clone(),
+                metrics: metrics.clone(),
             }
             .run(stop.clone())
         })

@@ -99,6 +99,9 @@ a { color: var(--busy); }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: .25rem 1rem; margin: 0; }
 dt { color: var(--muted); } dd { margin: 0; word-break: break-all; }
 .empty { color: var(--muted); }
+.banner { margin: .5rem 0 1rem; padding: .6rem 1rem; border-radius: 6px; border: 1px solid; }
+.banner.bad { color: var(--bad); border-color: var(--bad); background: #ffebe9; }
+.banner ul { margin: .3rem 0 0; }
 ";
 
 /// A whole page around `body`.

@@ -16,8 +16,9 @@ use super::AdminState;
 use super::chart;
 use super::html::{badge, job_href, masked_phones, page, respond, text, time};
 use crate::aliyun::outcome::meaning;
+use crate::metrics::AccountTrouble;
 use crate::ops::{ago, fleet_summary, utc};
-use crate::store::{FleetWorker, JobDetail, JobFilter, Stats, StoreError};
+use crate::store::{DailyUsage, FleetWorker, JobDetail, JobFilter, Stats, StoreError};
 
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
@@ -114,6 +115,8 @@ async fn index_page(state: &AdminState) -> Result<String, PageError> {
     let succeeded: i64 = series.iter().map(|m| m.0).sum();
     let failed: i64 = series.iter().map(|m| m.1).sum();
     let body = html! {
+        (account_banner(&state.metrics.account_troubles()))
+        (daily_budget(state.metrics.daily_usage().as_ref()))
         p #readiness {
             @if ready { span.badge.ok { "ready" } } @else { span.badge.bad { "not ready" } }
             " " span.mono { (why) } " · jobs in flight: " b { (state.metrics.jobs_in_flight()) }
@@ -141,6 +144,47 @@ async fn index_page(state: &AdminState) -> Result<String, PageError> {
         (latest_table(&latest))
     };
     Ok(page("aliyun-sms-worker status", Some(REFRESH_SECS), body))
+}
+
+/// Account trouble leaves the worker ready, so the readiness badge stays green: the banner is
+/// what makes it impossible to miss.
+fn account_banner(troubles: &[AccountTrouble]) -> Markup {
+    html! {
+        @if !troubles.is_empty() {
+            div #account-error .banner.bad {
+                b { "Aliyun refuses the account or its credentials" }
+                ": jobs of these actions fail at once until an operator acts."
+                ul {
+                    @for t in troubles {
+                        li {
+                            code { (t.code) } " on " (t.product) " " code { (t.action) }
+                            " since " (t.since.format("%Y-%m-%d %H:%M:%S")) " UTC: "
+                            (meaning(t.code))
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Today's SMS budget, when daily limits are set (read at the heartbeat).
+fn daily_budget(usage: Option<&DailyUsage>) -> Markup {
+    html! {
+        @if let Some(d) = usage {
+            p #daily-budget {
+                "SMS today (" (d.day) "): "
+                @if let (Some(limit), Some(left)) = (d.total_limit, d.total_left()) {
+                    b { (d.total_used) } " of " (limit) " sent, " b { (left) } " left"
+                    @if left == 0 { " " span.badge.bad { "spent" } }
+                }
+                @if let Some(limit) = d.per_prefix_limit {
+                    " · per number range: at most " (limit) ", busiest " (d.busiest_prefix_used)
+                    ", " b { (d.prefixes_spent) } " ranges spent"
+                }
+            }
+        }
+    }
 }
 
 fn by_status(stats: &Stats) -> BTreeMap<&str, i64> {

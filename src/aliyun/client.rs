@@ -14,7 +14,7 @@ use super::rate::{LocalSchedule, PaceError, Pacer, Schedule};
 use super::redact;
 use super::sign;
 use crate::config::{AliyunConfig, SignatureVersion};
-use crate::metrics::Metrics;
+use crate::metrics::{AccountChange, Metrics};
 
 pub const API_VERSION: &str = "2017-05-25";
 /// Aliyun answers are a few hundred bytes; anything far larger is an error page or an attack.
@@ -26,6 +26,16 @@ pub enum Product {
     Dypnsapi,
     /// Short message service: templated and batch SMS, delivery receipts.
     Dysmsapi,
+}
+
+impl Product {
+    /// Its name in endpoints and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Product::Dypnsapi => "dypnsapi",
+            Product::Dysmsapi => "dysmsapi",
+        }
+    }
 }
 
 /// Why no answer came back. The distinction that matters is whether the request may have
@@ -270,6 +280,9 @@ impl AliyunClient {
         };
         self.metrics.aliyun_answer(action, started.elapsed(), code);
         let mut answer = exchanged?;
+        if let Some(code) = answer.code.as_deref() {
+            log_account_change(self.metrics.account_answer(product, action, code));
+        }
         let sent: Vec<(&str, &str)> = params
             .iter()
             .chain(form)
@@ -453,6 +466,27 @@ impl AliyunClient {
             our_api_params = %redact::params(params),
             "Aliyun says SignatureDoesNotMatch: check ALIBABA_CLOUD_ACCESS_KEY_SECRET, then compare the two"
         );
+    }
+}
+
+/// Account trouble is logged when it starts and when it ends, not on every refused job: the
+/// gauge and `/readyz` carry it in between.
+fn log_account_change(change: AccountChange) {
+    match change {
+        AccountChange::Raised(t) => tracing::error!(
+            product = t.product,
+            action = t.action,
+            code = t.code,
+            meaning = super::outcome::meaning(t.code),
+            "Aliyun refuses the account or its credentials: jobs of this action fail until an operator acts"
+        ),
+        AccountChange::Cleared(t) => tracing::info!(
+            product = t.product,
+            action = t.action,
+            code = t.code,
+            "Aliyun accepts this action again: account trouble cleared"
+        ),
+        AccountChange::Unchanged => {}
     }
 }
 

@@ -209,6 +209,19 @@ pub fn is_account(code: &str) -> bool {
     in_list(code, ACCOUNT)
 }
 
+/// The code to raise an account alarm with, if `code` says the account or its credentials are
+/// in trouble: its canonical spelling, so the alarm's label comes from a closed set. The only
+/// such codes outside the lists are `InvalidSecurityToken.*`, which share one label.
+pub fn account_trouble(code: &str) -> Option<&'static str> {
+    if is_account(code) || in_list(code, CREDENTIALS) {
+        known_code(code)
+    } else if is_credentials(code) {
+        Some("InvalidSecurityToken")
+    } else {
+        None
+    }
+}
+
 /// Maps one call's result to a verdict. The call is `effect`; the answer's HTTP status is
 /// informational except where Aliyun gives no code.
 pub fn classify(effect: Effect, result: &Result<Answer, CallError>) -> Verdict {
@@ -373,6 +386,34 @@ mod tests {
         assert_eq!(known_code("ALIYUN_TIMEOUT"), Some("ALIYUN_TIMEOUT"));
         assert_eq!(known_code("isv.SOMETHING_NEW"), None);
         assert_eq!(known_code("<script>"), None);
+    }
+
+    #[test]
+    fn account_trouble_names_credential_and_account_codes_only() {
+        assert_eq!(
+            account_trouble("isv.amount_not_enough"),
+            Some("isv.AMOUNT_NOT_ENOUGH")
+        );
+        assert_eq!(
+            account_trouble("InvalidAccessKeyId.Inactive"),
+            Some("InvalidAccessKeyId.Inactive")
+        );
+        assert_eq!(
+            account_trouble("SignatureDoesNotMatch"),
+            Some("SignatureDoesNotMatch")
+        );
+        assert_eq!(
+            account_trouble("InvalidSecurityToken.Expired<b>"),
+            Some("InvalidSecurityToken")
+        );
+        for other in [
+            "OK",
+            "Throttling.User",
+            "isv.MOBILE_NUMBER_ILLEGAL",
+            "isv.NEW",
+        ] {
+            assert_eq!(account_trouble(other), None, "{other}");
+        }
     }
 
     #[test]

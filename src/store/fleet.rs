@@ -69,7 +69,36 @@ macro_rules! interrupted_set {
     };
 }
 
+/// What the fleet has left behind, in seconds; 0 when there is nothing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backlog {
+    /// Age of the oldest `sending` claim, since it last changed.
+    pub oldest_sending: f64,
+    /// How long the most overdue receipt check of a `sent` job has been due.
+    pub receipts_overdue: f64,
+}
+
 impl Store {
+    /// Measures the [`Backlog`]; both read a partial index (`sending` rows, due receipts).
+    pub async fn backlog(&self) -> Result<Backlog, StoreError> {
+        let (oldest_sending, receipts_overdue): (f64, f64) = sqlx::query_as(
+            "SELECT
+                 GREATEST(COALESCE((SELECT EXTRACT(EPOCH FROM now() - min(updated_at))
+                                    FROM sms_jobs WHERE status = 'sending'), 0), 0)::double precision,
+                 GREATEST(COALESCE((SELECT EXTRACT(EPOCH FROM now() - d.next_check_at)
+                                    FROM sms_deliveries d
+                                    JOIN sms_jobs j ON j.id = d.job_id AND j.status = 'sent'
+                                    WHERE d.delivery_status = 'waiting' AND d.next_check_at <= now()
+                                    ORDER BY d.next_check_at LIMIT 1), 0), 0)::double precision",
+        )
+        .fetch_one(self.pool())
+        .await?;
+        Ok(Backlog {
+            oldest_sending,
+            receipts_overdue,
+        })
+    }
+
     /// Announces (or renews) this worker process and how often it beats. A beat after a gap of
     /// more than two beats starts a new unbroken run (`alive_since`): an outage too short to make
     /// anyone stale still restarts every judge's count, so one just short of five beats cannot

@@ -269,7 +269,7 @@ mod leader;
 mod rate;
 mod reports;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
-pub use fleet::{Stale, Swept};
+pub use fleet::{Backlog, Stale, Swept};
 pub use guards::{DailyUsage, Guards, Refusal};
 pub use leader::Leadership;
 pub use reports::{FleetWorker, JobDetail, JobFilter, MinuteCount, Stats, WorkerState};

@@ -16,7 +16,7 @@ const CREDENTIAL_VARS: &[&str] = &[
 
 const ENDPOINT_VARS: &[&str] = &["ALIYUN_DYPNSAPI_ENDPOINT", "ALIYUN_DYSMSAPI_ENDPOINT"];
 
-fn compose() -> Value {
+pub(crate) fn compose() -> Value {
     let text = std::fs::read_to_string(COMPOSE_PATH)
         .unwrap_or_else(|e| panic!("cannot read {COMPOSE_PATH}: {e}"));
     serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{COMPOSE_PATH} is not YAML: {e}"))
@@ -27,7 +27,7 @@ fn dockerfile() -> String {
         .unwrap_or_else(|e| panic!("cannot read {DOCKERFILE_PATH}: {e}"))
 }
 
-fn service<'a>(doc: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn service<'a>(doc: &'a Value, name: &str) -> &'a Value {
     doc.get("services")
         .and_then(|services| services.get(name))
         .unwrap_or_else(|| panic!("docker-compose.yml has no service `{name}`"))
@@ -40,7 +40,7 @@ fn str_field<'a>(service: &'a Value, service_name: &str, field: &str) -> &'a str
         .unwrap_or_else(|| panic!("service `{service_name}` has no string `{field}`"))
 }
 
-fn str_list<'a>(service: &'a Value, service_name: &str, field: &str) -> Vec<&'a str> {
+pub(crate) fn str_list<'a>(service: &'a Value, service_name: &str, field: &str) -> Vec<&'a str> {
     let Some(items) = service.get(field).and_then(Value::as_sequence) else {
         panic!("service `{service_name}` has no `{field}` list");
     };
@@ -604,7 +604,7 @@ fn bind_mounts(doc: &Value, name: &str) -> Vec<(String, String)> {
 
 /// The host file behind a container path of a service, through its bind mounts (a file
 /// mount, or a file under a directory mount).
-fn host_file(doc: &Value, name: &str, container_path: &str) -> std::path::PathBuf {
+pub(crate) fn host_file(doc: &Value, name: &str, container_path: &str) -> std::path::PathBuf {
     for (source, target) in bind_mounts(doc, name) {
         let rest = if container_path == target {
             Some("")
@@ -624,7 +624,7 @@ fn host_file(doc: &Value, name: &str, container_path: &str) -> std::path::PathBu
     panic!("service `{name}` mounts nothing at {container_path}")
 }
 
-fn yaml_file(path: &std::path::Path) -> Value {
+pub(crate) fn yaml_file(path: &std::path::Path) -> Value {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()))
@@ -821,7 +821,7 @@ fn assert_depends_started(doc: &Value, name: &str, dependency: &str) {
 }
 
 /// Metric names used in a PromQL expression: identifiers starting `sms_`.
-fn metric_names(expr: &str) -> Vec<String> {
+pub(crate) fn metric_names(expr: &str) -> Vec<String> {
     let mut names = Vec::new();
     let bytes = expr.as_bytes();
     let mut i = 0;

@@ -2,6 +2,7 @@
 //! Every test has its own database and queues, so the suite runs in parallel.
 
 mod admin_access;
+mod alerts;
 mod chaos;
 mod check_config;
 mod check_verify_code;
