@@ -23,6 +23,9 @@ const SLOW_CALL: Duration = Duration::from_secs(25);
 /// Lets a call as slow as [`SLOW_CALL`] run its course instead of timing out.
 pub(crate) fn hold_slow_calls(settings: &mut std::collections::HashMap<String, String>) {
     settings.insert(config::HTTP_REQUEST_TIMEOUT_MS.into(), "60000".into());
+    // The planted dead worker's claim must stay for the test to read it: the leader's sweep
+    // (every 5 s by default) would end it `unknown` in the middle of the test.
+    settings.insert(config::SWEEP_INTERVAL_MS.into(), "3600000".into());
 }
 
 pub(crate) async fn hold_a_job_and_plant_a_dead_worker(app: &TestApp) -> Fleet {
