@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
-use crate::aliyun::client::Answer;
+use crate::aliyun::Answer;
 use crate::aliyun::{CallError, Effect, classify, sign};
 use crate::wire::decode_job;
 

@@ -3,31 +3,27 @@
 //!
 //! The way a job travels: [`broker`] delivers it → [`wire`] decodes and validates it →
 //! [`store`] claims its id → [`aliyun`] signs, calls and classifies → [`store`] commits the
-//! outcome → [`broker`] publishes the result → ack. [`pipeline`] strings these together for
-//! one delivery; [`worker`] runs the consume loop around it.
+//! outcome → [`broker`] publishes the result → ack. [`worker::pipeline`] strings these together
+//! for one delivery; [`worker`] runs the consume loop around it. [`cli`] holds every command.
+//!
+//! - the running worker: [`worker`] (pipeline, health gate, receipts, fleet duties, supervisor);
+//! - the commands: [`cli`] (clap definitions, operator commands, bench, sandbox);
+//! - shared by both: [`wire`] (the contract), [`aliyun`] (the client), [`store`] (Postgres),
+//!   [`broker`] (RabbitMQ), [`admin`] (HTTP listener), [`config`], [`metrics`], [`report`],
+//!   [`phone`], [`telemetry`], and [`fake_aliyun`], the test double for Aliyun.
 
 pub mod admin;
 pub mod aliyun;
 pub mod amqp_nodes;
-pub mod bench;
 pub mod broker;
-pub mod check_config;
+pub mod cli;
 pub mod config;
-pub mod dead_letters;
-pub mod duties;
 pub mod fake_aliyun;
-pub mod health;
 pub mod metrics;
-pub mod ops;
-pub mod output;
 pub mod phone;
-pub mod pipeline;
-pub mod receipts;
-pub mod retention;
-pub mod sandbox;
+pub mod report;
 pub mod sms_client;
 pub mod store;
-pub mod supervisor;
 pub mod telemetry;
 pub mod tls;
 pub mod wire;

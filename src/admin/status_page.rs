@@ -17,7 +17,7 @@ use super::chart;
 use super::html::{badge, job_href, masked_phones, page, respond, text, time};
 use crate::aliyun::outcome::meaning;
 use crate::metrics::AccountTrouble;
-use crate::ops::{ago, fleet_summary, utc};
+use crate::report::{ago, fleet_summary, utc};
 use crate::store::{DailyUsage, FleetWorker, JobDetail, JobFilter, Stats, StoreError};
 
 const HOUR: Duration = Duration::from_secs(3600);

@@ -10,7 +10,8 @@
 //! - credentials, permissions and account state are `failed` (an operator must act);
 //! - every other refusal is permanent: `rejected`.
 
-use super::client::{Answer, CallError};
+pub use super::answer::codes;
+use super::answer::{Answer, CallError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -45,16 +46,6 @@ pub enum Effect {
     NotIdempotent,
     /// QuerySendDetails: safe to repeat.
     Idempotent,
-}
-
-/// The worker's own codes, for outcomes without an Aliyun code.
-pub mod codes {
-    pub const NOT_CONNECTED: &str = "ALIYUN_UNREACHABLE";
-    pub const TIMEOUT: &str = "ALIYUN_TIMEOUT";
-    pub const CONNECTION_BROKEN: &str = "ALIYUN_CONNECTION_BROKEN";
-    pub const RESPONSE_TOO_LARGE: &str = "ALIYUN_RESPONSE_TOO_LARGE";
-    pub const BAD_RESPONSE: &str = "ALIYUN_BAD_RESPONSE";
-    pub const NOT_PACED: &str = "RATE_LIMIT_UNAVAILABLE";
 }
 
 /// The gateway did not accept the AccessKey, the signature or the STS token (every

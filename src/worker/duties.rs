@@ -20,8 +20,8 @@ use crate::broker::Broker;
 use crate::broker::Routed;
 use crate::config::Config;
 use crate::metrics::{FleetGauges, Metrics};
-use crate::pipeline::{PipelineError, deliver_result};
 use crate::store::{Store, StoreError};
+use crate::worker::pipeline::{PipelineError, deliver_result};
 
 /// Results re-published in one sweep at most.
 const OUTBOX_BATCH: i64 = 500;

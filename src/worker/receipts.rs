@@ -24,8 +24,8 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::phone;
-use crate::pipeline::publish_result;
 use crate::store::{DeliveryRow, ReceiptUpdate, ReconcileRow, Store, StoreError, china_time};
+use crate::worker::pipeline::publish_result;
 
 /// How many rows one round takes on, of each kind.
 const BATCH: i64 = 200;

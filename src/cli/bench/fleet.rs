@@ -223,7 +223,7 @@ fn render(cells: &[Cell], jobs: usize) -> String {
             ]
         })
         .collect();
-    crate::ops::table(
+    crate::report::table(
         &[
             "workers",
             "upstream",

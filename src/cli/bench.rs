@@ -23,10 +23,10 @@ use serde_json::json;
 use sqlx::Connection as _;
 
 use crate::amqp_nodes::AmqpNodes;
+use crate::cli::output::OutputError;
 use crate::config;
 use crate::fake_aliyun::{FakeAliyun, FakeConfig};
 use crate::outln;
-use crate::output::OutputError;
 
 mod fleet;
 pub use fleet::{FleetOptions, run_fleet};

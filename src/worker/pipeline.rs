@@ -24,13 +24,13 @@ use crate::aliyun::outcome::codes;
 use crate::aliyun::{AliyunClient, Answer, CallError, Effect, Product, Verdict, classify};
 use crate::broker::{self, Broker, BrokerError, Routed};
 use crate::config::{Config, RetryPolicy};
-use crate::health::DbHealth;
 use crate::metrics::Stage;
 use crate::store::{
     AttemptRecord, Claim, ErrorClass, Followup, Guards, JobRow, Outcome, Refusal, ReplyRoute,
     Stale, Store, StoreError,
 };
 use crate::wire::{self, Invalid, Job, JobKind, JobResult, JobType, Status};
+use crate::worker::health::DbHealth;
 
 /// A retry must be able to start this long before the job's deadline: its rate-limit slot, the
 /// stamp and the request itself take time after the decision, and must not carry the call past

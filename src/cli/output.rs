@@ -20,7 +20,7 @@ pub enum OutputError {
 #[macro_export]
 macro_rules! outln {
     ($($arg:tt)*) => {
-        $crate::output::write(format_args!("{}\n", format_args!($($arg)*)))
+        $crate::cli::output::write(format_args!("{}\n", format_args!($($arg)*)))
     };
 }
 
@@ -28,7 +28,7 @@ macro_rules! outln {
 #[macro_export]
 macro_rules! out {
     ($($arg:tt)*) => {
-        $crate::output::write(format_args!($($arg)*))
+        $crate::cli::output::write(format_args!($($arg)*))
     };
 }
 

@@ -1,4 +1,11 @@
-//! The worker's lifecycle: connect, consume, reconnect, drain on shutdown.
+//! The running worker (`run`): its lifecycle — connect, consume, reconnect, drain on shutdown —
+//! and the parts that only a running worker has.
+
+pub mod duties;
+pub mod health;
+pub mod pipeline;
+pub mod receipts;
+pub mod supervisor;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,14 +20,14 @@ use crate::admin;
 use crate::aliyun::AliyunClient;
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::duties::Duties;
-use crate::health::DbHealth;
 use crate::metrics::Metrics;
 use crate::metrics::Stage;
-use crate::pipeline::{Disposition, Pipeline};
-use crate::receipts::Receipts;
 use crate::store::{Leadership, Store, StoreError};
-use crate::supervisor::Supervisor;
+use crate::worker::duties::Duties;
+use crate::worker::health::DbHealth;
+use crate::worker::pipeline::{Disposition, Pipeline};
+use crate::worker::receipts::Receipts;
+use crate::worker::supervisor::Supervisor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
