@@ -1,7 +1,7 @@
 //! Settings from the environment, validated once at start.
 //!
 //! Every setting has one name, one default and one parser, listed in [`SETTINGS`] so that the
-//! README table, `--help` and the compose-file check all agree with what the code reads.
+//! configuration table (docs/configuration.md), `--help` and the compose-file check all agree with what the code reads.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -307,7 +307,7 @@ pub struct Setting {
 macro_rules! settings {
     ($($ident:ident = $name:literal, $default:expr, $help:literal;)*) => {
         $(pub const $ident: &str = $name;)*
-        /// Every variable the worker reads, in README order.
+        /// Every variable the worker reads, in the order of docs/configuration.md.
         pub const SETTINGS: &[Setting] = &[$(Setting { name: $name, default: $default, help: $help }),*];
     };
 }

@@ -32,7 +32,7 @@ use dead_letters::{DeadLetters, Selection};
     name = "aliyun-sms-worker",
     version,
     about = "Sends and checks SMS verification codes through Alibaba Cloud, fed by RabbitMQ, recorded in Postgres",
-    after_help = "Configuration is read from the environment (and .env); see README.md for every variable."
+    after_help = "Configuration is read from the environment (and .env); see docs/configuration.md for every variable."
 )]
 struct Cli {
     #[command(subcommand)]

@@ -107,7 +107,7 @@ fn every_rule_queries_metrics_the_worker_exports() {
 }
 
 #[test]
-fn every_alert_has_a_severity_a_pointer_to_the_readme_and_unit_tests_both_ways() {
+fn every_alert_has_a_severity_a_pointer_to_its_doc_and_unit_tests_both_ways() {
     let tests_text =
         std::fs::read_to_string(deploy("alerts.test.yml")).expect("deploy/alerts.test.yml");
     let tests = yaml_file(&deploy("alerts.test.yml"));
@@ -123,8 +123,8 @@ fn every_alert_has_a_severity_a_pointer_to_the_readme_and_unit_tests_both_ways()
                 .flatten()
         })
         .collect();
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
+    let alert_rules =
+        crate::readme::section(&crate::readme::doc("docs/operations.md"), "## Alert rules");
     for rule in rules() {
         let name = field(&rule, &["alert"]).expect("alert name");
         assert!(
@@ -140,12 +140,12 @@ fn every_alert_has_a_severity_a_pointer_to_the_readme_and_unit_tests_both_ways()
         );
         let description = field(&rule, &["annotations", "description"]).unwrap_or_default();
         assert!(
-            description.contains("README.md, \"Alert rules\""),
-            "{name}'s description does not point to the README: {description}"
+            description.contains("docs/operations.md, \"Alert rules\""),
+            "{name}'s description does not point to docs/operations.md: {description}"
         );
         assert!(
-            readme.contains(&format!("`{name}`")),
-            "README's \"Alert rules\" does not explain {name}"
+            alert_rules.contains(&format!("`{name}`")),
+            "docs/operations.md's \"Alert rules\" does not explain {name}"
         );
         let of_this: Vec<&&Value> = cases
             .iter()

@@ -426,7 +426,7 @@ fn tests_service_is_behind_a_profile_and_builds_a_dockerfile_stage() {
     }
 }
 
-/// The suite renders the status page in Chromium, runs the README's Python and Node examples
+/// The suite renders the status page in Chromium, runs the Python and Node examples (docs/backend.md)
 /// and checks the metrics with promtool (Debian's prometheus package); the image the `tests`
 /// service runs in must carry them all.
 #[test]

@@ -1,5 +1,6 @@
-//! The README's Python and Node examples, run as a backend developer would run them, against a
-//! worker with the fake Aliyun. The README shows these files verbatim (see `readme.rs`).
+//! The Python and Node examples of docs/backend.md, run as a backend developer would run them,
+//! against a worker with the fake Aliyun. docs/backend.md shows these files verbatim (see
+//! `readme.rs`).
 
 use std::path::Path;
 use std::process::Output;

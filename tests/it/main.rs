@@ -29,6 +29,7 @@ mod poison;
 mod process;
 mod prometheus_text;
 mod proxy;
+mod quick_start;
 mod readme;
 mod redaction;
 mod reliability;
