@@ -1,11 +1,14 @@
 //! The admin HTTP listener inside `run`: `/healthz` (alive), `/readyz` (consuming, database
 //! reachable, not draining), `/metrics` (Prometheus text format), and a read-only status page
-//! at `/` with one page per job at `/jobs/{id}`. With `ADMIN_TOKEN` set, all but the two probes
+//! at `/` with one page per job at `/jobs/{id}` and a search by phone number or job id at
+//! `/search`. With `ADMIN_TOKEN` set, all but the two probes
 //! need the token (see `access`).
 
 mod access;
 mod chart;
 mod html;
+mod queues;
+mod search;
 mod status_page;
 
 use std::net::SocketAddr;
@@ -21,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::aliyun::outcome::meaning;
+use crate::broker::Broker;
 use crate::config::Secret;
 use crate::metrics::AccountTrouble;
 pub use crate::metrics::Metrics;
@@ -42,6 +46,8 @@ struct AdminState {
     metrics: Arc<Metrics>,
     probes: Probes,
     store: Store,
+    /// The worker's connection, when it has one: the page counts the queues on it.
+    broker: watch::Receiver<Option<Broker>>,
 }
 
 impl AdminState {
@@ -107,6 +113,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     probes: Probes,
     store: Store,
+    broker: watch::Receiver<Option<Broker>>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -114,10 +121,12 @@ pub async fn serve(
         metrics,
         probes,
         store,
+        broker,
     };
     let mut pages = Router::new()
         .route("/", get(status_page::index))
         .route("/jobs/{id}", get(status_page::job))
+        .route("/search", get(search::search))
         .route("/metrics", get(metrics_text));
     if let Some(token) = token {
         pages = pages.route_layer(middleware::from_fn_with_state(

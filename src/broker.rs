@@ -102,15 +102,30 @@ impl Broker {
         })
     }
 
-    /// Messages waiting in the dead-letter queue, asked on a channel of its own: a queue
-    /// deleted under the worker closes the channel the question is asked on.
+    /// Messages waiting in the dead-letter queue.
     pub async fn dead_letter_depth(&self) -> Result<u32, BrokerError> {
+        Ok(self
+            .inspect(&self.queues.dead_letter)
+            .await?
+            .message_count())
+    }
+
+    /// The jobs queue: messages ready for a consumer (not those delivered and not yet acked,
+    /// which AMQP does not count), and its consumers.
+    pub async fn jobs_depth(&self) -> Result<(u32, u32), BrokerError> {
+        let q = self.inspect(&self.queues.jobs).await?;
+        Ok((q.message_count(), q.consumer_count()))
+    }
+
+    /// Asked on a channel of its own: a queue deleted under the worker closes the channel the
+    /// question is asked on.
+    async fn inspect(&self, queue: &str) -> Result<lapin::Queue, BrokerError> {
         let channel = self.connection.create_channel().await?;
-        let declared = inspect_queue(&channel, &self.queues.dead_letter).await;
+        let declared = inspect_queue(&channel, queue).await;
         if declared.is_ok() {
             let _ = channel.close(200, short("counted")).await;
         }
-        Ok(declared?.message_count())
+        Ok(declared?)
     }
 
     /// The index in the node list of the node this broker is connected to.

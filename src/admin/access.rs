@@ -90,6 +90,23 @@ impl Gate {
             .any(|(_, value)| self.matches(&self.0.session_tag, value))
     }
 
+    /// Where to send the browser once logged in: the same page and query, without the token
+    /// (a search keeps its terms).
+    fn without_token(request: &Request) -> String {
+        let uri = request.uri();
+        let rest: Vec<&str> = uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .filter(|pair| !pair.is_empty() && !pair.starts_with("token="))
+            .collect();
+        if rest.is_empty() {
+            uri.path().to_owned()
+        } else {
+            format!("{}?{}", uri.path(), rest.join("&"))
+        }
+    }
+
     /// `?token=` in the query, decoded; None when the query has none.
     fn query_token(request: &Request) -> Option<String> {
         request
@@ -151,7 +168,7 @@ pub async fn require(State(gate): State<Gate>, request: Request, next: Next) -> 
     }
     match Gate::query_token(&request) {
         Some(token) if gate.matches(&gate.0.token_tag, &token) => {
-            log_in(&gate, request.uri().path())
+            log_in(&gate, &Gate::without_token(&request))
         }
         _ => unauthorized(),
     }
@@ -191,6 +208,21 @@ mod tests {
         // Another worker with the same token accepts the same session (any replica's page).
         let replica = Gate::new(&Secret::new("0123456789abcdef-token"));
         assert!(replica.cookie_ok(&headers(header::COOKIE, &format!("{COOKIE}={session}"))));
+    }
+
+    #[test]
+    fn logging_in_keeps_the_query_but_the_token() {
+        let at = |uri: &str| {
+            let request = Request::builder()
+                .uri(uri)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            Gate::without_token(&request)
+        };
+        assert_eq!(at("/search?q=%2B86+138&token=t"), "/search?q=%2B86+138");
+        assert_eq!(at("/search?token=t&q=x&a=b"), "/search?q=x&a=b");
+        assert_eq!(at("/?token=t"), "/");
+        assert_eq!(at("/jobs/a%2Fb?token=t"), "/jobs/a%2Fb");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The few HTML building blocks the status pages need. Job ids, messages and codes come from
 //! backends and from Aliyun; maud escapes every value put into markup unless it is wrapped in
 //! `PreEscaped` (used only for the constant style sheet and the numbers-only chart). The pages
-//! carry no script, and the Content-Security-Policy forbids any.
+//! carry no script, and the Content-Security-Policy forbids any; forms go to this site only.
 
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -98,7 +98,8 @@ a { color: var(--busy); }
 .swatch { display: inline-block; width: .8rem; height: .8rem; border-radius: 2px; margin-right: .3rem; vertical-align: -1px; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: .25rem 1rem; margin: 0; }
 dt { color: var(--muted); } dd { margin: 0; word-break: break-all; }
-.empty { color: var(--muted); }
+.empty, .muted { color: var(--muted); }
+form#search { margin: .5rem 0 1rem; } form#search input { width: 22rem; max-width: 100%; padding: .25rem .4rem; }
 .banner { margin: .5rem 0 1rem; padding: .6rem 1rem; border-radius: 6px; border: 1px solid; }
 .banner.bad { color: var(--bad); border-color: var(--bad); background: #ffebe9; }
 .banner ul { margin: .3rem 0 0; }
@@ -139,7 +140,7 @@ pub fn respond(status: StatusCode, page: String) -> Response {
             (header::CACHE_CONTROL, "no-store"),
             (
                 header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+                "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
             ),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
             (header::REFERRER_POLICY, "no-referrer"),

@@ -15,6 +15,8 @@ use serde_json::Value;
 use super::AdminState;
 use super::chart;
 use super::html::{badge, job_href, masked_phones, page, respond, text, time};
+use super::queues;
+use super::search;
 use crate::aliyun::outcome::meaning;
 use crate::metrics::AccountTrouble;
 use crate::report::{ago, fleet_summary, utc};
@@ -26,7 +28,7 @@ const LATEST: i64 = 50;
 /// The index reloads itself this often (seconds); plain HTML, no script.
 const REFRESH_SECS: u32 = 15;
 /// A page that waits on a stuck database helps nobody during an incident.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Statuses in the order an operator reads them: good, in progress, then the ways jobs fail.
 const STATUS_ORDER: &[&str] = &[
@@ -43,7 +45,7 @@ const STATUS_ORDER: &[&str] = &[
 ];
 
 #[derive(Debug, thiserror::Error)]
-enum PageError {
+pub(super) enum PageError {
     #[error("the database did not answer: {0}")]
     Store(#[from] StoreError),
     #[error("the database did not answer within {QUERY_TIMEOUT:?}")]
@@ -109,6 +111,8 @@ async fn index_page(state: &AdminState) -> Result<String, PageError> {
         })
         .await?;
     let fleet = store.fleet().await?;
+    let depths = queues::measure(&state.broker).await;
+    let held = fleet.iter().map(|w| w.held).sum();
 
     let (ready, why) = state.ready();
     let series = chart::series(&minutes);
@@ -121,6 +125,8 @@ async fn index_page(state: &AdminState) -> Result<String, PageError> {
             @if ready { span.badge.ok { "ready" } } @else { span.badge.bad { "not ready" } }
             " " span.mono { (why) } " · jobs in flight: " b { (state.metrics.jobs_in_flight()) }
         }
+        (queues::section(depths, held))
+        (search::form(""))
         (fleet_table(&fleet))
         div.grid {
             section #counts { h2 { "Jobs by status" } (counts_table(&hour, &day)) }
@@ -288,6 +294,15 @@ fn latest_table(jobs: &[Value]) -> Markup {
             @if jobs.is_empty() {
                 p.empty { "No jobs yet." }
             } @else {
+                (jobs_table(jobs))
+            }
+        }
+    }
+}
+
+/// Jobs as lists show them, each linking to its page.
+pub(super) fn jobs_table(jobs: &[Value]) -> Markup {
+    html! {
                 table {
                     thead {
                         tr {
@@ -310,8 +325,6 @@ fn latest_table(jobs: &[Value]) -> Markup {
                         }
                     }
                 }
-            }
-        }
     }
 }
 

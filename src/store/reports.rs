@@ -105,14 +105,23 @@ fn secs(d: Option<Duration>) -> Option<f64> {
     d.map(|d| d.as_secs_f64())
 }
 
+/// A job as lists show it, as one JSON object (a macro, so queries stay static strings).
+macro_rules! job_summary {
+    () => {
+        "jsonb_build_object(
+             'id', id, 'type', type, 'status', status, 'phone_number', phone_number,
+             'code', code, 'message', message, 'biz_id', biz_id,
+             'attempts', attempts, 'created_at', created_at,
+             'finished_at', finished_at)"
+    };
+}
+
 impl Store {
     pub async fn list_jobs(&self, f: &JobFilter) -> Result<Vec<Value>, StoreError> {
-        let rows: Vec<(Value,)> = sqlx::query_as(
-            "SELECT jsonb_build_object(
-                        'id', id, 'type', type, 'status', status, 'phone_number', phone_number,
-                        'code', code, 'message', message, 'biz_id', biz_id,
-                        'attempts', attempts, 'created_at', created_at,
-                        'finished_at', finished_at)
+        let rows: Vec<(Value,)> = sqlx::query_as(concat!(
+            "SELECT ",
+            job_summary!(),
+            "
              FROM sms_jobs
              WHERE ($1::text IS NULL OR status = $1)
                AND ($2::text IS NULL OR phone_number = $2)
@@ -121,14 +130,61 @@ impl Store {
                AND ($5::double precision IS NULL
                     OR created_at > now() - make_interval(secs => $5))
              ORDER BY created_at DESC
-             LIMIT $6",
-        )
+             LIMIT $6"
+        ))
         .bind(&f.status)
         .bind(&f.phone)
         .bind(&f.job_type)
         .bind(&f.code)
         .bind(secs(f.since))
         .bind(f.limit)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().map(|r| r.0).collect())
+    }
+
+    /// The jobs an operator's search names, newest first: those sent to `phone` (a batch's
+    /// first number is on the job, all of its numbers on its delivery rows) and the job `id`;
+    /// only when none is found, the jobs whose id starts with `id`.
+    pub async fn search_jobs(
+        &self,
+        phone: Option<&str>,
+        id: &str,
+        limit: i64,
+    ) -> Result<Vec<Value>, StoreError> {
+        // A union of index lookups: an `OR` across the two tables would scan them.
+        let rows: Vec<(Value,)> = sqlx::query_as(concat!(
+            "SELECT ",
+            job_summary!(),
+            "
+             FROM sms_jobs
+             WHERE id IN (SELECT $2::text
+                          UNION SELECT id FROM sms_jobs WHERE phone_number = $1
+                          UNION SELECT job_id FROM sms_deliveries WHERE phone_number = $1)
+             ORDER BY created_at DESC
+             LIMIT $3"
+        ))
+        .bind(phone)
+        .bind(id)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        if !rows.is_empty() {
+            return Ok(rows.into_iter().map(|r| r.0).collect());
+        }
+        // No index serves a prefix under every collation; walking the newest jobs first stops
+        // as soon as `limit` match (`purge` keeps the table bounded).
+        let rows: Vec<(Value,)> = sqlx::query_as(concat!(
+            "SELECT ",
+            job_summary!(),
+            "
+             FROM sms_jobs
+             WHERE starts_with(id, $1)
+             ORDER BY created_at DESC
+             LIMIT $2"
+        ))
+        .bind(id)
+        .bind(limit)
         .fetch_all(self.pool())
         .await?;
         Ok(rows.into_iter().map(|r| r.0).collect())

@@ -105,6 +105,7 @@ pub async fn run(
                 metrics.clone(),
                 probes,
                 store.clone(),
+                broker_rx.clone(),
             )
             .await?;
             let access = if config.admin_token.is_some() {
@@ -112,7 +113,7 @@ pub async fn run(
             } else {
                 "open (loopback)"
             };
-            tracing::info!(%bound, access, "admin listener: / /jobs/{{id}} /healthz /readyz /metrics");
+            tracing::info!(%bound, access, "admin listener: / /jobs/{{id}} /search /healthz /readyz /metrics");
             Some(task)
         }
         None => None,

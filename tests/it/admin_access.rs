@@ -54,7 +54,12 @@ async fn the_admin_token_guards_every_page_but_the_probes() {
     let bearer = format!("Bearer {TOKEN}");
     let wrong = format!("Bearer {TOKEN}x");
     let prefix = format!("Bearer {}", &TOKEN[..TOKEN.len() - 1]);
-    for path in ["/", &format!("/jobs/{id}"), "/metrics"] {
+    for path in [
+        "/",
+        &format!("/jobs/{id}"),
+        &format!("/search?q={id}"),
+        "/metrics",
+    ] {
         for (what, headers) in [
             ("no header", vec![]),
             ("a wrong token", vec![(AUTHORIZATION, wrong.as_str())]),
@@ -104,6 +109,16 @@ async fn the_admin_token_guards_every_page_but_the_probes() {
     .await
     .expect("body");
     assert!(page.contains(&id), "{page}");
+    let found = get(
+        &admin,
+        &format!("/search?q={id}"),
+        &[(AUTHORIZATION, bearer.as_str())],
+    )
+    .await
+    .text()
+    .await
+    .expect("body");
+    assert!(found.contains(&format!(">{id}</a>")), "{found}");
     // Orchestrators probe without credentials.
     for path in ["/healthz", "/readyz"] {
         assert_eq!(

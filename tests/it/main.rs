@@ -34,5 +34,6 @@ mod readme;
 mod redaction;
 mod reliability;
 mod retention;
+mod search;
 mod send_verify_code;
 mod status_page;

@@ -8,8 +8,12 @@ use serde_json::Value;
 
 use crate::admin_access::TOKEN;
 use crate::chromium::{dump_dom, element, screenshot, visible_text};
-use crate::helpers::{PATIENCE, TestApp, TestEnv, admin_get, free_addr, send_job, unique_id};
+use crate::helpers::{
+    PATIENCE, TestApp, TestEnv, admin_get, delete_topology, drop_database, free_addr, publish_to,
+    send_job, test_link, unique_id,
+};
 use crate::operators::{hold_a_job_and_plant_a_dead_worker, hold_slow_calls};
+use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
 
 fn phone(job: &Value) -> &str {
@@ -339,6 +343,8 @@ async fn every_field_the_pages_show_is_text_never_markup() {
     let index = dump_dom(&format!("{base}/?token={TOKEN}")).await;
     let encoded = utf8_percent_encode(&id, NON_ALPHANUMERIC).to_string();
     let job = dump_dom(&format!("{base}/jobs/{encoded}?token={TOKEN}")).await;
+    // Searched for by its hostile id; logging in keeps the search.
+    let found = dump_dom(&format!("{base}/search?q={encoded}&token={TOKEN}")).await;
     // The phone number shows masked: its first three and last four characters.
     let masked = aliyun_sms_worker::phone::mask(&phone);
     for (page, marker, dom, shown) in [
@@ -376,6 +382,17 @@ async fn every_field_the_pages_show_is_text_never_markup() {
                 masked.clone(),
             ],
         ),
+        (
+            "search",
+            "id=\"results\"",
+            &found,
+            vec![
+                format!("Jobs for job id {id}"),
+                hostile("type"),
+                hostile("code"),
+                masked.clone(),
+            ],
+        ),
     ] {
         assert!(
             dom.contains(marker),
@@ -402,4 +419,103 @@ async fn every_field_the_pages_show_is_text_never_markup() {
         );
     }
     app.shutdown().await;
+}
+
+/// The text of `<b id="{id}">…</b>` in a page.
+fn bold(page: &str, id: &str) -> String {
+    let start = format!("<b id=\"{id}\">");
+    page.split_once(&start)
+        .and_then(|(_, rest)| rest.split_once("</b>"))
+        .map(|(inside, _)| crate::chromium::visible_text(inside))
+        .unwrap_or_else(|| panic!("no {id} on the page:\n{page}"))
+}
+
+/// The real binary with nobody else on its queues (the in-process harness would consume the
+/// dead letters as they arrive): one job held on a slow call, jobs waiting behind it, letters
+/// in the dead-letter queue. The page counts them as RabbitMQ holds them, and a search by the
+/// held job's number, typed as people write it, finds it without the number reaching the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_counts_the_queues_and_a_search_leaves_no_number_in_the_log() {
+    let admin = free_addr();
+    let env = TestEnv::new(|s| {
+        s.insert(config::ADMIN_ADDR.into(), admin.clone());
+        // One job in hand at a time, so the rest wait in the queue.
+        s.insert(config::WORKER_CONCURRENCY.into(), "1".into());
+        hold_slow_calls(s);
+    })
+    .await;
+    let held = send_job(&unique_id("queues-held"));
+    env.fake.push_fault(
+        FaultRule::every(Fault::Latency { ms: 25_000 })
+            .on_phone(phone(&held))
+            .times(1),
+    );
+    let worker = WorkerProcess::start(&["run"], &env.settings).await;
+    let (connection, channel) = test_link().await;
+    let queue = |name: &str| env.settings[name].clone();
+    for n in 0..3 {
+        publish_to(
+            &channel,
+            &queue(config::SMS_DEAD_LETTER_QUEUE),
+            format!("letter {n}").as_bytes(),
+            Default::default(),
+        )
+        .await;
+    }
+    let jobs_queue = queue(config::SMS_JOBS_QUEUE);
+    let json = |job: &Value| serde_json::to_vec(job).expect("json");
+    publish_to(&channel, &jobs_queue, &json(&held), Default::default()).await;
+    let pool = sqlx::PgPool::connect(&env.db_url).await.expect("test db");
+    let held_id = held["id"].as_str().expect("id");
+    let claimed = async {
+        loop {
+            let status: Option<(String,)> =
+                sqlx::query_as("SELECT status FROM sms_jobs WHERE id = $1")
+                    .bind(held_id)
+                    .fetch_optional(&pool)
+                    .await
+                    .expect("query the job");
+            if status.is_some_and(|s| s.0 == "sending") {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, claimed)
+        .await
+        .expect("the slow job is taken");
+    for n in 0..4 {
+        let job = send_job(&unique_id(&format!("queues-waiting-{n}")));
+        publish_to(&channel, &jobs_queue, &json(&job), Default::default()).await;
+    }
+
+    let page = admin_get(&admin, "/").await.1;
+    assert_eq!(bold(&page, "jobs-waiting"), "4", "{page}");
+    assert_eq!(bold(&page, "jobs-held"), "1", "{page}");
+    assert_eq!(bold(&page, "dead-letters"), "3", "{page}");
+    assert!(page.contains(" waiting, 1 consumer(s)"), "{page}");
+
+    let number = phone(&held);
+    let typed = format!("+86 {} {} {}", &number[..3], &number[3..7], &number[7..]);
+    let encoded = utf8_percent_encode(&typed, NON_ALPHANUMERIC);
+    let (status, found) = admin_get(&admin, &format!("/search?q={encoded}")).await;
+    assert_eq!(status, 200, "{found}");
+    assert!(
+        found.contains(&format!(">{held_id}</a>")) && found.contains(">sending</span>"),
+        "{found}"
+    );
+    assert!(
+        !found.contains(number) && !found.contains(&typed),
+        "{found}"
+    );
+
+    channel.close(200, "done".into()).await.ok();
+    // At debug level: the listener's and the libraries' own lines included.
+    let (_, log) = worker.terminate().await;
+    for secret in [number, &typed, &encoded.to_string(), &number[3..]] {
+        assert!(!log.contains(secret), "{secret} in the log:\n{log}");
+    }
+    delete_topology(&connection, &env.settings).await;
+    pool.close().await;
+    drop_database(&env.db_name).await;
 }
