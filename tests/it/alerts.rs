@@ -11,7 +11,7 @@ use aliyun_sms_worker::metrics::FAMILIES;
 use aliyun_sms_worker::wire::Status;
 use serde_yaml_ng::Value;
 
-use crate::compose::{compose, host_file, metric_names, service, str_list, yaml_file};
+use crate::compose::{compose, host_file, metric_names, prometheus_config, yaml_file};
 use crate::helpers::{TestApp, admin_get, free_addr, send_job, unique_id};
 use crate::prometheus_text;
 
@@ -175,12 +175,7 @@ fn every_alert_has_a_severity_a_pointer_to_its_doc_and_unit_tests_both_ways() {
 #[test]
 fn the_compose_prometheus_loads_the_rules() {
     let doc = compose();
-    let command = str_list(service(&doc, "prometheus"), "prometheus", "command");
-    let config_path = command
-        .iter()
-        .find_map(|arg| arg.strip_prefix("--config.file="))
-        .expect("prometheus command sets --config.file=");
-    let config = yaml_file(&host_file(&doc, "prometheus", config_path));
+    let config = prometheus_config(&doc);
     let files: Vec<&str> = config
         .get("rule_files")
         .and_then(Value::as_sequence)

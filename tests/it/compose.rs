@@ -27,6 +27,22 @@ fn dockerfile() -> String {
         .unwrap_or_else(|e| panic!("cannot read {DOCKERFILE_PATH}: {e}"))
 }
 
+fn services(doc: &Value) -> &Mapping {
+    doc.get("services")
+        .and_then(Value::as_mapping)
+        .expect("docker-compose.yml has services")
+}
+
+/// The compose Prometheus's configuration file, as the service loads it.
+pub(crate) fn prometheus_config(doc: &Value) -> Value {
+    let command = str_list(service(doc, "prometheus"), "prometheus", "command");
+    let config_path = command
+        .iter()
+        .find_map(|arg| arg.strip_prefix("--config.file="))
+        .expect("prometheus command sets --config.file=");
+    yaml_file(&host_file(doc, "prometheus", config_path))
+}
+
 pub(crate) fn service<'a>(doc: &'a Value, name: &str) -> &'a Value {
     doc.get("services")
         .and_then(|services| services.get(name))
@@ -313,10 +329,7 @@ fn fake_aliyun_gets_fixed_sandbox_credentials_that_the_worker_defaults_to() {
 #[test]
 fn every_published_port_is_on_the_hosts_loopback() {
     let doc = compose();
-    let services = doc
-        .get("services")
-        .and_then(Value::as_mapping)
-        .expect("services");
+    let services = services(&doc);
     let mut checked = 0;
     for (name, svc) in services {
         let name = name.as_str().expect("service name");
@@ -361,12 +374,7 @@ fn the_worker_and_prometheus_share_an_admin_token() {
         "Prometheus must get the same ADMIN_TOKEN expression as the worker"
     );
 
-    let command = str_list(service(&doc, "prometheus"), "prometheus", "command");
-    let config_path = command
-        .iter()
-        .find_map(|arg| arg.strip_prefix("--config.file="))
-        .expect("prometheus command sets --config.file=");
-    let config = yaml_file(&host_file(&doc, "prometheus", config_path));
+    let config = prometheus_config(&doc);
     let jobs = config
         .get("scrape_configs")
         .and_then(Value::as_sequence)
@@ -642,10 +650,7 @@ fn assert_pinned(doc: &Value, name: &str) {
 #[test]
 fn every_bind_mounted_file_exists() {
     let doc = compose();
-    let services = doc
-        .get("services")
-        .and_then(Value::as_mapping)
-        .expect("services");
+    let services = services(&doc);
     let mut checked = 0;
     for name in services.keys().filter_map(Value::as_str) {
         for (source, target) in bind_mounts(&doc, name) {
@@ -667,12 +672,7 @@ fn every_bind_mounted_file_exists() {
 fn prometheus_scrapes_the_workers_admin_port() {
     let doc = compose();
     assert_pinned(&doc, "prometheus");
-    let command = str_list(service(&doc, "prometheus"), "prometheus", "command");
-    let config_path = command
-        .iter()
-        .find_map(|arg| arg.strip_prefix("--config.file="))
-        .expect("prometheus command sets --config.file=");
-    let config = yaml_file(&host_file(&doc, "prometheus", config_path));
+    let config = prometheus_config(&doc);
 
     let admin = compose_default(env_var(&doc, "worker", "ADMIN_ADDR"));
     let admin_port = port_of(admin);
