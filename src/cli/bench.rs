@@ -77,10 +77,18 @@ async fn declare(ch: &Channel, name: &str, quorum: bool) -> anyhow::Result<()> {
 }
 
 /// Publishes persistent jobs with confirms pipelined (all in flight, awaited together).
-async fn publish_all(ch: &Channel, queue: &str, ids: &[String]) -> anyhow::Result<()> {
+/// Publishes the jobs `ids`, the first being job number `first` of the run (its number gives
+/// its phone number: each must be its own, or the fake, like Aliyun, refuses a second code to
+/// one number within a minute).
+async fn publish_all(
+    ch: &Channel,
+    queue: &str,
+    ids: &[String],
+    first: usize,
+) -> anyhow::Result<()> {
     let mut pending = Vec::with_capacity(ids.len());
     for (i, id) in ids.iter().enumerate() {
-        pending.push(publish_job(ch, queue, id, i).await?);
+        pending.push(publish_job(ch, queue, id, first + i).await?);
     }
     for confirm in join_all(pending).await {
         ensure!(confirm?.is_ack(), "RabbitMQ refused a published message");
@@ -415,8 +423,8 @@ impl Backlog {
         let broker = crate::broker::Broker::connect(&nodes, 0, "bench", queues.clone()).await?;
         broker.declare_topology().await?;
         let ids: Vec<String> = (0..opts.jobs).map(|i| format!("{tag}-{i}")).collect();
-        for chunk in ids.chunks(1000) {
-            publish_all(&ch, &queues.jobs, chunk).await?;
+        for (n, chunk) in ids.chunks(1000).enumerate() {
+            publish_all(&ch, &queues.jobs, chunk, n * 1000).await?;
         }
         Ok(Self {
             queues,
@@ -836,8 +844,8 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     declare(ch, &input, true).await?;
     declare(ch, &output, false).await?;
     let ceiling_ids: Vec<String> = (0..opts.jobs).map(|i| format!("{tag}-c{i}")).collect();
-    for chunk in ceiling_ids.chunks(1000) {
-        publish_all(ch, &input, chunk).await?;
+    for (n, chunk) in ceiling_ids.chunks(1000).enumerate() {
+        publish_all(ch, &input, chunk, n * 1000).await?;
     }
     let mut echoed = consume_results(ch, &output).await?;
     let echo = start_echo(connection, &input, &output, opts.concurrency).await?;

@@ -139,7 +139,7 @@ async fn a_missing_setting_is_named_at_start() {
     );
 }
 
-/// `bench` on a small backlog, one worker process: its own checks (a `sent` row and exactly one
+/// `bench` on a small backlog (1,100 jobs), one worker process: its own checks (a `sent` row and exactly one
 /// send at the fake for every job, a readable peak RSS, the in-flight peak the worker reported)
 /// must pass, and the figures it prints must be the measured ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,7 +150,9 @@ async fn bench_measures_one_worker_against_the_ceiling_and_checks_every_job() {
             (config::AMQP_URL, amqp.as_str()),
             (config::DATABASE_URL, db.as_str()),
         ],
-        &["bench", "--jobs", "300", "--concurrency", "32"],
+        // Past 1,000 jobs: the backlog is published in chunks of 1,000, and each job must
+        // still get a number of its own.
+        &["bench", "--jobs", "1100", "--concurrency", "32"],
     );
     let (code, stdout, stderr) = tokio::time::timeout(PATIENCE * 10, run)
         .await
@@ -186,7 +188,7 @@ async fn bench_measures_one_worker_against_the_ceiling_and_checks_every_job() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no row count in {checked:?}"));
-    assert!(rows > 300, "the backlog and the paced jobs: {checked}");
+    assert!(rows > 1100, "the backlog and the paced jobs: {checked}");
 }
 
 /// `bench --workers` on a small backlog: two worker processes on one queue and one database, at
