@@ -289,17 +289,46 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-pub async fn run(opts: BenchOptions) -> anyhow::Result<()> {
+/// Measures the worker at each upstream latency in turn (`opts.latency` is ignored), each run
+/// on fresh queues and a fresh database; with 0 ms and another latency, also how much of the
+/// latency the worker hides.
+pub async fn run(opts: BenchOptions, latencies: &[Duration]) -> anyhow::Result<()> {
     ensure!(opts.jobs > 0, "--jobs must be at least 1");
-    outln!(
-        "bench: {} jobs, upstream latency {} ms, concurrency {}, {} cores",
-        opts.jobs,
-        opts.latency.as_millis(),
-        opts.concurrency,
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    )?;
-
-    scratch_run(&opts, async |tag, db_url| measure(&opts, tag, db_url).await).await
+    let mut rates = Vec::with_capacity(latencies.len());
+    for (i, latency) in latencies.iter().enumerate() {
+        let opts = BenchOptions {
+            latency: *latency,
+            ..opts.clone()
+        };
+        if i > 0 {
+            outln!("")?;
+        }
+        outln!(
+            "bench: {} jobs, upstream latency {} ms, concurrency {}, {} cores",
+            opts.jobs,
+            opts.latency.as_millis(),
+            opts.concurrency,
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        )?;
+        let rate =
+            scratch_run(&opts, async |tag, db_url| measure(&opts, tag, db_url).await).await?;
+        rates.push((*latency, rate));
+    }
+    let at = |ms: u64| {
+        rates
+            .iter()
+            .find(|(l, _)| *l == Duration::from_millis(ms))
+            .map(|(_, r)| *r)
+    };
+    if let (Some(zero), Some(fifty)) = (at(0), at(50)) {
+        let hidden = fifty / zero.max(f64::EPSILON);
+        outln!("")?;
+        outln!(
+            "latency hidden: {fifty:.0} jobs/s at 50 ms = {hidden:.2} x the {zero:.0} at 0 ms (target >= 0.9: {})",
+            if hidden >= 0.9 { "met" } else { "NOT met" }
+        )?;
+    }
+    Ok(())
 }
 
 /// Runs `body` with fresh names for its queues and job ids (the tag) and a fresh database
@@ -806,7 +835,8 @@ async fn consume_results(ch: &Channel, queue: &str) -> anyhow::Result<lapin::Con
         .await?)
 }
 
-async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result<()> {
+/// One measured run; returns the worker's throughput draining the backlog.
+async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result<f64> {
     let (fake, mut env) = fake_and_env(opts, opts.latency, tag, db_url).await?;
     // The worker's own stage timings come from its /metrics, on a port free a moment ago.
     let admin = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
@@ -921,7 +951,7 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         outln!("worker stages, mean ms per job, paced: {paced}")?;
     }
     outln!("checked: {rows} rows, all sent, {fake_sends} sends at the fake")?;
-    Ok(())
+    Ok(worker.rate)
 }
 
 #[cfg(test)]

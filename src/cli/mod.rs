@@ -147,7 +147,7 @@ struct StatsArgs {
 struct BenchArgs {
     #[arg(long, default_value_t = 20_000)]
     jobs: usize,
-    /// The fake Aliyun's latency per call [default: 0; with --workers: 0 and 50].
+    /// The fake Aliyun's latency per call [default: a run at 0 and one at 50].
     #[arg(long)]
     latency_ms: Option<u64>,
     /// Jobs in flight (WORKER_CONCURRENCY of each measured worker, and the ceiling's prefetch).
@@ -389,13 +389,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 database_url: lookup(config::DATABASE_URL)
                     .unwrap_or_else(|| default(config::DATABASE_URL)),
             };
+            let latencies = match args.latency_ms {
+                Some(ms) => vec![Duration::from_millis(ms)],
+                None => vec![Duration::ZERO, Duration::from_millis(50)],
+            };
             if args.workers.is_empty() {
-                bench::run(base).await?;
+                bench::run(base, &latencies).await?;
             } else {
-                let latencies = match args.latency_ms {
-                    Some(ms) => vec![Duration::from_millis(ms)],
-                    None => vec![Duration::ZERO, Duration::from_millis(50)],
-                };
                 bench::run_fleet(bench::FleetOptions {
                     base,
                     workers: args.workers,

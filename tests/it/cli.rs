@@ -139,9 +139,10 @@ async fn a_missing_setting_is_named_at_start() {
     );
 }
 
-/// `bench` on a small backlog (1,100 jobs), one worker process: its own checks (a `sent` row and exactly one
-/// send at the fake for every job, a readable peak RSS, the in-flight peak the worker reported)
-/// must pass, and the figures it prints must be the measured ones.
+/// `bench` on a small backlog (1,100 jobs), one worker process, at 0 and then 50 ms upstream:
+/// its own checks (a `sent` row and exactly one send at the fake for every job, a readable peak
+/// RSS, the in-flight peak the worker reported) must pass, the figures it prints must be the
+/// measured ones, and the two runs are compared side by side.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_measures_one_worker_against_the_ceiling_and_checks_every_job() {
     let (amqp, db) = (amqp_url(), admin_database_url());
@@ -189,6 +190,24 @@ async fn bench_measures_one_worker_against_the_ceiling_and_checks_every_job() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no row count in {checked:?}"));
     assert!(rows > 1100, "the backlog and the paced jobs: {checked}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("checked:")).count(),
+        2,
+        "one run at 0 ms, one at 50 ms:\n{stdout}"
+    );
+    let hidden = line("latency hidden:");
+    let rates: Vec<f64> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("worker throughput: "))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(rates.len(), 2, "{stdout}");
+    assert!(
+        hidden.starts_with(&format!("latency hidden: {:.0} jobs/s at 50 ms", rates[1]))
+            && hidden.contains(&format!("the {:.0} at 0 ms", rates[0]))
+            && (hidden.ends_with(": met)") || hidden.ends_with(": NOT met)")),
+        "the comparison uses the two measured rates: {hidden}"
+    );
 }
 
 /// `bench --workers` on a small backlog: two worker processes on one queue and one database, at
