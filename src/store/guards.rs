@@ -58,7 +58,7 @@ impl Guards<'_> {
 }
 
 /// The day's scope of the whole fleet; sorts before every prefix.
-pub const FLEET_SCOPE: &str = "*";
+const FLEET_SCOPE: &str = "*";
 
 /// Digits of a number that make its range for `SMS_DAILY_LIMIT_PER_PREFIX`.
 const PREFIX_DIGITS: usize = 7;

@@ -5,9 +5,7 @@ use aliyun_sms_worker::config;
 use reqwest::StatusCode;
 use reqwest::header::{AUTHORIZATION, COOKIE, LOCATION, SET_COOKIE, WWW_AUTHENTICATE};
 
-use crate::helpers::{
-    TestApp, TestEnv, amqp_url, delete_topology, drop_database, free_addr, send_job, unique_id,
-};
+use crate::helpers::{TestApp, TestEnv, amqp_url, free_addr, send_job, unique_id};
 use crate::process::{WorkerProcess, run_to_end};
 
 pub const TOKEN: &str = "it-admin-token-0123456789";
@@ -224,10 +222,5 @@ async fn with_a_token_the_listener_on_every_interface_starts_and_the_token_is_no
         "the admin token is in the log:\n{log}"
     );
 
-    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
-        .await
-        .expect("connect RabbitMQ");
-    delete_topology(&connection, &env.settings).await;
-    let _ = connection.close(200, "test done".into()).await;
-    drop_database(&env.db_name).await;
+    env.remove().await;
 }

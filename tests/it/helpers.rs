@@ -169,6 +169,20 @@ impl TestEnv {
     }
 }
 
+impl TestEnv {
+    /// Removes what the environment made on the shared services: its queues, its dead-letter
+    /// exchange and its database. For tests whose workers were all processes.
+    pub async fn remove(&self) {
+        if let Ok(connection) =
+            Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+        {
+            delete_topology(&connection, &self.settings).await;
+            let _ = connection.close(200, ShortString::from("test done")).await;
+        }
+        drop_database(&self.db_name).await;
+    }
+}
+
 pub struct TestApp {
     pub fake: FakeAliyun,
     pub config: Config,

@@ -8,10 +8,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::cli::enqueue;
-use crate::helpers::{
-    TestEnv, admin_get, amqp_url, attempts, delete_topology, drop_database, free_addr, job_row,
-    unique_id, unique_phone,
-};
+use crate::helpers::{TestEnv, admin_get, attempts, free_addr, job_row, unique_id, unique_phone};
 use crate::process::{WorkerProcess, run_to_end};
 
 /// A value no job shares by chance: digits, as codes and template values usually are.
@@ -171,12 +168,7 @@ async fn nothing_of_the_request_leaks_from_a_signature_mismatch(version: &str) {
     assert_redacted("the worker's debug log", &log, &secrets);
 
     pool.close().await;
-    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
-        .await
-        .expect("connect RabbitMQ");
-    delete_topology(&connection, &env.settings).await;
-    let _ = connection.close(200, "test done".into()).await;
-    drop_database(&env.db_name).await;
+    env.remove().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
