@@ -331,7 +331,7 @@ settings! {
     ALIYUN_MAX_QPS = "ALIYUN_MAX_QPS", Some("1000"), "calls per Aliyun action in any one-second window at most, across all workers sharing the database (bursts are spread out, not throttled by Aliyun)";
     HTTP_CONNECT_TIMEOUT_MS = "HTTP_CONNECT_TIMEOUT_MS", Some("3000"), "TCP+TLS connect timeout for Aliyun calls";
     HTTP_REQUEST_TIMEOUT_MS = "HTTP_REQUEST_TIMEOUT_MS", Some("10000"), "whole-request timeout for one Aliyun call";
-    WORKER_CONCURRENCY = "WORKER_CONCURRENCY", Some("64"), "jobs in flight at once (also the AMQP prefetch)";
+    WORKER_CONCURRENCY = "WORKER_CONCURRENCY", Some("512"), "jobs in flight at once (also the AMQP prefetch); enough to keep Aliyun's latency out of the throughput";
     RETRY_MAX_ATTEMPTS = "RETRY_MAX_ATTEMPTS", Some("5"), "Aliyun calls per job at most, first one included";
     RETRY_INITIAL_DELAY_MS = "RETRY_INITIAL_DELAY_MS", Some("200"), "first backoff step (full jitter applies)";
     RETRY_MAX_DELAY_MS = "RETRY_MAX_DELAY_MS", Some("5000"), "largest backoff step";

@@ -683,20 +683,32 @@ fn stage_means(before: &StageTotals, after: &StageTotals) -> String {
         .join(", ")
 }
 
+/// The fixed rate of the light-load latency line: a steady trickle, where nothing should
+/// wait for a batch.
+pub const LIGHT_RATE: f64 = 200.0;
+
 /// What one consumer under test did.
 struct Figures {
     /// Jobs per second draining the backlog, first result to last.
     rate: f64,
     cpu: [f64; 4],
-    paced_rate: f64,
-    /// Enqueue to result, per paced job, sorted.
-    latencies: Vec<Duration>,
+    /// The paced phases, in order: at half the backlog rate (or the rate asked), then at
+    /// [`LIGHT_RATE`].
+    paced: Vec<Paced>,
     peak_rss_kb: u64,
-    /// Mean ms per job stage (backlog phase, paced phase), when the worker's metrics were read.
-    stages: Option<(String, String)>,
+    /// Mean ms per job stage (backlog phase, each paced phase), when the worker's metrics
+    /// were read.
+    stages: Option<Vec<String>>,
 }
 
-impl Figures {
+/// One phase of jobs published at a steady rate.
+struct Paced {
+    rate: f64,
+    /// Enqueue to result, per job, sorted.
+    latencies: Vec<Duration>,
+}
+
+impl Paced {
     fn latency_line(&self) -> String {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         format!(
@@ -706,21 +718,31 @@ impl Figures {
             self.latencies.last().map_or(0.0, |d| ms(*d))
         )
     }
+
+    fn p99_ms(&self) -> f64 {
+        percentile(&self.latencies, 99.0).as_secs_f64() * 1000.0
+    }
+}
+
+impl Figures {
+    fn jobs(&self) -> usize {
+        self.paced.iter().map(|p| p.latencies.len()).sum()
+    }
 }
 
 /// Measures whatever consumes the `jobs` queue (already holding `backlog` jobs) and answers
-/// on `results`: first the backlog as fast as it goes, then jobs published at `paced_rate`
-/// (half the backlog rate if not given) in 10 ms ticks for about 10 s, each timed from its
-/// publish to its result. `pid` is the consumer's process, if it has its own.
+/// on `results`: first the backlog as fast as it goes, then one phase per entry of `rates`
+/// (`None`: half the backlog rate), each publishing in 10 ms ticks for about 10 s and timing
+/// every job from its publish to its result. `pid` is the consumer's process, if it has its
+/// own.
 async fn drive(
-    connection: &Connection,
-    jobs: &str,
-    results: &mut lapin::Consumer,
+    under_test: &mut UnderTest<'_>,
     backlog: usize,
-    paced: (&str, Option<f64>),
-    pid: Option<u32>,
+    tag: &str,
+    rates: &[Option<f64>],
     admin: Option<&str>,
 ) -> anyhow::Result<Figures> {
+    let (results, pid) = (&mut *under_test.results, under_test.pid);
     let mut peak_rss_kb = 0;
     let first = tokio::time::timeout(Duration::from_secs(60), results.next())
         .await
@@ -739,21 +761,71 @@ async fn drive(
         (backlog - 1) as f64 / elapsed.as_secs_f64()
     };
 
-    let at_backlog_end = match admin {
-        Some(a) => Some(scrape_stages(a).await?),
-        None => None,
-    };
+    let mut totals = Vec::new();
+    if let Some(a) = admin {
+        totals.push(scrape_stages(a).await?);
+    }
+    let mut paced = Vec::with_capacity(rates.len());
+    // Numbers past those used before: the fake, like Aliyun, refuses a second code to one
+    // number within a minute.
+    let mut numbers_from = backlog;
+    for (phase, asked) in rates.iter().enumerate() {
+        let rate = asked.unwrap_or(rate / 2.0).max(1.0);
+        let ids: Vec<String> = (0..((rate * 10.0) as usize).clamp(1, backlog))
+            .map(|i| format!("{tag}-paced{phase}-{i}"))
+            .collect();
+        let latencies =
+            publish_paced(under_test, &ids, rate, numbers_from, &mut peak_rss_kb).await?;
+        numbers_from += ids.len();
+        paced.push(Paced { rate, latencies });
+        if let Some(a) = admin {
+            totals.push(scrape_stages(a).await?);
+        }
+    }
+    if let Some(pid) = pid {
+        peak_rss_kb = peak_rss_kb.max(peak_rss_kb_of(pid)?);
+    }
+    let stages = (!totals.is_empty()).then(|| {
+        std::iter::once(StageTotals::new())
+            .chain(totals.iter().cloned())
+            .collect::<Vec<_>>()
+            .windows(2)
+            .map(|w| stage_means(&w[0], &w[1]))
+            .collect()
+    });
+    Ok(Figures {
+        rate,
+        cpu,
+        paced,
+        peak_rss_kb,
+        stages,
+    })
+}
 
-    let paced_rate = paced.1.unwrap_or(rate / 2.0).max(1.0);
-    let paced_jobs = ((paced_rate * 10.0) as usize).clamp(1, backlog);
-    let per_tick = (paced_rate / 100.0).max(1.0);
-    let publisher = channel(connection).await?;
-    let queue = jobs.to_owned();
-    let ids: Vec<String> = (0..paced_jobs)
-        .map(|i| format!("{}-paced-{i}", paced.0))
-        .collect();
+/// Whatever consumes the `jobs` queue and answers on `results`, as the bench sees it.
+struct UnderTest<'a> {
+    connection: &'a Connection,
+    jobs: &'a str,
+    results: &'a mut lapin::Consumer,
+    /// Its process, if it has its own.
+    pid: Option<u32>,
+}
+
+/// Publishes `ids` at `rate` per second in 10 ms ticks (job `i` to number `numbers_from + i`)
+/// and times each from its publish to its result; sorted.
+async fn publish_paced(
+    under_test: &mut UnderTest<'_>,
+    ids: &[String],
+    rate: f64,
+    numbers_from: usize,
+    peak_rss_kb: &mut u64,
+) -> anyhow::Result<Vec<Duration>> {
+    let per_tick = (rate / 100.0).max(f64::MIN_POSITIVE);
+    let publisher = channel(under_test.connection).await?;
+    let queue = under_test.jobs.to_owned();
+    let pid = under_test.pid;
     let pacing = {
-        let ids = ids.clone();
+        let ids = ids.to_vec();
         tokio::spawn(async move {
             let mut sent_at = HashMap::with_capacity(ids.len());
             let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -765,11 +837,10 @@ async fn drive(
                 tick.tick().await;
                 due += per_tick;
                 while (next as f64) < due && next < ids.len() {
-                    // Numbers past the backlog's: the fake, like Aliyun, refuses a second code
-                    // to one number within a minute.
                     sent_at.insert(ids[next].clone(), Instant::now());
-                    confirms
-                        .push(publish_job(&publisher, &queue, &ids[next], backlog + next).await?);
+                    confirms.push(
+                        publish_job(&publisher, &queue, &ids[next], numbers_from + next).await?,
+                    );
                     next += 1;
                 }
             }
@@ -779,7 +850,7 @@ async fn drive(
             Ok::<_, anyhow::Error>(sent_at)
         })
     };
-    let arrived = collect_results(results, paced_jobs, pid, &mut peak_rss_kb).await?;
+    let arrived = collect_results(under_test.results, ids.len(), pid, peak_rss_kb).await?;
     let sent_at = pacing.await??;
     let mut latencies: Vec<Duration> = ids
         .iter()
@@ -792,32 +863,13 @@ async fn drive(
         })
         .collect();
     ensure!(
-        latencies.len() == paced_jobs,
-        "{} of {paced_jobs} paced results could not be matched",
-        latencies.len()
+        latencies.len() == ids.len(),
+        "{} of {} paced results could not be matched",
+        latencies.len(),
+        ids.len()
     );
     latencies.sort_unstable();
-    if let Some(pid) = pid {
-        peak_rss_kb = peak_rss_kb.max(peak_rss_kb_of(pid)?);
-    }
-    let stages = match (admin, at_backlog_end) {
-        (Some(a), Some(mid)) => {
-            let end = scrape_stages(a).await?;
-            Some((
-                stage_means(&StageTotals::new(), &mid),
-                stage_means(&mid, &end),
-            ))
-        }
-        _ => None,
-    };
-    Ok(Figures {
-        rate,
-        cpu,
-        paced_rate,
-        latencies,
-        peak_rss_kb,
-        stages,
-    })
+    Ok(latencies)
 }
 
 /// A results consumer that acks nothing (the bench reads, and the queue is deleted after).
@@ -853,23 +905,29 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     let mut child = spawn_worker(&env, &[], "worker")?;
     let pid = child.id().context("worker pid")?;
     let worker = drive(
-        connection,
-        &queues.jobs,
-        &mut results,
+        &mut UnderTest {
+            connection,
+            jobs: &queues.jobs,
+            results: &mut results,
+            pid: Some(pid),
+        },
         opts.jobs,
-        (tag, None),
-        Some(pid),
+        tag,
+        &[None, Some(LIGHT_RATE)],
         Some(&admin),
     )
     .await?;
+    let [half, light] = &worker.paced[..] else {
+        anyhow::bail!("the bench ran {} paced phases, not 2", worker.paced.len());
+    };
     // What the worker really kept in flight, not the setting.
     let peak_in_flight = scrape_gauge(&admin, "sms_jobs_in_flight_peak").await?;
     stop_worker(&mut child).await;
 
     // Check every job's row: one, final, sent; and one send each at the fake.
-    let (rows, fake_sends) = verify(db_url, &fake, opts.jobs + worker.latencies.len()).await?;
+    let (rows, fake_sends) = verify(db_url, &fake, opts.jobs + worker.jobs()).await?;
 
-    // The ceiling, the same way: a backlog of the same jobs, then the worker's paced rate.
+    // The ceiling, the same way: a backlog of the same jobs, then the worker's paced rates.
     let (input, output) = (format!("{tag}.ceiling.in"), format!("{tag}.ceiling.out"));
     declare(ch, &input, true).await?;
     declare(ch, &output, false).await?;
@@ -880,25 +938,34 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     let mut echoed = consume_results(ch, &output).await?;
     let echo = start_echo(connection, &input, &output, opts.concurrency).await?;
     let ceiling = drive(
-        connection,
-        &input,
-        &mut echoed,
+        &mut UnderTest {
+            connection,
+            jobs: &input,
+            results: &mut echoed,
+            pid: None,
+        },
         opts.jobs,
-        (&format!("{tag}-c"), Some(worker.paced_rate)),
-        None,
+        &format!("{tag}-c"),
+        &[Some(half.rate), Some(LIGHT_RATE)],
         None,
     )
     .await;
     echo.abort();
     backlog.close().await;
     let ceiling = ceiling?;
+    let [ceiling_half, ceiling_light] = &ceiling.paced[..] else {
+        anyhow::bail!(
+            "the ceiling ran {} paced phases, not 2",
+            ceiling.paced.len()
+        );
+    };
 
     let latency_ms = opts.latency.as_secs_f64() * 1000.0;
     let ratio = worker.rate / ceiling.rate;
-    let p99_ms = percentile(&worker.latencies, 99.0).as_secs_f64() * 1000.0;
     let rss_mib = worker.peak_rss_kb as f64 / 1024.0;
-    let ceiling_p99_ms = percentile(&ceiling.latencies, 99.0).as_secs_f64() * 1000.0;
-    let added_p99_ms = p99_ms - latency_ms;
+    let ceiling_p99_ms = ceiling_half.p99_ms();
+    let added_p99_ms = half.p99_ms() - latency_ms;
+    let light_added_p99_ms = light.p99_ms() - latency_ms;
     let per_job_ms = |cpu: [f64; 4]| cpu.iter().sum::<f64>() * 1000.0 / opts.jobs.max(1) as f64;
     let (worker_cpu_ms, ceiling_cpu_ms) = (per_job_ms(worker.cpu), per_job_ms(ceiling.cpu));
     let cpu_ratio = worker_cpu_ms / ceiling_cpu_ms.max(f64::EPSILON);
@@ -910,8 +977,13 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     print_cpu("ceiling", ceiling.cpu, opts.jobs)?;
     outln!(
         "ceiling latency at the worker's paced rate ({:.0}/s): {}",
-        ceiling.paced_rate,
-        ceiling.latency_line()
+        ceiling_half.rate,
+        ceiling_half.latency_line()
+    )?;
+    outln!(
+        "ceiling latency at a fixed {:.0}/s: {}",
+        ceiling_light.rate,
+        ceiling_light.latency_line()
     )?;
     outln!(
         "worker throughput: {:.0} jobs/s (draining a backlog of {} jobs)",
@@ -928,13 +1000,24 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     )?;
     outln!(
         "worker latency, enqueue -> result at half that rate ({:.0}/s, {} jobs): {}",
-        worker.paced_rate,
-        worker.latencies.len(),
-        worker.latency_line(),
+        half.rate,
+        half.latencies.len(),
+        half.latency_line(),
     )?;
     outln!(
         "latency added: p99 {added_p99_ms:.1} ms above the {latency_ms:.0} ms upstream (target <= the ceiling's p99 {ceiling_p99_ms:.1} ms + 15 ms: {})",
         verdict(added_p99_ms <= ceiling_p99_ms + 15.0)
+    )?;
+    outln!(
+        "worker latency, enqueue -> result at a fixed {:.0}/s ({} jobs): {}",
+        light.rate,
+        light.latencies.len(),
+        light.latency_line(),
+    )?;
+    outln!(
+        "latency added at {:.0}/s: p99 {light_added_p99_ms:.1} ms above the {latency_ms:.0} ms upstream (target <= 10 ms: {})",
+        light.rate,
+        verdict(light_added_p99_ms <= 10.0)
     )?;
     outln!(
         "CPU per job, whole machine: {worker_cpu_ms:.3} ms = {cpu_ratio:.1} x the ceiling's {ceiling_cpu_ms:.3} ms per message (target <= 3 x: {})",
@@ -946,9 +1029,10 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         verdict(rss_mib <= 64.0)
     )?;
     print_cpu("worker run", worker.cpu, opts.jobs)?;
-    if let Some((backlog, paced)) = &worker.stages {
-        outln!("worker stages, mean ms per job, backlog: {backlog}")?;
-        outln!("worker stages, mean ms per job, paced: {paced}")?;
+    if let Some(stages) = &worker.stages {
+        for (phase, means) in ["backlog", "paced", "fixed rate"].iter().zip(stages) {
+            outln!("worker stages, mean ms per job, {phase}: {means}")?;
+        }
     }
     outln!("checked: {rows} rows, all sent, {fake_sends} sends at the fake")?;
     Ok(worker.rate)

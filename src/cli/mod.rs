@@ -150,9 +150,10 @@ struct BenchArgs {
     /// The fake Aliyun's latency per call [default: a run at 0 and one at 50].
     #[arg(long)]
     latency_ms: Option<u64>,
-    /// Jobs in flight (WORKER_CONCURRENCY of each measured worker, and the ceiling's prefetch).
-    #[arg(long, default_value_t = 256)]
-    concurrency: u16,
+    /// Jobs in flight (WORKER_CONCURRENCY of each measured worker, and the ceiling's prefetch)
+    /// [default: the worker's own default].
+    #[arg(long)]
+    concurrency: Option<u16>,
     /// Fleet sizes, e.g. 1,2,3: runs that many worker processes on one queue and one database
     /// for each size and latency, and prints their throughput as one table.
     #[arg(long, value_delimiter = ',')]
@@ -384,7 +385,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let base = bench::BenchOptions {
                 jobs: args.jobs,
                 latency: Duration::from_millis(args.latency_ms.unwrap_or(0)),
-                concurrency: args.concurrency,
+                // Measured as users run it, unless asked otherwise.
+                concurrency: match args.concurrency {
+                    Some(n) => n,
+                    None => default(config::WORKER_CONCURRENCY)
+                        .parse()
+                        .context("the default WORKER_CONCURRENCY")?,
+                },
                 amqp_url: lookup(config::AMQP_URL).unwrap_or_else(|| default(config::AMQP_URL)),
                 database_url: lookup(config::DATABASE_URL)
                     .unwrap_or_else(|| default(config::DATABASE_URL)),

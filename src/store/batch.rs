@@ -149,6 +149,9 @@ pub(super) struct ClaimReq {
     lease_ms: i64,
     /// Why a guard refused it; the row is then written final.
     refusal: Option<Refusal>,
+    /// Written stamped (see [`StampReq`]): its caller took its rate-limit slot first and
+    /// calls Aliyun as soon as the claim commits, so the claim's commit is also the stamp's.
+    stamped: bool,
 }
 
 impl ClaimReq {
@@ -167,11 +170,19 @@ impl ClaimReq {
             worker,
             lease_ms: i64::try_from(lease.as_millis()).unwrap_or(i64::MAX),
             refusal: None,
+            stamped: false,
         }
     }
 
     pub(super) fn refused(mut self, why: Option<Refusal>) -> Self {
         self.refusal = why;
+        self
+    }
+
+    /// Written stamped, with the lease of a job being called (`lease`).
+    pub(super) fn stamped(mut self, lease: Duration) -> Self {
+        self.stamped = true;
+        self.lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         self
     }
 }
@@ -413,6 +424,7 @@ pub(super) async fn claim_together(
     let mut refusals = Vec::with_capacity(n);
     let mut refused_statuses = Vec::with_capacity(n);
     let mut refused_codes = Vec::with_capacity(n);
+    let mut stamped = Vec::with_capacity(n);
     for r in reqs {
         ids.push(r.id.as_str());
         types.push(r.job_type);
@@ -426,6 +438,7 @@ pub(super) async fn claim_together(
         refusals.push(r.refusal.as_ref().map(|f| f.message.as_str()));
         refused_statuses.push(r.refusal.as_ref().map(|f| f.status.as_str()));
         refused_codes.push(r.refusal.as_ref().map(|f| f.code));
+        stamped.push(r.stamped && r.refusal.is_none());
     }
     let written: Vec<JobRow> = sqlx::query_as(concat!(
         "INSERT INTO sms_jobs (id, type, status, phone_number, params, out_id, reply_to,
@@ -437,12 +450,12 @@ pub(super) async fn claim_together(
                 now() + make_interval(secs => t_lease::double precision / 1000),
                 t_refused_code, t_refusal,
                 CASE WHEN t_refusal IS NULL THEN NULL ELSE now() END,
-                NULL
+                CASE WHEN t_stamped THEN now() END
          FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $7::text[], $8::uuid[], $9::bigint[], $10::text[], $11::text[],
-                     $12::text[])
+                     $12::text[], $13::bool[])
               AS t(t_id, t_type, t_phone, t_params, t_out_id, t_reply_to, t_correlation,
-                   t_worker, t_lease, t_refusal, t_refused_status, t_refused_code)
+                   t_worker, t_lease, t_refusal, t_refused_status, t_refused_code, t_stamped)
          ON CONFLICT (id) DO UPDATE SET
              type = EXCLUDED.type, status = EXCLUDED.status,
              phone_number = EXCLUDED.phone_number, params = EXCLUDED.params,
@@ -450,7 +463,7 @@ pub(super) async fn claim_together(
              correlation_id = EXCLUDED.correlation_id, claimed_by = EXCLUDED.claimed_by,
              lease_until = EXCLUDED.lease_until, code = EXCLUDED.code,
              message = EXCLUDED.message, attempts = 0, finished_at = EXCLUDED.finished_at,
-             created_at = now(), updated_at = now(), called_at = NULL,
+             created_at = now(), updated_at = now(), called_at = EXCLUDED.called_at,
              result_published_at = NULL
          WHERE sms_jobs.status = 'invalid'
          RETURNING ",
@@ -468,6 +481,7 @@ pub(super) async fn claim_together(
     .bind(&refusals)
     .bind(&refused_statuses)
     .bind(&refused_codes)
+    .bind(&stamped)
     .fetch_all(&mut *conn)
     .await?;
     let mut rows: HashMap<String, JobRow> =

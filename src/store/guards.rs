@@ -51,7 +51,7 @@ pub struct Guards<'a> {
 
 impl Guards<'_> {
     /// Whether the claim must be counted in a transaction of its own.
-    pub(super) fn counted(&self) -> bool {
+    pub fn counted(&self) -> bool {
         self.refusal.is_none()
             && (self.number_limits.is_some() || self.check_limit.is_some() || self.daily.is_some())
     }

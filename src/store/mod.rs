@@ -340,6 +340,10 @@ pub struct Store {
     pool: PgPool,
     /// Group commits for claims and outcomes; see [`Store::batched`].
     writer: Option<Arc<batch::Writer>>,
+    /// Guarded claims running at once. Each holds a connection for its own transaction, and
+    /// a burst of them (hundreds of checks in flight) must queue here, without a deadline,
+    /// rather than for the pool, whose short wait would take the burst for an outage.
+    guarded: Arc<tokio::sync::Semaphore>,
 }
 
 impl Store {
@@ -358,7 +362,15 @@ impl Store {
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool, writer: None }
+        // Half the pool, so the batched writers and the fleet's duties always find one.
+        let guarded = (pool.options().get_max_connections() / 2).max(1);
+        Self {
+            pool,
+            writer: None,
+            guarded: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(guarded).unwrap_or(1),
+            )),
+        }
     }
 
     /// This store, with claims and outcomes of concurrent jobs written in shared transactions
@@ -367,6 +379,7 @@ impl Store {
         Self {
             pool: self.pool.clone(),
             writer: Some(Arc::new(batch::Writer::spawn(self.pool.clone()))),
+            guarded: self.guarded.clone(),
         }
     }
 
@@ -389,6 +402,10 @@ impl Store {
     ///
     /// A row left `invalid` may be re-claimed: an invalid message never reached Aliyun, so a
     /// corrected job with the same id is a first attempt, not a duplicate.
+    ///
+    /// `call_lease`, when the caller holds its rate-limit slot and calls Aliyun as soon as the
+    /// claim commits: a new row is written stamped (see [`Store::stamp`]) with that lease, so
+    /// the first call needs no second commit. A row already claimed or final is left as it is.
     pub async fn claim(
         &self,
         job: &Job,
@@ -396,8 +413,12 @@ impl Store {
         worker: Uuid,
         lease: Duration,
         guards: &Guards<'_>,
+        call_lease: Option<Duration>,
     ) -> Result<Claim, StoreError> {
-        let req = ClaimReq::new(job, route, worker, lease).refused(guards.refusal.clone());
+        let mut req = ClaimReq::new(job, route, worker, lease).refused(guards.refusal.clone());
+        if let Some(lease) = call_lease {
+            req = req.stamped(lease);
+        }
         if !guards.counted() {
             if let Some(writer) = &self.writer {
                 return writer.claim(req).await;
@@ -419,6 +440,11 @@ impl Store {
         req: ClaimReq,
         guards: &Guards<'_>,
     ) -> Result<Claim, StoreError> {
+        let _turn = self
+            .guarded
+            .acquire()
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
         let mut tx = self.pool.begin().await?;
         let mut refusal = None;
         if let Some(limits) = guards.number_limits {

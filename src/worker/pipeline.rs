@@ -86,32 +86,27 @@ struct CallPlan {
 }
 
 fn plan(job: &Job) -> CallPlan {
-    let (product, action, params, form) = match &job.kind {
-        JobKind::SendVerifyCode(j) => (
-            Product::Dypnsapi,
-            "SendSmsVerifyCode",
-            j.api_params(),
-            Vec::new(),
-        ),
-        JobKind::CheckVerifyCode(j) => (
-            Product::Dypnsapi,
-            "CheckSmsVerifyCode",
-            j.api_params(),
-            Vec::new(),
-        ),
-        JobKind::SendSms(j) => (Product::Dysmsapi, "SendSms", j.api_params(), Vec::new()),
-        JobKind::SendBatchSms(j) => (
-            Product::Dysmsapi,
-            "SendBatchSms",
-            j.api_params(),
-            j.form_params(),
-        ),
+    let (product, params, form) = match &job.kind {
+        JobKind::SendVerifyCode(j) => (Product::Dypnsapi, j.api_params(), Vec::new()),
+        JobKind::CheckVerifyCode(j) => (Product::Dypnsapi, j.api_params(), Vec::new()),
+        JobKind::SendSms(j) => (Product::Dysmsapi, j.api_params(), Vec::new()),
+        JobKind::SendBatchSms(j) => (Product::Dysmsapi, j.api_params(), j.form_params()),
     };
     CallPlan {
         product,
-        action,
+        action: action(job),
         params,
         form,
+    }
+}
+
+/// The Aliyun action a job calls.
+fn action(job: &Job) -> &'static str {
+    match &job.kind {
+        JobKind::SendVerifyCode(_) => "SendSmsVerifyCode",
+        JobKind::CheckVerifyCode(_) => "CheckSmsVerifyCode",
+        JobKind::SendSms(_) => "SendSms",
+        JobKind::SendBatchSms(_) => "SendBatchSms",
     }
 }
 
@@ -373,6 +368,7 @@ impl Pipeline {
         published: Option<DateTime<Utc>>,
     ) -> Result<JobResult, StoreError> {
         let guards = self.guards(job);
+        let paced = self.pace_before_claim(job, &guards, published).await;
         let started = Instant::now();
         let claim = Box::pin(self.store.claim(
             job,
@@ -380,11 +376,14 @@ impl Pipeline {
             self.worker_id,
             self.config.claim_lease(),
             &guards,
+            paced.map(|_| self.config.job_lease()),
         ))
         .await?;
         self.metrics.stage(Stage::Claim, started.elapsed());
         let mut next = match claim {
-            Claim::Owned(row) => Next::Own(row.created_at),
+            Claim::Owned(row) => {
+                Next::Own(row.created_at, paced.filter(|_| row.called_at.is_some()))
+            }
             // Our own claim, and no task of ours is working on it (we hold the lock): an
             // earlier task claimed it and failed before calling Aliyun (say, the database went
             // away as the claim committed). Carry on as its owner.
@@ -393,14 +392,14 @@ impl Pipeline {
                     && row.claimed_by == Some(self.worker_id)
                     && !lock_std(&self.unrecorded).contains(&job.id) =>
             {
-                Next::Own(row.created_at)
+                Next::Own(row.created_at, None)
             }
             Claim::Seen(row) => Next::Wait(row),
         };
         loop {
             next = match next {
-                Next::Own(first_seen) => {
-                    match Box::pin(self.owned(job, first_seen, published)).await? {
+                Next::Own(first_seen, paced) => {
+                    match Box::pin(self.owned(job, first_seen, published, paced)).await? {
                         Some(result) => return Ok(result),
                         // Another worker ended or took the claim before we called.
                         None => Next::Wait(Box::new(self.fetch(&job.id).await?)),
@@ -410,11 +409,37 @@ impl Pipeline {
                     Waited::Final(result) => return Ok(result),
                     Waited::TakenOver(row) => {
                         tracing::info!("took over a claim that never reached Aliyun");
-                        Next::Own(row.created_at)
+                        Next::Own(row.created_at, None)
                     }
                 },
             };
         }
+    }
+
+    /// Takes the job's first rate-limit slot before its claim, when the claim can then be
+    /// written stamped (see [`Store::claim`]): one commit before the call instead of two, on
+    /// every job's path. Says when the slot was due; `None` leaves the slot to `call_aliyun`.
+    ///
+    /// Not for jobs a guard counts or refuses: their claim decides whether there is a call at
+    /// all, and a storm of refused jobs must not spend the slots of the jobs that are sent.
+    /// Nor for a job whose deadline is (nearly) past, which the claim will expire.
+    async fn pace_before_claim(
+        &self,
+        job: &Job,
+        guards: &Guards<'_>,
+        published: Option<DateTime<Utc>>,
+    ) -> Option<Instant> {
+        if guards.counted() || guards.refusal.is_some() {
+            return None;
+        }
+        let deadline = self.deadline(job, published.unwrap_or_else(Utc::now));
+        if deadline.is_some_and(|d| d <= Utc::now() + DEADLINE_GUARD) {
+            return None;
+        }
+        // An unavailable schedule is left to the claimed path, which retries it like a call
+        // that never left.
+        self.aliyun.pace(action(job)).await.ok()?;
+        Some(Instant::now())
     }
 
     /// The abuse guards that apply to this job (see `store::guards`).
@@ -452,17 +477,20 @@ impl Pipeline {
 
     /// Runs a job this worker owns the claim of. `None` when the claim was lost before Aliyun
     /// was called.
+    /// `paced`: the claim was written stamped right after a slot due at that instant.
     async fn owned(
         &self,
         job: &Job,
         first_seen: DateTime<Utc>,
         published: Option<DateTime<Utc>>,
+        paced: Option<Instant>,
     ) -> Result<Option<JobResult>, StoreError> {
         let deadline = self.deadline(job, published.unwrap_or(first_seen));
         if deadline.is_some_and(|d| d <= Utc::now()) {
+            // Stamped or not, nothing was sent.
             return self.expire(job).await.map(Some);
         }
-        let result = self.call_aliyun(job, deadline).await;
+        let result = self.call_aliyun(job, deadline, paced).await;
         if result.is_err() && lock_std(&self.unrecorded).contains(&job.id) {
             lock_std(&self.gave_up).insert(job.id.clone());
         }
@@ -611,10 +639,13 @@ impl Pipeline {
 
     /// Calls Aliyun (with retries) for a job this worker owns, and records the outcome. `None`
     /// when the claim was lost before the first call: nothing was sent.
+    /// `paced`: the claim was written stamped right after a slot due at that instant, which
+    /// the first attempt uses.
     async fn call_aliyun(
         &self,
         job: &Job,
         deadline: Option<DateTime<Utc>>,
+        mut paced: Option<Instant>,
     ) -> Result<Option<JobResult>, StoreError> {
         let plan = plan(job);
         let policy = &self.config.retry;
@@ -625,13 +656,21 @@ impl Pipeline {
         let (verdict, answer, last_attempt) = loop {
             attempt += 1;
             let started_at = Utc::now();
-            let result = match self.aliyun.pace(plan.action).await {
+            let slot = match paced.take() {
+                // The claim was written stamped right after this slot.
+                Some(slot) => Ok((slot, true)),
+                None => self
+                    .aliyun
+                    .pace(plan.action)
+                    .await
+                    .map(|_| (Instant::now(), false)),
+            };
+            let result = match slot {
                 // No slot under the fleet's rate limit: nothing was sent, and the claim is not
                 // stamped; retried like a call that never left.
                 Err(e) => Err(CallError::from(e)),
-                Ok(_) => {
-                    let stamping = Instant::now();
-                    if !self.stamp(job, attempt).await? {
+                Ok((slot, claim_stamped)) => {
+                    if !claim_stamped && !self.stamp(job, attempt).await? {
                         if !stamped {
                             // Taken over before we ever called: the new owner answers.
                             return Ok(None);
@@ -646,7 +685,7 @@ impl Pipeline {
                     }
                     stamped = true;
                     lock_std(&self.unrecorded).insert(job.id.clone());
-                    let repaced = if stamping.elapsed() > SLOT_ALLOWANCE {
+                    let repaced = if slot.elapsed() > SLOT_ALLOWANCE {
                         self.aliyun.pace(plan.action).await.map(|_| ())
                     } else {
                         Ok(())
@@ -760,7 +799,9 @@ impl Pipeline {
 /// Where a job goes next in [`Pipeline::run_job`].
 enum Next {
     /// This worker owns the claim; the job was first seen at this time.
-    Own(DateTime<Utc>),
+    /// `Some` when its claim was written stamped after a slot due then (see
+    /// [`Pipeline::pace_before_claim`]).
+    Own(DateTime<Utc>, Option<Instant>),
     /// Someone else holds it, or it is final.
     Wait(Box<JobRow>),
 }

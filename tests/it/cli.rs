@@ -189,7 +189,24 @@ async fn bench_measures_one_worker_against_the_ceiling_and_checks_every_job() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no row count in {checked:?}"));
-    assert!(rows > 1100, "the backlog and the paced jobs: {checked}");
+    // Every job of every phase is checked: the backlog, half rate, and the fixed light rate.
+    let jobs_in = |start: &str| -> usize {
+        let l = line(start);
+        l.split(" jobs)")
+            .next()
+            .and_then(|head| head.rsplit([' ', '(']).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no job count in {l:?}"))
+    };
+    let half = jobs_in("worker latency, enqueue -> result at half that rate");
+    let light = jobs_in("worker latency, enqueue -> result at a fixed 200/s");
+    assert!(half > 0 && light > 0, "{stdout}");
+    assert_eq!(rows, 1100 + half + light, "{checked}\n{stdout}");
+    let added = line("latency added at 200/s: p99 ");
+    assert!(
+        added.ends_with("(target <= 10 ms: met)") || added.ends_with("(target <= 10 ms: NOT met)"),
+        "{added}"
+    );
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("checked:")).count(),
         2,

@@ -7,9 +7,12 @@ use std::collections::HashMap;
 use aliyun_sms_worker::config;
 use aliyun_sms_worker::wire::{JobResult, Status};
 use serde_json::{Value, json};
+use sqlx::PgPool;
 
 use crate::dysmsapi::sms_job;
-use crate::helpers::{PATIENCE, TestApp, TestEnv, admin_get, free_addr, send_job, unique_id};
+use crate::helpers::{
+    PATIENCE, TestApp, TestEnv, admin_get, free_addr, send_job, unique_id, unique_phone,
+};
 use crate::process::WorkerProcess;
 
 fn check_job(phone: &str, code: &str) -> Value {
@@ -270,5 +273,62 @@ async fn the_daily_budget_holds_across_two_workers_and_shows_what_is_left() {
 
     let (status, log) = other.terminate().await;
     assert!(status.success(), "{log}");
+    app.shutdown().await;
+}
+
+/// A guarded claim holds a connection for its own transaction. An attacker's burst of checks
+/// of one number, all waiting for that number's lock (here held by the test, as a slow
+/// transaction of another worker would), must not take the whole pool: a send to another
+/// number goes through meanwhile, instead of every write timing out as an outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_checks_waiting_for_one_number_leaves_the_pool_to_other_jobs() {
+    let env = TestEnv::new(|s| {
+        s.insert(config::DATABASE_MAX_CONNECTIONS.into(), "6".into());
+    })
+    .await;
+    let pool = PgPool::connect(&env.db_url).await.expect("db");
+    let app = TestApp::start(env).await;
+    let phone = unique_phone();
+    let mut holder = pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("smsw-check:{phone}"))
+        .execute(&mut *holder)
+        .await
+        .expect("hold the number's lock");
+    for guess in 0..12 {
+        app.publish(&check_job(&phone, &format!("00000{guess}")))
+            .await;
+    }
+    // The checks are in their claims, waiting for the lock.
+    tokio::time::timeout(PATIENCE, async {
+        while sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("read pg_locks")
+            < 2
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the checks wait for the number's lock");
+
+    let sent = app.request(&send_job(&unique_id("send"))).await;
+    assert_eq!(sent.status, Status::Sent, "{sent:?}");
+
+    holder.rollback().await.expect("release the lock");
+    let checks = app.results(12).await;
+    assert_eq!(
+        count(&checks, Status::RateLimited, "CHECK_LIMIT")
+            + checks
+                .iter()
+                .filter(|r| r.status == Status::NotVerified)
+                .count(),
+        12,
+        "every check is answered: {checks:#?}"
+    );
+    pool.close().await;
     app.shutdown().await;
 }
