@@ -3,6 +3,8 @@
 //! What goes into fields is the caller's responsibility: phone numbers are masked by
 //! [`crate::phone::PhoneNumber`]'s `Display`, codes and secrets are never passed at all.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -26,7 +28,10 @@ pub fn init(format: LogFormat) {
     let filter = filter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: in a file, a pipe or a container's log
+        // they are escape codes a shipper or `grep` trips over.
+        .with_ansi(std::io::stderr().is_terminal());
     // try_init: a second call (tests, embedded use) keeps the first subscriber.
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -154,3 +154,17 @@ async fn json_logs_are_json_carry_the_job_span_and_leak_nothing() {
     let _ = connection.close(200, "test done".into()).await;
     drop_database(&db_name).await;
 }
+
+/// The default (pretty) format written to a file or a pipe — a container's log, systemd's
+/// journal, the bench's log file — carries no terminal colour codes for a log shipper or
+/// `grep` to trip over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pretty_logs_to_a_pipe_carry_no_colour_codes() {
+    let env = crate::helpers::TestEnv::new(|_| {}).await;
+    let worker = WorkerProcess::start(&["run"], &env.settings).await;
+    let (status, log) = worker.terminate().await;
+    assert!(status.success(), "{log}");
+    assert!(log.contains("consuming jobs"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in the log:\n{log}");
+    env.remove().await;
+}
