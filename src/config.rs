@@ -95,6 +95,8 @@ pub struct RetryPolicy {
 pub struct HttpConfig {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// Connections kept open between calls, per endpoint: as many as the jobs in flight.
+    pub max_idle_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -606,6 +608,7 @@ impl Config {
             )?),
             security_token: r.raw(ALIBABA_CLOUD_SECURITY_TOKEN).map(Secret::new),
         };
+        let concurrency: u16 = r.number(WORKER_CONCURRENCY, 1, 10_000)?;
         let retry = RetryPolicy {
             max_attempts: r.number(RETRY_MAX_ATTEMPTS, 1, 100)?,
             initial_delay: r.millis(RETRY_INITIAL_DELAY_MS, 1, 600_000)?,
@@ -652,10 +655,11 @@ impl Config {
                 http: HttpConfig {
                     connect_timeout: r.millis(HTTP_CONNECT_TIMEOUT_MS, 1, 600_000)?,
                     request_timeout: r.millis(HTTP_REQUEST_TIMEOUT_MS, 1, 600_000)?,
+                    max_idle_connections: usize::from(concurrency),
                 },
                 max_qps: r.number(ALIYUN_MAX_QPS, 1, 100_000)?,
             },
-            concurrency: r.number(WORKER_CONCURRENCY, 1, 10_000)?,
+            concurrency,
             retry,
             code_job_max_age: r.millis(CODE_JOB_MAX_AGE_MS, 1000, 86_400_000)?,
             number_limits: if r.flag(LOCAL_NUMBER_LIMIT_ENABLED)? {

@@ -30,9 +30,10 @@ impl AliyunClient {
             .connect_timeout(config.http.connect_timeout)
             .timeout(config.http.request_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
-            // A burst of a thousand jobs opens a connection each; keeping them all afterwards
-            // would hold their buffers (tens of KiB each) for a minute.
-            .pool_max_idle_per_host(256)
+            // One connection per job in flight, kept between calls: with fewer, every wave of
+            // calls would close the surplus and open it again (a TLS handshake each, against
+            // Aliyun). Their buffers are what the jobs in flight needed anyway.
+            .pool_max_idle_per_host(config.http.max_idle_connections)
             .user_agent(concat!("aliyun-sms-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self {
@@ -441,6 +442,7 @@ mod tests {
             http: HttpConfig {
                 connect_timeout: Duration::from_secs(2),
                 request_timeout: Duration::from_secs(2),
+                max_idle_connections: 4,
             },
             max_qps: 100,
         })

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State as AxumState;
+use axum::extract::{ConnectInfo, State as AxumState};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -187,6 +187,7 @@ struct Endpoint {
 async fn serve(listener: TcpListener, endpoint: Endpoint) -> tokio::task::JoinHandle<()> {
     let app = router(endpoint);
     tokio::spawn(async move {
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "fake Aliyun server stopped");
         }
@@ -254,6 +255,12 @@ impl FakeAliyun {
 
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.shared.state.with(|s| s.requests.clone())
+    }
+
+    /// Connections that carried an Aliyun request, over the fake's lifetime: a client that
+    /// keeps its connections between calls opens no more than it ever had calls at once.
+    pub fn connections(&self) -> usize {
+        self.shared.state.with(|s| s.peers.len())
     }
 
     /// Executed sends (the ones that would be billed) whose OutId is `out_id`.
@@ -395,11 +402,13 @@ fn parameters(
 
 async fn handle(
     AxumState(Endpoint { shared, only }): AxumState<Endpoint>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Reply {
+    shared.state.with(|s| s.peers.insert(peer));
     if !shared.config.latency.is_zero() {
         tokio::time::sleep(shared.config.latency).await;
     }

@@ -131,6 +131,8 @@ pub(crate) struct SmsRecord {
 
 #[derive(Default)]
 pub(crate) struct Inner {
+    /// The client end of every connection a request came over: how many a client opened.
+    pub peers: std::collections::HashSet<std::net::SocketAddr>,
     pub sms: Vec<SmsRecord>,
     pub nonces: HashMap<String, Instant>,
     pub faults: Vec<FaultRule>,

@@ -354,3 +354,39 @@ async fn a_job_interleaved_among_500_others_keeps_its_own_result() {
     assert_eq!(distinct_biz.len(), 501, "every job its own BizId");
     app.shutdown().await;
 }
+
+/// The worker keeps one connection to Aliyun per job it can have in flight: a second wave of
+/// calls as wide as the first reuses the first wave's connections instead of opening more
+/// (each a TLS handshake against the real Aliyun). Wider than the 256 idle connections the
+/// client used to keep, so that cap would show as new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_wave_of_calls_reuses_the_first_waves_connections() {
+    const WIDE: usize = 300;
+    let env = crate::helpers::TestEnv::new(|s| {
+        s.insert(config::WORKER_CONCURRENCY.into(), WIDE.to_string());
+        s.insert(config::ALIYUN_MAX_QPS.into(), "100000".into());
+    })
+    .await;
+    // Long enough that a whole wave is in flight at once.
+    env.fake
+        .push_fault(FaultRule::every(Fault::Latency { ms: 2000 }).on_action("SendSmsVerifyCode"));
+    let app = TestApp::start(env).await;
+    for wave in 0..2 {
+        for i in 0..WIDE {
+            app.publish(&send_job(&unique_id(&format!("wave{wave}-{i}"))))
+                .await;
+        }
+        let results = app.results(WIDE).await;
+        assert!(
+            results.iter().all(|r| r.status == Status::Sent),
+            "wave {wave}: {:?}",
+            results.iter().find(|r| r.status != Status::Sent)
+        );
+    }
+    let opened = app.fake.connections();
+    assert!(
+        (1..=WIDE).contains(&opened),
+        "{opened} connections for two waves of {WIDE} calls"
+    );
+    app.shutdown().await;
+}
