@@ -11,16 +11,25 @@ use std::time::Duration;
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
 
-use crate::config::{Secret, host_of};
+use crate::config::host_of;
 
 /// How long one node may take to accept a connection before the next is tried. A healthy node
 /// answers in milliseconds; a host that drops packets would otherwise hold the caller for the
 /// kernel's TCP timeout (minutes) on every reconnect.
 const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The largest frame the worker asks for, unless `AMQP_URL` says `frame_max=`. Jobs and
+/// results are a few hundred bytes; lapin keeps receive and send buffers of 32 frames each,
+/// so at RabbitMQ's default of 128 KiB a connection holds 8 MiB of buffers (a sixth of the
+/// worker's memory), and at 16 KiB it holds 1 MiB. A larger message is only split into more
+/// frames.
+const FRAME_MAX: u32 = 16 * 1024;
+
 #[derive(Clone)]
 struct Node {
-    url: Secret,
+    /// The node's URL, parsed, with [`FRAME_MAX`] when it names no frame size. Holds the
+    /// password: never printed (`host` is what logs show).
+    uri: AMQPUri,
     /// `host:port`, what logs and errors show instead of the URL.
     host: String,
 }
@@ -62,7 +71,7 @@ impl AmqpNodes {
                 if entry.is_empty() {
                     return Err(format!("{which}empty entry (two commas, or a comma at an end)"));
                 }
-                let uri: AMQPUri = entry.parse().map_err(|e: String| {
+                let mut uri: AMQPUri = entry.parse().map_err(|e: String| {
                     // The URL parser quotes the whole input in some errors: password included.
                     let e = e.replace(entry, &host_of(entry));
                     format!(
@@ -70,9 +79,10 @@ impl AmqpNodes {
                         host_of(entry)
                     )
                 })?;
+                uri.query.frame_max.get_or_insert(FRAME_MAX);
                 Ok(Node {
-                    url: Secret::new(entry),
                     host: format!("{}:{}", uri.authority.host, uri.authority.port),
+                    uri,
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -99,11 +109,11 @@ impl AmqpNodes {
         let mut failures = Vec::new();
         for step in 0..self.nodes.len() {
             let node = (start + step) % self.nodes.len();
-            let Node { url, host } = &self.nodes[node];
+            let Node { uri, host, .. } = &self.nodes[node];
             let properties = ConnectionProperties::default().with_connection_name(name.into());
             let attempt = tokio::time::timeout(
                 NODE_CONNECT_TIMEOUT,
-                Connection::connect(url.expose(), properties),
+                Connection::connect_uri(uri.clone(), properties),
             )
             .await;
             match attempt {

@@ -95,8 +95,9 @@ pub struct RetryPolicy {
 pub struct HttpConfig {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
-    /// Connections kept open between calls, per endpoint: as many as the jobs in flight.
-    pub max_idle_connections: usize,
+    /// Requests open at once at most; also the connections kept open between calls, per
+    /// endpoint, so a wave of calls finds its connections again.
+    pub max_open_calls: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -331,9 +332,10 @@ settings! {
     ALIYUN_DYSMSAPI_ENDPOINT = "ALIYUN_DYSMSAPI_ENDPOINT", Some("https://dysmsapi.aliyuncs.com"), "Dysmsapi endpoint (templated SMS)";
     ALIYUN_SIGNATURE_VERSION = "ALIYUN_SIGNATURE_VERSION", Some("v1"), "v1 (HMAC-SHA1 RPC signature) | v3 (ACS3-HMAC-SHA256)";
     ALIYUN_MAX_QPS = "ALIYUN_MAX_QPS", Some("1000"), "calls per Aliyun action in any one-second window at most, across all workers sharing the database (bursts are spread out, not throttled by Aliyun)";
+    ALIYUN_MAX_OPEN_CALLS = "ALIYUN_MAX_OPEN_CALLS", Some("512"), "Aliyun requests open at once at most, per process; each holds an HTTP connection (about 30 KiB), so this is the worker's memory budget for calls. With Aliyun's latency it bounds the calls per second: 512 at 50 ms allow 10,000/s";
     HTTP_CONNECT_TIMEOUT_MS = "HTTP_CONNECT_TIMEOUT_MS", Some("3000"), "TCP+TLS connect timeout for Aliyun calls";
     HTTP_REQUEST_TIMEOUT_MS = "HTTP_REQUEST_TIMEOUT_MS", Some("10000"), "whole-request timeout for one Aliyun call";
-    WORKER_CONCURRENCY = "WORKER_CONCURRENCY", Some("512"), "jobs in flight at once (also the AMQP prefetch); enough to keep Aliyun's latency out of the throughput";
+    WORKER_CONCURRENCY = "WORKER_CONCURRENCY", Some("1024"), "jobs in flight at once (also the AMQP prefetch); enough to keep Aliyun's latency and the database's commits out of the throughput. A job waiting for its claim, outcome or result holds a few KiB; one in a call to Aliyun also holds a connection (see ALIYUN_MAX_OPEN_CALLS)";
     RETRY_MAX_ATTEMPTS = "RETRY_MAX_ATTEMPTS", Some("5"), "Aliyun calls per job at most, first one included";
     RETRY_INITIAL_DELAY_MS = "RETRY_INITIAL_DELAY_MS", Some("200"), "first backoff step (full jitter applies)";
     RETRY_MAX_DELAY_MS = "RETRY_MAX_DELAY_MS", Some("5000"), "largest backoff step";
@@ -655,7 +657,7 @@ impl Config {
                 http: HttpConfig {
                     connect_timeout: r.millis(HTTP_CONNECT_TIMEOUT_MS, 1, 600_000)?,
                     request_timeout: r.millis(HTTP_REQUEST_TIMEOUT_MS, 1, 600_000)?,
-                    max_idle_connections: usize::from(concurrency),
+                    max_open_calls: r.number(ALIYUN_MAX_OPEN_CALLS, 1, 10_000)?,
                 },
                 max_qps: r.number(ALIYUN_MAX_QPS, 1, 100_000)?,
             },
@@ -758,7 +760,8 @@ mod tests {
         assert_eq!(c.queues.results, "sms.results");
         assert_eq!(c.queues.dead_letter, "sms.jobs.dead");
         assert_eq!(c.aliyun.dypnsapi_endpoint, "https://dypnsapi.aliyuncs.com");
-        assert_eq!(c.concurrency, 64);
+        assert_eq!(c.concurrency, 1024);
+        assert_eq!(c.aliyun.http.max_open_calls, 512);
         assert!(c.aliyun.credentials.security_token.is_none());
     }
 

@@ -15,9 +15,20 @@ use crate::config::{AliyunConfig, SignatureVersion};
 use crate::metrics::{AccountChange, Metrics};
 
 pub const API_VERSION: &str = "2017-05-25";
+
+/// Room for one open call to Aliyun (see [`AliyunClient::open_call`]); given back when dropped.
+pub struct OpenCall {
+    _room: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 #[derive(Clone)]
 pub struct AliyunClient {
     http: reqwest::Client,
+    /// Calls open at once (`ALIYUN_MAX_OPEN_CALLS`): an open call holds an HTTP connection,
+    /// tens of KiB, while a job waiting for its turn holds a few. So a worker can keep many
+    /// jobs in flight (for the database's commits and Aliyun's latency) without a connection
+    /// each.
+    open: std::sync::Arc<tokio::sync::Semaphore>,
     config: AliyunConfig,
     pacer: std::sync::Arc<Pacer>,
     metrics: std::sync::Arc<Metrics>,
@@ -30,14 +41,15 @@ impl AliyunClient {
             .connect_timeout(config.http.connect_timeout)
             .timeout(config.http.request_timeout)
             .pool_idle_timeout(Duration::from_secs(60))
-            // One connection per job in flight, kept between calls: with fewer, every wave of
-            // calls would close the surplus and open it again (a TLS handshake each, against
-            // Aliyun). Their buffers are what the jobs in flight needed anyway.
-            .pool_max_idle_per_host(config.http.max_idle_connections)
+            // One connection per call that may be open, kept between calls: with fewer, every
+            // wave of calls would close the surplus and open it again (a TLS handshake each,
+            // against Aliyun). Their buffers are what the open calls needed anyway.
+            .pool_max_idle_per_host(config.http.max_open_calls)
             .user_agent(concat!("aliyun-sms-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(Self {
             http,
+            open: std::sync::Arc::new(tokio::sync::Semaphore::new(config.http.max_open_calls)),
             // This process's own schedule until `with_schedule` gives the fleet's.
             pacer: std::sync::Arc::new(Pacer::new(
                 std::sync::Arc::new(LocalSchedule::default()),
@@ -80,7 +92,17 @@ impl AliyunClient {
         }
     }
 
-    /// [`Self::pace`], then [`Self::send`].
+    /// Waits for room for one more open call. Taken before the call's rate-limit slot (a slot
+    /// must not go stale while its call waits for room) and held until the answer is in.
+    pub async fn open_call(&self) -> OpenCall {
+        // The semaphore is never closed; were it, the call would go unbounded rather than not
+        // at all.
+        OpenCall {
+            _room: self.open.clone().acquire_owned().await.ok(),
+        }
+    }
+
+    /// [`Self::open_call`], [`Self::pace`], then [`Self::send`].
     pub async fn call(
         &self,
         product: Product,
@@ -88,6 +110,7 @@ impl AliyunClient {
         params: &[(&'static str, String)],
         form: &[(&'static str, String)],
     ) -> Result<Answer, CallError> {
+        let _open = self.open_call().await;
         self.pace(action).await?;
         self.send(product, action, params, form).await
     }
@@ -442,7 +465,7 @@ mod tests {
             http: HttpConfig {
                 connect_timeout: Duration::from_secs(2),
                 request_timeout: Duration::from_secs(2),
-                max_idle_connections: 4,
+                max_open_calls: 4,
             },
             max_qps: 100,
         })

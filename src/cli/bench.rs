@@ -667,7 +667,7 @@ async fn scrape_gauge(admin: &str, name: &str) -> anyhow::Result<f64> {
 
 /// Mean milliseconds per stage between two scrapes, in the order a job meets them.
 fn stage_means(before: &StageTotals, after: &StageTotals) -> String {
-    ["claim", "aliyun", "record", "publish", "ack"]
+    ["pace", "claim", "aliyun", "record", "publish", "ack"]
         .iter()
         .map(|stage| {
             let (s1, c1) = after.get(*stage).copied().unwrap_or_default();

@@ -141,10 +141,17 @@ impl Store {
         if ids.is_empty() {
             return Ok(());
         }
+        // SKIP LOCKED: a row locked now is having its outcome written (or its stamp), by a
+        // batch that locks rows in its own order. Waiting for it would deadlock with that
+        // batch; skipping it costs nothing, as the row is about to be final or the next beat
+        // renews it, long before the lease of several beats runs out.
         sqlx::query(
-            "UPDATE sms_jobs SET lease_until = GREATEST(lease_until, now() + make_interval(
-                     secs => CASE WHEN called_at IS NULL THEN $3 ELSE $4 END::double precision / 1000))
-             WHERE id = ANY($2) AND status = 'sending' AND claimed_by = $1",
+            "UPDATE sms_jobs j SET lease_until = GREATEST(j.lease_until, now() + make_interval(
+                     secs => CASE WHEN j.called_at IS NULL THEN $3 ELSE $4 END::double precision / 1000))
+             FROM (SELECT id FROM sms_jobs
+                   WHERE id = ANY($2) AND status = 'sending' AND claimed_by = $1
+                   FOR UPDATE SKIP LOCKED) AS free
+             WHERE j.id = free.id",
         )
         .bind(worker)
         .bind(ids)

@@ -533,6 +533,15 @@ impl Store {
         }
     }
 
+    /// Writes the marks [`Self::result_published`] queued and has not written yet: for a
+    /// clean stop, so the outbox does not publish this worker's last results again.
+    pub async fn flush_published(&self) -> Result<(), StoreError> {
+        match &self.writer {
+            Some(writer) => writer.flush_published().await,
+            None => Ok(()),
+        }
+    }
+
     /// [`Self::result_published`], waited for: for the outbox sweeper, whose next sweep must
     /// not find the row it has just published unmarked.
     pub async fn mark_result_published(

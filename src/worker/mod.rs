@@ -281,6 +281,9 @@ pub async fn run(
     if let Some(admin) = admin {
         admin.abort();
     }
+    if let Err(e) = pipeline.store().flush_published().await {
+        tracing::warn!(error = %e, "could not record the last results as published; the outbox may publish them again");
+    }
     if let Err(e) = pipeline.store().retire(pipeline.worker_id()).await {
         tracing::warn!(error = %e, "could not retire this worker's heartbeat");
     }

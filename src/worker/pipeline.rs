@@ -20,6 +20,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::admin::Metrics;
+use crate::aliyun::client::OpenCall;
 use crate::aliyun::outcome::codes;
 use crate::aliyun::{AliyunClient, Answer, CallError, Effect, Product, Verdict, classify};
 use crate::broker::{self, Broker, BrokerError, Routed};
@@ -36,6 +37,11 @@ use crate::worker::health::DbHealth;
 /// stamp and the request itself take time after the decision, and must not carry the call past
 /// the deadline.
 const DEADLINE_GUARD: chrono::Duration = chrono::Duration::milliseconds(100);
+
+/// Between two tries of a write the database refused for a reason other than an outage or
+/// the data (a deadlock, a serialization failure), doubling.
+const PERSIST_RETRY_MIN: Duration = Duration::from_millis(20);
+const PERSIST_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// How late after its rate-limit slot a call may still leave (the schedule leaves a margin
 /// of 100 ms, of which the pacer itself may use 25).
@@ -368,7 +374,11 @@ impl Pipeline {
         published: Option<DateTime<Utc>>,
     ) -> Result<JobResult, StoreError> {
         let guards = self.guards(job);
+        let started = Instant::now();
         let paced = self.pace_before_claim(job, &guards, published).await;
+        if paced.is_some() {
+            self.metrics.stage(Stage::Pace, started.elapsed());
+        }
         let started = Instant::now();
         let claim = Box::pin(self.store.claim(
             job,
@@ -376,25 +386,26 @@ impl Pipeline {
             self.worker_id,
             self.config.claim_lease(),
             &guards,
-            paced.map(|_| self.config.job_lease()),
+            paced.as_ref().map(|_| self.config.job_lease()),
         ))
         .await?;
         self.metrics.stage(Stage::Claim, started.elapsed());
-        let mut next = match claim {
-            Claim::Owned(row) => {
+        // A slot the job will not use goes, and its room for a call with it, before any wait.
+        let mut next = match (claim, paced) {
+            (Claim::Owned(row), paced) => {
                 Next::Own(row.created_at, paced.filter(|_| row.called_at.is_some()))
             }
             // Our own claim, and no task of ours is working on it (we hold the lock): an
             // earlier task claimed it and failed before calling Aliyun (say, the database went
             // away as the claim committed). Carry on as its owner.
-            Claim::Seen(row)
+            (Claim::Seen(row), _)
                 if row.status == Status::Sending.as_str()
                     && row.claimed_by == Some(self.worker_id)
                     && !lock_std(&self.unrecorded).contains(&job.id) =>
             {
                 Next::Own(row.created_at, None)
             }
-            Claim::Seen(row) => Next::Wait(row),
+            (Claim::Seen(row), _) => Next::Wait(row),
         };
         loop {
             next = match next {
@@ -428,7 +439,7 @@ impl Pipeline {
         job: &Job,
         guards: &Guards<'_>,
         published: Option<DateTime<Utc>>,
-    ) -> Option<Instant> {
+    ) -> Option<Paced> {
         if guards.counted() || guards.refusal.is_some() {
             return None;
         }
@@ -436,10 +447,14 @@ impl Pipeline {
         if deadline.is_some_and(|d| d <= Utc::now() + DEADLINE_GUARD) {
             return None;
         }
+        let open = self.aliyun.open_call().await;
         // An unavailable schedule is left to the claimed path, which retries it like a call
         // that never left.
         self.aliyun.pace(action(job)).await.ok()?;
-        Some(Instant::now())
+        Some(Paced {
+            slot: Instant::now(),
+            open,
+        })
     }
 
     /// The abuse guards that apply to this job (see `store::guards`).
@@ -483,7 +498,7 @@ impl Pipeline {
         job: &Job,
         first_seen: DateTime<Utc>,
         published: Option<DateTime<Utc>>,
-        paced: Option<Instant>,
+        paced: Option<Paced>,
     ) -> Result<Option<JobResult>, StoreError> {
         let deadline = self.deadline(job, published.unwrap_or(first_seen));
         if deadline.is_some_and(|d| d <= Utc::now()) {
@@ -568,16 +583,24 @@ impl Pipeline {
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         let give_up = Instant::now() + self.config.job_lease();
+        let mut pause = PERSIST_RETRY_MIN;
         loop {
             match write().await {
                 Ok(v) => return Ok(v),
                 // Waiting does not change what the database refuses.
                 Err(e) if e.class() == ErrorClass::Data => return Err(e),
-                Err(e) if Instant::now() < give_up => {
+                Err(e) if Instant::now() < give_up && e.class() == ErrorClass::Outage => {
                     tracing::warn!(error = %e, "could not record an Aliyun outcome; waiting for the database");
                     self.health.failed();
                     let left = give_up.saturating_duration_since(Instant::now());
                     let _ = tokio::time::timeout(left, self.health.wait_ok()).await;
+                }
+                // A deadlock or a serialization failure: the database is fine, and pausing
+                // every job's consumption for it would turn one lost race into an outage.
+                Err(e) if Instant::now() < give_up => {
+                    tracing::warn!(error = %e, "could not record an Aliyun outcome; trying again");
+                    tokio::time::sleep(full_jitter(pause)).await;
+                    pause = (pause * 2).min(PERSIST_RETRY_MAX);
                 }
                 Err(e) => return Err(e),
             }
@@ -645,7 +668,7 @@ impl Pipeline {
         &self,
         job: &Job,
         deadline: Option<DateTime<Utc>>,
-        mut paced: Option<Instant>,
+        mut paced: Option<Paced>,
     ) -> Result<Option<JobResult>, StoreError> {
         let plan = plan(job);
         let policy = &self.config.retry;
@@ -658,18 +681,20 @@ impl Pipeline {
             let started_at = Utc::now();
             let slot = match paced.take() {
                 // The claim was written stamped right after this slot.
-                Some(slot) => Ok((slot, true)),
-                None => self
-                    .aliyun
-                    .pace(plan.action)
-                    .await
-                    .map(|_| (Instant::now(), false)),
+                Some(Paced { slot, open }) => Ok((slot, true, open)),
+                None => {
+                    let open = self.aliyun.open_call().await;
+                    self.aliyun
+                        .pace(plan.action)
+                        .await
+                        .map(|_| (Instant::now(), false, open))
+                }
             };
             let result = match slot {
                 // No slot under the fleet's rate limit: nothing was sent, and the claim is not
                 // stamped; retried like a call that never left.
                 Err(e) => Err(CallError::from(e)),
-                Ok((slot, claim_stamped)) => {
+                Ok((slot, claim_stamped, _open)) => {
                     if !claim_stamped && !self.stamp(job, attempt).await? {
                         if !stamped {
                             // Taken over before we ever called: the new owner answers.
@@ -796,12 +821,20 @@ impl Pipeline {
     }
 }
 
+/// A job's first rate-limit slot, taken before its claim (see [`Pipeline::pace_before_claim`]),
+/// with the room for its call.
+struct Paced {
+    /// When the slot was due.
+    slot: Instant,
+    open: OpenCall,
+}
+
 /// Where a job goes next in [`Pipeline::run_job`].
 enum Next {
     /// This worker owns the claim; the job was first seen at this time.
     /// `Some` when its claim was written stamped after a slot due then (see
     /// [`Pipeline::pace_before_claim`]).
-    Own(DateTime<Utc>, Option<Instant>),
+    Own(DateTime<Utc>, Option<Paced>),
     /// Someone else holds it, or it is final.
     Wait(Box<JobRow>),
 }

@@ -474,3 +474,62 @@ async fn a_claim_written_by_an_older_binary_is_never_sent_again() {
     assert_eq!(app.fake.calls_for(&id), 0, "never resent");
     app.shutdown().await;
 }
+
+/// Issue 13: under load the heartbeat's lease renewal deadlocked with the batched outcome
+/// writes (the bench's 50 ms run: "deadlock detected" every beat, and the worker paused
+/// consumption, taking the deadlock for an outage). A renewal must never wait for a row whose
+/// outcome is being written: that row is about to be final, and its lease does not matter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewing_leases_never_waits_for_a_claim_whose_outcome_is_being_written() {
+    let (db_name, db_url) = crate::helpers::create_database().await;
+    let store = aliyun_sms_worker::store::Store::connect(&db_url, 4)
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    let pool = store.pool().clone();
+    let owner = Uuid::new_v4();
+    // "a" comes first in the index, so a renewal that waited would hold it while waiting.
+    let (a, b) = (send_job("renew-a"), send_job("renew-b"));
+    for job in [&a, &b] {
+        leave_claim(&pool, job, owner, true, 0.0, 0.0).await;
+    }
+    let ids = [a["id"].as_str().expect("id"), b["id"].as_str().expect("id")];
+    // An outcome write in flight: it holds "b" and, like a batch, goes on to "a".
+    let mut finishing = pool.begin().await.expect("begin");
+    sqlx::query("UPDATE sms_jobs SET status = 'sent', finished_at = now() WHERE id = $1")
+        .bind(ids[1])
+        .execute(&mut *finishing)
+        .await
+        .expect("finish b");
+    let renewed = tokio::time::timeout(
+        PATIENCE,
+        store.renew_claims(
+            owner,
+            &[ids[1].to_owned(), ids[0].to_owned()],
+            Duration::from_secs(60),
+            Duration::from_secs(60),
+        ),
+    )
+    .await
+    .expect("the renewal waited for a row being finished");
+    renewed.expect("renewal");
+    sqlx::query("UPDATE sms_jobs SET status = 'sent', finished_at = now() WHERE id = $1")
+        .bind(ids[0])
+        .execute(&mut *finishing)
+        .await
+        .expect("finish a: no deadlock");
+    finishing.commit().await.expect("commit the outcomes");
+    let leases: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT id, lease_until > now() + interval '30 seconds' FROM sms_jobs ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("leases");
+    // "a" was free and renewed; "b" was skipped, and is final now anyway.
+    assert_eq!(
+        leases,
+        vec![(ids[0].to_owned(), true), (ids[1].to_owned(), false)]
+    );
+    pool.close().await;
+    drop_database(&db_name).await;
+}
