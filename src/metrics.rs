@@ -75,8 +75,8 @@ const STAGES: [&str; 6] = ["pace", "claim", "aliyun", "record", "publish", "ack"
 /// A stage of a job whose duration is recorded.
 #[derive(Debug, Clone, Copy)]
 pub enum Stage {
-    /// The first rate-limit slot and room for the call, taken before the claim (jobs no guard
-    /// counts; the others take theirs in `aliyun`).
+    /// The first rate-limit slot, taken before the claim (jobs no guard counts; the others
+    /// take theirs in `aliyun`).
     Pace = 0,
     Claim = 1,
     Aliyun = 2,

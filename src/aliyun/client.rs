@@ -92,8 +92,8 @@ impl AliyunClient {
         }
     }
 
-    /// Waits for room for one more open call. Taken before the call's rate-limit slot (a slot
-    /// must not go stale while its call waits for room) and held until the answer is in.
+    /// Waits for room for one more open call; held until the answer is in. A rate-limit slot
+    /// taken before must be checked for staleness after this wait (see [`Self::pace`]).
     pub async fn open_call(&self) -> OpenCall {
         // The semaphore is never closed; were it, the call would go unbounded rather than not
         // at all.

@@ -9,7 +9,9 @@
 //! wake-up, signing, the network) still cannot make a window hold N + 1 calls.
 //!
 //! A process reserves as many slots as it has callers waiting (one for a lone job, a block
-//! under a backlog, at most a tenth of a second's worth), hands them out in order and lets each
+//! under a backlog, at most a tenth of a second's worth), or, when its callers come steadily,
+//! as many as they took in the last [`LOOKAHEAD`] (so that a steady stream finds its slots
+//! here instead of asking the shared schedule for each), hands them out in order and lets each
 //! caller sleep until its own. A slot nobody takes in time is dropped: a lost slot costs some
 //! throughput, never the limit.
 
@@ -33,6 +35,11 @@ pub const MARGIN: Duration = Duration::from_millis(250);
 /// one taken; the rest of [`MARGIN`] is for what happens after the slot (signing, the request
 /// reaching Aliyun).
 pub const GRACE: Duration = Duration::from_millis(25);
+
+/// How far ahead of its callers a process reserves: the demand of this long, at the rate its
+/// callers took slots since the last reservation. Within [`GRACE`] of the first slot, so the
+/// callers it is for come before the block is stale.
+const LOOKAHEAD: Duration = Duration::from_millis(20);
 
 /// Why a schedule could not hand out slots; the source is the schedule's own error.
 pub type ScheduleError = Box<dyn std::error::Error + Send + Sync>;
@@ -100,9 +107,37 @@ impl Schedule for LocalSchedule {
 /// Slots reserved by this process for one action and not yet taken.
 #[derive(Default)]
 struct Reserved {
-    slots: tokio::sync::Mutex<VecDeque<Instant>>,
+    slots: tokio::sync::Mutex<Slots>,
     /// Callers of this action waiting for a slot: the size of the next reservation.
     waiting: AtomicU32,
+}
+
+#[derive(Default)]
+struct Slots {
+    due: VecDeque<Instant>,
+    /// When the last reservation was made, and how many slots callers took since: the demand
+    /// the next reservation looks ahead with.
+    reserved_at: Option<Instant>,
+    taken: u32,
+}
+
+impl Slots {
+    /// How many slots the next reservation takes: one per caller waiting, or the callers'
+    /// recent demand over [`LOOKAHEAD`] if that is more. The look-ahead is at most a quarter
+    /// of `max`: after a burst the demand looks high, and what it reserves for callers who do
+    /// not come is lost to the fleet.
+    fn next_block(&self, waiting: u32, now: Instant, max: u32) -> u32 {
+        let ahead = self
+            .reserved_at
+            .map(|at| now.saturating_duration_since(at))
+            .filter(|since| !since.is_zero())
+            .map_or(0.0, |since| {
+                f64::from(self.taken) * LOOKAHEAD.as_secs_f64() / since.as_secs_f64()
+            });
+        // Saturating: a burst's rate over a few microseconds is large, and the cap holds it.
+        let ahead = ahead.ceil().min(f64::from(max / 4)) as u32;
+        waiting.max(ahead).clamp(1, max)
+    }
 }
 
 /// Counts a caller as waiting for as long as it lives (a caller that gives up stops counting).
@@ -210,16 +245,20 @@ impl Pacer {
         let mut retry_in = Duration::from_millis(50);
         loop {
             let now = Instant::now();
-            while slots.front().is_some_and(|s| *s + GRACE < now) {
-                slots.pop_front();
+            while slots.due.front().is_some_and(|s| *s + GRACE < now) {
+                slots.due.pop_front();
             }
-            if let Some(slot) = slots.pop_front() {
+            if let Some(slot) = slots.due.pop_front() {
+                slots.taken = slots.taken.saturating_add(1);
                 return Ok(slot);
             }
-            let count = reserved
-                .waiting
-                .load(Ordering::Relaxed)
-                .clamp(1, max_block(limit));
+            let count = slots.next_block(
+                reserved.waiting.load(Ordering::Relaxed),
+                now,
+                max_block(limit),
+            );
+            slots.reserved_at = Some(now);
+            slots.taken = 0;
             let left = self.patience.saturating_sub(started.elapsed());
             let failure =
                 match tokio::time::timeout(left, self.schedule.reserve(action, count, spacing))
@@ -227,7 +266,7 @@ impl Pacer {
                 {
                     Ok(Ok(first)) => {
                         let first = Instant::now() + first;
-                        slots.extend((0..count).map(|i| first + spacing * i));
+                        slots.due.extend((0..count).map(|i| first + spacing * i));
                         continue;
                     }
                     Ok(Err(e)) => e,
@@ -322,12 +361,17 @@ mod tests {
     async fn reservations_follow_the_demand() {
         let schedule = Arc::new(Remote::default());
         let pacer = pacer(schedule.clone(), 1000);
-        // One caller at a time: one slot each, and no wait at an idle schedule.
-        for _ in 0..3 {
+        // One caller at a time, and no wait at an idle schedule: the first reservation is for
+        // one; then callers come steadily, and each reservation is for what they took over the
+        // look-ahead, so a steady stream asks the schedule less often than it calls.
+        for _ in 0..10 {
             assert_eq!(pacer.pace("SendSms").await.unwrap(), Duration::ZERO);
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(*schedule.counts.lock().unwrap(), [1, 1, 1]);
+        let steady = schedule.counts.lock().unwrap().clone();
+        assert_eq!(steady[0], 1, "{steady:?}");
+        assert!(steady.len() <= 6, "{steady:?}");
+        assert!(steady.iter().all(|c| *c <= 3), "{steady:?}");
         // Fifty at once: larger blocks, never more than a tenth of a second's worth.
         let tasks: Vec<_> = (0..50)
             .map(|_| {
@@ -339,8 +383,11 @@ mod tests {
             task.await.unwrap();
         }
         let counts = schedule.counts.lock().unwrap().clone();
-        let blocks = &counts[3..];
-        assert_eq!(blocks.iter().sum::<u32>(), 50, "{counts:?}");
+        let blocks = &counts[steady.len()..];
+        // Sixty calls in all; what the look-ahead may reserve beyond them is a quarter of the
+        // largest block.
+        let reserved = counts.iter().sum::<u32>();
+        assert!((60..=60 + 25).contains(&reserved), "{counts:?}");
         assert!(blocks.len() < 10, "{counts:?}");
         assert!(blocks.iter().all(|c| *c <= 100), "{counts:?}");
         // Another action has its own schedule.

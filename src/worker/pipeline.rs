@@ -20,7 +20,6 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::admin::Metrics;
-use crate::aliyun::client::OpenCall;
 use crate::aliyun::outcome::codes;
 use crate::aliyun::{AliyunClient, Answer, CallError, Effect, Product, Verdict, classify};
 use crate::broker::{self, Broker, BrokerError, Routed};
@@ -390,7 +389,6 @@ impl Pipeline {
         ))
         .await?;
         self.metrics.stage(Stage::Claim, started.elapsed());
-        // A slot the job will not use goes, and its room for a call with it, before any wait.
         let mut next = match (claim, paced) {
             (Claim::Owned(row), paced) => {
                 Next::Own(row.created_at, paced.filter(|_| row.called_at.is_some()))
@@ -447,13 +445,11 @@ impl Pipeline {
         if deadline.is_some_and(|d| d <= Utc::now() + DEADLINE_GUARD) {
             return None;
         }
-        let open = self.aliyun.open_call().await;
         // An unavailable schedule is left to the claimed path, which retries it like a call
         // that never left.
         self.aliyun.pace(action(job)).await.ok()?;
         Some(Paced {
             slot: Instant::now(),
-            open,
         })
     }
 
@@ -681,20 +677,18 @@ impl Pipeline {
             let started_at = Utc::now();
             let slot = match paced.take() {
                 // The claim was written stamped right after this slot.
-                Some(Paced { slot, open }) => Ok((slot, true, open)),
-                None => {
-                    let open = self.aliyun.open_call().await;
-                    self.aliyun
-                        .pace(plan.action)
-                        .await
-                        .map(|_| (Instant::now(), false, open))
-                }
+                Some(Paced { slot }) => Ok((slot, true)),
+                None => self
+                    .aliyun
+                    .pace(plan.action)
+                    .await
+                    .map(|_| (Instant::now(), false)),
             };
             let result = match slot {
                 // No slot under the fleet's rate limit: nothing was sent, and the claim is not
                 // stamped; retried like a call that never left.
                 Err(e) => Err(CallError::from(e)),
-                Ok((slot, claim_stamped, _open)) => {
+                Ok((slot, claim_stamped)) => {
                     if !claim_stamped && !self.stamp(job, attempt).await? {
                         if !stamped {
                             // Taken over before we ever called: the new owner answers.
@@ -710,6 +704,10 @@ impl Pipeline {
                     }
                     stamped = true;
                     lock_std(&self.unrecorded).insert(job.id.clone());
+                    // Room for the call is taken here, after the claim and the stamp, so that it
+                    // is held for the exchange alone; a slot that went stale meanwhile is
+                    // replaced below.
+                    let _open = self.aliyun.open_call().await;
                     let repaced = if slot.elapsed() > SLOT_ALLOWANCE {
                         self.aliyun.pace(plan.action).await.map(|_| ())
                     } else {
@@ -821,12 +819,10 @@ impl Pipeline {
     }
 }
 
-/// A job's first rate-limit slot, taken before its claim (see [`Pipeline::pace_before_claim`]),
-/// with the room for its call.
+/// A job's first rate-limit slot, taken before its claim (see [`Pipeline::pace_before_claim`]).
 struct Paced {
     /// When the slot was due.
     slot: Instant,
-    open: OpenCall,
 }
 
 /// Where a job goes next in [`Pipeline::run_job`].

@@ -372,21 +372,54 @@ async fn a_second_wave_of_calls_reuses_the_first_waves_connections() {
         .push_fault(FaultRule::every(Fault::Latency { ms: 2000 }).on_action("SendSmsVerifyCode"));
     let app = TestApp::start(env).await;
     for wave in 0..2 {
-        for i in 0..WIDE {
-            app.publish(&send_job(&unique_id(&format!("wave{wave}-{i}"))))
-                .await;
-        }
-        let results = app.results(WIDE).await;
-        assert!(
-            results.iter().all(|r| r.status == Status::Sent),
-            "wave {wave}: {:?}",
-            results.iter().find(|r| r.status != Status::Sent)
-        );
+        all_sent(&app, &format!("wave{wave}"), WIDE).await;
     }
     let opened = app.fake.connections();
     assert!(
         (1..=WIDE).contains(&opened),
         "{opened} connections for two waves of {WIDE} calls"
+    );
+    app.shutdown().await;
+}
+
+/// Publishes `n` jobs at once (ids `label-i`) and waits for their results, every one `sent`.
+async fn all_sent(app: &TestApp, label: &str, n: usize) {
+    for i in 0..n {
+        app.publish(&send_job(&unique_id(&format!("{label}-{i}"))))
+            .await;
+    }
+    let results = app.results(n).await;
+    assert!(
+        results.iter().all(|r| r.status == Status::Sent),
+        "{label}: {:?}",
+        results.iter().find(|r| r.status != Status::Sent)
+    );
+}
+
+/// Issue 13: `ALIYUN_MAX_OPEN_CALLS` bounds the calls open at once, and so the connections
+/// (about 30 KiB each, the worker's memory for calls), however many jobs are in flight: forty
+/// jobs in flight, four calls open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_calls_are_bounded_whatever_the_jobs_in_flight() {
+    const JOBS: usize = 40;
+    const OPEN: usize = 4;
+    let env = crate::helpers::TestEnv::new(|s| {
+        s.insert(config::WORKER_CONCURRENCY.into(), JOBS.to_string());
+        s.insert(config::ALIYUN_MAX_OPEN_CALLS.into(), OPEN.to_string());
+        s.insert(config::ALIYUN_MAX_QPS.into(), "100000".into());
+    })
+    .await;
+    // Slow enough that, unbounded, every job would be in a call at once.
+    env.fake
+        .push_fault(FaultRule::every(Fault::Latency { ms: 300 }).on_action("SendSmsVerifyCode"));
+    let app = TestApp::start(env).await;
+    all_sent(&app, "open", JOBS).await;
+    // A connection handed back a moment after its answer may not be found by the next call,
+    // which opens another: twice the bound, and far below one per job.
+    let opened = app.fake.connections();
+    assert!(
+        (1..=2 * OPEN).contains(&opened),
+        "{opened} connections for {JOBS} jobs with {OPEN} calls open at most"
     );
     app.shutdown().await;
 }
