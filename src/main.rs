@@ -5,9 +5,9 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// Freed pages go back to the system within a second (jemalloc keeps them ten by default),
-/// so the worker's memory follows its jobs in flight down after a burst instead of adding the
-/// last burst's pages to the next one's.
+/// Freed pages are purged after a second (jemalloc keeps them ten by default; the purge runs
+/// as the allocator is used, so a worker that falls idle keeps them until its next jobs), so
+/// the pages of one burst are reused or returned before the next one adds its own.
 #[unsafe(export_name = "_rjem_malloc_conf")]
 pub static MALLOC_CONF: &[u8; 37] = b"dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 

@@ -142,7 +142,8 @@ impl Store {
             return Ok(());
         }
         // SKIP LOCKED: a row locked now is having its outcome written (or its stamp), by a
-        // batch that locks rows in its own order. Waiting for it would deadlock with that
+        // batch that locks rows in its own order. NO KEY UPDATE, the lock an UPDATE of these
+        // columns takes anyway: the attempts and receipts that reference the row still go in. Waiting for it would deadlock with that
         // batch; skipping it costs nothing, as the row is about to be final or the next beat
         // renews it, long before the lease of several beats runs out.
         sqlx::query(
@@ -150,7 +151,7 @@ impl Store {
                      secs => CASE WHEN j.called_at IS NULL THEN $3 ELSE $4 END::double precision / 1000))
              FROM (SELECT id FROM sms_jobs
                    WHERE id = ANY($2) AND status = 'sending' AND claimed_by = $1
-                   FOR UPDATE SKIP LOCKED) AS free
+                   FOR NO KEY UPDATE SKIP LOCKED) AS free
              WHERE j.id = free.id",
         )
         .bind(worker)

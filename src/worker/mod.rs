@@ -281,8 +281,16 @@ pub async fn run(
     if let Some(admin) = admin {
         admin.abort();
     }
-    if let Err(e) = pipeline.store().flush_published().await {
-        tracing::warn!(error = %e, "could not record the last results as published; the outbox may publish them again");
+    // Bounded: with the database gone, the outbox publishing these results again is the lesser
+    // evil than a stop that hangs.
+    match tokio::time::timeout(Duration::from_secs(5), pipeline.store().flush_published()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not record the last results as published; the outbox may publish them again")
+        }
+        Err(_) => tracing::warn!(
+            "recording the last results as published took too long; the outbox may publish them again"
+        ),
     }
     if let Err(e) = pipeline.store().retire(pipeline.worker_id()).await {
         tracing::warn!(error = %e, "could not retire this worker's heartbeat");

@@ -43,7 +43,7 @@ const PERSIST_RETRY_MIN: Duration = Duration::from_millis(20);
 const PERSIST_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// How late after its rate-limit slot a call may still leave (the schedule leaves a margin
-/// of 100 ms, of which the pacer itself may use 25).
+/// of 250 ms, of which the pacer itself may use 25).
 const SLOT_ALLOWANCE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
@@ -702,12 +702,18 @@ impl Pipeline {
                         lock_std(&self.unrecorded).remove(&job.id);
                         return self.fetch(&job.id).await?.to_result().map(Some);
                     }
-                    stamped = true;
-                    lock_std(&self.unrecorded).insert(job.id.clone());
                     // Room for the call is taken here, after the claim and the stamp, so that it
                     // is held for the exchange alone; a slot that went stale meanwhile is
                     // replaced below.
                     let _open = self.aliyun.open_call().await;
+                    // The wait for room may have carried the job past its deadline: nothing
+                    // has left for this attempt, and a late code is worse than none.
+                    if deadline.is_some_and(|d| d <= Utc::now()) {
+                        lock_std(&self.unrecorded).remove(&job.id);
+                        return self.expire(job).await.map(Some);
+                    }
+                    stamped = true;
+                    lock_std(&self.unrecorded).insert(job.id.clone());
                     let repaced = if slot.elapsed() > SLOT_ALLOWANCE {
                         self.aliyun.pace(plan.action).await.map(|_| ())
                     } else {
@@ -821,7 +827,7 @@ impl Pipeline {
 
 /// A job's first rate-limit slot, taken before its claim (see [`Pipeline::pace_before_claim`]).
 struct Paced {
-    /// When the slot was due.
+    /// When the pacer handed the slot over (at most its grace after the slot was due).
     slot: Instant,
 }
 
