@@ -21,8 +21,9 @@ const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest frame the worker asks for, unless `AMQP_URL` says `frame_max=`. Jobs and
 /// results are a few hundred bytes; lapin keeps receive and send buffers of 32 frames each,
 /// so at RabbitMQ's default of 128 KiB a connection holds 8 MiB of buffers (a sixth of the
-/// worker's memory), and at 16 KiB it holds 1 MiB. A larger message is only split into more
-/// frames.
+/// worker's memory), and at 16 KiB it holds 1 MiB. A larger body is only split into more
+/// frames; a message's properties and headers, which AMQP cannot split, must fit in one (see
+/// docs/wire-contract.md, "Delivery guarantees").
 const FRAME_MAX: u32 = 16 * 1024;
 
 #[derive(Clone)]

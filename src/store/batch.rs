@@ -26,14 +26,17 @@ use super::{
 };
 use crate::wire::Job;
 
+/// Batches of one lane in flight at once: one, while the next gathers what arrives meanwhile.
+/// With two, each was smaller and both competed for the same cores (bench: slower, and a
+/// higher p99); and one at a time keeps a lane's batches in order (see `flush_published`).
+const EXECUTORS: usize = 1;
+
 /// How a lane gathers its batches.
 #[derive(Clone, Copy)]
 struct Shape {
     /// Jobs written by one statement at most. A bound keeps one slow batch from holding too
     /// many jobs' answers.
     max_batch: usize,
-    /// Batches in flight at once: while one commits, the next is being built.
-    executors: usize,
     /// How long a batch waits for company after its first request. Zero on the way of a job
     /// (a lone job goes at once); writes nobody waits for can wait to share a statement.
     linger: Duration,
@@ -42,7 +45,6 @@ struct Shape {
 /// The writes a job waits for: its claim, stamp and outcome.
 const ON_THE_WAY: Shape = Shape {
     max_batch: 256,
-    executors: 1,
     linger: Duration::ZERO,
 };
 
@@ -53,7 +55,6 @@ const ON_THE_WAY: Shape = Shape {
 /// within the outbox's 30 s.
 const DETACHED: Shape = Shape {
     max_batch: 2048,
-    executors: 1,
     linger: Duration::from_millis(100),
 };
 
@@ -111,7 +112,7 @@ async fn run_lane<Req, Resp, F, Fut>(
     F: Fn(PgPool, Vec<Req>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Vec<Result<Resp, StoreError>>> + Send + 'static,
 {
-    let executors = Arc::new(Semaphore::new(shape.executors));
+    let executors = Arc::new(Semaphore::new(EXECUTORS));
     // Requests for an id already in the batch being built wait for the next one.
     let mut held: VecDeque<(Req, Reply<Resp>)> = VecDeque::new();
     loop {

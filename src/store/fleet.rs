@@ -142,10 +142,11 @@ impl Store {
             return Ok(());
         }
         // SKIP LOCKED: a row locked now is having its outcome written (or its stamp), by a
-        // batch that locks rows in its own order. NO KEY UPDATE, the lock an UPDATE of these
-        // columns takes anyway: the attempts and receipts that reference the row still go in. Waiting for it would deadlock with that
+        // batch that locks rows in its own order. Waiting for it would deadlock with that
         // batch; skipping it costs nothing, as the row is about to be final or the next beat
-        // renews it, long before the lease of several beats runs out.
+        // renews it, long before the lease of several beats runs out. NO KEY UPDATE, the lock
+        // an UPDATE of these columns takes anyway: attempts and receipts that reference the
+        // row still go in meanwhile.
         sqlx::query(
             "UPDATE sms_jobs j SET lease_until = GREATEST(j.lease_until, now() + make_interval(
                      secs => CASE WHEN j.called_at IS NULL THEN $3 ELSE $4 END::double precision / 1000))

@@ -385,25 +385,25 @@ impl Pipeline {
             self.worker_id,
             self.config.claim_lease(),
             &guards,
-            paced.as_ref().map(|_| self.config.job_lease()),
+            paced.map(|_| self.config.job_lease()),
         ))
         .await?;
         self.metrics.stage(Stage::Claim, started.elapsed());
-        let mut next = match (claim, paced) {
-            (Claim::Owned(row), paced) => {
+        let mut next = match claim {
+            Claim::Owned(row) => {
                 Next::Own(row.created_at, paced.filter(|_| row.called_at.is_some()))
             }
             // Our own claim, and no task of ours is working on it (we hold the lock): an
             // earlier task claimed it and failed before calling Aliyun (say, the database went
             // away as the claim committed). Carry on as its owner.
-            (Claim::Seen(row), _)
+            Claim::Seen(row)
                 if row.status == Status::Sending.as_str()
                     && row.claimed_by == Some(self.worker_id)
                     && !lock_std(&self.unrecorded).contains(&job.id) =>
             {
                 Next::Own(row.created_at, None)
             }
-            (Claim::Seen(row), _) => Next::Wait(row),
+            Claim::Seen(row) => Next::Wait(row),
         };
         loop {
             next = match next {
@@ -437,7 +437,7 @@ impl Pipeline {
         job: &Job,
         guards: &Guards<'_>,
         published: Option<DateTime<Utc>>,
-    ) -> Option<Paced> {
+    ) -> Option<Instant> {
         if guards.counted() || guards.refusal.is_some() {
             return None;
         }
@@ -448,9 +448,7 @@ impl Pipeline {
         // An unavailable schedule is left to the claimed path, which retries it like a call
         // that never left.
         self.aliyun.pace(action(job)).await.ok()?;
-        Some(Paced {
-            slot: Instant::now(),
-        })
+        Some(Instant::now())
     }
 
     /// The abuse guards that apply to this job (see `store::guards`).
@@ -494,7 +492,7 @@ impl Pipeline {
         job: &Job,
         first_seen: DateTime<Utc>,
         published: Option<DateTime<Utc>>,
-        paced: Option<Paced>,
+        paced: Option<Instant>,
     ) -> Result<Option<JobResult>, StoreError> {
         let deadline = self.deadline(job, published.unwrap_or(first_seen));
         if deadline.is_some_and(|d| d <= Utc::now()) {
@@ -664,7 +662,7 @@ impl Pipeline {
         &self,
         job: &Job,
         deadline: Option<DateTime<Utc>>,
-        mut paced: Option<Paced>,
+        mut paced: Option<Instant>,
     ) -> Result<Option<JobResult>, StoreError> {
         let plan = plan(job);
         let policy = &self.config.retry;
@@ -677,7 +675,7 @@ impl Pipeline {
             let started_at = Utc::now();
             let slot = match paced.take() {
                 // The claim was written stamped right after this slot.
-                Some(Paced { slot }) => Ok((slot, true)),
+                Some(slot) => Ok((slot, true)),
                 None => self
                     .aliyun
                     .pace(plan.action)
@@ -825,18 +823,12 @@ impl Pipeline {
     }
 }
 
-/// A job's first rate-limit slot, taken before its claim (see [`Pipeline::pace_before_claim`]).
-struct Paced {
-    /// When the pacer handed the slot over (at most its grace after the slot was due).
-    slot: Instant,
-}
-
 /// Where a job goes next in [`Pipeline::run_job`].
 enum Next {
     /// This worker owns the claim; the job was first seen at this time.
     /// `Some` when its claim was written stamped after a slot due then (see
     /// [`Pipeline::pace_before_claim`]).
-    Own(DateTime<Utc>, Option<Paced>),
+    Own(DateTime<Utc>, Option<Instant>),
     /// Someone else holds it, or it is final.
     Wait(Box<JobRow>),
 }
