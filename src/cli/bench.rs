@@ -116,52 +116,81 @@ async fn publish_job(
 }
 
 /// The machine's ceiling for this shape of work, as a consumer: take a job, publish a small
-/// result (persistent, confirmed), ack — no database, no HTTP. Runs until aborted.
-async fn start_echo(
-    connection: &Connection,
-    input: &str,
-    output: &str,
-    prefetch: u16,
-) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
-    let consume = connection.create_channel().await?;
-    consume
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let publish = channel(connection).await?;
-    let mut consumer = consume
-        .basic_consume(
-            short(input),
-            short("ceiling"),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let output = output.to_owned();
-    Ok(tokio::spawn(async move {
-        let mut tasks = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                Some(delivery) = consumer.next() => {
-                    let delivery = delivery?;
-                    let publish = publish.clone();
-                    let output = output.clone();
-                    tasks.spawn(async move {
-                        let id = delivery.properties.message_id().as_ref().map(|s| s.to_string());
-                        let body = json!({"id": id, "status": "sent"}).to_string();
-                        let confirm = publish
-                            .basic_publish(short(""), short(&output), BasicPublishOptions::default(),
-                                body.as_bytes(), BasicProperties::default().with_delivery_mode(2))
-                            .await?
-                            .await?;
-                        ensure!(confirm.is_ack(), "result not confirmed");
-                        delivery.acker.ack(BasicAckOptions::default()).await?;
-                        Ok::<_, anyhow::Error>(())
-                    });
+/// result (persistent, confirmed), ack — no database, no HTTP. Runs until [`Echo::stop`].
+struct Echo {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Echo {
+    async fn start(
+        connection: &Connection,
+        input: &str,
+        output: &str,
+        prefetch: u16,
+    ) -> anyhow::Result<Self> {
+        let consume = connection.create_channel().await?;
+        consume
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let publish = channel(connection).await?;
+        let mut consumer = consume
+            .basic_consume(
+                short(input),
+                short("ceiling"),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let output = output.to_owned();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            let run = async {
+                loop {
+                    tokio::select! {
+                        _ = &mut stopped => return Ok(()),
+                        Some(delivery) = consumer.next() => {
+                            let delivery = delivery?;
+                            let publish = publish.clone();
+                            let output = output.clone();
+                            tasks.spawn(async move {
+                                let id = delivery.properties.message_id().as_ref().map(|s| s.to_string());
+                                let body = json!({"id": id, "status": "sent"}).to_string();
+                                let confirm = publish
+                                    .basic_publish(short(""), short(&output), BasicPublishOptions::default(),
+                                        body.as_bytes(), BasicProperties::default().with_delivery_mode(2))
+                                    .await?
+                                    .await?;
+                                ensure!(confirm.is_ack(), "result not confirmed");
+                                delivery.acker.ack(BasicAckOptions::default()).await?;
+                                Ok::<_, anyhow::Error>(())
+                            });
+                        }
+                        Some(joined) = tasks.join_next() => joined??,
+                    }
                 }
-                Some(joined) = tasks.join_next() => joined??,
+            };
+            let outcome: anyhow::Result<()> = run.await;
+            while let Some(joined) = tasks.join_next().await {
+                joined??;
             }
-        }
-    }))
+            // Closed here, not dropped: lapin closes a dropped channel from a task of its own,
+            // and when that close finds the channel already closing it takes the whole
+            // connection for broken — the connection the bench goes on using.
+            drop(consumer);
+            let _ = consume.close(200, short("ceiling done")).await;
+            let _ = publish.close(200, short("ceiling done")).await;
+            outcome
+        });
+        Ok(Self { stop, task })
+    }
+
+    /// Stops consuming, lets the jobs in hand finish, and closes the loop's channels.
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await?
+    }
 }
 
 /// The peak RSS of a process so far (VmHWM), in kB; an error when it cannot be read, since
@@ -310,25 +339,55 @@ pub async fn run(opts: BenchOptions, latencies: &[Duration]) -> anyhow::Result<(
             opts.concurrency,
             std::thread::available_parallelism().map_or(1, |n| n.get())
         )?;
-        let rate =
+        let measured =
             scratch_run(&opts, async |tag, db_url| measure(&opts, tag, db_url).await).await?;
-        rates.push((*latency, rate));
+        rates.push((*latency, measured));
     }
     let at = |ms: u64| {
         rates
             .iter()
             .find(|(l, _)| *l == Duration::from_millis(ms))
-            .map(|(_, r)| *r)
+            .map(|(_, m)| *m)
     };
     if let (Some(zero), Some(fifty)) = (at(0), at(50)) {
-        let hidden = fifty / zero.max(f64::EPSILON);
+        let hidden = fifty.rate / zero.rate.max(f64::EPSILON);
         outln!("")?;
         outln!(
-            "latency hidden: {fifty:.0} jobs/s at 50 ms = {hidden:.2} x the {zero:.0} at 0 ms (target >= 0.9: {})",
+            "latency hidden: {:.0} jobs/s at 50 ms = {hidden:.2} x the {:.0} at 0 ms (target >= 0.9: {})",
+            fifty.rate,
+            zero.rate,
             if hidden >= 0.9 { "met" } else { "NOT met" }
         )?;
+        // Two runs a few minutes apart: the comparison holds only if the machine held still.
+        let drift = (fifty.ceiling - zero.ceiling).abs()
+            / ((fifty.ceiling + zero.ceiling) / 2.0).max(f64::EPSILON);
+        if !zero.steady || !fifty.steady || drift > STEADY {
+            outln!(
+                "machine unsteady: the ceiling was {:.0} msgs/s in the 0 ms run and {:.0} in the 50 ms run{}; relative to each run's ceiling the worker kept {:.2} x; run again to compare",
+                zero.ceiling,
+                fifty.ceiling,
+                if zero.steady && fifty.steady {
+                    ""
+                } else {
+                    ", and moved within a run"
+                },
+                (fifty.rate / fifty.ceiling.max(f64::EPSILON))
+                    / (zero.rate / zero.ceiling.max(f64::EPSILON)).max(f64::EPSILON)
+            )?;
+        }
     }
     Ok(())
+}
+
+/// What one run hands to the comparison of latencies.
+#[derive(Clone, Copy)]
+struct Measured {
+    /// The worker's throughput draining the backlog, jobs/s.
+    rate: f64,
+    /// The mean of the ceilings before and after the worker, msgs/s.
+    ceiling: f64,
+    /// Whether those two ceilings were within [`STEADY`] of each other.
+    steady: bool,
 }
 
 /// Runs `body` with fresh names for its queues and job ids (the tag) and a fresh database
@@ -445,22 +504,33 @@ impl Backlog {
         env: &HashMap<String, String>,
         tag: &str,
     ) -> anyhow::Result<Self> {
+        let backlog = Self::declare(opts, env).await?;
+        backlog.publish_jobs(opts, tag).await?;
+        Ok(backlog)
+    }
+
+    /// The connection and the worker's topology, with nothing published yet.
+    async fn declare(opts: &BenchOptions, env: &HashMap<String, String>) -> anyhow::Result<Self> {
         let queues = config::Config::from_map(env)?.queues;
         let nodes = nodes(&opts.amqp_url)?;
         let connection = nodes.connect("bench", 0).await?.connection;
         let ch = channel(&connection).await?;
         let broker = crate::broker::Broker::connect(&nodes, 0, "bench", queues.clone()).await?;
         broker.declare_topology().await?;
-        let ids: Vec<String> = (0..opts.jobs).map(|i| format!("{tag}-{i}")).collect();
-        for (n, chunk) in ids.chunks(1000).enumerate() {
-            publish_all(&ch, &queues.jobs, chunk, n * 1000).await?;
-        }
         Ok(Self {
             queues,
             connection,
             ch,
             broker,
         })
+    }
+
+    async fn publish_jobs(&self, opts: &BenchOptions, tag: &str) -> anyhow::Result<()> {
+        let ids: Vec<String> = (0..opts.jobs).map(|i| format!("{tag}-{i}")).collect();
+        for (n, chunk) in ids.chunks(1000).enumerate() {
+            publish_all(&self.ch, &self.queues.jobs, chunk, n * 1000).await?;
+        }
+        Ok(())
     }
 
     async fn close(self) {
@@ -515,6 +585,8 @@ async fn remove_queues(amqp_url: &str, tag: &str) -> anyhow::Result<()> {
         "receipts",
         "ceiling.in",
         "ceiling.out",
+        "ceiling-before.in",
+        "ceiling-before.out",
     ] {
         // A channel per delete: deleting a queue that is not there closes the channel.
         let ch = connection.create_channel().await?;
@@ -887,8 +959,50 @@ async fn consume_results(ch: &Channel, queue: &str) -> anyhow::Result<lapin::Con
         .await?)
 }
 
-/// One measured run; returns the worker's throughput draining the backlog.
-async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result<f64> {
+/// How far the ceilings before and after the worker may differ (of their mean) before the run
+/// says the machine was unsteady. Back-to-back runs on a quiet machine differ by a few percent.
+const STEADY: f64 = 0.15;
+
+/// The bare-broker loop (see [`Echo`]) on queues of its own, `{prefix}.in` and
+/// `{prefix}.out`: a backlog of `opts.jobs` jobs drained, then the paced phases at `rates`.
+async fn ceiling(
+    backlog: &Backlog,
+    opts: &BenchOptions,
+    prefix: &str,
+    ids: &str,
+    rates: &[Option<f64>],
+) -> anyhow::Result<Figures> {
+    let (connection, ch) = (&backlog.connection, &backlog.ch);
+    let (input, output) = (format!("{prefix}.in"), format!("{prefix}.out"));
+    declare(ch, &input, true).await?;
+    declare(ch, &output, false).await?;
+    let ceiling_ids: Vec<String> = (0..opts.jobs).map(|i| format!("{ids}{i}")).collect();
+    for (n, chunk) in ceiling_ids.chunks(1000).enumerate() {
+        publish_all(ch, &input, chunk, n * 1000).await?;
+    }
+    let mut echoed = consume_results(ch, &output).await?;
+    let echo = Echo::start(connection, &input, &output, opts.concurrency).await?;
+    let figures = drive(
+        &mut UnderTest {
+            connection,
+            jobs: &input,
+            results: &mut echoed,
+            pid: None,
+        },
+        opts.jobs,
+        ids,
+        rates,
+        None,
+    )
+    .await;
+    let stopped = echo.stop().await;
+    let figures = figures?;
+    stopped?;
+    Ok(figures)
+}
+
+/// One measured run: prints its figures and returns what the latencies are compared by.
+async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result<Measured> {
     let (fake, mut env) = fake_and_env(opts, opts.latency, tag, db_url).await?;
     // The worker's own stage timings come from its /metrics, on a port free a moment ago.
     let admin = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
@@ -899,7 +1013,22 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     env.insert(config::ADMIN_TOKEN.to_owned(), String::new());
     // The jobs wait in the queue before the worker starts, as they do for the ceiling: both
     // figures are then about draining a backlog, not about how fast this process publishes.
-    let backlog = Backlog::publish(opts, &env, tag).await?;
+    // The bare loop drains a backlog before the worker runs and again after: a machine whose
+    // speed moved in between (a neighbour, a throttled core) shows as two ceilings that differ,
+    // instead of as a ratio that looks like the worker's doing. Before the worker's backlog is
+    // published: RabbitMQ writes a fresh backlog to disk for a while after the confirms, and a
+    // ceiling measured meanwhile would pay for it.
+    let backlog = Backlog::declare(opts, &env).await?;
+    let ceiling_before = ceiling(
+        &backlog,
+        opts,
+        &format!("{tag}.ceiling-before"),
+        &format!("{tag}-b"),
+        &[],
+    )
+    .await?
+    .rate;
+    backlog.publish_jobs(opts, tag).await?;
     let (queues, connection, ch) = (&backlog.queues, &backlog.connection, &backlog.ch);
     let mut results = consume_results(ch, &queues.results).await?;
     let mut child = spawn_worker(&env, &[], "worker")?;
@@ -928,29 +1057,14 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     let (rows, fake_sends) = verify(db_url, &fake, opts.jobs + worker.jobs()).await?;
 
     // The ceiling, the same way: a backlog of the same jobs, then the worker's paced rates.
-    let (input, output) = (format!("{tag}.ceiling.in"), format!("{tag}.ceiling.out"));
-    declare(ch, &input, true).await?;
-    declare(ch, &output, false).await?;
-    let ceiling_ids: Vec<String> = (0..opts.jobs).map(|i| format!("{tag}-c{i}")).collect();
-    for (n, chunk) in ceiling_ids.chunks(1000).enumerate() {
-        publish_all(ch, &input, chunk, n * 1000).await?;
-    }
-    let mut echoed = consume_results(ch, &output).await?;
-    let echo = start_echo(connection, &input, &output, opts.concurrency).await?;
-    let ceiling = drive(
-        &mut UnderTest {
-            connection,
-            jobs: &input,
-            results: &mut echoed,
-            pid: None,
-        },
-        opts.jobs,
+    let ceiling = ceiling(
+        &backlog,
+        opts,
+        &format!("{tag}.ceiling"),
         &format!("{tag}-c"),
         &[Some(half.rate), Some(LIGHT_RATE)],
-        None,
     )
     .await;
-    echo.abort();
     backlog.close().await;
     let ceiling = ceiling?;
     let [ceiling_half, ceiling_light] = &ceiling.paced[..] else {
@@ -959,9 +1073,12 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
             ceiling.paced.len()
         );
     };
+    // The ratio is to the ceiling of the minutes the worker ran in: the mean of the two.
+    let ceiling_rate = (ceiling_before + ceiling.rate) / 2.0;
+    let drift = (ceiling.rate - ceiling_before).abs() / ceiling_rate.max(f64::EPSILON);
 
     let latency_ms = opts.latency.as_secs_f64() * 1000.0;
-    let ratio = worker.rate / ceiling.rate;
+    let ratio = worker.rate / ceiling_rate;
     let rss_mib = worker.peak_rss_kb as f64 / 1024.0;
     let ceiling_p99_ms = ceiling_half.p99_ms();
     let added_p99_ms = half.p99_ms() - latency_ms;
@@ -971,9 +1088,16 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     let cpu_ratio = worker_cpu_ms / ceiling_cpu_ms.max(f64::EPSILON);
     let verdict = |met: bool| if met { "met" } else { "NOT met" };
     outln!(
-        "ceiling (bare lapin consume -> confirmed publish -> ack): {:.0} msgs/s",
+        "ceiling (bare lapin consume -> confirmed publish -> ack): {ceiling_rate:.0} msgs/s (before the worker {ceiling_before:.0}, after {:.0})",
         ceiling.rate
     )?;
+    if drift > STEADY {
+        outln!(
+            "machine unsteady: the ceiling moved {:.0} % while the worker ran (more than {:.0} %); this run's figures are not comparable with another's, run again",
+            drift * 100.0,
+            STEADY * 100.0
+        )?;
+    }
     print_cpu("ceiling", ceiling.cpu, opts.jobs)?;
     outln!(
         "ceiling latency at the worker's paced rate ({:.0}/s): {}",
@@ -1035,7 +1159,11 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         }
     }
     outln!("checked: {rows} rows, all sent, {fake_sends} sends at the fake")?;
-    Ok(worker.rate)
+    Ok(Measured {
+        rate: worker.rate,
+        ceiling: ceiling_rate,
+        steady: drift <= STEADY,
+    })
 }
 
 #[cfg(test)]

@@ -202,6 +202,20 @@ async fn bench_measures_one_worker_against_the_ceiling_and_checks_every_job() {
     let light = jobs_in("worker latency, enqueue -> result at a fixed 200/s");
     assert!(half > 0 && light > 0, "{stdout}");
     assert_eq!(rows, 1100 + half + light, "{checked}\n{stdout}");
+    // The ceiling is measured before the worker and after it, and the ratio is to their mean.
+    let ceiling = line("ceiling (bare lapin");
+    let numbers: Vec<f64> = ceiling
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let [.., mean, before, after] = numbers[..] else {
+        panic!("no mean, before and after in {ceiling:?}");
+    };
+    assert!(before > 0.0 && after > 0.0, "{ceiling}");
+    assert!(
+        (mean - (before + after) / 2.0).abs() <= 1.0,
+        "the ceiling is the mean of before and after: {ceiling}"
+    );
     let added = line("latency added at 200/s: p99 ");
     assert!(
         added.ends_with("(target <= 10 ms: met)") || added.ends_with("(target <= 10 ms: NOT met)"),

@@ -173,13 +173,16 @@ impl TestEnv {
     /// Removes what the environment made on the shared services: its queues, its dead-letter
     /// exchange and its database. For tests whose workers were all processes.
     pub async fn remove(&self) {
-        if let Ok(connection) =
-            Connection::connect(&amqp_url(), ConnectionProperties::default()).await
-        {
-            delete_topology(&connection, &self.settings).await;
-            let _ = connection.close(200, ShortString::from("test done")).await;
-        }
-        drop_database(&self.db_name).await;
+        bounded("deleting the test's queues", async {
+            if let Ok(connection) =
+                Connection::connect(&amqp_url(), ConnectionProperties::default()).await
+            {
+                delete_topology(&connection, &self.settings).await;
+                let _ = connection.close(200, ShortString::from("test done")).await;
+            }
+        })
+        .await;
+        bounded("dropping the test's database", drop_database(&self.db_name)).await;
     }
 }
 
@@ -373,17 +376,36 @@ impl TestApp {
     }
 
     /// Stops the worker, then removes the test's queues and database.
+    ///
+    /// Each clean-up step of the test's own connections is bounded: one of them once hung a
+    /// whole CI run (17 minutes, after the test had passed). A step that times out is named on
+    /// stderr and the rest still run; the database is dropped `WITH (FORCE)` whatever is left.
     pub async fn shutdown(mut self) {
         self.stop_worker().await;
-        delete_topology(&self.connection, &self.settings).await;
-        let _ = self
-            .connection
-            .close(200, ShortString::from("test done"))
-            .await;
-        self.pool.close().await;
-        drop_database(&self.db_name).await;
+        bounded(
+            "deleting the test's queues",
+            delete_topology(&self.connection, &self.settings),
+        )
+        .await;
+        bounded(
+            "closing the test's RabbitMQ connection",
+            self.connection.close(200, ShortString::from("test done")),
+        )
+        .await;
+        bounded("closing the test's Postgres pool", self.pool.close()).await;
+        bounded("dropping the test's database", drop_database(&self.db_name)).await;
     }
 }
+
+/// Runs one clean-up step for at most [`CLEAN_UP_PATIENCE`], saying so on stderr when it does not
+/// finish (a clean-up that hangs must not hold the suite, and must not pass unnoticed either).
+pub async fn bounded<F: std::future::Future>(step: &str, f: F) {
+    if tokio::time::timeout(CLEAN_UP_PATIENCE, f).await.is_err() {
+        eprintln!("test clean-up: {step} did not finish within {CLEAN_UP_PATIENCE:?}; going on");
+    }
+}
+
+const CLEAN_UP_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A job's `sms_jobs` row as JSON (null when there is none).
 pub async fn job_row(pool: &PgPool, id: &str) -> Value {
