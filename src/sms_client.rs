@@ -154,10 +154,14 @@ impl SmsClient {
         result
     }
 
+    /// Closes the connection, giving up after [`CLOSE_PATIENCE`] (lapin's close can hang).
+    ///
+    /// [`CLOSE_PATIENCE`]: crate::broker::CLOSE_PATIENCE
     pub async fn close(self) {
-        let _ = self
-            .connection
-            .close(200, ShortString::from("client done"))
-            .await;
+        let _ = tokio::time::timeout(
+            crate::broker::CLOSE_PATIENCE,
+            self.connection.close(200, ShortString::from("client done")),
+        )
+        .await;
     }
 }
