@@ -171,27 +171,39 @@ impl Echo {
                     }
                 }
             };
-            let outcome: anyhow::Result<()> = run.await;
+            let mut outcome: anyhow::Result<()> = run.await;
             while let Some(joined) = tasks.join_next().await {
-                joined??;
+                let joined = joined.map_err(anyhow::Error::from).and_then(|r| r);
+                outcome = outcome.and(joined);
             }
-            // Closed here, not dropped: lapin closes a dropped channel from a task of its own,
-            // and when that close finds the channel already closing it takes the whole
-            // connection for broken — the connection the bench goes on using.
-            drop(consumer);
+            // Closed here, not dropped, and before the consumer goes: lapin closes a dropped
+            // channel (and cancels a dropped consumer) from a task of its own, and when that
+            // finds the channel already closing it takes the whole connection for broken —
+            // the connection the bench goes on using.
             let _ = consume.close(200, short("ceiling done")).await;
             let _ = publish.close(200, short("ceiling done")).await;
+            drop(consumer);
             outcome
         });
         Ok(Self { stop, task })
     }
 
-    /// Stops consuming, lets the jobs in hand finish, and closes the loop's channels.
-    async fn stop(self) -> anyhow::Result<()> {
+    /// Stops consuming, lets the jobs in hand finish, and closes the loop's channels; gives up
+    /// (and aborts the loop) when a job in hand waits on a confirm that does not come.
+    async fn stop(mut self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
-        self.task.await?
+        match tokio::time::timeout(ECHO_STOP_PATIENCE, &mut self.task).await {
+            Ok(joined) => joined?,
+            Err(_) => {
+                self.task.abort();
+                bail!("the ceiling loop did not stop within {ECHO_STOP_PATIENCE:?}")
+            }
+        }
     }
 }
+
+/// How long the ceiling loop's jobs in hand may take to finish once it is told to stop.
+const ECHO_STOP_PATIENCE: Duration = Duration::from_secs(10);
 
 /// The peak RSS of a process so far (VmHWM), in kB; an error when it cannot be read, since
 /// a figure of 0 would pass any memory target.
@@ -535,7 +547,7 @@ impl Backlog {
 
     async fn close(self) {
         self.broker.close().await;
-        let _ = self.connection.close(200, short("bench done")).await;
+        close_bounded(&self.connection).await;
     }
 }
 
@@ -588,7 +600,8 @@ async fn remove_queues(amqp_url: &str, tag: &str) -> anyhow::Result<()> {
         "ceiling-before.in",
         "ceiling-before.out",
     ] {
-        // A channel per delete: deleting a queue that is not there closes the channel.
+        // A channel per delete: deleting a queue that is not there closes the channel. One
+        // that is still open is closed, not dropped (see `Echo`).
         let ch = connection.create_channel().await?;
         let _ = ch
             .queue_delete(
@@ -596,13 +609,24 @@ async fn remove_queues(amqp_url: &str, tag: &str) -> anyhow::Result<()> {
                 QueueDeleteOptions::default(),
             )
             .await;
+        let _ = ch.close(200, short("bench done")).await;
     }
     let ch = connection.create_channel().await?;
     let _ = ch
         .exchange_delete(short(&format!("{tag}.dlx")), Default::default())
         .await;
-    let _ = connection.close(200, short("bench done")).await;
+    let _ = ch.close(200, short("bench done")).await;
+    close_bounded(&connection).await;
     Ok(())
+}
+
+/// Closes one of the bench's connections, giving up as the worker does (lapin's close can hang).
+async fn close_bounded(connection: &Connection) {
+    let _ = tokio::time::timeout(
+        crate::broker::CLOSE_PATIENCE,
+        connection.close(200, short("bench done")),
+    )
+    .await;
 }
 
 /// The worker's environment for this run: fresh queues, the fake Aliyun, no side tasks.

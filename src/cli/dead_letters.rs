@@ -252,7 +252,12 @@ impl DeadLetters {
     }
 
     pub async fn close(self) {
-        let _ = self.connection.close(200, short("done")).await;
+        // Bounded: lapin's close can hang (see `Broker::close`); exiting closes the socket.
+        let _ = tokio::time::timeout(
+            crate::broker::CLOSE_PATIENCE,
+            self.connection.close(200, short("done")),
+        )
+        .await;
     }
 }
 

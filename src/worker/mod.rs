@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 
 use crate::admin;
 use crate::aliyun::AliyunClient;
-use crate::broker::Broker;
+use crate::broker::{Broker, CLOSE_PATIENCE};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::metrics::Stage;
@@ -230,8 +230,13 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = shutdown.changed() => {
-                    if let Err(e) = broker.cancel(&tag).await {
-                        tracing::debug!(error = %e, "cancel on shutdown");
+                    // Bounded like the close: a stop must not wait on lapin. Deliveries that
+                    // come meanwhile are never taken, and go back to the queue with the
+                    // connection.
+                    match tokio::time::timeout(CLOSE_PATIENCE, broker.cancel(&tag)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::debug!(error = %e, "cancel on shutdown"),
+                        Err(_) => tracing::warn!("cancelling the consumer took too long; stopping anyway"),
                     }
                     break 'connect;
                 }
@@ -292,8 +297,16 @@ pub async fn run(
             "recording the last results as published took too long; the outbox may publish them again"
         ),
     }
-    if let Err(e) = pipeline.store().retire(pipeline.worker_id()).await {
-        tracing::warn!(error = %e, "could not retire this worker's heartbeat");
+    match tokio::time::timeout(
+        CLOSE_PATIENCE,
+        pipeline.store().retire(pipeline.worker_id()),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        // Its row then stays until the fleet takes it for dead, as a killed worker's does.
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not retire this worker's heartbeat"),
+        Err(_) => tracing::warn!("retiring this worker's heartbeat took too long"),
     }
     if let Some(broker) = last_broker {
         broker.close().await;
