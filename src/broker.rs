@@ -225,14 +225,8 @@ impl Broker {
     }
 
     pub async fn close(&self) {
-        // Closing returns every unacked delivery to its queue; errors mean it is closed already.
-        // Bounded: lapin's close can wait for ever when a dropped channel's own close races it
-        // (seen in 2 of 500 closes); the process ending closes the socket, with the same effect.
-        let _ = tokio::time::timeout(
-            CLOSE_PATIENCE,
-            self.connection.close(200, short("worker stopping")),
-        )
-        .await;
+        // Closing returns every unacked delivery to its queue.
+        close_connection(&self.connection, "worker stopping").await;
     }
 
     /// Publishes a job's result (persistent, mandatory, confirmed) to its `reply_to`, or to
@@ -305,6 +299,14 @@ impl Broker {
 
 /// How long a clean close of a connection may take before it is given up.
 pub const CLOSE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Closes a connection cleanly, giving up after [`CLOSE_PATIENCE`]; an error means it is closed
+/// already. Bounded because lapin's close can wait for ever when a channel dropped just before
+/// closes itself from lapin's own task (2 closes in 500 hung in a loop here): the process
+/// exiting closes the socket, with the same effect for RabbitMQ.
+pub async fn close_connection(connection: &Connection, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_PATIENCE, connection.close(200, short(reason))).await;
+}
 
 fn jobs_queue_arguments(q: &QueueConfig) -> FieldTable {
     let mut args = FieldTable::default();

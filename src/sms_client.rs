@@ -158,10 +158,6 @@ impl SmsClient {
     ///
     /// [`CLOSE_PATIENCE`]: crate::broker::CLOSE_PATIENCE
     pub async fn close(self) {
-        let _ = tokio::time::timeout(
-            crate::broker::CLOSE_PATIENCE,
-            self.connection.close(200, ShortString::from("client done")),
-        )
-        .await;
+        crate::broker::close_connection(&self.connection, "client done").await;
     }
 }

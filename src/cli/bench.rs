@@ -547,7 +547,7 @@ impl Backlog {
 
     async fn close(self) {
         self.broker.close().await;
-        close_bounded(&self.connection).await;
+        crate::broker::close_connection(&self.connection, "bench done").await;
     }
 }
 
@@ -616,17 +616,8 @@ async fn remove_queues(amqp_url: &str, tag: &str) -> anyhow::Result<()> {
         .exchange_delete(short(&format!("{tag}.dlx")), Default::default())
         .await;
     let _ = ch.close(200, short("bench done")).await;
-    close_bounded(&connection).await;
+    crate::broker::close_connection(&connection, "bench done").await;
     Ok(())
-}
-
-/// Closes one of the bench's connections, giving up as the worker does (lapin's close can hang).
-async fn close_bounded(connection: &Connection) {
-    let _ = tokio::time::timeout(
-        crate::broker::CLOSE_PATIENCE,
-        connection.close(200, short("bench done")),
-    )
-    .await;
 }
 
 /// The worker's environment for this run: fresh queues, the fake Aliyun, no side tasks.

@@ -252,12 +252,7 @@ impl DeadLetters {
     }
 
     pub async fn close(self) {
-        // Bounded: lapin's close can hang (see `Broker::close`); exiting closes the socket.
-        let _ = tokio::time::timeout(
-            crate::broker::CLOSE_PATIENCE,
-            self.connection.close(200, short("done")),
-        )
-        .await;
+        crate::broker::close_connection(&self.connection, "done").await;
     }
 }
 
