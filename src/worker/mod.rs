@@ -230,9 +230,9 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = shutdown.changed() => {
-                    // Bounded like the close: a stop must not wait on lapin. Deliveries that
-                    // come meanwhile are never taken, and go back to the queue with the
-                    // connection.
+                    // Bounded: a stop must not wait on lapin. Deliveries that come meanwhile are
+                    // never taken, and go back to the queue with the connection. A failure is
+                    // only a connection that is gone already.
                     match tokio::time::timeout(CLOSE_PATIENCE, broker.cancel(&tag)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(e)) => tracing::debug!(error = %e, "cancel on shutdown"),
@@ -286,33 +286,39 @@ pub async fn run(
     if let Some(admin) = admin {
         admin.abort();
     }
-    // Bounded: with the database gone, the outbox publishing these results again is the lesser
-    // evil than a stop that hangs.
-    match tokio::time::timeout(Duration::from_secs(5), pipeline.store().flush_published()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "could not record the last results as published; the outbox may publish them again")
-        }
-        Err(_) => tracing::warn!(
-            "recording the last results as published took too long; the outbox may publish them again"
-        ),
-    }
-    match tokio::time::timeout(
-        CLOSE_PATIENCE,
+    // With the database gone, the outbox publishing these results again is the lesser evil
+    // than a stop that hangs.
+    last_step(
+        "recording the last results as published",
+        "the outbox may publish them again",
+        pipeline.store().flush_published(),
+    )
+    .await;
+    last_step(
+        "retiring this worker's heartbeat",
+        "the fleet takes it for dead, as a killed worker's",
         pipeline.store().retire(pipeline.worker_id()),
     )
-    .await
-    {
-        Ok(Ok(())) => {}
-        // Its row then stays until the fleet takes it for dead, as a killed worker's does.
-        Ok(Err(e)) => tracing::warn!(error = %e, "could not retire this worker's heartbeat"),
-        Err(_) => tracing::warn!("retiring this worker's heartbeat took too long"),
-    }
+    .await;
     if let Some(broker) = last_broker {
         broker.close().await;
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// One of the stop's last writes, which must not hold it: given up after [`CLOSE_PATIENCE`], and
+/// a failure or a give-up logged with what it means (`then`) before the stop goes on.
+async fn last_step<E: std::fmt::Display>(
+    what: &str,
+    then: &str,
+    step: impl std::future::Future<Output = Result<(), E>>,
+) {
+    match tokio::time::timeout(CLOSE_PATIENCE, step).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "{what} failed; {then}"),
+        Err(_) => tracing::warn!("{what} took longer than {CLOSE_PATIENCE:?}; {then}"),
+    }
 }
 
 async fn open(

@@ -362,15 +362,8 @@ async fn a_job_interleaved_among_500_others_keeps_its_own_result() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_wave_of_calls_reuses_the_first_waves_connections() {
     const WIDE: usize = 300;
-    let env = crate::helpers::TestEnv::new(|s| {
-        s.insert(config::WORKER_CONCURRENCY.into(), WIDE.to_string());
-        s.insert(config::ALIYUN_MAX_QPS.into(), "100000".into());
-    })
-    .await;
     // Long enough that a whole wave is in flight at once.
-    env.fake
-        .push_fault(FaultRule::every(Fault::Latency { ms: 2000 }).on_action("SendSmsVerifyCode"));
-    let app = TestApp::start(env).await;
+    let app = slow_sends(WIDE, 2000, |_| {}).await;
     for wave in 0..2 {
         all_sent(&app, &format!("wave{wave}"), WIDE).await;
     }
@@ -380,6 +373,24 @@ async fn a_second_wave_of_calls_reuses_the_first_waves_connections() {
         "{opened} connections for two waves of {WIDE} calls"
     );
     app.shutdown().await;
+}
+
+/// A worker keeping `jobs` in flight, with no rate limit to speak of, whose sends the fake
+/// answers after `ms`; `tweak` adds settings.
+async fn slow_sends(
+    jobs: usize,
+    ms: u64,
+    tweak: impl FnOnce(&mut std::collections::HashMap<String, String>),
+) -> TestApp {
+    let env = crate::helpers::TestEnv::new(|s| {
+        s.insert(config::WORKER_CONCURRENCY.into(), jobs.to_string());
+        s.insert(config::ALIYUN_MAX_QPS.into(), "100000".into());
+        tweak(s);
+    })
+    .await;
+    env.fake
+        .push_fault(FaultRule::every(Fault::Latency { ms }).on_action("SendSmsVerifyCode"));
+    TestApp::start(env).await
 }
 
 /// Publishes `n` jobs at once (ids `label-i`) and waits for their results, every one `sent`.
@@ -403,16 +414,11 @@ async fn all_sent(app: &TestApp, label: &str, n: usize) {
 async fn open_calls_are_bounded_whatever_the_jobs_in_flight() {
     const JOBS: usize = 40;
     const OPEN: usize = 4;
-    let env = crate::helpers::TestEnv::new(|s| {
-        s.insert(config::WORKER_CONCURRENCY.into(), JOBS.to_string());
+    // Slow enough that, unbounded, every job would be in a call at once.
+    let app = slow_sends(JOBS, 300, |s| {
         s.insert(config::ALIYUN_MAX_OPEN_CALLS.into(), OPEN.to_string());
-        s.insert(config::ALIYUN_MAX_QPS.into(), "100000".into());
     })
     .await;
-    // Slow enough that, unbounded, every job would be in a call at once.
-    env.fake
-        .push_fault(FaultRule::every(Fault::Latency { ms: 300 }).on_action("SendSmsVerifyCode"));
-    let app = TestApp::start(env).await;
     all_sent(&app, "open", JOBS).await;
     // A connection handed back a moment after its answer may not be found by the next call,
     // which opens another: twice the bound, and far below one per job.
