@@ -134,14 +134,16 @@ impl AliyunClient {
         form: &[(&'static str, String)],
     ) -> Result<Answer, CallError> {
         let endpoint = self.endpoint(product).trim_end_matches('/');
-        let owned = |p: &[(&'static str, String)]| -> Vec<(String, String)> {
-            p.iter()
-                .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                .collect()
-        };
         let request = match self.config.signature_version {
-            SignatureVersion::V1 => self.sign_v1(endpoint, action, owned(params), owned(form)),
-            SignatureVersion::V3 => self.sign_v3(endpoint, action, owned(params), owned(form)),
+            SignatureVersion::V1 => self.sign_v1(endpoint, action, params, form),
+            SignatureVersion::V3 => {
+                let owned = |p: &[(&'static str, String)]| -> Vec<(String, String)> {
+                    p.iter()
+                        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                        .collect()
+                };
+                self.sign_v3(endpoint, action, owned(params), owned(form))
+            }
         };
         let started = std::time::Instant::now();
         let exchanged = self.exchange(request).await;
@@ -190,49 +192,36 @@ impl AliyunClient {
         Ok(Answer::parse(status, &bytes))
     }
 
-    fn common_v1(&self, action: &str) -> Vec<(String, String)> {
-        let creds = &self.config.credentials;
-        let mut p = vec![
-            ("AccessKeyId".into(), creds.access_key_id.clone()),
-            ("Action".into(), action.to_owned()),
-            ("Format".into(), "JSON".into()),
-            ("SignatureMethod".into(), "HMAC-SHA1".into()),
-            ("SignatureNonce".into(), uuid::Uuid::new_v4().to_string()),
-            ("SignatureVersion".into(), "1.0".into()),
-            (
-                "Timestamp".into(),
-                Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            ),
-            ("Version".into(), API_VERSION.into()),
-        ];
-        if let Some(token) = &creds.security_token {
-            p.push(("SecurityToken".into(), token.expose().to_owned()));
-        }
-        p
-    }
-
+    /// Signs a V1 call without copying its parameters: they are borrowed into one list,
+    /// sorted and encoded once for both the signature and the URL (bench profile: signing
+    /// and re-parsing were a tenth of the worker's CPU).
     fn sign_v1(
         &self,
         endpoint: &str,
         action: &str,
-        api: Vec<(String, String)>,
-        form: Vec<(String, String)>,
+        api: &[(&'static str, String)],
+        form: &[(&'static str, String)],
     ) -> reqwest::RequestBuilder {
-        let mut params = self.common_v1(action);
-        params.extend(api);
-        // Body parameters are signed together with the query ones.
-        let mut signed = params.clone();
-        signed.extend(form.iter().cloned());
-        let string_to_sign = sign::v1_string_to_sign("POST", &signed);
-        let signature = sign::v1_signature(
-            self.config.credentials.access_key_secret.expose(),
-            &string_to_sign,
-        );
-        params.push(("Signature".into(), signature));
-        // The exact canonical encoding goes on the wire too, so what Aliyun decodes is
-        // byte-for-byte what was signed.
-        let url = format!("{endpoint}/?{}", sign::canonical_query(&params));
-        with_body(self.http.post(url), &form)
+        let creds = &self.config.credentials;
+        let nonce = uuid::Uuid::new_v4().to_string();
+        let timestamp = Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+        let mut query: Vec<(&str, &str)> = vec![
+            ("AccessKeyId", creds.access_key_id.as_str()),
+            ("Action", action),
+            ("Format", "JSON"),
+            ("SignatureMethod", "HMAC-SHA1"),
+            ("SignatureNonce", nonce.as_str()),
+            ("SignatureVersion", "1.0"),
+            ("Timestamp", timestamp.as_str()),
+            ("Version", API_VERSION),
+        ];
+        if let Some(token) = &creds.security_token {
+            query.push(("SecurityToken", token.expose()));
+        }
+        query.extend(api.iter().map(|(k, v)| (*k, v.as_str())));
+        let body: Vec<(&str, &str)> = form.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let signed = sign::v1_signed_query("POST", creds.access_key_secret.expose(), &query, &body);
+        with_body(self.http.post(format!("{endpoint}/?{signed}")), &body)
     }
 
     fn sign_v3(
@@ -362,9 +351,9 @@ fn log_account_change(change: AccountChange) {
 }
 
 /// The form body, encoded exactly as it was signed.
-fn with_body(
+fn with_body<K: AsRef<str>, V: AsRef<str>>(
     request: reqwest::RequestBuilder,
-    form: &[(String, String)],
+    form: &[(K, V)],
 ) -> reqwest::RequestBuilder {
     if form.is_empty() {
         return request.header("content-length", "0");

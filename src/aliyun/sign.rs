@@ -20,8 +20,14 @@ type HmacSha256 = Hmac<Sha256>;
 /// Aliyun re-canonicalises what it receives with exactly this rule, so any deviation (a `+`
 /// for space, `*` or `!'()` left literal, `~` as `%7E`, lower-case hex) breaks the signature.
 pub fn percent_encode(s: &str) -> String {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = String::with_capacity(s.len());
+    percent_encode_into(&mut out, s);
+    out
+}
+
+/// [`percent_encode`], appended to `out`: a query is encoded into one buffer, pair by pair.
+fn percent_encode_into(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for &b in s.as_bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
             out.push(char::from(b));
@@ -31,7 +37,6 @@ pub fn percent_encode(s: &str) -> String {
             out.push(char::from(HEX[usize::from(b & 0x0F)]));
         }
     }
-    out
 }
 
 /// Inverse, used by the fake server to read a canonical query; returns None on bad escapes or invalid UTF-8. '+' is decoded as space only if `plus_as_space` is true.
@@ -78,14 +83,22 @@ fn hex_value(b: u8) -> Option<u8> {
 /// Sorting is by the raw (unencoded) name, as the official SDKs do; the sort is stable, so
 /// repeated names keep the caller's order and the result stays deterministic. Empty values are
 /// kept (`OutId=`) because Aliyun signs them too.
-pub fn canonical_query(params: &[(String, String)]) -> String {
-    let mut sorted: Vec<&(String, String)> = params.iter().collect();
-    sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    sorted
+pub fn canonical_query<K: AsRef<str>, V: AsRef<str>>(params: &[(K, V)]) -> String {
+    let mut sorted: Vec<(&str, &str)> = params
         .iter()
-        .map(|(name, value)| format!("{}={}", percent_encode(name), percent_encode(value)))
-        .collect::<Vec<_>>()
-        .join("&")
+        .map(|(name, value)| (name.as_ref(), value.as_ref()))
+        .collect();
+    sorted.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut out = String::with_capacity(sorted.iter().map(|(n, v)| n.len() + v.len() + 2).sum());
+    for (i, (name, value)) in sorted.into_iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        percent_encode_into(&mut out, name);
+        out.push('=');
+        percent_encode_into(&mut out, value);
+    }
+    out
 }
 
 /// METHOD&%2F&pct(canonical_query(params)), skipping any param named "Signature".
@@ -93,17 +106,53 @@ pub fn canonical_query(params: &[(String, String)]) -> String {
 /// `Signature` is skipped here (not left to callers) so that the fake server can verify a
 /// request by handing over every parameter it received. The method is used verbatim because it
 /// is part of what Aliyun signs: a POST signed as GET is rejected.
-pub fn v1_string_to_sign(method: &str, params: &[(String, String)]) -> String {
-    let signed: Vec<(String, String)> = params
+pub fn v1_string_to_sign<K: AsRef<str>, V: AsRef<str>>(method: &str, params: &[(K, V)]) -> String {
+    v1_string_to_sign_of(method, &canonical_query(&unsigned(params)))
+}
+
+/// `params` without `Signature`, borrowed.
+fn unsigned<K: AsRef<str>, V: AsRef<str>>(params: &[(K, V)]) -> Vec<(&str, &str)> {
+    params
         .iter()
-        .filter(|(name, _)| name != "Signature")
-        .cloned()
-        .collect();
-    format!(
-        "{method}&{}&{}",
-        percent_encode("/"),
-        percent_encode(&canonical_query(&signed))
-    )
+        .map(|(name, value)| (name.as_ref(), value.as_ref()))
+        .filter(|(name, _)| *name != "Signature")
+        .collect()
+}
+
+/// The string to sign of a canonical query already made.
+fn v1_string_to_sign_of(method: &str, canonical: &str) -> String {
+    let mut out = String::with_capacity(method.len() + 5 + canonical.len() * 3 / 2);
+    out.push_str(method);
+    out.push('&');
+    percent_encode_into(&mut out, "/");
+    out.push('&');
+    percent_encode_into(&mut out, canonical);
+    out
+}
+
+/// The query a V1 request goes out with: the canonical query of `query` and, last, the
+/// `Signature` of `query` and `form` together (body parameters are signed with the query's).
+///
+/// Aliyun sorts what it receives before checking it (its own SDK sends `Signature` last), so
+/// without a body the canonical query made for signing is the one that goes on the wire,
+/// encoded once: byte for byte what was signed.
+pub fn v1_signed_query<K: AsRef<str>, V: AsRef<str>>(
+    method: &str,
+    secret: &str,
+    query: &[(K, V)],
+    form: &[(K, V)],
+) -> String {
+    let mut out = canonical_query(&unsigned(query));
+    let string_to_sign = if form.is_empty() {
+        v1_string_to_sign_of(method, &out)
+    } else {
+        let mut all = unsigned(query);
+        all.extend(unsigned(form));
+        v1_string_to_sign(method, &all)
+    };
+    out.push_str("&Signature=");
+    percent_encode_into(&mut out, &v1_signature(secret, &string_to_sign));
+    out
 }
 
 /// Base64(HMAC-SHA1(secret + "&", string_to_sign))
@@ -332,6 +381,30 @@ mod tests {
     }
 
     #[test]
+    fn v1_signed_query_is_the_canonical_query_with_the_vectors_signature_last() {
+        for v in &v1_vectors() {
+            let name = s(v, "name");
+            let params = pairs(v, "params");
+            let signed = v1_signed_query(s(v, "method"), s(v, "secret"), &params, &[]);
+            let expected = format!(
+                "{}&Signature={}",
+                canonical_query(&params),
+                percent_encode(s(v, "signature"))
+            );
+            assert_eq!(signed, expected, "vector {name:?}");
+            // Body parameters are signed but stay out of the URL.
+            let (query, form) = params.split_at(params.len() / 2);
+            let split = v1_signed_query(s(v, "method"), s(v, "secret"), query, form);
+            let expected = format!(
+                "{}&Signature={}",
+                canonical_query(query),
+                percent_encode(s(v, "signature"))
+            );
+            assert_eq!(split, expected, "vector {name:?}, half of it in a body");
+        }
+    }
+
+    #[test]
     fn v1_string_to_sign_ignores_param_order_and_signature_param() {
         for v in &v1_vectors() {
             let name = s(v, "name");
@@ -518,7 +591,7 @@ mod tests {
             canonical_query(&params),
             "OutId=&SignatureVersion=1.0&TimeStamp=T&Timestamp=t"
         );
-        assert_eq!(canonical_query(&[]), "");
+        assert_eq!(canonical_query::<&str, &str>(&[]), "");
     }
 
     #[test]

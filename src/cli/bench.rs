@@ -36,6 +36,8 @@ pub struct BenchOptions {
     pub jobs: usize,
     pub latency: Duration,
     pub concurrency: u16,
+    /// The measured workers' `RUST_LOG`: `info` unless asked otherwise, as users run it.
+    pub log_level: String,
     pub amqp_url: String,
     pub database_url: String,
 }
@@ -345,10 +347,11 @@ pub async fn run(opts: BenchOptions, latencies: &[Duration]) -> anyhow::Result<(
             outln!("")?;
         }
         outln!(
-            "bench: {} jobs, upstream latency {} ms, concurrency {}, {} cores",
+            "bench: {} jobs, upstream latency {} ms, concurrency {}, worker log level {}, {} cores",
             opts.jobs,
             opts.latency.as_millis(),
             opts.concurrency,
+            opts.log_level,
             std::thread::available_parallelism().map_or(1, |n| n.get())
         )?;
         let measured =
@@ -455,14 +458,15 @@ impl ScratchDb {
     }
 }
 
-/// Starts this binary as a worker (`run <args>`) with only `env` (and PATH, HOME). Its log
-/// (at `info`, as users run it) goes to a file named after `label`, written by the worker
+/// Starts this binary as a worker (`run <args>`) with only `env` (and PATH, HOME), logging at
+/// `log_level`. Its log goes to a file named after `label`, written by the worker
 /// itself: relayed through the bench, every job's line would cost the bench's CPU and count
 /// against the figures.
 fn spawn_worker(
     env: &HashMap<String, String>,
     args: &[&str],
     label: &str,
+    log_level: &str,
 ) -> anyhow::Result<tokio::process::Child> {
     let exe = std::env::current_exe().context("locating this binary")?;
     let log_path = std::env::temp_dir().join(format!(
@@ -479,7 +483,7 @@ fn spawn_worker(
         .env_clear()
         .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME"))
         .envs(env)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", log_level)
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
@@ -1046,7 +1050,7 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     backlog.publish_jobs(opts, tag).await?;
     let (queues, connection, ch) = (&backlog.queues, &backlog.connection, &backlog.ch);
     let mut results = consume_results(ch, &queues.results).await?;
-    let mut child = spawn_worker(&env, &[], "worker")?;
+    let mut child = spawn_worker(&env, &[], "worker", &opts.log_level)?;
     let pid = child.id().context("worker pid")?;
     let worker = drive(
         &mut UnderTest {

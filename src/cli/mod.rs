@@ -158,6 +158,10 @@ struct BenchArgs {
     /// for each size and latency, and prints their throughput as one table.
     #[arg(long, value_delimiter = ',')]
     workers: Vec<usize>,
+    /// The measured workers' log level (`RUST_LOG`), to compare a quieter one with the
+    /// default users run.
+    #[arg(long, default_value = "info")]
+    log_level: String,
 }
 
 #[derive(Args)]
@@ -392,6 +396,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                         .parse()
                         .context("the default WORKER_CONCURRENCY")?,
                 },
+                log_level: tracing_subscriber::EnvFilter::try_new(&args.log_level)
+                    .map(|_| args.log_level)
+                    .context("--log-level is not a RUST_LOG filter")?,
                 amqp_url: lookup(config::AMQP_URL).unwrap_or_else(|| default(config::AMQP_URL)),
                 database_url: lookup(config::DATABASE_URL)
                     .unwrap_or_else(|| default(config::DATABASE_URL)),

@@ -8,13 +8,12 @@ use std::time::Duration;
 
 use aliyun_sms_worker::config;
 use futures_util::StreamExt;
-use lapin::types::ShortString;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::Value;
 
 use crate::helpers::{
-    PATIENCE, TestEnv, amqp_url, consume, delete_topology, drop_database, publish_jobs, send_job,
-    unique_id,
+    PATIENCE, TestEnv, amqp_url, close_connection, consume, delete_topology, drop_database,
+    publish_jobs, send_job, unique_id,
 };
 use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
@@ -165,6 +164,6 @@ async fn two_thousand_jobs_through_broker_cuts_and_kill_9s() {
 
     pool.close().await;
     delete_topology(&connection, &settings).await;
-    let _ = connection.close(200, ShortString::from("done")).await;
+    close_connection(&connection).await;
     drop_database(&env.db_name).await;
 }

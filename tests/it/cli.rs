@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use aliyun_sms_worker::config;
 
 use crate::helpers::{
-    PATIENCE, admin_database_url, amqp_url, create_database, delete_topology, drop_database,
-    queue_settings,
+    PATIENCE, admin_database_url, amqp_url, close_connection, create_database, delete_topology,
+    drop_database, queue_settings,
 };
 use crate::process::{WorkerProcess, command, run_to_end};
 
@@ -120,7 +120,7 @@ async fn sandbox_worker_answers_enqueued_jobs_and_stops_cleanly_on_sigterm() {
         lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
     {
         delete_topology(&connection, &settings).await;
-        let _ = connection.close(200, "test done".into()).await;
+        close_connection(&connection).await;
     }
 }
 

@@ -11,7 +11,6 @@ use aliyun_sms_worker::config::{self, Config};
 use aliyun_sms_worker::fake_aliyun::{FakeAliyun, Fault, FaultRule};
 use aliyun_sms_worker::wire::{JobResult, Status};
 use futures_util::StreamExt;
-use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -20,8 +19,8 @@ use uuid::Uuid;
 
 use crate::cluster::Cluster;
 use crate::helpers::{
-    PATIENCE, TestEnv, amqp_url, consume, delete_topology, drop_database, free_addr, publish_to,
-    send_job, unique_id,
+    PATIENCE, TestEnv, amqp_url, close_connection, consume, delete_topology, drop_database,
+    free_addr, publish_to, send_job, unique_id,
 };
 use crate::process::{WorkerProcess, run_to_end};
 use crate::proxy::{Proxy, target_of, through};
@@ -178,7 +177,7 @@ impl Drop for Fleet {
                     Connection::connect(&amqp, ConnectionProperties::default()).await
                 {
                     delete_topology(&connection, &settings).await;
-                    let _ = connection.close(200, ShortString::from("done")).await;
+                    close_connection(&connection).await;
                 }
                 drop_database(&db_name).await;
             });

@@ -10,13 +10,12 @@ use aliyun_sms_worker::config;
 use aliyun_sms_worker::fake_aliyun::FakeConfig;
 use aliyun_sms_worker::store::Store;
 use chrono::{DateTime, Utc};
-use lapin::types::ShortString;
 use lapin::{Connection, ConnectionProperties};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    PATIENCE, TestEnv, amqp_url, consume, create_database, delete_topology, drop_database,
-    next_from, publish_jobs, send_job, unique_id, unique_phone,
+    PATIENCE, TestEnv, amqp_url, close_connection, consume, create_database, delete_topology,
+    drop_database, next_from, publish_jobs, send_job, unique_id, unique_phone,
 };
 use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
@@ -96,10 +95,7 @@ impl Fleet {
             assert!(status.success(), "a worker stops cleanly:\n{log}");
         }
         delete_topology(&self.connection, &self.env.settings).await;
-        let _ = self
-            .connection
-            .close(200, ShortString::from("test done"))
-            .await;
+        close_connection(&self.connection).await;
         drop_database(&self.env.db_name).await;
     }
 }

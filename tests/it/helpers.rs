@@ -178,7 +178,7 @@ impl TestEnv {
                 Connection::connect(&amqp_url(), ConnectionProperties::default()).await
             {
                 delete_topology(&connection, &self.settings).await;
-                let _ = connection.close(200, ShortString::from("test done")).await;
+                close_connection(&connection).await;
             }
         })
         .await;
@@ -388,11 +388,7 @@ impl TestApp {
             delete_topology(&self.connection, &self.settings),
         )
         .await;
-        bounded(
-            "closing the test's RabbitMQ connection",
-            self.connection.close(200, ShortString::from("test done")),
-        )
-        .await;
+        close_connection(&self.connection).await;
         bounded("closing the test's Postgres pool", self.pool.close()).await;
         bounded("dropping the test's database", drop_database(&self.db_name)).await;
     }
@@ -407,6 +403,15 @@ pub async fn bounded<F: std::future::Future>(step: &str, f: F) {
 }
 
 const CLEAN_UP_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Closes a test's own RabbitMQ connection, [`bounded`]: lapin's close can wait for ever.
+pub async fn close_connection(connection: &Connection) {
+    bounded(
+        "closing the test's RabbitMQ connection",
+        connection.close(200, ShortString::from("test done")),
+    )
+    .await;
+}
 
 /// A job's `sms_jobs` row as JSON (null when there is none).
 pub async fn job_row(pool: &PgPool, id: &str) -> Value {

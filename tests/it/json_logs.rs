@@ -10,8 +10,8 @@ use serde_json::Value;
 
 use crate::cli::enqueue;
 use crate::helpers::{
-    TEST_KEY_ID, TEST_SECRET, amqp_url, create_database, delete_topology, drop_database,
-    test_settings, unique_phone,
+    TEST_KEY_ID, TEST_SECRET, amqp_url, close_connection, create_database, delete_topology,
+    drop_database, test_settings, unique_phone,
 };
 use crate::process::WorkerProcess;
 
@@ -151,7 +151,7 @@ async fn json_logs_are_json_carry_the_job_span_and_leak_nothing() {
         .await
         .expect("connect RabbitMQ");
     delete_topology(&connection, &settings).await;
-    let _ = connection.close(200, "test done".into()).await;
+    close_connection(&connection).await;
     drop_database(&db_name).await;
 }
 

@@ -8,7 +8,8 @@ use aliyun_sms_worker::config;
 use serde_json::Value;
 
 use crate::helpers::{
-    PATIENCE, amqp_url, create_database, delete_topology, drop_database, queue_settings,
+    PATIENCE, amqp_url, close_connection, create_database, delete_topology, drop_database,
+    queue_settings,
 };
 use crate::process::{WorkerProcess, command};
 use crate::readme::{doc, section};
@@ -170,6 +171,6 @@ async fn the_readme_quick_start_runs_as_written() {
         lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
     {
         delete_topology(&connection, &settings).await;
-        let _ = connection.close(200, "test done".into()).await;
+        close_connection(&connection).await;
     }
 }

@@ -100,7 +100,12 @@ async fn measure_fleet(
     });
     let mut children = Vec::with_capacity(workers);
     for i in 1..=workers {
-        children.push(spawn_worker(&env, &[], &format!("worker {i}"))?);
+        children.push(spawn_worker(
+            &env,
+            &[],
+            &format!("worker {i}"),
+            &opts.log_level,
+        )?);
     }
     let measured = async {
         let since = wait_for_consumers(&backlog.connection, &backlog.queues.jobs, workers).await?;
