@@ -89,6 +89,8 @@ pub struct GatewayError {
 pub(crate) struct Reply {
     status: StatusCode,
     body: Value,
+    /// A `Location` header, for a redirect.
+    location: Option<String>,
 }
 
 impl Reply {
@@ -96,6 +98,7 @@ impl Reply {
         Self {
             status: StatusCode::OK,
             body,
+            location: None,
         }
     }
 
@@ -109,6 +112,7 @@ impl Reply {
                 "Message": message,
                 "Recommend": "https://api.aliyun.com/troubleshoot",
             }),
+            location: None,
         }
     }
 
@@ -117,6 +121,14 @@ impl Reply {
         Self {
             status,
             body: Value::String(text.to_owned()),
+            location: None,
+        }
+    }
+
+    fn redirect(location: String) -> Self {
+        Self {
+            location: Some(location),
+            ..Self::proxy_error(StatusCode::TEMPORARY_REDIRECT, "moved")
         }
     }
 
@@ -137,7 +149,7 @@ impl From<GatewayError> for Reply {
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
-        match self.body {
+        let mut response = match self.body {
             Value::String(text) => {
                 (self.status, [(header::CONTENT_TYPE, "text/plain")], text).into_response()
             }
@@ -147,7 +159,14 @@ impl IntoResponse for Reply {
                 body.to_string(),
             )
                 .into_response(),
+        };
+        if let Some(location) = self
+            .location
+            .and_then(|l| header::HeaderValue::from_str(&l).ok())
+        {
+            response.headers_mut().insert(header::LOCATION, location);
         }
+        response
     }
 }
 
@@ -523,6 +542,7 @@ async fn execute(shared: &Shared, request: auth::Authorised) -> Reply {
             reset_after = true;
             None
         }
+        Some(Fault::Redirect { location }) => Some(Reply::redirect(location)),
         Some(Fault::Hang) => {
             shared.state.record(record("(hang)".into(), None, false));
             tokio::time::sleep(HANG).await;

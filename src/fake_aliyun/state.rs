@@ -30,6 +30,9 @@ pub enum Fault {
     /// Execute the send, and let the carrier's receipt report it failed (`SendStatus` 2) with
     /// this `ErrCode`, e.g. `MK:0001` or `UNDELIV`.
     ReceiptFailed { err_code: String },
+    /// HTTP 307 to `location`, without executing: what a misconfigured proxy or endpoint
+    /// might say. A client that followed it would send the call again, elsewhere.
+    Redirect { location: String },
     /// Answer with this code, without executing.
     Error {
         code: String,

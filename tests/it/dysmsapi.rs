@@ -235,3 +235,36 @@ async fn an_unknown_send_that_aliyun_never_got_ends_failed_after_the_grace_perio
     assert_eq!(app.job_row(&id).await["status"], "failed");
     app.shutdown().await;
 }
+
+/// No Aliyun endpoint redirects. A client that followed a 307 would post the call again, its
+/// body (a batch's numbers and template values) included, to wherever the answer points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_is_never_followed() {
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a listener");
+    elsewhere
+        .set_nonblocking(true)
+        .expect("a listener that does not block");
+    let location = format!("http://{}/", elsewhere.local_addr().expect("its address"));
+    let app = TestApp::spawn().await;
+    app.fake.push_fault(
+        FaultRule::every(Fault::Redirect { location })
+            .on_action("SendBatchSms")
+            .times(1),
+    );
+    let id = unique_id("redirect");
+    app.publish(&batch_job(&id, &phones(2))).await;
+
+    let result = app.next_result().await.0;
+    // An answer that is not Aliyun's may follow a send that went through: not resent.
+    assert_eq!(result.status, Status::Unknown, "{result:?}");
+    let attempts = app.attempts(&id).await;
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0]["http_status"], 307, "{attempts:?}");
+    assert_eq!(app.fake.calls_for(&id), 1);
+    // The call went out before its result did: a connection that followed it is waiting.
+    match elsewhere.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the worker followed the redirect: {other:?}"),
+    }
+    app.shutdown().await;
+}
