@@ -47,8 +47,8 @@ impl AliyunClient {
             .pool_max_idle_per_host(config.http.max_open_calls)
             .user_agent(concat!("aliyun-sms-worker/", env!("CARGO_PKG_VERSION")))
             // No Aliyun endpoint redirects. Following one would post the call again, with the
-            // numbers and template values it carries, to wherever the answer points; a
-            // redirect is an answer we cannot trust, classified as such.
+            // numbers and template values it carries, to wherever the answer points; the
+            // redirect itself is the answer, classified like any other without Aliyun's body.
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         Ok(Self {

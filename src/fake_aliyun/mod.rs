@@ -90,7 +90,7 @@ pub(crate) struct Reply {
     status: StatusCode,
     body: Value,
     /// A `Location` header, for a redirect.
-    location: Option<String>,
+    location: Option<header::HeaderValue>,
 }
 
 impl Reply {
@@ -125,10 +125,19 @@ impl Reply {
         }
     }
 
-    fn redirect(location: String) -> Self {
-        Self {
-            location: Some(location),
-            ..Self::proxy_error(StatusCode::TEMPORARY_REDIRECT, "moved")
+    /// A 307 to `location`; a location no header can carry is said so, not dropped (a 307
+    /// without one would test nothing).
+    fn redirect(location: &str) -> Self {
+        match header::HeaderValue::from_str(location) {
+            Ok(location) => Self {
+                location: Some(location),
+                ..Self::proxy_error(StatusCode::TEMPORARY_REDIRECT, "moved")
+            },
+            Err(_) => Self::gateway_error(
+                500,
+                "FakeMisconfigured",
+                "the redirect fault's location is not a header value",
+            ),
         }
     }
 
@@ -160,10 +169,7 @@ impl IntoResponse for Reply {
             )
                 .into_response(),
         };
-        if let Some(location) = self
-            .location
-            .and_then(|l| header::HeaderValue::from_str(&l).ok())
-        {
+        if let Some(location) = self.location {
             response.headers_mut().insert(header::LOCATION, location);
         }
         response
@@ -542,7 +548,7 @@ async fn execute(shared: &Shared, request: auth::Authorised) -> Reply {
             reset_after = true;
             None
         }
-        Some(Fault::Redirect { location }) => Some(Reply::redirect(location)),
+        Some(Fault::Redirect { location }) => Some(Reply::redirect(&location)),
         Some(Fault::Hang) => {
             shared.state.record(record("(hang)".into(), None, false));
             tokio::time::sleep(HANG).await;

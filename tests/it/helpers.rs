@@ -383,11 +383,7 @@ impl TestApp {
     /// `WITH (FORCE)` whatever is left.
     pub async fn shutdown(mut self) {
         self.stop_worker().await;
-        bounded(
-            "deleting the test's queues",
-            delete_topology(&self.connection, &self.settings),
-        )
-        .await;
+        delete_topology(&self.connection, &self.settings).await;
         close_connection(&self.connection).await;
         bounded("closing the test's Postgres pool", self.pool.close()).await;
         bounded("dropping the test's database", drop_database(&self.db_name)).await;
@@ -434,8 +430,16 @@ pub async fn attempts(pool: &PgPool, id: &str) -> Vec<Value> {
     rows.into_iter().map(|r| r.0).collect()
 }
 
-/// Removes a test's queues and dead-letter exchange.
+/// Removes a test's queues and dead-letter exchange, [`bounded`] like every clean-up step.
 pub async fn delete_topology(connection: &Connection, settings: &HashMap<String, String>) {
+    bounded(
+        "deleting the test's queues",
+        remove_topology(connection, settings),
+    )
+    .await;
+}
+
+async fn remove_topology(connection: &Connection, settings: &HashMap<String, String>) {
     let Ok(channel) = connection.create_channel().await else {
         return;
     };

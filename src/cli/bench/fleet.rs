@@ -54,9 +54,10 @@ pub async fn run_fleet(opts: FleetOptions) -> anyhow::Result<()> {
     );
     ensure!(!opts.latencies.is_empty(), "no upstream latency to run at");
     outln!(
-        "bench --workers: {} jobs per run, concurrency {} per worker, {} cores",
+        "bench --workers: {} jobs per run, concurrency {} per worker, worker log level {}, {} cores",
         base.jobs,
         base.concurrency,
+        base.log_level,
         std::thread::available_parallelism().map_or(1, |n| n.get())
     )?;
     let mut cells = Vec::with_capacity(opts.workers.len() * opts.latencies.len());
