@@ -355,10 +355,7 @@ fn log_account_change(change: AccountChange) {
 }
 
 /// The form body, encoded exactly as it was signed.
-fn with_body<K: AsRef<str>, V: AsRef<str>>(
-    request: reqwest::RequestBuilder,
-    form: &[(K, V)],
-) -> reqwest::RequestBuilder {
+fn with_body(request: reqwest::RequestBuilder, form: &[(&str, &str)]) -> reqwest::RequestBuilder {
     if form.is_empty() {
         return request.header("content-length", "0");
     }

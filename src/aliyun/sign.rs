@@ -142,13 +142,14 @@ pub fn v1_signed_query<K: AsRef<str>, V: AsRef<str>>(
     query: &[(K, V)],
     form: &[(K, V)],
 ) -> String {
-    let mut out = canonical_query(&unsigned(query));
+    let query = unsigned(query);
+    let mut out = canonical_query(&query);
     let string_to_sign = if form.is_empty() {
         v1_string_to_sign_of(method, &out)
     } else {
-        let mut all = unsigned(query);
+        let mut all = query;
         all.extend(unsigned(form));
-        v1_string_to_sign(method, &all)
+        v1_string_to_sign_of(method, &canonical_query(&all))
     };
     out.push_str("&Signature=");
     percent_encode_into(&mut out, &v1_signature(secret, &string_to_sign));

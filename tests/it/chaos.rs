@@ -12,8 +12,8 @@ use lapin::{Connection, ConnectionProperties};
 use serde_json::Value;
 
 use crate::helpers::{
-    PATIENCE, TestEnv, amqp_url, close_connection, consume, delete_topology, drop_database,
-    publish_jobs, send_job, unique_id,
+    PATIENCE, TestEnv, amqp_url, consume, drop_database, publish_jobs, remove_topology_and_close,
+    send_job, unique_id,
 };
 use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
@@ -163,7 +163,6 @@ async fn two_thousand_jobs_through_broker_cuts_and_kill_9s() {
     );
 
     pool.close().await;
-    delete_topology(&connection, &settings).await;
-    close_connection(&connection).await;
+    remove_topology_and_close(&connection, &settings).await;
     drop_database(&env.db_name).await;
 }

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use aliyun_sms_worker::config;
 
 use crate::helpers::{
-    PATIENCE, admin_database_url, amqp_url, close_connection, create_database, delete_topology,
-    drop_database, queue_settings,
+    PATIENCE, admin_database_url, amqp_url, create_database, drop_database, queue_settings,
+    remove_topology_and_close,
 };
 use crate::process::{WorkerProcess, command, run_to_end};
 
@@ -119,8 +119,7 @@ async fn sandbox_worker_answers_enqueued_jobs_and_stops_cleanly_on_sigterm() {
     if let Ok(connection) =
         lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
     {
-        delete_topology(&connection, &settings).await;
-        close_connection(&connection).await;
+        remove_topology_and_close(&connection, &settings).await;
     }
 }
 

@@ -19,8 +19,8 @@ use uuid::Uuid;
 
 use crate::cluster::Cluster;
 use crate::helpers::{
-    PATIENCE, TestEnv, amqp_url, close_connection, consume, delete_topology, drop_database,
-    free_addr, publish_to, send_job, unique_id,
+    PATIENCE, TestEnv, amqp_url, consume, drop_database, free_addr, publish_to,
+    remove_topology_and_close, send_job, unique_id,
 };
 use crate::process::{WorkerProcess, run_to_end};
 use crate::proxy::{Proxy, target_of, through};
@@ -176,8 +176,7 @@ impl Drop for Fleet {
                 if let Ok(connection) =
                     Connection::connect(&amqp, ConnectionProperties::default()).await
                 {
-                    delete_topology(&connection, &settings).await;
-                    close_connection(&connection).await;
+                    remove_topology_and_close(&connection, &settings).await;
                 }
                 drop_database(&db_name).await;
             });

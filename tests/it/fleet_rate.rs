@@ -14,8 +14,8 @@ use lapin::{Connection, ConnectionProperties};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    PATIENCE, TestEnv, amqp_url, close_connection, consume, create_database, delete_topology,
-    drop_database, next_from, publish_jobs, send_job, unique_id, unique_phone,
+    PATIENCE, TestEnv, amqp_url, consume, create_database, drop_database, next_from, publish_jobs,
+    remove_topology_and_close, send_job, unique_id, unique_phone,
 };
 use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
@@ -94,8 +94,7 @@ impl Fleet {
             let (status, log) = worker.terminate().await;
             assert!(status.success(), "a worker stops cleanly:\n{log}");
         }
-        delete_topology(&self.connection, &self.env.settings).await;
-        close_connection(&self.connection).await;
+        remove_topology_and_close(&self.connection, &self.env.settings).await;
         drop_database(&self.env.db_name).await;
     }
 }

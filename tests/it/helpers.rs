@@ -177,8 +177,7 @@ impl TestEnv {
             if let Ok(connection) =
                 Connection::connect(&amqp_url(), ConnectionProperties::default()).await
             {
-                delete_topology(&connection, &self.settings).await;
-                close_connection(&connection).await;
+                remove_topology_and_close(&connection, &self.settings).await;
             }
         })
         .await;
@@ -383,8 +382,7 @@ impl TestApp {
     /// `WITH (FORCE)` whatever is left.
     pub async fn shutdown(mut self) {
         self.stop_worker().await;
-        delete_topology(&self.connection, &self.settings).await;
-        close_connection(&self.connection).await;
+        remove_topology_and_close(&self.connection, &self.settings).await;
         bounded("closing the test's Postgres pool", self.pool.close()).await;
         bounded("dropping the test's database", drop_database(&self.db_name)).await;
     }
@@ -400,8 +398,18 @@ pub async fn bounded<F: std::future::Future>(step: &str, f: F) {
 
 const CLEAN_UP_PATIENCE: Duration = Duration::from_secs(10);
 
+/// Removes a test's queues and closes the connection that did it: the last RabbitMQ step of
+/// most tests.
+pub async fn remove_topology_and_close(
+    connection: &Connection,
+    settings: &HashMap<String, String>,
+) {
+    delete_topology(connection, settings).await;
+    close_connection(connection).await;
+}
+
 /// Closes a test's own RabbitMQ connection, [`bounded`]: lapin's close can wait for ever.
-pub async fn close_connection(connection: &Connection) {
+async fn close_connection(connection: &Connection) {
     bounded(
         "closing the test's RabbitMQ connection",
         connection.close(200, ShortString::from("test done")),

@@ -10,8 +10,8 @@ use serde_json::Value;
 
 use crate::cli::enqueue;
 use crate::helpers::{
-    TEST_KEY_ID, TEST_SECRET, amqp_url, close_connection, create_database, delete_topology,
-    drop_database, test_settings, unique_phone,
+    TEST_KEY_ID, TEST_SECRET, amqp_url, create_database, drop_database, remove_topology_and_close,
+    test_settings, unique_phone,
 };
 use crate::process::WorkerProcess;
 
@@ -150,8 +150,7 @@ async fn json_logs_are_json_carry_the_job_span_and_leak_nothing() {
     let connection = lapin::Connection::connect(&amqp_url(), Default::default())
         .await
         .expect("connect RabbitMQ");
-    delete_topology(&connection, &settings).await;
-    close_connection(&connection).await;
+    remove_topology_and_close(&connection, &settings).await;
     drop_database(&db_name).await;
 }
 

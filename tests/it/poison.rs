@@ -16,8 +16,8 @@ use sqlx::{Connection as _, PgConnection};
 
 use crate::dysmsapi::sms_job;
 use crate::helpers::{
-    TestEnv, admin_get, close_connection, consume, delete_topology, drop_database, free_addr,
-    next_from, publish_to, send_job, test_link, unique_id, unique_phone,
+    TestEnv, admin_get, consume, drop_database, free_addr, next_from, publish_to,
+    remove_topology_and_close, send_job, test_link, unique_id, unique_phone,
 };
 use crate::invalid::header;
 use crate::process::WorkerProcess;
@@ -110,8 +110,7 @@ impl Live {
         let (status, log) = self.worker.terminate().await;
         assert!(status.success(), "exit 0 on SIGTERM: {status:?}\n{log}");
         assert!(!log.contains("panicked"), "the worker panicked:\n{log}");
-        delete_topology(&self.connection, &self.env.settings).await;
-        close_connection(&self.connection).await;
+        remove_topology_and_close(&self.connection, &self.env.settings).await;
         drop_database(&self.env.db_name).await;
     }
 }

@@ -8,8 +8,7 @@ use aliyun_sms_worker::config;
 use serde_json::Value;
 
 use crate::helpers::{
-    PATIENCE, amqp_url, close_connection, create_database, delete_topology, drop_database,
-    queue_settings,
+    PATIENCE, amqp_url, create_database, drop_database, queue_settings, remove_topology_and_close,
 };
 use crate::process::{WorkerProcess, command};
 use crate::readme::{doc, section};
@@ -170,7 +169,6 @@ async fn the_readme_quick_start_runs_as_written() {
     if let Ok(connection) =
         lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await
     {
-        delete_topology(&connection, &settings).await;
-        close_connection(&connection).await;
+        remove_topology_and_close(&connection, &settings).await;
     }
 }
