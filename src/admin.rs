@@ -158,6 +158,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 }
 
 async fn metrics_text(State(state): State<AdminState>) -> Response {
-    let body = state.metrics.render(state.ready().0);
+    let mut body = state.metrics.render(state.ready().0);
+    crate::metrics::render_batches(&mut body, &state.store.batch_counts());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

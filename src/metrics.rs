@@ -15,7 +15,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::aliyun::{Product, outcome};
-use crate::store::DailyUsage;
+use crate::store::{BatchCounts, DailyUsage};
 
 /// Every metric family `/metrics` exposes. The Grafana dashboard is checked against it, and the
 /// metrics test checks it against a live scrape.
@@ -39,6 +39,9 @@ pub const FAMILIES: &[&str] = &[
     "sms_fleet_oldest_sending_seconds",
     "sms_fleet_receipts_overdue_seconds",
     "sms_fleet_dead_letters",
+    "sms_store_batches_total",
+    "sms_store_batch_jobs_total",
+    "sms_store_batch_seconds_total",
 ];
 
 /// The Aliyun actions this program calls; anything else is counted as `other`.
@@ -574,6 +577,36 @@ fn histograms<'a>(
     }
 }
 
+/// The store's group commits (see `store::batch`), after [`Metrics::render`]: jobs per batch
+/// is jobs / batches, a batch's mean time seconds / batches. Batches near one job under load
+/// mean commits are not shared; long batches mean a slow database.
+pub fn render_batches(out: &mut String, counts: &[BatchCounts]) {
+    let family = |out: &mut String, name: &str, help: &str, value: fn(&BatchCounts) -> String| {
+        header(out, name, "counter", help);
+        for c in counts {
+            let _ = writeln!(out, "{name}{{write=\"{}\"}} {}", escape(c.write), value(c));
+        }
+    };
+    family(
+        out,
+        "sms_store_batches_total",
+        "Statements (each its own commit) of the batched writes, by write: claim, stamp, outcome, result_published.",
+        |c| c.batches.to_string(),
+    );
+    family(
+        out,
+        "sms_store_batch_jobs_total",
+        "Jobs written by the batched writes, by write.",
+        |c| c.jobs.to_string(),
+    );
+    family(
+        out,
+        "sms_store_batch_seconds_total",
+        "Time the batched writes took, from a batch's start to its answers, by write.",
+        |c| seconds(c.busy.as_secs_f64()),
+    );
+}
+
 /// A copy, so the lock is not held while formatting.
 fn snapshot(map: &Mutex<Pairs>) -> Vec<((&'static str, &'static str), u64)> {
     lock(map).iter().map(|(k, n)| (*k, *n)).collect()
@@ -679,7 +712,8 @@ mod tests {
 
     #[test]
     fn every_family_has_help_and_type() {
-        let text = Metrics::default().render(true);
+        let mut text = Metrics::default().render(true);
+        render_batches(&mut text, &[]);
         for family in FAMILIES {
             assert!(text.contains(&format!("# HELP {family} ")), "{family}");
             assert!(text.contains(&format!("# TYPE {family} ")), "{family}");

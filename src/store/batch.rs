@@ -11,7 +11,8 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -65,9 +66,42 @@ trait Keyed {
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// What one kind of batched write has done since the start, for `/metrics`: whether jobs
+/// share their commits (jobs per batch) and how long the database takes for a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchCounts {
+    /// `claim`, `stamp`, `outcome` or `result_published`.
+    pub write: &'static str,
+    pub batches: u64,
+    pub jobs: u64,
+    /// Time the batches' statements ran, summed (from the batch's start to its last answer).
+    pub busy: Duration,
+}
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    jobs: AtomicU64,
+    busy_micros: AtomicU64,
+}
+
+impl Counters {
+    fn add(&self, jobs: usize, took: Duration) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.jobs
+            .fetch_add(u64::try_from(jobs).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.busy_micros.fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+}
+
 /// One kind of write, batched.
 struct Lane<Req, Resp> {
     tx: mpsc::UnboundedSender<(Req, Reply<Resp>)>,
+    write: &'static str,
+    counters: Arc<Counters>,
 }
 
 impl<Req, Resp> Lane<Req, Resp>
@@ -75,14 +109,35 @@ where
     Req: Keyed + Send + 'static,
     Resp: Send + 'static,
 {
-    fn spawn<F, Fut>(pool: PgPool, shape: Shape, execute: F) -> Self
+    fn spawn<F, Fut>(write: &'static str, pool: PgPool, shape: Shape, execute: F) -> Self
     where
         F: Fn(PgPool, Vec<Req>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<Resp, StoreError>>> + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_lane(pool, rx, shape, Arc::new(execute)));
-        Self { tx }
+        let counters = Arc::new(Counters::default());
+        tokio::spawn(run_lane(
+            pool,
+            rx,
+            shape,
+            Arc::new(execute),
+            counters.clone(),
+        ));
+        Self {
+            tx,
+            write,
+            counters,
+        }
+    }
+
+    fn counts(&self) -> BatchCounts {
+        let c = &self.counters;
+        BatchCounts {
+            write: self.write,
+            batches: c.batches.load(Ordering::Relaxed),
+            jobs: c.jobs.load(Ordering::Relaxed),
+            busy: Duration::from_micros(c.busy_micros.load(Ordering::Relaxed)),
+        }
     }
 
     /// Queues `req` without waiting for its answer; the write still happens.
@@ -106,6 +161,7 @@ async fn run_lane<Req, Resp, F, Fut>(
     mut rx: mpsc::UnboundedReceiver<(Req, Reply<Resp>)>,
     shape: Shape,
     execute: Arc<F>,
+    counters: Arc<Counters>,
 ) where
     Req: Keyed + Send + 'static,
     Resp: Send + 'static,
@@ -155,9 +211,12 @@ async fn run_lane<Req, Resp, F, Fut>(
         batch.sort_by(|a, b| a.0.key().cmp(b.0.key()));
         let pool = pool.clone();
         let execute = execute.clone();
+        let counters = counters.clone();
         tokio::spawn(async move {
             let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = batch.into_iter().unzip();
+            let (jobs, started) = (reqs.len(), Instant::now());
             let results = execute(pool, reqs).await;
+            counters.add(jobs, started.elapsed());
             for (reply, result) in replies.into_iter().zip(results) {
                 // The asker may have gone (its task was aborted); the write stands either way.
                 let _ = reply.send(result);
@@ -272,11 +331,31 @@ pub(super) struct Writer {
 impl Writer {
     pub(super) fn spawn(pool: PgPool) -> Self {
         Self {
-            claims: Lane::spawn(pool.clone(), ON_THE_WAY, write_batch::<ClaimReq>),
-            stamps: Lane::spawn(pool.clone(), ON_THE_WAY, write_batch::<StampReq>),
-            finishes: Lane::spawn(pool.clone(), ON_THE_WAY, write_batch::<FinishReq>),
-            published: Lane::spawn(pool, DETACHED, write_batch::<PublishedReq>),
+            claims: Lane::spawn("claim", pool.clone(), ON_THE_WAY, write_batch::<ClaimReq>),
+            stamps: Lane::spawn("stamp", pool.clone(), ON_THE_WAY, write_batch::<StampReq>),
+            finishes: Lane::spawn(
+                "outcome",
+                pool.clone(),
+                ON_THE_WAY,
+                write_batch::<FinishReq>,
+            ),
+            published: Lane::spawn(
+                "result_published",
+                pool,
+                DETACHED,
+                write_batch::<PublishedReq>,
+            ),
         }
+    }
+
+    /// Each lane's counts, in the order a job meets them.
+    pub(super) fn counts(&self) -> [BatchCounts; 4] {
+        [
+            self.claims.counts(),
+            self.stamps.counts(),
+            self.finishes.counts(),
+            self.published.counts(),
+        ]
     }
 
     pub(super) async fn stamp(&self, req: StampReq) -> Result<bool, StoreError> {

@@ -261,6 +261,7 @@ macro_rules! bind_attempts {
 }
 
 mod batch;
+pub use batch::BatchCounts;
 use batch::ClaimReq;
 mod deliveries;
 mod fleet;
@@ -381,6 +382,15 @@ impl Store {
             writer: Some(Arc::new(batch::Writer::spawn(self.pool.clone()))),
             guarded: self.guarded.clone(),
         }
+    }
+
+    /// What the batched writers did so far (see `store::batch`); empty for a store that
+    /// writes each job alone.
+    pub fn batch_counts(&self) -> Vec<BatchCounts> {
+        self.writer
+            .as_ref()
+            .map(|w| w.counts().to_vec())
+            .unwrap_or_default()
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -92,6 +92,9 @@ pub async fn run(
     let (leader_tx, leader_rx) = watch::channel(false);
     let health = DbHealth::new(store.clone());
     let mut db_ok = health.subscribe();
+    // Hundreds of jobs in flight share their claim and outcome commits; the admin listener
+    // holds this store too, for its counts of those commits.
+    let batched = store.batched();
     let admin = match config.admin_addr {
         Some(addr) => {
             let probes = admin::Probes {
@@ -104,7 +107,7 @@ pub async fn run(
                 config.admin_token.as_ref(),
                 metrics.clone(),
                 probes,
-                store.clone(),
+                batched.clone(),
                 broker_rx.clone(),
             )
             .await?;
@@ -120,8 +123,7 @@ pub async fn run(
     };
     let pipeline = Arc::new(Pipeline::new(
         config.clone(),
-        // Hundreds of jobs in flight share their claim and outcome commits.
-        store.batched(),
+        batched,
         aliyun.clone(),
         health,
         metrics.clone(),

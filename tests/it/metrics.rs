@@ -145,6 +145,17 @@ async fn metrics_count_codes_latency_retries_receipts_and_rate_limit_waits() {
         );
     }
 
+    // Each batch is counted before its jobs hear their answers: all five claims and outcomes
+    // are in, in at least one commit each and in no more commits than jobs.
+    for write in ["claim", "outcome"] {
+        let jobs = value(&exp, "sms_store_batch_jobs_total", &[("write", write)]);
+        let batches = value(&exp, "sms_store_batches_total", &[("write", write)]);
+        let took = value(&exp, "sms_store_batch_seconds_total", &[("write", write)]);
+        assert_eq!(jobs, 5.0, "five jobs' {write} writes: {text}");
+        assert!((1.0..=5.0).contains(&batches), "{write}: {text}");
+        assert!(took > 0.0 && took < 5.0 * 3.0, "{write}: {text}");
+    }
+
     let waits = value(&exp, "sms_rate_limit_waits_total", &[("action", svc)]);
     let waited = value(
         &exp,
