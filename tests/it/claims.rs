@@ -17,8 +17,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::helpers::{
-    PATIENCE, TestApp, TestEnv, amqp_url, consume, delete_topology, drop_database, next_from,
-    send_job, unique_id,
+    PATIENCE, TestApp, TestEnv, amqp_url, consume, drop_database, next_from,
+    remove_topology_and_close, send_job, unique_id,
 };
 use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
@@ -120,7 +120,7 @@ async fn a_stale_claim_of_a_live_worker_that_never_called_is_taken_over_and_sent
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("connect");
-    delete_topology(&connection, &owner_settings).await;
+    remove_topology_and_close(&connection, &owner_settings).await;
     pool.close().await;
     app.shutdown().await;
 }
@@ -371,7 +371,7 @@ async fn after_a_database_outage_no_live_worker_is_taken_for_dead() {
         assert!(status.success(), "{log}");
     }
     publisher.close().await;
-    delete_topology(&connection, &settings).await;
+    remove_topology_and_close(&connection, &settings).await;
     drop_database(&env.db_name).await;
 }
 
@@ -445,7 +445,7 @@ async fn three_workers_publish_one_delivery_event_per_number() {
         assert!(status.success(), "{log}");
     }
     publisher.close().await;
-    delete_topology(&connection, &env.settings).await;
+    remove_topology_and_close(&connection, &env.settings).await;
     drop_database(&env.db_name).await;
 }
 

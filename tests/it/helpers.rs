@@ -439,7 +439,7 @@ pub async fn attempts(pool: &PgPool, id: &str) -> Vec<Value> {
 }
 
 /// Removes a test's queues and dead-letter exchange, [`bounded`] like every clean-up step.
-pub async fn delete_topology(connection: &Connection, settings: &HashMap<String, String>) {
+async fn delete_topology(connection: &Connection, settings: &HashMap<String, String>) {
     bounded(
         "deleting the test's queues",
         remove_topology(connection, settings),

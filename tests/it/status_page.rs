@@ -9,8 +9,8 @@ use serde_json::Value;
 use crate::admin_access::TOKEN;
 use crate::chromium::{dump_dom, element, screenshot, visible_text};
 use crate::helpers::{
-    PATIENCE, TestApp, TestEnv, admin_get, delete_topology, drop_database, free_addr, publish_to,
-    send_job, test_link, unique_id,
+    PATIENCE, TestApp, TestEnv, admin_get, drop_database, free_addr, publish_to,
+    remove_topology_and_close, send_job, test_link, unique_id,
 };
 use crate::operators::{hold_a_job_and_plant_a_dead_worker, hold_slow_calls};
 use crate::process::WorkerProcess;
@@ -515,7 +515,7 @@ async fn status_page_counts_the_queues_and_a_search_leaves_no_number_in_the_log(
     for secret in [number, &typed, &encoded.to_string(), &number[3..]] {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
-    delete_topology(&connection, &env.settings).await;
+    remove_topology_and_close(&connection, &env.settings).await;
     pool.close().await;
     drop_database(&env.db_name).await;
 }
