@@ -133,10 +133,17 @@ async fn two_thousand_jobs_through_broker_cuts_and_kill_9s() {
         lost.len(),
         lost.iter().take(5).collect::<Vec<_>>()
     );
+    let others: Vec<String> = sqlx::query_scalar(
+        "SELECT concat_ws(' ', id, status, code, message, 'attempts=' || attempts) \
+         FROM sms_jobs WHERE status NOT IN ('sent', 'unknown') ORDER BY id LIMIT 5",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("other rows");
     assert_eq!(
         sent + unknown,
         JOBS,
-        "every job is sent, or unknown because its worker was killed mid-call"
+        "every job is sent, or unknown because its worker was killed mid-call; others (id status code message attempts): {others:?}"
     );
     assert!(
         unknown <= 2 * CONCURRENCY,
