@@ -590,19 +590,19 @@ pub fn render_batches(out: &mut String, counts: &[BatchCounts]) {
     family(
         out,
         "sms_store_batches_total",
-        "Statements (each its own commit) of the batched writes, by write: claim, stamp, outcome, result_published.",
+        "Statements of the batched writes that committed (each its own commit), by write: claim, stamp, outcome, result_published. A failed statement is not counted.",
         |c| c.batches.to_string(),
     );
     family(
         out,
         "sms_store_batch_jobs_total",
-        "Jobs written by the batched writes, by write.",
+        "Jobs written by the batched writes' committed statements, by write.",
         |c| c.jobs.to_string(),
     );
     family(
         out,
         "sms_store_batch_seconds_total",
-        "Time the batched writes took, from a batch's start to its answers, by write.",
+        "Time the batched writes' committed statements took, by write.",
         |c| seconds(c.busy.as_secs_f64()),
     );
 }

@@ -802,7 +802,7 @@ fn stage_means(before: &Totals, after: &Totals) -> String {
 /// Jobs per batch and milliseconds per batch of each batched write between two scrapes; a
 /// write that made no batch is left out.
 fn batch_means(before: &Totals, after: &Totals) -> String {
-    ["claim", "stamp", "outcome", "result_published"]
+    let means = ["claim", "stamp", "outcome", "result_published"]
         .iter()
         .filter_map(|write| {
             let (b1, j1, s1) = after.batches.get(*write).copied().unwrap_or_default();
@@ -816,8 +816,13 @@ fn batch_means(before: &Totals, after: &Totals) -> String {
                 )
             })
         })
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect::<Vec<_>>();
+    if means.is_empty() {
+        // Said, not left blank: a blank would read as "no batches" where the worker may
+        // export no such counters at all.
+        return "none reported by the worker's /metrics in this phase".into();
+    }
+    means.join(", ")
 }
 
 /// The fixed rate of the light-load latency line: a steady trickle, where nothing should
@@ -1267,7 +1272,10 @@ mod tests {
             "{}",
             stage_means(&before, &after)
         );
-        assert_eq!(batch_means(&after, &after), "");
+        assert_eq!(
+            batch_means(&after, &after),
+            "none reported by the worker's /metrics in this phase"
+        );
         // A family whose name starts like another's is not taken for it.
         assert_eq!(
             labelled(

@@ -74,7 +74,7 @@ pub struct BatchCounts {
     pub write: &'static str,
     pub batches: u64,
     pub jobs: u64,
-    /// Time the batches' statements ran, summed (from the batch's start to its last answer).
+    /// Time the committed statements ran, summed.
     pub busy: Duration,
 }
 
@@ -86,6 +86,9 @@ struct Counters {
 }
 
 impl Counters {
+    /// One statement that committed `jobs` rows' writes in `took`. A statement that failed
+    /// counts nowhere: it wrote nothing, and a batch that fails on one row's data is written
+    /// again one job per statement, each of which counts.
     fn add(&self, jobs: usize, took: Duration) {
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.jobs
@@ -111,7 +114,7 @@ where
 {
     fn spawn<F, Fut>(write: &'static str, pool: PgPool, shape: Shape, execute: F) -> Self
     where
-        F: Fn(PgPool, Vec<Req>) -> Fut + Send + Sync + 'static,
+        F: Fn(PgPool, Vec<Req>, Arc<Counters>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<Resp, StoreError>>> + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -165,7 +168,7 @@ async fn run_lane<Req, Resp, F, Fut>(
 ) where
     Req: Keyed + Send + 'static,
     Resp: Send + 'static,
-    F: Fn(PgPool, Vec<Req>) -> Fut + Send + Sync + 'static,
+    F: Fn(PgPool, Vec<Req>, Arc<Counters>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Vec<Result<Resp, StoreError>>> + Send + 'static,
 {
     let executors = Arc::new(Semaphore::new(EXECUTORS));
@@ -214,9 +217,7 @@ async fn run_lane<Req, Resp, F, Fut>(
         let counters = counters.clone();
         tokio::spawn(async move {
             let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = batch.into_iter().unzip();
-            let (jobs, started) = (reqs.len(), Instant::now());
-            let results = execute(pool, reqs).await;
-            counters.add(jobs, started.elapsed());
+            let results = execute(pool, reqs, counters).await;
             for (reply, result) in replies.into_iter().zip(results) {
                 // The asker may have gone (its task was aborted); the write stands either way.
                 let _ = reply.send(result);
@@ -506,21 +507,43 @@ pub(super) async fn stamp_together(
 
 /// Writes a batch. If it fails on one row's data, each job is written alone, so one bad row
 /// does not fail its neighbours; any other failure (a lost connection) fails them all alike.
-async fn write_batch<R: Batched>(pool: PgPool, reqs: Vec<R>) -> Vec<Result<R::Out, StoreError>> {
-    match R::write_all(&pool, &reqs).await {
+async fn write_batch<R: Batched>(
+    pool: PgPool,
+    reqs: Vec<R>,
+    counters: Arc<Counters>,
+) -> Vec<Result<R::Out, StoreError>> {
+    match counted(&pool, &reqs, &counters).await {
         Ok(out) => out,
         Err(e) if reqs.len() > 1 && is_about_data(&e) => {
             let mut out = Vec::with_capacity(reqs.len());
             for r in &reqs {
-                out.push(match R::write_all(&pool, std::slice::from_ref(r)).await {
-                    Ok(mut one) => one.pop().unwrap_or(Err(StoreError::WriterGone)),
-                    Err(e) => Err(e),
-                });
+                out.push(
+                    match counted(&pool, std::slice::from_ref(r), &counters).await {
+                        Ok(mut one) => one.pop().unwrap_or(Err(StoreError::WriterGone)),
+                        Err(e) => Err(e),
+                    },
+                );
             }
             out
         }
         Err(e) => shared_failure(reqs.len(), e),
     }
+}
+
+/// One statement of `write_batch`, counted when it commits.
+async fn counted<R: Batched>(
+    pool: &PgPool,
+    reqs: &[R],
+    counters: &Counters,
+) -> Result<Vec<Result<R::Out, StoreError>>, StoreError> {
+    let started = Instant::now();
+    let written = R::write_all(pool, reqs).await;
+    // Not the shutdown's flush mark, whose empty id matches no row.
+    let jobs = reqs.iter().filter(|r| !r.key().is_empty()).count();
+    if written.is_ok() && jobs > 0 {
+        counters.add(jobs, started.elapsed());
+    }
+    written
 }
 
 /// Inserts every job as `sending` (or, refused by a guard, as final with the guard's status

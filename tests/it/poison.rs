@@ -241,6 +241,14 @@ async fn a_row_the_database_refuses_is_answered_invalid_and_its_neighbours_are_s
     }
     assert_eq!(live.dead_letter_codes(1).await, ["INVALID_DATA"]);
     assert_eq!(live.env.fake.calls_for(&refused), 0);
+    // The commit counters count what committed: the neighbours' claims, whether they were
+    // retried alone or never shared a batch with the refused row; never the refused claim,
+    // nor a batch that failed. Each batch is counted before its jobs hear their answers.
+    let (status, text) = admin_get(&live.admin, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let exp = crate::prometheus_text::parse(&text);
+    let claimed = exp.value("sms_store_batch_jobs_total", &[("write", "claim")]);
+    assert_eq!(claimed, Some(neighbours.len() as f64), "{text}");
     live.assert_never_paused().await;
     let _ = db.close().await;
     live.finish().await;
