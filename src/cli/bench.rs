@@ -558,6 +558,30 @@ impl Backlog {
 /// The bench's own check of a run, job by job: `total` rows, every one `sent`, and exactly
 /// one executed send at the fake for each (matched by OutId, which is the job id), and none
 /// for a job without a row. Returns the number of rows and of sends.
+/// The Postgres server's WAL position. The WAL a job's writes cost does not move with the
+/// machine's load, as CPU time does: a change to the writes shows in it from one run.
+async fn wal_position(db_url: &str) -> anyhow::Result<String> {
+    let mut conn = sqlx::PgConnection::connect(db_url).await?;
+    let at = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&mut conn)
+        .await?;
+    conn.close().await?;
+    Ok(at)
+}
+
+/// Bytes of WAL the server wrote since `from` (a [`wal_position`]).
+async fn wal_since(db_url: &str, from: &str) -> anyhow::Result<f64> {
+    let mut conn = sqlx::PgConnection::connect(db_url).await?;
+    let bytes = sqlx::query_scalar(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::double precision",
+    )
+    .bind(from)
+    .fetch_one(&mut conn)
+    .await?;
+    conn.close().await?;
+    Ok(bytes)
+}
+
 async fn verify(db_url: &str, fake: &FakeAliyun, total: usize) -> anyhow::Result<(usize, usize)> {
     let pool = sqlx::PgPool::connect(db_url).await?;
     let rows: Result<Vec<(String, String)>, sqlx::Error> =
@@ -1101,6 +1125,7 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     backlog.publish_jobs(opts, tag).await?;
     let (queues, connection, ch) = (&backlog.queues, &backlog.connection, &backlog.ch);
     let mut results = consume_results(ch, &queues.results).await?;
+    let wal_from = wal_position(db_url).await?;
     let mut child = spawn_worker(&env, &[], "worker", &opts.log_level)?;
     let pid = child.id().context("worker pid")?;
     let worker = drive(
@@ -1122,6 +1147,7 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
     // What the worker really kept in flight, not the setting.
     let peak_in_flight = scrape_gauge(&admin, "sms_jobs_in_flight_peak").await?;
     stop_worker(&mut child).await;
+    let wal_bytes = wal_since(db_url, &wal_from).await?;
 
     // Check every job's row: one, final, sent; and one send each at the fake.
     let (rows, fake_sends) = verify(db_url, &fake, opts.jobs + worker.jobs()).await?;
@@ -1226,6 +1252,10 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         verdict(rss_mib <= 64.0)
     )?;
     print_cpu("worker run", worker.cpu, opts.jobs)?;
+    outln!(
+        "worker WAL per job: {:.0} bytes (the Postgres server's, over every phase and the migration)",
+        wal_bytes / (opts.jobs + worker.jobs()).max(1) as f64
+    )?;
     if let Some(stages) = &worker.stages {
         for (phase, [means, batches]) in ["backlog", "paced", "fixed rate"].iter().zip(stages) {
             outln!("worker stages, mean ms per job, {phase}: {means}")?;

@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::guards::Refusal;
+use super::presumed::{self, Presumed};
 use super::{
     AttemptArrays, AttemptRecord, Claim, ErrorClass, Followup, JobRow, Outcome, ReplyRoute,
     StoreError, deliveries,
@@ -288,6 +289,11 @@ pub(super) struct FinishReq {
     pub(super) worker: Uuid,
     pub(super) outcome: Outcome,
     pub(super) last_attempt: Option<AttemptRecord>,
+    /// Written with its result presumed out (see `store::presumed`); set by the outcome lane,
+    /// whose order the presumption rests on.
+    pub(super) presume: bool,
+    /// The earliest `finished_at` the write may give (the lane's floor).
+    pub(super) floor: Option<DateTime<Utc>>,
 }
 
 impl Keyed for FinishReq {
@@ -327,25 +333,27 @@ pub(super) struct Writer {
     stamps: Lane<StampReq, bool>,
     finishes: Lane<FinishReq, JobRow>,
     published: Lane<PublishedReq, ()>,
+    presumed: Arc<Presumed>,
 }
 
 impl Writer {
     pub(super) fn spawn(pool: PgPool) -> Self {
+        let presumed = Arc::new(Presumed::default());
+        presumed::spawn_keeper(pool.clone(), &presumed);
+        let lane_presumed = presumed.clone();
         Self {
             claims: Lane::spawn("claim", pool.clone(), ON_THE_WAY, write_batch::<ClaimReq>),
             stamps: Lane::spawn("stamp", pool.clone(), ON_THE_WAY, write_batch::<StampReq>),
-            finishes: Lane::spawn(
-                "outcome",
-                pool.clone(),
-                ON_THE_WAY,
-                write_batch::<FinishReq>,
-            ),
+            finishes: Lane::spawn("outcome", pool.clone(), ON_THE_WAY, move |pool, reqs, c| {
+                finish_presuming(pool, reqs, c, lane_presumed.clone())
+            }),
             published: Lane::spawn(
                 "result_published",
                 pool,
                 DETACHED,
                 write_batch::<PublishedReq>,
             ),
+            presumed,
         }
     }
 
@@ -363,20 +371,31 @@ impl Writer {
         self.stamps.submit(req).await
     }
 
-    /// Queued without waiting for the write.
+    /// A result presumed out needs no write; any other is marked, queued without waiting.
     pub(super) fn published(&self, req: PublishedReq) {
-        self.published.submit_detached(req);
+        if !self.presumed.confirmed(&req.job_id, req.finished_at) {
+            self.published.submit_detached(req);
+        }
     }
 
-    /// Waits until every mark queued before it is written: the lane writes its batches one
-    /// at a time, in order, and this one's empty id matches no row.
-    pub(super) async fn flush_published(&self) -> Result<(), StoreError> {
+    /// Waits until every mark queued before it is written (the lane writes its batches one at
+    /// a time, in order, and this one's empty id matches no row), then hands the presumed
+    /// results still unconfirmed to the outbox. An error means some still rest on this
+    /// worker's watermark: its row must stay for the sweeper.
+    pub(super) async fn flush_published(&self, pool: &PgPool) -> Result<(), StoreError> {
         self.published
             .submit(PublishedReq {
                 job_id: String::new(),
                 finished_at: Utc::now(),
             })
-            .await
+            .await?;
+        self.presumed.hand_over_all(pool).await?;
+        // An outcome batch of a job the drain gave up on may have committed since.
+        if self.presumed.is_settled() {
+            Ok(())
+        } else {
+            Err(StoreError::Unsettled)
+        }
     }
 
     pub(super) async fn claim(&self, req: ClaimReq) -> Result<Claim, StoreError> {
@@ -386,6 +405,24 @@ impl Writer {
     pub(super) async fn finish(&self, req: FinishReq) -> Result<JobRow, StoreError> {
         self.finishes.submit(req).await
     }
+}
+
+/// Writes an outcome batch, the results of this store's worker presumed out, and takes note
+/// of them before anyone hears the outcome (and could confirm its result).
+async fn finish_presuming(
+    pool: PgPool,
+    mut reqs: Vec<FinishReq>,
+    counters: Arc<Counters>,
+    presumed: Arc<Presumed>,
+) -> Vec<Result<JobRow, StoreError>> {
+    let floor = presumed.floor();
+    for r in &mut reqs {
+        r.presume = presumed.presumes_for(r.worker);
+        r.floor = floor;
+    }
+    let out = write_batch(pool, reqs, counters).await;
+    presumed.wrote(out.iter().filter_map(|r| r.as_ref().ok()));
+    out
 }
 
 /// Whether a failed batch should be retried one job at a time: an error about the data of
@@ -665,7 +702,9 @@ pub(super) async fn finish_together(
     let mut request_ids = Vec::with_capacity(n);
     let mut attempts = Vec::with_capacity(n);
     let mut reconcile_ms = Vec::with_capacity(n);
+    let mut presume = Vec::with_capacity(n);
     for r in reqs {
+        presume.push(r.presume);
         let o = &r.outcome;
         ids.push(r.job_id.as_str());
         workers.push(r.worker);
@@ -700,13 +739,16 @@ pub(super) async fn finish_together(
             "), finished AS (
                 UPDATE sms_jobs SET status = t_status, code = t_code, message = t_message,
                     biz_id = t_biz_id, request_id = t_request_id, attempts = t_attempts,
-                    finished_at = now(), updated_at = now(), lease_until = NULL,
+                    finished_at = GREATEST(now(), $21::timestamptz), updated_at = now(),
+                    lease_until = NULL,
+                    result_published_at = CASE WHEN t_presume
+                                               THEN GREATEST(now(), $21::timestamptz) END,
                     reconcile_until = now() + make_interval(secs => t_reconcile::double precision / 1000),
                     next_reconcile_at = CASE WHEN t_reconcile IS NULL THEN NULL ELSE now() END
                 FROM unnest($11::text[], $12::uuid[], $13::text[], $14::text[], $15::text[],
-                            $16::text[], $17::text[], $18::int[], $19::bigint[])
+                            $16::text[], $17::text[], $18::int[], $19::bigint[], $20::bool[])
                      AS t(t_id, t_worker, t_status, t_code, t_message, t_biz_id, t_request_id,
-                          t_attempts, t_reconcile)
+                          t_attempts, t_reconcile, t_presume)
                 WHERE id = t_id AND status = 'sending' AND claimed_by = t_worker
                 RETURNING ",
             job_columns!(),
@@ -724,7 +766,9 @@ pub(super) async fn finish_together(
     .bind(&biz_ids)
     .bind(&request_ids)
     .bind(&attempts)
-    .bind(&reconcile_ms);
+    .bind(&reconcile_ms)
+    .bind(&presume)
+    .bind(reqs.iter().filter_map(|r| r.floor).max());
     let mut rows: HashMap<String, JobRow> = HashMap::with_capacity(n);
     if followups {
         let mut tx = pool.begin().await?;

@@ -103,6 +103,9 @@ impl Store {
     /// more than two beats starts a new unbroken run (`alive_since`): an outage too short to make
     /// anyone stale still restarts every judge's count, so one just short of five beats cannot
     /// make an owner whose next beat is a little late look dead.
+    ///
+    /// The first beat starts the worker's watermark (see `store::presumed`) at now: it beats
+    /// before its first claim, so every result it will presume out comes later.
     pub async fn heartbeat(
         &self,
         worker: Uuid,
@@ -110,7 +113,8 @@ impl Store {
         every: Duration,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO sms_workers (id, name, heartbeat_ms) VALUES ($1, $2, $3)
+            "INSERT INTO sms_workers (id, name, heartbeat_ms, results_confirmed_through)
+             VALUES ($1, $2, $3, now())
              ON CONFLICT (id) DO UPDATE SET
                  alive_since = CASE
                      WHEN sms_workers.heartbeat_at
@@ -165,13 +169,18 @@ impl Store {
     }
 
     /// Forgets workers that stopped beating `kept` ago and hold no claims (killed, never
-    /// retired). Says how many.
+    /// retired), nor results presumed out after their watermark that the outbox has yet to
+    /// publish. Says how many.
     pub async fn prune_dead_workers(&self, kept: Duration) -> Result<u64, StoreError> {
         Ok(sqlx::query(
             "DELETE FROM sms_workers w
              WHERE w.heartbeat_at < now() - make_interval(secs => $1::double precision / 1000)
                AND NOT EXISTS (SELECT 1 FROM sms_jobs j
-                               WHERE j.status = 'sending' AND j.claimed_by = w.id)",
+                               WHERE j.status = 'sending' AND j.claimed_by = w.id)
+               AND NOT EXISTS (SELECT 1 FROM sms_jobs j
+                               WHERE j.claimed_by = w.id AND j.status <> 'sending'
+                                 AND j.result_published_at = j.finished_at
+                                 AND j.finished_at >= w.results_confirmed_through)",
         )
         .bind(millis(kept))
         .execute(self.pool())
@@ -282,18 +291,33 @@ impl Store {
     }
 
     /// Final rows whose result was not confirmed by RabbitMQ for `older_than` (the worker that
-    /// finished them died, or the broker was away): the outbox to re-publish.
+    /// finished them died, or the broker was away): the outbox to re-publish. Those are the
+    /// rows left unmarked, and the rows a worker presumed out (see `store::presumed`) from its
+    /// watermark on: the ones it may have died before seeing confirmed. (A worker of an earlier
+    /// version has no watermark and presumes nothing.)
     pub async fn unpublished_results(
         &self,
         older_than: Duration,
         limit: i64,
     ) -> Result<Vec<JobRow>, StoreError> {
         Ok(sqlx::query_as::<_, JobRow>(concat!(
-            "SELECT ",
+            "(SELECT ",
             job_columns!(),
             " FROM sms_jobs
-             WHERE result_published_at IS NULL AND status <> 'sending'
-               AND finished_at <= now() - make_interval(secs => $1::double precision / 1000)
+              WHERE result_published_at IS NULL AND status <> 'sending'
+                AND finished_at <= now() - make_interval(secs => $1::double precision / 1000)
+              ORDER BY finished_at LIMIT $2)
+             UNION ALL
+             (SELECT j.* FROM sms_workers w CROSS JOIN LATERAL (
+                  SELECT ",
+            job_columns!(),
+            " FROM sms_jobs
+                  WHERE claimed_by = w.id AND status <> 'sending'
+                    AND result_published_at = finished_at
+                    AND finished_at >= w.results_confirmed_through
+                    AND finished_at <= now() - make_interval(secs => $1::double precision / 1000)
+                  ORDER BY finished_at LIMIT $2) j
+              ORDER BY j.finished_at LIMIT $2)
              ORDER BY finished_at LIMIT $2"
         ))
         .bind(millis(older_than))

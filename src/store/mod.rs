@@ -28,6 +28,9 @@ pub enum StoreError {
     Shared(Arc<StoreError>),
     #[error("the database writer stopped")]
     WriterGone,
+    /// A stop found results presumed out that are neither confirmed nor in the outbox.
+    #[error("results presumed out are still waiting for their confirm")]
+    Unsettled,
 }
 
 /// What a failed database call says: whether the database is away, or this row's data is bad.
@@ -51,9 +54,10 @@ impl StoreError {
         match self {
             StoreError::Database(e) => class_of(e),
             StoreError::Shared(e) => e.class(),
-            StoreError::Migrate(_) | StoreError::CorruptStatus(..) | StoreError::WriterGone => {
-                ErrorClass::Other
-            }
+            StoreError::Migrate(_)
+            | StoreError::CorruptStatus(..)
+            | StoreError::WriterGone
+            | StoreError::Unsettled => ErrorClass::Other,
         }
     }
 
@@ -139,9 +143,19 @@ pub struct JobRow {
     pub created_at: DateTime<Utc>,
     /// When its owner was about to call Aliyun; `None` while the claim never reached Aliyun.
     pub called_at: Option<DateTime<Utc>>,
+    /// When its result was recorded as out; equal to `finished_at` when the outcome write
+    /// presumed it (see `store::presumed`), `None` while it is in the outbox.
+    pub result_published_at: Option<DateTime<Utc>>,
 }
 
 impl JobRow {
+    /// `finished_at`, when the outcome write presumed this result out (see `store::presumed`).
+    pub(crate) fn presumed_at(&self) -> Option<DateTime<Utc>> {
+        self.finished_at
+            .filter(|_| self.status != Status::Sending.as_str())
+            .filter(|t| self.result_published_at == Some(*t))
+    }
+
     pub fn status(&self) -> Result<Status, StoreError> {
         self.status
             .parse()
@@ -226,7 +240,8 @@ pub enum Followup {
 macro_rules! job_columns {
     () => {
         "id, type, status, biz_id, request_id, code, message, attempts, claimed_by, \
-         lease_until, finished_at, reply_to, correlation_id, created_at, called_at"
+         lease_until, finished_at, reply_to, correlation_id, created_at, called_at, \
+         result_published_at"
     };
 }
 
@@ -267,6 +282,7 @@ mod deliveries;
 mod fleet;
 mod guards;
 mod leader;
+mod presumed;
 mod rate;
 mod reports;
 pub use deliveries::{DeliveryRow, ReceiptUpdate, ReconcileRow, china_time};
@@ -524,7 +540,8 @@ impl Store {
     }
 
     /// Records, in the background, that the result of `job_id` as of `finished_at` reached a
-    /// queue, so the outbox sweeper leaves it alone.
+    /// queue, so the outbox sweeper leaves it alone. A result this worker's outcome write
+    /// presumed out needs no write: it only lets the worker's watermark move on.
     pub fn result_published(&self, job_id: &str, finished_at: DateTime<Utc>) {
         let req = batch::PublishedReq {
             job_id: job_id.to_owned(),
@@ -543,11 +560,14 @@ impl Store {
         }
     }
 
-    /// Writes the marks [`Self::result_published`] queued and has not written yet: for a
-    /// clean stop, so the outbox does not publish this worker's last results again.
+    /// For a clean stop, once every job is done: writes the marks [`Self::result_published`]
+    /// queued and has not written yet, so the outbox does not publish this worker's last
+    /// results again, and hands the results it presumed out and never saw confirmed to the
+    /// outbox (see `store::presumed`). After an error the worker's row must not be retired:
+    /// the sweeper finds those results through it.
     pub async fn flush_published(&self) -> Result<(), StoreError> {
         match &self.writer {
-            Some(writer) => writer.flush_published().await,
+            Some(writer) => writer.flush_published(&self.pool).await,
             None => Ok(()),
         }
     }
@@ -593,6 +613,10 @@ impl Store {
             worker,
             outcome: o.clone(),
             last_attempt: last_attempt.cloned(),
+            // The outcome lane decides (see `store::presumed`); written alone, it is marked
+            // once confirmed.
+            presume: false,
+            floor: None,
         };
         match &self.writer {
             Some(writer) => writer.finish(req).await,

@@ -290,18 +290,21 @@ pub async fn run(
     }
     // With the database gone, the outbox publishing these results again is the lesser evil
     // than a stop that hangs.
-    last_step(
+    let settled = last_step(
         "recording the last results as published",
-        "the outbox may publish them again",
+        "the outbox publishes them again, and this worker's heartbeat is left for the fleet to take for dead, as a killed worker's",
         pipeline.store().flush_published(),
     )
     .await;
-    last_step(
-        "retiring this worker's heartbeat",
-        "the fleet takes it for dead, as a killed worker's",
-        pipeline.store().retire(pipeline.worker_id()),
-    )
-    .await;
+    // The row is what leads the sweeper to results presumed out and never confirmed.
+    if settled {
+        last_step(
+            "retiring this worker's heartbeat",
+            "the fleet takes it for dead, as a killed worker's",
+            pipeline.store().retire(pipeline.worker_id()),
+        )
+        .await;
+    }
     if let Some(broker) = last_broker {
         broker.close().await;
     }
@@ -310,16 +313,23 @@ pub async fn run(
 }
 
 /// One of the stop's last writes, which must not hold it: given up after [`CLOSE_PATIENCE`], and
-/// a failure or a give-up logged with what it means (`then`) before the stop goes on.
+/// a failure or a give-up logged with what it means (`then`) before the stop goes on. Says
+/// whether it was done.
 async fn last_step<E: std::fmt::Display>(
     what: &str,
     then: &str,
     step: impl std::future::Future<Output = Result<(), E>>,
-) {
+) -> bool {
     match tokio::time::timeout(CLOSE_PATIENCE, step).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "{what} failed; {then}"),
-        Err(_) => tracing::warn!("{what} took longer than {CLOSE_PATIENCE:?}; {then}"),
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "{what} failed; {then}");
+            false
+        }
+        Err(_) => {
+            tracing::warn!("{what} took longer than {CLOSE_PATIENCE:?}; {then}");
+            false
+        }
     }
 }
 

@@ -295,6 +295,128 @@ async fn the_sweeper_ends_orphaned_claims_and_publishes_unconfirmed_results() {
     app.shutdown().await;
 }
 
+/// Issue 13: a worker's outcome write presumes its result out, and a confirm costs no write:
+/// the rows of finished jobs say so, and the worker's watermark moves past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confirmed_result_needs_no_mark_and_moves_the_workers_watermark() {
+    let app = TestApp::spawn().await;
+    let jobs: Vec<Value> = (0..20)
+        .map(|i| send_job(&unique_id(&format!("presumed-{i}"))))
+        .collect();
+    for job in &jobs {
+        app.publish(job).await;
+    }
+    let results = app.results(jobs.len()).await;
+    assert!(results.iter().all(|r| r.status == Status::Sent));
+    let (presumed, last): (i64, Option<chrono::DateTime<chrono::Utc>>) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE result_published_at = finished_at), max(finished_at)
+         FROM sms_jobs",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .expect("read the rows");
+    assert_eq!(presumed, 20, "every outcome presumed its result out");
+    let last = last.expect("finished rows");
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let mark: Option<chrono::DateTime<chrono::Utc>> =
+                sqlx::query_scalar("SELECT results_confirmed_through FROM sms_workers")
+                    .fetch_one(&app.pool)
+                    .await
+                    .expect("the worker's row");
+            if mark.is_some_and(|m| m > last) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the watermark passes the last confirmed result");
+    app.shutdown().await;
+}
+
+/// Issue 13: what a worker presumed out is published again by the sweeper only from that
+/// worker's watermark on — the results it may have died before seeing confirmed. Earlier ones
+/// were confirmed; a worker of an earlier version, with no watermark, presumes nothing (its
+/// rows' `result_published_at = finished_at` is what migration 0004 wrote for old rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_publishes_what_a_dead_worker_presumed_after_its_watermark() {
+    let app = TestApp::spawn_with(|s| {
+        s.insert(config::SWEEP_INTERVAL_MS.into(), "100".into());
+        s.insert(config::RESULT_REPUBLISH_AFTER_MS.into(), "500".into());
+    })
+    .await;
+    let (dead, older) = (Uuid::new_v4(), Uuid::new_v4());
+    sqlx::query(
+        "INSERT INTO sms_workers (id, name, started_at, heartbeat_at, alive_since,
+                                  results_confirmed_through)
+         VALUES ($1, 'killed', now() - interval '1 hour', now() - interval '40 seconds',
+                 now() - interval '1 hour', now() - interval '1 minute'),
+                ($2, 'an earlier version', now() - interval '1 hour', now() - interval '40 seconds',
+                 now() - interval '1 hour', NULL)",
+    )
+    .bind(dead)
+    .bind(older)
+    .execute(&app.pool)
+    .await
+    .expect("insert the workers");
+    let finished = |label: &str, by: Uuid, ago_s: f64, presumed: bool| {
+        let (pool, id) = (app.pool.clone(), unique_id(label));
+        async move {
+            sqlx::query(
+                "INSERT INTO sms_jobs (id, type, status, code, message, claimed_by, finished_at,
+                                       result_published_at)
+                 VALUES ($1, 'send_verify_code', 'sent', 'OK', 'OK', $2,
+                         now() - make_interval(secs => $3),
+                         CASE WHEN $4 THEN now() - make_interval(secs => $3) END)",
+            )
+            .bind(&id)
+            .bind(by)
+            .bind(ago_s)
+            .bind(presumed)
+            .execute(&pool)
+            .await
+            .expect("insert a finished job");
+            id
+        }
+    };
+    let confirmed = finished("before-the-watermark", dead, 120.0, true).await;
+    let unconfirmed = finished("after-the-watermark", dead, 30.0, true).await;
+    let old_version = finished("no-watermark", older, 30.0, true).await;
+    // Unmarked, and the newest: published last by the sweep that publishes any of the others.
+    let handed_over = finished("handed-over", dead, 10.0, false).await;
+
+    let mut published = Vec::new();
+    while !published.contains(&handed_over) {
+        let (r, _) = app.next_result().await;
+        published.push(r.id.expect("id"));
+    }
+    assert_eq!(published, vec![unconfirmed.clone(), handed_over.clone()]);
+    for id in [&unconfirmed, &handed_over] {
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                let row = app.job_row(id).await;
+                if !row["result_published_at"].is_null()
+                    && row["result_published_at"] != row["finished_at"]
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .expect("the outbox marks what it published");
+    }
+    for id in [&confirmed, &old_version] {
+        let row = app.job_row(id).await;
+        assert_eq!(
+            row["result_published_at"], row["finished_at"],
+            "{id} left alone"
+        );
+    }
+    app.shutdown().await;
+}
+
 /// Issue 10, defect 5: after a database outage longer than five beats, every heartbeat is old.
 /// A worker that just came back must not take a live worker's job in flight for dead: it waits,
 /// and both results say `sent`, with one send.

@@ -182,6 +182,14 @@ async fn bench_measures_one_worker_against_the_ceiling_and_checks_every_job() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no RSS figure in {rss:?}"));
     assert!(mib > 1.0, "a real RSS, not a default: {rss}");
+    // Every job writes its rows: a claim, an outcome and an attempt are kilobytes of WAL.
+    let wal = line("worker WAL per job:");
+    let bytes: f64 = wal
+        .split_whitespace()
+        .nth(4)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no WAL figure in {wal:?}"));
+    assert!(bytes > 500.0, "{wal}");
     let checked = line("checked:");
     let rows: usize = checked
         .split_whitespace()

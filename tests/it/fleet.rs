@@ -410,6 +410,138 @@ async fn a_draining_worker_keeps_its_claim() {
     assert!(b_status.success(), "{b_log}");
 }
 
+/// Issue 13: a worker's outcome write presumes the result out. Killed after that commit and
+/// before RabbitMQ's confirm, and its message then gone (dead-lettered, purged), the worker
+/// leaves a result nobody would publish but for its watermark: the next worker's sweeper
+/// publishes it and marks it, and Aliyun is not called again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_its_killed_worker_never_saw_confirmed_is_published_by_the_sweeper() {
+    let env = TestEnv::new(|s| {
+        fleet_settings(s);
+        s.insert(config::SWEEP_INTERVAL_MS.into(), "200".into());
+        s.insert(config::RESULT_REPUBLISH_AFTER_MS.into(), "500".into());
+    })
+    .await;
+    let mut fleet = Fleet::new(env, &amqp_url()).await;
+    let job = send_job(&unique_id("presumed"));
+    let id = job["id"].as_str().expect("id").to_owned();
+    fleet.env.fake.push_fault(
+        FaultRule::every(Fault::Latency { ms: 1_500 })
+            .on_phone(job["phone_number"].as_str().expect("phone"))
+            .times(1),
+    );
+    let proxy = Proxy::start(target_of(&amqp_url())).await;
+    let a = fleet
+        .worker(&[(config::AMQP_URL, through(&amqp_url(), &proxy))])
+        .await;
+    fleet.publish(&job).await;
+    tokio::time::timeout(PATIENCE, async {
+        while pending_faults(&fleet.env.fake).await > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("A calls Aliyun");
+    // A's link to RabbitMQ goes while it waits for Aliyun: its result can never be confirmed.
+    proxy.cut();
+    let row = |pool: PgPool, id: String| async move {
+        sqlx::query_as::<
+            _,
+            (
+                String,
+                Option<chrono::DateTime<chrono::Utc>>,
+                Option<chrono::DateTime<chrono::Utc>>,
+            ),
+        >("SELECT status, finished_at, result_published_at FROM sms_jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .expect("the job's row")
+    };
+    tokio::time::timeout(PATIENCE, async {
+        while row(fleet.pool.clone(), id.clone()).await.0 != "sent" {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("A commits the outcome");
+    // A's watermark comes to rest at the result it waits for (a tenth of a second later).
+    let (_, finished, _) = row(fleet.pool.clone(), id.clone()).await;
+    let watermark = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let mark: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+                "SELECT results_confirmed_through FROM sms_workers WHERE id = $1",
+            )
+            .bind(a.id)
+            .fetch_one(&fleet.pool)
+            .await
+            .expect("A's row");
+            if mark >= finished {
+                return mark;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("A writes its watermark");
+    let (_, a_log) = a.process.kill9().await;
+    assert_eq!(
+        watermark, finished,
+        "A's watermark stays at its unconfirmed result:\n{a_log}"
+    );
+    let (_, finished, published) = row(fleet.pool.clone(), id.clone()).await;
+    assert_eq!(
+        published, finished,
+        "A died with the result presumed out, before handing it to the outbox:\n{a_log}"
+    );
+    // The message went back to the queue with A's connection; it is gone now.
+    let channel = &fleet.publisher;
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let q = channel
+                .queue_declare(
+                    lapin::types::ShortString::from(fleet.jobs_queue.as_str()),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await
+                .expect("the jobs queue");
+            if q.message_count() == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("A's unacked message is back in the queue");
+    let purged = channel
+        .queue_purge(
+            lapin::types::ShortString::from(fleet.jobs_queue.as_str()),
+            Default::default(),
+        )
+        .await
+        .expect("purge the jobs queue");
+    assert_eq!(purged, 1);
+
+    let b = fleet.worker(&[]).await;
+    let ids = HashSet::from([id.clone()]);
+    let results = fleet.collect(&ids, 1, PATIENCE).await;
+    let (b_status, b_log) = b.process.terminate().await;
+    let got = results.get(&id).map(Vec::as_slice).unwrap_or_default();
+    assert_eq!(got.len(), 1, "the result:\n{b_log}");
+    assert_eq!((got[0].status, got[0].code.as_str()), (Status::Sent, "OK"));
+    assert_eq!(fleet.env.fake.sends_for(&id), 1, "one send at Aliyun");
+    let (_, finished, published) = row(fleet.pool.clone(), id.clone()).await;
+    assert!(
+        published.is_some() && published != finished,
+        "the sweeper marked what it published"
+    );
+    assert!(b_status.success(), "{b_log}");
+}
+
 /// Jobs of the chaos test, published at a steady rate for the whole of the chaos.
 const CHAOS_JOBS: usize = 600;
 const CHAOS_EVERY: Duration = Duration::from_millis(50);

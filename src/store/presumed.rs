@@ -1,0 +1,336 @@
+//! Results presumed out, and the watermark that makes the presumption safe.
+//!
+//! A worker's outcome write marks the job's result as published in the same statement
+//! (`result_published_at = finished_at`, see migration 0008), instead of marking each result
+//! in a third write once RabbitMQ confirmed it. What keeps a result from being lost when the
+//! worker dies between that commit and the confirm is the worker's watermark, in its own
+//! `sms_workers` row: every result it presumed out with an earlier `finished_at` was confirmed
+//! or handed to the outbox. The fleet's sweeper publishes again what a worker presumed from
+//! its watermark on (`Store::unconfirmed_results`).
+//!
+//! The watermark rests on the order of the outcome lane: it writes one batch at a time, each
+//! batch's `finished_at` is the time its statement began, after the previous one committed,
+//! and it is never earlier than the latest presumed so far (the statement takes the greater of
+//! its clock and the floor it is given), so a result committed after the watermark was written
+//! always lies at or after it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{JobRow, StoreError};
+
+/// How often the watermark is written when it moved: a worker killed at full rate leaves about
+/// this much of its results (besides the unconfirmed ones) for the sweeper to publish again.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A presumed result whose confirm has not come back for this long is handed to the outbox
+/// (its mark cleared), so one result stuck in a publish cannot hold the watermark, and with
+/// it every later result, for the sweeper to publish again.
+const HAND_OVER_AFTER: Duration = Duration::from_secs(2);
+
+/// The results one worker presumed out and has not seen confirmed.
+#[derive(Default)]
+pub(super) struct Presumed {
+    /// The worker whose outcomes are presumed: the first to write one through this store.
+    /// Another worker's outcomes through the same store are marked the old way.
+    owner: OnceLock<Uuid>,
+    state: Mutex<State>,
+    /// Held while entries are being handed to the outbox, so a stop's last hand-over sees the
+    /// entries a failed tick put back.
+    handing_over: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    unconfirmed: HashMap<String, DateTime<Utc>>,
+    by_time: BTreeSet<(DateTime<Utc>, String)>,
+    /// The latest `finished_at` presumed so far, and when it was seen: from it the tick tells
+    /// the database's time without asking for it.
+    latest: Option<(DateTime<Utc>, Instant)>,
+}
+
+/// One microsecond, the resolution of `timestamptz`.
+const TICK_OF_CLOCK: TimeDelta = TimeDelta::microseconds(1);
+
+impl Presumed {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means another task panicked; the sets are still sound.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `worker`'s outcomes are presumed through this store.
+    pub(super) fn presumes_for(&self, worker: Uuid) -> bool {
+        *self.owner.get_or_init(|| worker) == worker
+    }
+
+    /// The earliest `finished_at` the next batch may write: later than any presumed so far.
+    pub(super) fn floor(&self) -> Option<DateTime<Utc>> {
+        self.state().latest.map(|(t, _)| t + TICK_OF_CLOCK)
+    }
+
+    /// Takes note of the rows an outcome batch wrote: the ones it presumed out, by this
+    /// worker, wait for their confirm.
+    pub(super) fn wrote<'a>(&self, rows: impl IntoIterator<Item = &'a JobRow>) {
+        let Some(&owner) = self.owner.get() else {
+            return;
+        };
+        let mut s = self.state();
+        for row in rows {
+            let Some(at) = row.presumed_at() else {
+                continue;
+            };
+            if row.claimed_by != Some(owner) {
+                continue;
+            }
+            if let Some(old) = s.unconfirmed.insert(row.id.clone(), at) {
+                s.by_time.remove(&(old, row.id.clone()));
+            }
+            s.by_time.insert((at, row.id.clone()));
+            if s.latest.is_none_or(|(t, _)| t < at) {
+                s.latest = Some((at, Instant::now()));
+            }
+        }
+    }
+
+    /// RabbitMQ confirmed the result of `id` as of `finished_at`. `false` when it was not
+    /// presumed (or was handed to the outbox meanwhile): then it must be marked.
+    pub(super) fn confirmed(&self, id: &str, finished_at: DateTime<Utc>) -> bool {
+        let mut s = self.state();
+        if s.unconfirmed.get(id) != Some(&finished_at) {
+            return false;
+        }
+        s.unconfirmed.remove(id);
+        s.by_time.remove(&(finished_at, id.to_owned()));
+        true
+    }
+
+    /// Until when every presumed result is confirmed: the earliest unconfirmed one, or just
+    /// after the latest one. `None` before the first.
+    fn watermark(&self) -> Option<DateTime<Utc>> {
+        let s = self.state();
+        match s.by_time.first() {
+            Some((t, _)) => Some(*t),
+            None => s.latest.map(|(t, _)| t + TICK_OF_CLOCK),
+        }
+    }
+
+    /// Takes out the entries older than `age` (all of them with `None`).
+    fn take(&self, age: Option<Duration>) -> Vec<(String, DateTime<Utc>)> {
+        let mut s = self.state();
+        let cut = match (age, s.latest) {
+            (None, _) => None,
+            (Some(_), None) => return Vec::new(),
+            (Some(age), Some((t, seen))) => {
+                let now = t + TimeDelta::from_std(seen.elapsed()).unwrap_or(TimeDelta::MAX);
+                Some(now - TimeDelta::from_std(age).unwrap_or(TimeDelta::MAX))
+            }
+        };
+        let mut taken = Vec::new();
+        while let Some((t, _)) = s.by_time.first() {
+            if cut.is_some_and(|cut| *t >= cut) {
+                break;
+            }
+            let Some((t, id)) = s.by_time.pop_first() else {
+                break;
+            };
+            s.unconfirmed.remove(&id);
+            taken.push((id, t));
+        }
+        taken
+    }
+
+    fn put_back(&self, entries: Vec<(String, DateTime<Utc>)>) {
+        let mut s = self.state();
+        for (id, t) in entries {
+            // A newer presumption of the same job (written since) stands.
+            if !s.unconfirmed.contains_key(&id) {
+                s.unconfirmed.insert(id.clone(), t);
+                s.by_time.insert((t, id));
+            }
+        }
+    }
+
+    /// Hands the entries older than `age` (all with `None`) to the outbox. They stay waiting
+    /// when the database refused.
+    async fn hand_over(&self, pool: &PgPool, age: Option<Duration>) -> Result<usize, StoreError> {
+        let _turn = self.handing_over.lock().await;
+        let taken = self.take(age);
+        if taken.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<&str> = taken.iter().map(|(id, _)| id.as_str()).collect();
+        let at: Vec<DateTime<Utc>> = taken.iter().map(|(_, t)| *t).collect();
+        // Only a row still presumed as of that outcome: one a confirm marked meanwhile, or a
+        // reconciliation finished again, keeps what it has.
+        let handed = sqlx::query(
+            "UPDATE sms_jobs SET result_published_at = NULL
+             FROM unnest($1::text[], $2::timestamptz[]) AS t(t_id, t_finished)
+             WHERE id = t_id AND finished_at = t_finished AND result_published_at = finished_at",
+        )
+        .bind(&ids)
+        .bind(&at)
+        .execute(pool)
+        .await;
+        match handed {
+            Ok(_) => Ok(taken.len()),
+            Err(e) => {
+                self.put_back(taken);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// For a clean stop, once every job is done: hands what is still unconfirmed to the
+    /// outbox, so the worker's row can go. An error means some results rest on the watermark
+    /// still, and the row must stay for the sweeper.
+    pub(super) async fn hand_over_all(&self, pool: &PgPool) -> Result<(), StoreError> {
+        self.hand_over(pool, None).await.map(|_| ())
+    }
+
+    pub(super) fn is_settled(&self) -> bool {
+        self.state().unconfirmed.is_empty()
+    }
+}
+
+/// Keeps the owner's watermark in its `sms_workers` row, and hands results whose confirm is
+/// long overdue to the outbox. Ends with the store.
+pub(super) fn spawn_keeper(pool: PgPool, presumed: &Arc<Presumed>) {
+    let presumed: Weak<Presumed> = Arc::downgrade(presumed);
+    tokio::spawn(async move {
+        let mut written: Option<DateTime<Utc>> = None;
+        let mut ticks = tokio::time::interval(TICK);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let Some(presumed) = presumed.upgrade() else {
+                return;
+            };
+            let Some(&owner) = presumed.owner.get() else {
+                continue;
+            };
+            match presumed.hand_over(&pool, Some(HAND_OVER_AFTER)).await {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(
+                    results = n,
+                    "results RabbitMQ has not confirmed for {HAND_OVER_AFTER:?} handed to the outbox"
+                ),
+                Err(e) => {
+                    tracing::debug!(error = %e, "overdue results not handed to the outbox; next tick");
+                }
+            }
+            let mark = presumed.watermark();
+            if mark.is_none() || mark == written {
+                continue;
+            }
+            let wrote =
+                sqlx::query("UPDATE sms_workers SET results_confirmed_through = $2 WHERE id = $1")
+                    .bind(owner)
+                    .bind(mark)
+                    .execute(&pool)
+                    .await;
+            match wrote {
+                Ok(_) => written = mark,
+                Err(e) => tracing::debug!(error = %e, "watermark not written; next tick"),
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, owner: Uuid, at: DateTime<Utc>) -> JobRow {
+        JobRow {
+            id: id.to_owned(),
+            job_type: "send_verify_code".into(),
+            status: "sent".into(),
+            biz_id: None,
+            request_id: None,
+            code: None,
+            message: None,
+            attempts: 1,
+            claimed_by: Some(owner),
+            lease_until: None,
+            finished_at: Some(at),
+            reply_to: None,
+            correlation_id: None,
+            created_at: at,
+            called_at: Some(at),
+            result_published_at: Some(at),
+        }
+    }
+
+    #[test]
+    fn the_watermark_stays_at_the_earliest_unconfirmed_result() {
+        let me = Uuid::new_v4();
+        let p = Presumed::default();
+        assert!(p.presumes_for(me));
+        assert!(!p.presumes_for(Uuid::new_v4()), "one owner per store");
+        assert_eq!(p.watermark(), None);
+        assert_eq!(p.floor(), None);
+        let t0 = Utc::now();
+        let t1 = t0 + TimeDelta::milliseconds(3);
+        p.wrote(&[row("a", me, t0), row("b", me, t0), row("c", me, t1)]);
+        assert_eq!(p.watermark(), Some(t0));
+        assert_eq!(p.floor(), Some(t1 + TICK_OF_CLOCK));
+        assert!(p.confirmed("a", t0));
+        assert!(!p.confirmed("a", t0), "confirmed once");
+        assert_eq!(p.watermark(), Some(t0), "b is still out");
+        assert!(p.confirmed("b", t0));
+        assert_eq!(p.watermark(), Some(t1));
+        assert!(
+            !p.confirmed("c", t0),
+            "a result as of another outcome is marked"
+        );
+        assert!(p.confirmed("c", t1));
+        assert_eq!(p.watermark(), Some(t1 + TICK_OF_CLOCK));
+        assert!(p.is_settled());
+    }
+
+    #[test]
+    fn rows_not_presumed_by_the_owner_are_not_waited_for() {
+        let me = Uuid::new_v4();
+        let p = Presumed::default();
+        assert!(p.presumes_for(me));
+        let t = Utc::now();
+        let mut marked = row("marked", me, t);
+        marked.result_published_at = None;
+        let mut sending = row("sending", me, t);
+        sending.status = "sending".into();
+        p.wrote(&[
+            marked,
+            sending,
+            row("other", Uuid::new_v4(), t),
+            JobRow {
+                result_published_at: Some(t + TICK_OF_CLOCK),
+                ..row("later mark", me, t)
+            },
+        ]);
+        assert!(p.is_settled());
+        assert_eq!(p.watermark(), None);
+    }
+
+    #[test]
+    fn only_overdue_entries_are_taken_and_a_failed_hand_over_puts_them_back() {
+        let me = Uuid::new_v4();
+        let p = Presumed::default();
+        assert!(p.presumes_for(me));
+        let now = Utc::now();
+        let old = now - TimeDelta::seconds(5);
+        p.wrote(&[row("old", me, old), row("new", me, now)]);
+        let taken = p.take(Some(Duration::from_secs(2)));
+        assert_eq!(taken, vec![("old".to_owned(), old)]);
+        assert_eq!(p.watermark(), Some(now), "the old one is the outbox's now");
+        assert!(!p.confirmed("old", old), "a late confirm of it is marked");
+        p.put_back(taken);
+        assert_eq!(p.watermark(), Some(old));
+        assert_eq!(p.take(None).len(), 2);
+        assert!(p.is_settled());
+    }
+}
