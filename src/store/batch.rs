@@ -415,13 +415,21 @@ async fn finish_presuming(
     counters: Arc<Counters>,
     presumed: Arc<Presumed>,
 ) -> Vec<Result<JobRow, StoreError>> {
+    let _turn = presumed.batch_turn().await;
     let floor = presumed.floor();
+    let presuming = presumed.presuming();
     for r in &mut reqs {
-        r.presume = presumed.presumes_for(r.worker);
+        r.presume = presuming && presumed.presumes_for(r.worker);
         r.floor = floor;
     }
+    let doubt: Vec<(String, bool)> = reqs.iter().map(|r| (r.job_id.clone(), r.presume)).collect();
     let out = write_batch(pool, reqs, counters).await;
     presumed.wrote(out.iter().filter_map(|r| r.as_ref().ok()));
+    for ((id, presumed_out), result) in doubt.iter().zip(&out) {
+        if *presumed_out && result.is_err() {
+            presumed.in_doubt(id, floor.unwrap_or(DateTime::UNIX_EPOCH));
+        }
+    }
     out
 }
 

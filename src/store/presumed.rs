@@ -15,6 +15,7 @@
 //! always lies at or after it.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,10 @@ pub(super) struct Presumed {
     /// Held while entries are being handed to the outbox, so a stop's last hand-over sees the
     /// entries a failed tick put back.
     handing_over: tokio::sync::Mutex<()>,
+    /// See [`Presumed::batch_turn`].
+    batch: tokio::sync::RwLock<()>,
+    /// Set by the stop's hand-over: nothing is presumed after it.
+    stopped: AtomicBool,
 }
 
 #[derive(Default)]
@@ -119,9 +124,10 @@ impl Presumed {
         }
     }
 
-    /// Takes out the entries older than `age` (all of them with `None`).
-    fn take(&self, age: Option<Duration>) -> Vec<(String, DateTime<Utc>)> {
-        let mut s = self.state();
+    /// The entries older than `age` (all of them with `None`), left in place: they hold the
+    /// watermark until their hand-over has committed.
+    fn overdue(&self, age: Option<Duration>) -> Vec<(String, DateTime<Utc>)> {
+        let s = self.state();
         let cut = match (age, s.latest) {
             (None, _) => None,
             (Some(_), None) => return Vec::new(),
@@ -130,66 +136,88 @@ impl Presumed {
                 Some(now - TimeDelta::from_std(age).unwrap_or(TimeDelta::MAX))
             }
         };
-        let mut taken = Vec::new();
-        while let Some((t, _)) = s.by_time.first() {
-            if cut.is_some_and(|cut| *t >= cut) {
-                break;
-            }
-            let Some((t, id)) = s.by_time.pop_first() else {
-                break;
-            };
-            s.unconfirmed.remove(&id);
-            taken.push((id, t));
-        }
-        taken
+        s.by_time
+            .iter()
+            .take_while(|(t, _)| cut.is_none_or(|cut| *t < cut))
+            .map(|(t, id)| (id.clone(), *t))
+            .collect()
     }
 
-    fn put_back(&self, entries: Vec<(String, DateTime<Utc>)>) {
+    /// Forgets entries that were handed over (a newer presumption of the same job stands).
+    fn forget(&self, entries: &[(String, DateTime<Utc>)]) {
         let mut s = self.state();
         for (id, t) in entries {
-            // A newer presumption of the same job (written since) stands.
-            if !s.unconfirmed.contains_key(&id) {
-                s.unconfirmed.insert(id.clone(), t);
-                s.by_time.insert((t, id));
+            if s.unconfirmed.get(id) == Some(t) {
+                s.unconfirmed.remove(id);
+                s.by_time.remove(&(*t, id.clone()));
             }
         }
     }
 
-    /// Hands the entries older than `age` (all with `None`) to the outbox. They stay waiting
-    /// when the database refused.
+    /// An outcome batch failed for `id` after its statement may have committed (the answer,
+    /// or the read after it, was lost): its row may be presumed out at any time from `floor`
+    /// on, and nobody will publish it. Held at `floor` until it is handed to the outbox.
+    pub(super) fn in_doubt(&self, id: &str, floor: DateTime<Utc>) {
+        let mut s = self.state();
+        match s.unconfirmed.get(id).copied() {
+            Some(t) if t <= floor => {}
+            Some(t) => {
+                s.by_time.remove(&(t, id.to_owned()));
+                s.unconfirmed.insert(id.to_owned(), floor);
+                s.by_time.insert((floor, id.to_owned()));
+            }
+            None => {
+                s.unconfirmed.insert(id.to_owned(), floor);
+                s.by_time.insert((floor, id.to_owned()));
+            }
+        }
+    }
+
+    /// Hands the entries older than `age` (all with `None`) to the outbox. They stay waiting,
+    /// and hold the watermark, until that has committed.
     async fn hand_over(&self, pool: &PgPool, age: Option<Duration>) -> Result<usize, StoreError> {
         let _turn = self.handing_over.lock().await;
-        let taken = self.take(age);
-        if taken.is_empty() {
+        let due = self.overdue(age);
+        if due.is_empty() {
             return Ok(0);
         }
-        let ids: Vec<&str> = taken.iter().map(|(id, _)| id.as_str()).collect();
-        let at: Vec<DateTime<Utc>> = taken.iter().map(|(_, t)| *t).collect();
-        // Only a row still presumed as of that outcome: one a confirm marked meanwhile, or a
-        // reconciliation finished again, keeps what it has.
-        let handed = sqlx::query(
+        let ids: Vec<&str> = due.iter().map(|(id, _)| id.as_str()).collect();
+        let at: Vec<DateTime<Utc>> = due.iter().map(|(_, t)| *t).collect();
+        // Only a row still presumed as of that outcome or a later one (an entry in doubt
+        // holds its batch's floor): one a confirm marked meanwhile, or a reconciliation
+        // finished again, keeps what it has.
+        sqlx::query(
             "UPDATE sms_jobs SET result_published_at = NULL
              FROM unnest($1::text[], $2::timestamptz[]) AS t(t_id, t_finished)
-             WHERE id = t_id AND finished_at = t_finished AND result_published_at = finished_at",
+             WHERE id = t_id AND finished_at >= t_finished AND result_published_at = finished_at",
         )
         .bind(&ids)
         .bind(&at)
         .execute(pool)
-        .await;
-        match handed {
-            Ok(_) => Ok(taken.len()),
-            Err(e) => {
-                self.put_back(taken);
-                Err(e.into())
-            }
-        }
+        .await?;
+        self.forget(&due);
+        Ok(due.len())
     }
 
-    /// For a clean stop, once every job is done: hands what is still unconfirmed to the
-    /// outbox, so the worker's row can go. An error means some results rest on the watermark
-    /// still, and the row must stay for the sweeper.
+    /// For a clean stop, once every job is done: lets the outcome batch being written finish
+    /// and presumes nothing after it, then hands what is still unconfirmed to the outbox, so
+    /// the worker's row can go. An error means some results rest on the watermark still, and
+    /// the row must stay for the sweeper.
     pub(super) async fn hand_over_all(&self, pool: &PgPool) -> Result<(), StoreError> {
+        self.stopped.store(true, Ordering::SeqCst);
+        drop(self.batch.write().await);
         self.hand_over(pool, None).await.map(|_| ())
+    }
+
+    /// Taken (shared) by an outcome batch from its choice to presume until it took note of
+    /// what it wrote; a stop takes it alone to wait for that batch.
+    pub(super) async fn batch_turn(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.batch.read().await
+    }
+
+    /// Whether a batch may still presume (the stop's hand-over has not begun).
+    pub(super) fn presuming(&self) -> bool {
+        !self.stopped.load(Ordering::SeqCst)
     }
 
     pub(super) fn is_settled(&self) -> bool {
@@ -317,20 +345,28 @@ mod tests {
     }
 
     #[test]
-    fn only_overdue_entries_are_taken_and_a_failed_hand_over_puts_them_back() {
+    fn only_overdue_entries_are_due_and_they_hold_the_watermark_until_forgotten() {
         let me = Uuid::new_v4();
         let p = Presumed::default();
         assert!(p.presumes_for(me));
         let now = Utc::now();
         let old = now - TimeDelta::seconds(5);
         p.wrote(&[row("old", me, old), row("new", me, now)]);
-        let taken = p.take(Some(Duration::from_secs(2)));
-        assert_eq!(taken, vec![("old".to_owned(), old)]);
+        let due = p.overdue(Some(Duration::from_secs(2)));
+        assert_eq!(due, vec![("old".to_owned(), old)]);
+        assert_eq!(p.watermark(), Some(old), "not handed over yet");
+        p.forget(&due);
         assert_eq!(p.watermark(), Some(now), "the old one is the outbox's now");
         assert!(!p.confirmed("old", old), "a late confirm of it is marked");
-        p.put_back(taken);
-        assert_eq!(p.watermark(), Some(old));
-        assert_eq!(p.take(None).len(), 2);
+        // A batch whose answer was lost: its row may be presumed from the floor on.
+        let floor = now + TICK_OF_CLOCK;
+        p.in_doubt("lost", floor);
+        p.in_doubt("new", floor);
+        assert_eq!(p.watermark(), Some(now), "an earlier entry is kept");
+        assert!(p.confirmed("new", now));
+        assert_eq!(p.watermark(), Some(floor));
+        assert_eq!(p.overdue(None).len(), 1);
+        p.forget(&p.overdue(None));
         assert!(p.is_settled());
     }
 }
