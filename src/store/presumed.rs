@@ -59,6 +59,26 @@ struct State {
     latest: Option<(DateTime<Utc>, Instant)>,
 }
 
+impl State {
+    /// Waits for the result of `id` as of `at`, instead of any other entry of that job.
+    fn hold(&mut self, id: &str, at: DateTime<Utc>) {
+        if let Some(old) = self.unconfirmed.insert(id.to_owned(), at) {
+            self.by_time.remove(&(old, id.to_owned()));
+        }
+        self.by_time.insert((at, id.to_owned()));
+    }
+
+    /// Stops waiting for the result of `id` as of `at`; `false` if that was not waited for.
+    fn release(&mut self, id: &str, at: DateTime<Utc>) -> bool {
+        if self.unconfirmed.get(id) != Some(&at) {
+            return false;
+        }
+        self.unconfirmed.remove(id);
+        self.by_time.remove(&(at, id.to_owned()));
+        true
+    }
+}
+
 /// One microsecond, the resolution of `timestamptz`.
 const TICK_OF_CLOCK: TimeDelta = TimeDelta::microseconds(1);
 
@@ -92,10 +112,7 @@ impl Presumed {
             if row.claimed_by != Some(owner) {
                 continue;
             }
-            if let Some(old) = s.unconfirmed.insert(row.id.clone(), at) {
-                s.by_time.remove(&(old, row.id.clone()));
-            }
-            s.by_time.insert((at, row.id.clone()));
+            s.hold(&row.id, at);
             if s.latest.is_none_or(|(t, _)| t < at) {
                 s.latest = Some((at, Instant::now()));
             }
@@ -105,13 +122,7 @@ impl Presumed {
     /// RabbitMQ confirmed the result of `id` as of `finished_at`. `false` when it was not
     /// presumed (or was handed to the outbox meanwhile): then it must be marked.
     pub(super) fn confirmed(&self, id: &str, finished_at: DateTime<Utc>) -> bool {
-        let mut s = self.state();
-        if s.unconfirmed.get(id) != Some(&finished_at) {
-            return false;
-        }
-        s.unconfirmed.remove(id);
-        s.by_time.remove(&(finished_at, id.to_owned()));
-        true
+        self.state().release(id, finished_at)
     }
 
     /// Until when every presumed result is confirmed: the earliest unconfirmed one, or just
@@ -147,10 +158,7 @@ impl Presumed {
     fn forget(&self, entries: &[(String, DateTime<Utc>)]) {
         let mut s = self.state();
         for (id, t) in entries {
-            if s.unconfirmed.get(id) == Some(t) {
-                s.unconfirmed.remove(id);
-                s.by_time.remove(&(*t, id.clone()));
-            }
+            s.release(id, *t);
         }
     }
 
@@ -159,17 +167,8 @@ impl Presumed {
     /// on, and nobody will publish it. Held at `floor` until it is handed to the outbox.
     pub(super) fn in_doubt(&self, id: &str, floor: DateTime<Utc>) {
         let mut s = self.state();
-        match s.unconfirmed.get(id).copied() {
-            Some(t) if t <= floor => {}
-            Some(t) => {
-                s.by_time.remove(&(t, id.to_owned()));
-                s.unconfirmed.insert(id.to_owned(), floor);
-                s.by_time.insert((floor, id.to_owned()));
-            }
-            None => {
-                s.unconfirmed.insert(id.to_owned(), floor);
-                s.by_time.insert((floor, id.to_owned()));
-            }
+        if s.unconfirmed.get(id).is_none_or(|t| *t > floor) {
+            s.hold(id, floor);
         }
     }
 

@@ -17,7 +17,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::helpers::{
-    PATIENCE, TestApp, TestEnv, amqp_url, consume, drop_database, next_from,
+    PATIENCE, TestApp, TestEnv, amqp_url, consume, drop_database, eventually, next_from,
     remove_topology_and_close, send_job, unique_id,
 };
 use crate::process::WorkerProcess;
@@ -317,21 +317,15 @@ async fn a_confirmed_result_needs_no_mark_and_moves_the_workers_watermark() {
     .expect("read the rows");
     assert_eq!(presumed, 20, "every outcome presumed its result out");
     let last = last.expect("finished rows");
-    tokio::time::timeout(PATIENCE, async {
-        loop {
-            let mark: Option<chrono::DateTime<chrono::Utc>> =
-                sqlx::query_scalar("SELECT results_confirmed_through FROM sms_workers")
-                    .fetch_one(&app.pool)
-                    .await
-                    .expect("the worker's row");
-            if mark.is_some_and(|m| m > last) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    eventually("the watermark passes the last confirmed result", || async {
+        let mark: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT results_confirmed_through FROM sms_workers")
+                .fetch_one(&app.pool)
+                .await
+                .expect("the worker's row");
+        mark.filter(|m| *m > last)
     })
-    .await
-    .expect("the watermark passes the last confirmed result");
+    .await;
     app.shutdown().await;
 }
 
@@ -393,19 +387,13 @@ async fn the_sweeper_publishes_what_a_dead_worker_presumed_after_its_watermark()
     }
     assert_eq!(published, vec![unconfirmed.clone(), handed_over.clone()]);
     for id in [&unconfirmed, &handed_over] {
-        tokio::time::timeout(PATIENCE, async {
-            loop {
-                let row = app.job_row(id).await;
-                if !row["result_published_at"].is_null()
-                    && row["result_published_at"] != row["finished_at"]
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        eventually("the outbox marks what it published", || async {
+            let row = app.job_row(id).await;
+            (!row["result_published_at"].is_null()
+                && row["result_published_at"] != row["finished_at"])
+                .then_some(())
         })
-        .await
-        .expect("the outbox marks what it published");
+        .await;
     }
     for id in [&confirmed, &old_version] {
         let row = app.job_row(id).await;

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::cluster::Cluster;
 use crate::helpers::{
-    PATIENCE, TestEnv, amqp_url, consume, drop_database, free_addr, publish_to,
+    PATIENCE, TestEnv, amqp_url, consume, drop_database, eventually, free_addr, publish_to,
     remove_topology_and_close, send_job, unique_id,
 };
 use crate::process::{WorkerProcess, run_to_end};
@@ -435,13 +435,10 @@ async fn a_result_its_killed_worker_never_saw_confirmed_is_published_by_the_swee
         .worker(&[(config::AMQP_URL, through(&amqp_url(), &proxy))])
         .await;
     fleet.publish(&job).await;
-    tokio::time::timeout(PATIENCE, async {
-        while pending_faults(&fleet.env.fake).await > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually("A calls Aliyun", || async {
+        (pending_faults(&fleet.env.fake).await == 0).then_some(())
     })
-    .await
-    .expect("A calls Aliyun");
+    .await;
     // A's link to RabbitMQ goes while it waits for Aliyun: its result can never be confirmed.
     proxy.cut();
     let row = |pool: PgPool, id: String| async move {
@@ -458,32 +455,22 @@ async fn a_result_its_killed_worker_never_saw_confirmed_is_published_by_the_swee
         .await
         .expect("the job's row")
     };
-    tokio::time::timeout(PATIENCE, async {
-        while row(fleet.pool.clone(), id.clone()).await.0 != "sent" {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    let finished = eventually("A commits the outcome", || async {
+        let (status, finished, _) = row(fleet.pool.clone(), id.clone()).await;
+        (status == "sent").then_some(finished)
     })
-    .await
-    .expect("A commits the outcome");
+    .await;
     // A's watermark comes to rest at the result it waits for (a tenth of a second later).
-    let (_, finished, _) = row(fleet.pool.clone(), id.clone()).await;
-    let watermark = tokio::time::timeout(PATIENCE, async {
-        loop {
-            let mark: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
-                "SELECT results_confirmed_through FROM sms_workers WHERE id = $1",
-            )
-            .bind(a.id)
-            .fetch_one(&fleet.pool)
-            .await
-            .expect("A's row");
-            if mark >= finished {
-                return mark;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    let watermark = eventually("A writes its watermark", || async {
+        let mark: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT results_confirmed_through FROM sms_workers WHERE id = $1")
+                .bind(a.id)
+                .fetch_one(&fleet.pool)
+                .await
+                .expect("A's row");
+        (mark >= finished).then_some(mark)
     })
-    .await
-    .expect("A writes its watermark");
+    .await;
     let (_, a_log) = a.process.kill9().await;
     assert_eq!(
         watermark, finished,
@@ -496,27 +483,21 @@ async fn a_result_its_killed_worker_never_saw_confirmed_is_published_by_the_swee
     );
     // The message went back to the queue with A's connection; it is gone now.
     let channel = &fleet.publisher;
-    tokio::time::timeout(PATIENCE, async {
-        loop {
-            let q = channel
-                .queue_declare(
-                    lapin::types::ShortString::from(fleet.jobs_queue.as_str()),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await
-                .expect("the jobs queue");
-            if q.message_count() == 1 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually("A's unacked message is back in the queue", || async {
+        let q = channel
+            .queue_declare(
+                lapin::types::ShortString::from(fleet.jobs_queue.as_str()),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .expect("the jobs queue");
+        (q.message_count() == 1).then_some(())
     })
-    .await
-    .expect("A's unacked message is back in the queue");
+    .await;
     let purged = channel
         .queue_purge(
             lapin::types::ShortString::from(fleet.jobs_queue.as_str()),
