@@ -683,7 +683,9 @@ impl Config {
             heartbeat: r.millis(WORKER_HEARTBEAT_MS, 50, 60_000)?,
             fleet: FleetConfig {
                 sweep_interval: r.millis(SWEEP_INTERVAL_MS, 50, 3_600_000)?,
-                republish_after: r.millis(RESULT_REPUBLISH_AFTER_MS, 100, 86_400_000)?,
+                // Below this a result presumed out and confirmed a moment late could be published
+                // again by the sweeper (see `store::presumed::hand_over_after`).
+                republish_after: r.millis(RESULT_REPUBLISH_AFTER_MS, 500, 86_400_000)?,
                 abandon_after: r.millis(ABANDONED_CLAIM_AFTER_MS, 1_000, 7 * 86_400_000)?,
             },
             shutdown_grace: r.millis(SHUTDOWN_GRACE_MS, 0, 3_600_000)?,
@@ -882,6 +884,29 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_republish_delay_shorter_than_a_presumed_result_may_wait_is_refused() {
+        let mut pairs = CREDS.to_vec();
+        pairs.push((RESULT_REPUBLISH_AFTER_MS, "499"));
+        assert!(
+            matches!(
+                with(&pairs),
+                Err(ConfigError::Malformed {
+                    name: RESULT_REPUBLISH_AFTER_MS,
+                    ..
+                })
+            ),
+            "{:?}",
+            with(&pairs).map(|c| c.fleet.republish_after)
+        );
+        pairs.pop();
+        pairs.push((RESULT_REPUBLISH_AFTER_MS, "500"));
+        assert_eq!(
+            with(&pairs).unwrap().fleet.republish_after,
+            Duration::from_millis(500)
+        );
     }
 
     #[test]

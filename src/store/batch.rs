@@ -337,9 +337,15 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub(super) fn spawn(pool: PgPool) -> Self {
+    /// `republish_after`: the fleet's `RESULT_REPUBLISH_AFTER_MS`, which bounds how long a
+    /// presumed result may hold the watermark.
+    pub(super) fn spawn(pool: PgPool, republish_after: Duration) -> Self {
         let presumed = Arc::new(Presumed::default());
-        presumed::spawn_keeper(pool.clone(), &presumed);
+        presumed::spawn_keeper(
+            pool.clone(),
+            &presumed,
+            presumed::hand_over_after(republish_after),
+        );
         let lane_presumed = presumed.clone();
         Self {
             claims: Lane::spawn("claim", pool.clone(), ON_THE_WAY, write_batch::<ClaimReq>),

@@ -391,11 +391,15 @@ impl Store {
     }
 
     /// This store, with claims and outcomes of concurrent jobs written in shared transactions
-    /// (see `store::batch`). For the worker, where hundreds of jobs are in flight.
-    pub fn batched(&self) -> Self {
+    /// (see `store::batch`). For the worker, where hundreds of jobs are in flight;
+    /// `republish_after` is its `RESULT_REPUBLISH_AFTER_MS`.
+    pub fn batched(&self, republish_after: Duration) -> Self {
         Self {
             pool: self.pool.clone(),
-            writer: Some(Arc::new(batch::Writer::spawn(self.pool.clone()))),
+            writer: Some(Arc::new(batch::Writer::spawn(
+                self.pool.clone(),
+                republish_after,
+            ))),
             guarded: self.guarded.clone(),
         }
     }

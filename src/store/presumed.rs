@@ -29,10 +29,16 @@ use super::{JobRow, StoreError};
 /// this much of its results (besides the unconfirmed ones) for the sweeper to publish again.
 const TICK: Duration = Duration::from_millis(100);
 
-/// A presumed result whose confirm has not come back for this long is handed to the outbox
-/// (its mark cleared), so one result stuck in a publish cannot hold the watermark, and with
-/// it every later result, for the sweeper to publish again.
-const HAND_OVER_AFTER: Duration = Duration::from_secs(2);
+/// How long a presumed result may wait for its confirm before it is handed to the outbox (its
+/// mark cleared), so one result stuck in a publish cannot hold the watermark, and with it every
+/// later result, for the sweeper to publish again: 2 s, or a quarter of `republish_after`
+/// (`RESULT_REPUBLISH_AFTER_MS`) when that is shorter. While it waits it holds the watermark,
+/// and the sweeper publishes again what a worker presumed after its watermark once it is
+/// `republish_after` old; so the wait, the watermark's tick and the keeper's write must all fit
+/// within `republish_after`, or a live worker's confirmed results go out twice.
+pub(super) fn hand_over_after(republish_after: Duration) -> Duration {
+    Duration::from_secs(2).min(republish_after / 4)
+}
 
 /// The results one worker presumed out and has not seen confirmed.
 #[derive(Default)]
@@ -226,7 +232,7 @@ impl Presumed {
 
 /// Keeps the owner's watermark in its `sms_workers` row, and hands results whose confirm is
 /// long overdue to the outbox. Ends with the store.
-pub(super) fn spawn_keeper(pool: PgPool, presumed: &Arc<Presumed>) {
+pub(super) fn spawn_keeper(pool: PgPool, presumed: &Arc<Presumed>, hand_over_after: Duration) {
     let presumed: Weak<Presumed> = Arc::downgrade(presumed);
     tokio::spawn(async move {
         let mut written: Option<DateTime<Utc>> = None;
@@ -240,11 +246,11 @@ pub(super) fn spawn_keeper(pool: PgPool, presumed: &Arc<Presumed>) {
             let Some(&owner) = presumed.owner.get() else {
                 continue;
             };
-            match presumed.hand_over(&pool, Some(HAND_OVER_AFTER)).await {
+            match presumed.hand_over(&pool, Some(hand_over_after)).await {
                 Ok(0) => {}
                 Ok(n) => tracing::warn!(
                     results = n,
-                    "results RabbitMQ has not confirmed for {HAND_OVER_AFTER:?} handed to the outbox"
+                    "results RabbitMQ has not confirmed for {hand_over_after:?} handed to the outbox"
                 ),
                 Err(e) => {
                     tracing::debug!(error = %e, "overdue results not handed to the outbox; next tick");
@@ -341,6 +347,22 @@ mod tests {
         ]);
         assert!(p.is_settled());
         assert_eq!(p.watermark(), None);
+    }
+
+    #[test]
+    fn a_presumed_result_is_handed_over_well_within_the_republish_delay() {
+        assert_eq!(
+            hand_over_after(Duration::from_secs(30)),
+            Duration::from_secs(2)
+        );
+        for ms in [500, 1_000, 2_100, 8_000] {
+            let republish = Duration::from_millis(ms);
+            let wait = hand_over_after(republish);
+            assert!(
+                wait + TICK * 2 < republish,
+                "{ms} ms: a result may hold the watermark {wait:?}"
+            );
+        }
     }
 
     #[test]

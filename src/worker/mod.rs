@@ -94,7 +94,7 @@ pub async fn run(
     let mut db_ok = health.subscribe();
     // Hundreds of jobs in flight share their claim and outcome commits; the admin listener
     // holds this store too, for its counts of those commits.
-    let batched = store.batched();
+    let batched = store.batched(config.fleet.republish_after);
     let admin = match config.admin_addr {
         Some(addr) => {
             let probes = admin::Probes {

@@ -419,7 +419,9 @@ async fn a_result_its_killed_worker_never_saw_confirmed_is_published_by_the_swee
     let env = TestEnv::new(|s| {
         fleet_settings(s);
         s.insert(config::SWEEP_INTERVAL_MS.into(), "200".into());
-        s.insert(config::RESULT_REPUBLISH_AFTER_MS.into(), "500".into());
+        // A presumed result waits a quarter of this (at most 2 s) for its confirm before it is
+        // handed to the outbox: long enough for the test to kill A before it does.
+        s.insert(config::RESULT_REPUBLISH_AFTER_MS.into(), "8000".into());
     })
     .await;
     let mut fleet = Fleet::new(env, &amqp_url()).await;
