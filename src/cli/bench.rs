@@ -872,6 +872,46 @@ struct Paced {
     rate: f64,
     /// Enqueue to result, per job, sorted.
     latencies: Vec<Duration>,
+    /// Per job, when it was published (from the phase's first publish) and its enqueue to
+    /// result, in publish order.
+    timeline: Vec<(Duration, Duration)>,
+}
+
+/// Slow jobs published close together: what one stall of the pipeline leaves behind.
+#[derive(Debug, PartialEq)]
+struct Burst {
+    /// The first one's publish, from the phase's start.
+    from: Duration,
+    /// The last one's publish, from the phase's start.
+    to: Duration,
+    jobs: usize,
+    slowest: Duration,
+}
+
+/// Slow jobs whose publishes are further apart than this belong to different bursts.
+const BURST_GAP: Duration = Duration::from_millis(100);
+
+/// The jobs of `timeline` (publish offset and latency, in publish order) that took `slow` or
+/// longer, grouped into bursts of publishes less than [`BURST_GAP`] apart; largest first.
+fn bursts(timeline: &[(Duration, Duration)], slow: Duration) -> Vec<Burst> {
+    let mut bursts: Vec<Burst> = Vec::new();
+    for &(at, took) in timeline.iter().filter(|(_, took)| *took >= slow) {
+        match bursts.last_mut() {
+            Some(b) if at.saturating_sub(b.to) < BURST_GAP => {
+                b.to = at;
+                b.jobs += 1;
+                b.slowest = b.slowest.max(took);
+            }
+            _ => bursts.push(Burst {
+                from: at,
+                to: at,
+                jobs: 1,
+                slowest: took,
+            }),
+        }
+    }
+    bursts.sort_by(|a, b| b.jobs.cmp(&a.jobs).then(a.from.cmp(&b.from)));
+    bursts
 }
 
 impl Paced {
@@ -887,6 +927,37 @@ impl Paced {
 
     fn p99_ms(&self) -> f64 {
         percentile(&self.latencies, 99.0).as_secs_f64() * 1000.0
+    }
+
+    /// Where in the phase the jobs that make its p99 were published: a few bursts are stalls
+    /// (of the machine, a disk, a process), many spread thinly is steady queueing.
+    fn slow_line(&self) -> String {
+        let p99 = percentile(&self.latencies, 99.0);
+        let bursts = bursts(&self.timeline, p99);
+        let slow: usize = bursts.iter().map(|b| b.jobs).sum();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let secs = |d: Duration| d.as_secs_f64();
+        let largest: Vec<String> = bursts
+            .iter()
+            .take(3)
+            .map(|b| {
+                format!(
+                    "{} published {:.2}-{:.2} s into the phase, up to {:.1} ms",
+                    b.jobs,
+                    secs(b.from),
+                    secs(b.to),
+                    ms(b.slowest)
+                )
+            })
+            .collect();
+        format!(
+            "{slow} jobs at or over p99 {:.1} ms, in {} burst{} (publishes under {} ms apart); largest: {}",
+            ms(p99),
+            bursts.len(),
+            if bursts.len() == 1 { "" } else { "s" },
+            BURST_GAP.as_millis(),
+            largest.join("; ")
+        )
     }
 }
 
@@ -940,10 +1011,16 @@ async fn drive(
         let ids: Vec<String> = (0..((rate * 10.0) as usize).clamp(1, backlog))
             .map(|i| format!("{tag}-paced{phase}-{i}"))
             .collect();
-        let latencies =
+        let timeline =
             publish_paced(under_test, &ids, rate, numbers_from, &mut peak_rss_kb).await?;
         numbers_from += ids.len();
-        paced.push(Paced { rate, latencies });
+        let mut latencies: Vec<Duration> = timeline.iter().map(|(_, took)| *took).collect();
+        latencies.sort_unstable();
+        paced.push(Paced {
+            rate,
+            latencies,
+            timeline,
+        });
         if let Some(a) = admin {
             totals.push(scrape_totals(a).await?);
         }
@@ -978,14 +1055,15 @@ struct UnderTest<'a> {
 }
 
 /// Publishes `ids` at `rate` per second in 10 ms ticks (job `i` to number `numbers_from + i`)
-/// and times each from its publish to its result; sorted.
+/// and times each from its publish to its result: when it was published, from the first
+/// publish, and how long it took, in publish order.
 async fn publish_paced(
     under_test: &mut UnderTest<'_>,
     ids: &[String],
     rate: f64,
     numbers_from: usize,
     peak_rss_kb: &mut u64,
-) -> anyhow::Result<Vec<Duration>> {
+) -> anyhow::Result<Vec<(Duration, Duration)>> {
     let per_tick = (rate / 100.0).max(f64::MIN_POSITIVE);
     let publisher = channel(under_test.connection).await?;
     let queue = under_test.jobs.to_owned();
@@ -1018,24 +1096,24 @@ async fn publish_paced(
     };
     let arrived = collect_results(under_test.results, ids.len(), pid, peak_rss_kb).await?;
     let sent_at = pacing.await??;
-    let mut latencies: Vec<Duration> = ids
+    let start = ids.first().and_then(|id| sent_at.get(id).copied());
+    let timeline: Vec<(Duration, Duration)> = ids
         .iter()
         .filter_map(|id| {
-            Some(
-                arrived
-                    .get(id)?
-                    .saturating_duration_since(*sent_at.get(id)?),
-            )
+            let sent = *sent_at.get(id)?;
+            Some((
+                sent.saturating_duration_since(start?),
+                arrived.get(id)?.saturating_duration_since(sent),
+            ))
         })
         .collect();
     ensure!(
-        latencies.len() == ids.len(),
+        timeline.len() == ids.len(),
         "{} of {} paced results could not be matched",
-        latencies.len(),
+        timeline.len(),
         ids.len()
     );
-    latencies.sort_unstable();
-    Ok(latencies)
+    Ok(timeline)
 }
 
 /// A results consumer that acks nothing (the bench reads, and the queue is deleted after).
@@ -1228,6 +1306,7 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         "latency added: p99 {added_p99_ms:.1} ms above the {latency_ms:.0} ms upstream (target <= the ceiling's p99 {ceiling_p99_ms:.1} ms + 15 ms: {})",
         verdict(added_p99_ms <= ceiling_p99_ms + 15.0)
     )?;
+    outln!("worker slowest at half rate: {}", half.slow_line())?;
     outln!(
         "worker latency, enqueue -> result at a fixed {:.0}/s ({} jobs): {}",
         light.rate,
@@ -1314,6 +1393,53 @@ mod tests {
                 "write"
             ),
             None
+        );
+    }
+
+    #[test]
+    fn slow_jobs_published_close_together_are_one_burst() {
+        let ms = Duration::from_millis;
+        // Publishes every 10 ms; a stall at 1 s, two lone slow jobs later.
+        let mut timeline: Vec<(Duration, Duration)> =
+            (0..300).map(|i| (ms(i * 10), ms(5))).collect();
+        for (i, took) in [(100, 400), (101, 390), (105, 350), (114, 300)] {
+            timeline[i].1 = ms(took);
+        }
+        timeline[200].1 = ms(60);
+        timeline[250].1 = ms(300);
+        assert_eq!(
+            bursts(&timeline, ms(300)),
+            vec![
+                Burst {
+                    from: ms(1000),
+                    to: ms(1140),
+                    jobs: 4,
+                    slowest: ms(400)
+                },
+                Burst {
+                    from: ms(2500),
+                    to: ms(2500),
+                    jobs: 1,
+                    slowest: ms(300)
+                },
+            ],
+            "a gap of 90 ms joins a burst, a gap of a second starts one; 60 ms is not slow"
+        );
+        assert_eq!(bursts(&timeline, ms(401)), vec![]);
+        let paced = Paced {
+            rate: 100.0,
+            latencies: {
+                let mut l: Vec<Duration> = timeline.iter().map(|t| t.1).collect();
+                l.sort_unstable();
+                l
+            },
+            timeline,
+        };
+        assert_eq!(
+            paced.slow_line(),
+            "5 jobs at or over p99 300.0 ms, in 2 bursts (publishes under 100 ms apart); \
+             largest: 4 published 1.00-1.14 s into the phase, up to 400.0 ms; \
+             1 published 2.50-2.50 s into the phase, up to 300.0 ms"
         );
     }
 

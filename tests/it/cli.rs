@@ -138,6 +138,14 @@ async fn a_missing_setting_is_named_at_start() {
     );
 }
 
+/// Word `n` (from 0) of a line the bench printed, as a number.
+fn word<T: std::str::FromStr>(line: &str, n: usize) -> T {
+    line.split_whitespace()
+        .nth(n)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("no number as word {n} of {line:?}"))
+}
+
 /// `bench` on a small backlog (1,100 jobs), one worker process, at 0 and then 50 ms upstream:
 /// its own checks (a `sent` row and exactly one send at the fake for every job, a readable peak
 /// RSS, the in-flight peak the worker reported) must pass, the figures it prints must be the
@@ -176,26 +184,14 @@ async fn bench_measures_one_worker_against_the_ceiling_and_checks_every_job() {
     // A delivery's task ends a moment after its ack, when RabbitMQ may already have sent the
     // next one: the peak of tasks can pass the prefetch by a few, never by a whole window.
     assert!((1..=64).contains(&peak), "{rss}");
-    let mib: f64 = rss
-        .split_whitespace()
-        .nth(3)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no RSS figure in {rss:?}"));
+    let mib: f64 = word(&rss, 3);
     assert!(mib > 1.0, "a real RSS, not a default: {rss}");
     // Every job writes its rows: a claim, an outcome and an attempt are kilobytes of WAL.
     let wal = line("worker WAL per job:");
-    let bytes: f64 = wal
-        .split_whitespace()
-        .nth(4)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no WAL figure in {wal:?}"));
+    let bytes: f64 = word(&wal, 4);
     assert!(bytes > 500.0, "{wal}");
     let checked = line("checked:");
-    let rows: usize = checked
-        .split_whitespace()
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no row count in {checked:?}"));
+    let rows: usize = word(&checked, 1);
     // Every job of every phase is checked: the backlog, half rate, and the fixed light rate.
     let jobs_in = |start: &str| -> usize {
         let l = line(start);
@@ -222,6 +218,13 @@ async fn bench_measures_one_worker_against_the_ceiling_and_checks_every_job() {
     assert!(
         (mean - (before + after) / 2.0).abs() <= 1.0,
         "the ceiling is the mean of before and after: {ceiling}"
+    );
+    // The jobs that make the half-rate p99, placed in time: at least the slowest one.
+    let slowest = line("worker slowest at half rate: ");
+    let slow: usize = word(&slowest, 5);
+    assert!(
+        (1..=half).contains(&slow) && slowest.contains(" into the phase, up to "),
+        "{slowest}"
     );
     let added = line("latency added at 200/s: p99 ");
     assert!(
