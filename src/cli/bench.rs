@@ -301,8 +301,13 @@ impl CpuSnapshot {
 }
 
 /// One line per group with CPU milliseconds per job, and what the machine could do if CPU
-/// were the only limit.
-fn print_cpu(label: &str, used: [f64; 4], jobs: usize) -> Result<(), OutputError> {
+/// were the only limit; with `over`, the phase's length, also how busy the cores were.
+fn print_cpu(
+    label: &str,
+    used: [f64; 4],
+    jobs: usize,
+    over: Option<Duration>,
+) -> Result<(), OutputError> {
     let per_job_ms = |s: f64| s * 1000.0 / jobs.max(1) as f64;
     let total: f64 = used.iter().sum();
     let parts: Vec<String> = CPU_GROUPS
@@ -312,8 +317,14 @@ fn print_cpu(label: &str, used: [f64; 4], jobs: usize) -> Result<(), OutputError
         .map(|(g, s)| format!("{g} {:.3}", per_job_ms(s)))
         .collect();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let busy = over.map_or(String::new(), |over| {
+        format!(
+            "; these processes kept {:.2} of the {cores:.0} cores busy",
+            total / over.as_secs_f64().max(f64::EPSILON)
+        )
+    });
     outln!(
-        "{label} CPU ms per job: {} = {:.3} in all; {cores:.0} cores allow at most {:.0}/s",
+        "{label} CPU ms per job: {} = {:.3} in all; {cores:.0} cores allow at most {:.0}/s{busy}",
         parts.join(" + "),
         per_job_ms(total),
         if total > 0.0 {
@@ -875,6 +886,9 @@ struct Paced {
     /// Per job, when it was published (from the phase's first publish) and its enqueue to
     /// result, in publish order.
     timeline: Vec<(Duration, Duration)>,
+    /// CPU seconds per group of processes during the phase, and how long it took.
+    cpu: [f64; 4],
+    took: Duration,
 }
 
 /// Slow jobs published close together: what one stall of the pipeline leaves behind.
@@ -1011,8 +1025,13 @@ async fn drive(
         let ids: Vec<String> = (0..((rate * 10.0) as usize).clamp(1, backlog))
             .map(|i| format!("{tag}-paced{phase}-{i}"))
             .collect();
+        let (cpu_before, started) = (CpuSnapshot::take(), Instant::now());
         let timeline =
             publish_paced(under_test, &ids, rate, numbers_from, &mut peak_rss_kb).await?;
+        let (cpu, took) = (
+            CpuSnapshot::take().since(&cpu_before, pid),
+            started.elapsed(),
+        );
         numbers_from += ids.len();
         let mut latencies: Vec<Duration> = timeline.iter().map(|(_, took)| *took).collect();
         latencies.sort_unstable();
@@ -1020,6 +1039,8 @@ async fn drive(
             rate,
             latencies,
             timeline,
+            cpu,
+            took,
         });
         if let Some(a) = admin {
             totals.push(scrape_totals(a).await?);
@@ -1272,11 +1293,19 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
             STEADY * 100.0
         )?;
     }
-    print_cpu("ceiling", ceiling.cpu, opts.jobs)?;
+    print_cpu("ceiling", ceiling.cpu, opts.jobs, None)?;
     outln!(
         "ceiling latency at the worker's paced rate ({:.0}/s): {}",
         ceiling_half.rate,
         ceiling_half.latency_line()
+    )?;
+    // The same rate costs the worker more per job than its backlog did (fewer jobs share a
+    // commit, a wake-up, a frame): how busy the machine was says whether "half rate" was.
+    print_cpu(
+        "ceiling at half rate",
+        ceiling_half.cpu,
+        ceiling_half.latencies.len(),
+        Some(ceiling_half.took),
     )?;
     outln!(
         "ceiling latency at a fixed {:.0}/s: {}",
@@ -1307,6 +1336,12 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         verdict(added_p99_ms <= ceiling_p99_ms + 15.0)
     )?;
     outln!("worker slowest at half rate: {}", half.slow_line())?;
+    print_cpu(
+        "worker at half rate",
+        half.cpu,
+        half.latencies.len(),
+        Some(half.took),
+    )?;
     outln!(
         "worker latency, enqueue -> result at a fixed {:.0}/s ({} jobs): {}",
         light.rate,
@@ -1330,7 +1365,7 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         opts.concurrency,
         verdict(rss_mib <= 64.0)
     )?;
-    print_cpu("worker run", worker.cpu, opts.jobs)?;
+    print_cpu("worker run", worker.cpu, opts.jobs, None)?;
     outln!(
         "worker WAL per job: {:.0} bytes (the Postgres server's, over every phase and the migration)",
         wal_bytes / (opts.jobs + worker.jobs()).max(1) as f64
@@ -1434,6 +1469,8 @@ mod tests {
                 l
             },
             timeline,
+            cpu: [0.0; 4],
+            took: Duration::ZERO,
         };
         assert_eq!(
             paced.slow_line(),

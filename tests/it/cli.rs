@@ -226,6 +226,10 @@ async fn bench_measures_one_worker_against_the_ceiling_and_checks_every_job() {
         (1..=half).contains(&slow) && slowest.contains(" into the phase, up to "),
         "{slowest}"
     );
+    // What the half-rate phase cost: the worker's own process among the rest, and how busy
+    // the cores were.
+    let busy = line("worker at half rate CPU ms per job: worker ");
+    assert!(busy.contains(" cores busy"), "{busy}");
     let added = line("latency added at 200/s: p99 ");
     assert!(
         (added.contains("(target <= 10 ms: met; ")
