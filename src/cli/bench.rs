@@ -1299,8 +1299,8 @@ async fn measure(opts: &BenchOptions, tag: &str, db_url: &str) -> anyhow::Result
         ceiling_half.rate,
         ceiling_half.latency_line()
     )?;
-    // The same rate costs the worker more per job than its backlog did (fewer jobs share a
-    // commit, a wake-up, a frame): how busy the machine was says whether "half rate" was.
+    // A paced phase costs more per job than a backlog (fewer jobs share a commit, a wake-up,
+    // a frame): how busy the cores were says how much of the machine "half rate" took.
     print_cpu(
         "ceiling at half rate",
         ceiling_half.cpu,
