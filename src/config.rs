@@ -683,8 +683,9 @@ impl Config {
             heartbeat: r.millis(WORKER_HEARTBEAT_MS, 50, 60_000)?,
             fleet: FleetConfig {
                 sweep_interval: r.millis(SWEEP_INTERVAL_MS, 50, 3_600_000)?,
-                // Below this a result presumed out and confirmed a moment late could be published
-                // again by the sweeper (see `store::presumed::hand_over_after`).
+                // A result is confirmed within milliseconds; below this the outbox would publish
+                // again results still on their way, and a presumed result would be handed to it
+                // (`store::presumed::hand_over_after`) after a confirm only a little slow.
                 republish_after: r.millis(RESULT_REPUBLISH_AFTER_MS, 500, 86_400_000)?,
                 abandon_after: r.millis(ABANDONED_CLAIM_AFTER_MS, 1_000, 7 * 86_400_000)?,
             },
@@ -887,7 +888,7 @@ mod tests {
     }
 
     #[test]
-    fn a_republish_delay_shorter_than_a_presumed_result_may_wait_is_refused() {
+    fn a_republish_delay_below_500_ms_is_refused() {
         let mut pairs = CREDS.to_vec();
         pairs.push((RESULT_REPUBLISH_AFTER_MS, "499"));
         assert!(

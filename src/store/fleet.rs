@@ -292,13 +292,16 @@ impl Store {
 
     /// Final rows whose result was not confirmed by RabbitMQ for `older_than` (the worker that
     /// finished them died, or the broker was away): the outbox to re-publish. Those are the
-    /// rows left unmarked, and the rows a worker presumed out (see `store::presumed`) from its
-    /// watermark on: the ones it may have died before seeing confirmed. (A worker of an earlier
-    /// version has no watermark and presumes nothing.)
+    /// rows left unmarked, and the rows a dead worker presumed out (see `store::presumed`)
+    /// from its watermark on: the ones it may have died before seeing confirmed. A live worker
+    /// hands its own unconfirmed results to the outbox, so its watermark, however late its
+    /// last write, is not read; `me` judges who is dead as for stale claims. (A worker of an
+    /// earlier version has no watermark and presumes nothing.)
     pub async fn unpublished_results(
         &self,
         older_than: Duration,
         limit: i64,
+        me: Uuid,
     ) -> Result<Vec<JobRow>, StoreError> {
         Ok(sqlx::query_as::<_, JobRow>(concat!(
             "(SELECT ",
@@ -317,11 +320,17 @@ impl Store {
                     AND finished_at >= w.results_confirmed_through
                     AND finished_at <= now() - make_interval(secs => $1::double precision / 1000)
                   ORDER BY finished_at LIMIT $2) j
+              WHERE w.heartbeat_at <= now() - w.heartbeat_ms * interval '5 milliseconds'
+                AND EXISTS (SELECT 1 FROM sms_workers judge
+                            WHERE judge.id = $3
+                              AND judge.heartbeat_at > now() - judge.heartbeat_ms * interval '2 milliseconds'
+                              AND judge.alive_since <= now() - w.heartbeat_ms * interval '5 milliseconds')
               ORDER BY j.finished_at LIMIT $2)
              ORDER BY finished_at LIMIT $2"
         ))
         .bind(millis(older_than))
         .bind(limit)
+        .bind(me)
         .fetch_all(self.pool())
         .await?)
     }

@@ -5,8 +5,9 @@
 //! in a third write once RabbitMQ confirmed it. What keeps a result from being lost when the
 //! worker dies between that commit and the confirm is the worker's watermark, in its own
 //! `sms_workers` row: every result it presumed out with an earlier `finished_at` was confirmed
-//! or handed to the outbox. The fleet's sweeper publishes again what a worker presumed from
-//! its watermark on (`Store::unconfirmed_results`).
+//! or handed to the outbox. The fleet's sweeper publishes again what a dead worker presumed
+//! from its watermark on (`Store::unpublished_results`); a live one hands over what it still
+//! waits for itself, so its watermark is never read while it beats.
 //!
 //! The watermark rests on the order of the outcome lane: it writes one batch at a time, each
 //! batch's `finished_at` is the time its statement began, after the previous one committed,
@@ -30,12 +31,11 @@ use super::{JobRow, StoreError};
 const TICK: Duration = Duration::from_millis(100);
 
 /// How long a presumed result may wait for its confirm before it is handed to the outbox (its
-/// mark cleared), so one result stuck in a publish cannot hold the watermark, and with it every
-/// later result, for the sweeper to publish again: 2 s, or a quarter of `republish_after`
-/// (`RESULT_REPUBLISH_AFTER_MS`) when that is shorter. While it waits it holds the watermark,
-/// and the sweeper publishes again what a worker presumed after its watermark once it is
-/// `republish_after` old; so the wait, the watermark's tick and the keeper's write must all fit
-/// within `republish_after`, or a live worker's confirmed results go out twice.
+/// mark cleared): 2 s, or a quarter of `republish_after` (`RESULT_REPUBLISH_AFTER_MS`) when
+/// that is shorter. A handed-over result goes out again once it is `republish_after` old, as
+/// any result no queue confirmed, so the wait and the keeper's tick fit well within that; and
+/// one result stuck in a publish does not hold the watermark, and with it every later result
+/// a killed worker would leave for the sweeper, for longer than this.
 pub(super) fn hand_over_after(republish_after: Duration) -> Duration {
     Duration::from_secs(2).min(republish_after / 4)
 }

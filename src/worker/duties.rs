@@ -132,7 +132,7 @@ impl Duties {
         };
         let rows = self
             .store
-            .unpublished_results(fleet.republish_after, OUTBOX_BATCH)
+            .unpublished_results(fleet.republish_after, OUTBOX_BATCH, self.worker_id)
             .await?;
         if !rows.is_empty() {
             tracing::info!(

@@ -332,7 +332,9 @@ async fn a_confirmed_result_needs_no_mark_and_moves_the_workers_watermark() {
 /// Issue 13: what a worker presumed out is published again by the sweeper only from that
 /// worker's watermark on — the results it may have died before seeing confirmed. Earlier ones
 /// were confirmed; a worker of an earlier version, with no watermark, presumes nothing (its
-/// rows' `result_published_at = finished_at` is what migration 0004 wrote for old rows).
+/// rows' `result_published_at = finished_at` is what migration 0004 wrote for old rows); and a
+/// live worker hands its own unconfirmed results to the outbox, so a watermark it has not
+/// written for a while (a slow database) does not make its confirmed results go out again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweeper_publishes_what_a_dead_worker_presumed_after_its_watermark() {
     let app = TestApp::spawn_with(|s| {
@@ -340,17 +342,34 @@ async fn the_sweeper_publishes_what_a_dead_worker_presumed_after_its_watermark()
         s.insert(config::RESULT_REPUBLISH_AFTER_MS.into(), "500".into());
     })
     .await;
-    let (dead, older) = (Uuid::new_v4(), Uuid::new_v4());
+    // The test's worker judges another dead only after beating for five of the other's beats:
+    // half a second for the dead ones below.
+    eventually("the test's worker has beaten for half a second", || async {
+        let judged: bool = sqlx::query_scalar(
+            "SELECT alive_since <= now() - interval '500 milliseconds' FROM sms_workers",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .expect("the worker's row");
+        judged.then_some(())
+    })
+    .await;
+    let (dead, older, live) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    // The dead ones beat every 100 ms, so the test's worker may judge them after half a second
+    // of its own beats; the live one beat just now, every 2 s.
     sqlx::query(
         "INSERT INTO sms_workers (id, name, started_at, heartbeat_at, alive_since,
-                                  results_confirmed_through)
+                                  results_confirmed_through, heartbeat_ms)
          VALUES ($1, 'killed', now() - interval '1 hour', now() - interval '40 seconds',
-                 now() - interval '1 hour', now() - interval '1 minute'),
+                 now() - interval '1 hour', now() - interval '1 minute', 100),
                 ($2, 'an earlier version', now() - interval '1 hour', now() - interval '40 seconds',
-                 now() - interval '1 hour', NULL)",
+                 now() - interval '1 hour', NULL, 100),
+                ($3, 'alive', now() - interval '1 hour', now(),
+                 now() - interval '1 hour', now() - interval '1 minute', 2000)",
     )
     .bind(dead)
     .bind(older)
+    .bind(live)
     .execute(&app.pool)
     .await
     .expect("insert the workers");
@@ -377,6 +396,7 @@ async fn the_sweeper_publishes_what_a_dead_worker_presumed_after_its_watermark()
     let confirmed = finished("before-the-watermark", dead, 120.0, true).await;
     let unconfirmed = finished("after-the-watermark", dead, 30.0, true).await;
     let old_version = finished("no-watermark", older, 30.0, true).await;
+    let live_workers = finished("live-after-its-watermark", live, 30.0, true).await;
     // Unmarked, and the newest: published last by the sweep that publishes any of the others.
     let handed_over = finished("handed-over", dead, 10.0, false).await;
 
@@ -395,7 +415,7 @@ async fn the_sweeper_publishes_what_a_dead_worker_presumed_after_its_watermark()
         })
         .await;
     }
-    for id in [&confirmed, &old_version] {
+    for id in [&confirmed, &old_version, &live_workers] {
         let row = app.job_row(id).await;
         assert_eq!(
             row["result_published_at"], row["finished_at"],
