@@ -356,7 +356,8 @@ async fn the_sweeper_publishes_what_a_dead_worker_presumed_after_its_watermark()
     .await;
     let (dead, older, live) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     // The dead ones beat every 100 ms, so the test's worker may judge them after half a second
-    // of its own beats; the live one beat just now, every 2 s.
+    // of its own beats; the live one beat just now, and beats every minute, so it stays alive
+    // however slow the test.
     sqlx::query(
         "INSERT INTO sms_workers (id, name, started_at, heartbeat_at, alive_since,
                                   results_confirmed_through, heartbeat_ms)
@@ -365,7 +366,7 @@ async fn the_sweeper_publishes_what_a_dead_worker_presumed_after_its_watermark()
                 ($2, 'an earlier version', now() - interval '1 hour', now() - interval '40 seconds',
                  now() - interval '1 hour', NULL, 100),
                 ($3, 'alive', now() - interval '1 hour', now(),
-                 now() - interval '1 hour', now() - interval '1 minute', 2000)",
+                 now() - interval '1 hour', now() - interval '1 minute', 60000)",
     )
     .bind(dead)
     .bind(older)
