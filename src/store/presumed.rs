@@ -30,6 +30,12 @@ use super::{JobRow, StoreError};
 /// this much of its results (besides the unconfirmed ones) for the sweeper to publish again.
 const TICK: Duration = Duration::from_millis(100);
 
+/// How long the keeper waits for one of its statements. While the worker beats, nobody else
+/// hands its results over or reads its watermark, so a statement stuck on a connection that
+/// went silent must not hold them until TCP gives up (minutes): given up, it is tried again
+/// on the next tick, on another connection. Its entries stay until a hand-over is seen done.
+const PATIENCE: Duration = Duration::from_secs(5);
+
 /// How long a presumed result may wait for its confirm before it is handed to the outbox (its
 /// mark cleared): 2 s, or a quarter of `republish_after` (`RESULT_REPUBLISH_AFTER_MS`) when
 /// that is shorter. A handed-over result goes out again once it is `republish_after` old, as
@@ -176,6 +182,13 @@ impl Presumed {
         if s.unconfirmed.get(id).is_none_or(|t| *t > floor) {
             s.hold(id, floor);
         }
+        // The worker's first batch: no row told the database's time yet, and an idle worker
+        // may write none for long. Counting from the floor now makes the entry due once it has
+        // waited, as any other; the floor only lies earlier than the database's clock, so the
+        // next batch's floor and the watermark stay safe.
+        if s.latest.is_none() {
+            s.latest = Some((floor, Instant::now()));
+        }
     }
 
     /// Hands the entries older than `age` (all with `None`) to the outbox. They stay waiting,
@@ -246,29 +259,38 @@ pub(super) fn spawn_keeper(pool: PgPool, presumed: &Arc<Presumed>, hand_over_aft
             let Some(&owner) = presumed.owner.get() else {
                 continue;
             };
-            match presumed.hand_over(&pool, Some(hand_over_after)).await {
-                Ok(0) => {}
-                Ok(n) => tracing::warn!(
+            let handed =
+                tokio::time::timeout(PATIENCE, presumed.hand_over(&pool, Some(hand_over_after)))
+                    .await;
+            match handed {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::warn!(
                     results = n,
                     "results RabbitMQ has not confirmed for {hand_over_after:?} handed to the outbox"
                 ),
-                Err(e) => {
+                Ok(Err(e)) => {
                     tracing::debug!(error = %e, "overdue results not handed to the outbox; next tick");
                 }
+                Err(_) => tracing::warn!(
+                    "handing overdue results to the outbox took over {PATIENCE:?}; next tick"
+                ),
             }
             let mark = presumed.watermark();
             if mark.is_none() || mark == written {
                 continue;
             }
-            let wrote =
+            let wrote = tokio::time::timeout(
+                PATIENCE,
                 sqlx::query("UPDATE sms_workers SET results_confirmed_through = $2 WHERE id = $1")
                     .bind(owner)
                     .bind(mark)
-                    .execute(&pool)
-                    .await;
+                    .execute(&pool),
+            )
+            .await;
             match wrote {
-                Ok(_) => written = mark,
-                Err(e) => tracing::debug!(error = %e, "watermark not written; next tick"),
+                Ok(Ok(_)) => written = mark,
+                Ok(Err(e)) => tracing::debug!(error = %e, "watermark not written; next tick"),
+                Err(_) => tracing::debug!("watermark not written within {PATIENCE:?}; next tick"),
             }
         }
     });
@@ -389,5 +411,23 @@ mod tests {
         assert_eq!(p.overdue(None).len(), 1);
         p.forget(&p.overdue(None));
         assert!(p.is_settled());
+    }
+
+    #[test]
+    fn a_first_batch_in_doubt_is_handed_over_though_nothing_else_is_written() {
+        let me = Uuid::new_v4();
+        let p = Presumed::default();
+        assert!(p.presumes_for(me));
+        // The worker's first outcome batch lost its answer: it may have been presumed out at
+        // any time, and no later batch may come to tell the database's time.
+        p.in_doubt("lost", DateTime::UNIX_EPOCH);
+        assert_eq!(p.watermark(), Some(DateTime::UNIX_EPOCH));
+        let age = Duration::from_millis(1);
+        // Time passing is what is tested: the entry is due once it waited `age`.
+        std::thread::sleep(age * 2);
+        assert_eq!(
+            p.overdue(Some(age)),
+            vec![("lost".to_owned(), DateTime::UNIX_EPOCH)]
+        );
     }
 }

@@ -398,16 +398,17 @@ async fn the_sweeper_publishes_what_a_dead_worker_presumed_after_its_watermark()
     let unconfirmed = finished("after-the-watermark", dead, 30.0, true).await;
     let old_version = finished("no-watermark", older, 30.0, true).await;
     let live_workers = finished("live-after-its-watermark", live, 30.0, true).await;
-    // Unmarked, and the newest: published last by the sweep that publishes any of the others.
-    let handed_over = finished("handed-over", dead, 10.0, false).await;
+    // The dead worker's newest: published last by the sweep that publishes its other one, and
+    // judged by the same clause, so a sweep cannot publish it alone.
+    let newest = finished("newest-after-the-watermark", dead, 10.0, true).await;
 
     let mut published = Vec::new();
-    while !published.contains(&handed_over) {
+    while !published.contains(&newest) {
         let (r, _) = app.next_result().await;
         published.push(r.id.expect("id"));
     }
-    assert_eq!(published, vec![unconfirmed.clone(), handed_over.clone()]);
-    for id in [&unconfirmed, &handed_over] {
+    assert_eq!(published, vec![unconfirmed.clone(), newest.clone()]);
+    for id in [&unconfirmed, &newest] {
         eventually("the outbox marks what it published", || async {
             let row = app.job_row(id).await;
             (!row["result_published_at"].is_null()
