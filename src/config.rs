@@ -281,6 +281,8 @@ pub struct Config {
     pub amqp_nodes: AmqpNodes,
     pub database_url: Secret,
     pub database_max_connections: u32,
+    /// See [`DATABASE_WRITE_TIMEOUT_MS`].
+    pub database_write_timeout: Duration,
     pub queues: QueueConfig,
     pub aliyun: AliyunConfig,
     pub concurrency: u16,
@@ -319,6 +321,7 @@ settings! {
     AMQP_URL = "AMQP_URL", Some("amqp://guest:guest@127.0.0.1:5672/%2f"), "RabbitMQ connection URL (amqps:// for TLS), or a cluster's node URLs separated by commas: the first that answers is used, the next one when it is lost";
     DATABASE_URL = "DATABASE_URL", Some("postgres://postgres@127.0.0.1:5432/postgres"), "Postgres connection URL";
     DATABASE_MAX_CONNECTIONS = "DATABASE_MAX_CONNECTIONS", Some("16"), "size of the Postgres connection pool";
+    DATABASE_WRITE_TIMEOUT_MS = "DATABASE_WRITE_TIMEOUT_MS", Some("30000"), "a claim or outcome write with no answer from Postgres for this long means its connection went silent: the worker exits (non-zero) so the fleet takes its jobs over, as after a crash; Postgres also ends the worker's sessions left this long inside a transaction";
     SMS_JOBS_QUEUE = "SMS_JOBS_QUEUE", Some("sms.jobs"), "queue the worker consumes jobs from";
     SMS_RESULTS_QUEUE = "SMS_RESULTS_QUEUE", Some("sms.results"), "queue results go to when a job has no reply_to";
     SMS_DEAD_LETTER_QUEUE = "SMS_DEAD_LETTER_QUEUE", Some("sms.jobs.dead"), "queue that receives invalid and poison jobs";
@@ -627,6 +630,7 @@ impl Config {
             amqp_nodes: r.amqp_nodes()?,
             database_url: Secret::new(r.url(DATABASE_URL, &["postgres", "postgresql"])?),
             database_max_connections: r.number(DATABASE_MAX_CONNECTIONS, 1, 1000)?,
+            database_write_timeout: r.millis(DATABASE_WRITE_TIMEOUT_MS, 1_000, 3_600_000)?,
             queues: QueueConfig {
                 jobs: r.queue_name(SMS_JOBS_QUEUE)?,
                 results: r.queue_name(SMS_RESULTS_QUEUE)?,

@@ -84,9 +84,25 @@ struct Counters {
     batches: AtomicU64,
     jobs: AtomicU64,
     busy_micros: AtomicU64,
+    /// When the batch being written began, while one is: how long a write has had no answer.
+    writing_since: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Counters {
+    fn writing(&self, since: Option<Instant>) {
+        *self
+            .writing_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = since;
+    }
+
+    fn waited(&self) -> Option<Duration> {
+        self.writing_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .map(|t| t.elapsed())
+    }
+
     /// One statement that committed `jobs` rows' writes in `took`. A statement that failed
     /// counts nowhere: it wrote nothing, and a batch that fails on one row's data is written
     /// again one job per statement, each of which counts.
@@ -142,6 +158,11 @@ where
             jobs: c.jobs.load(Ordering::Relaxed),
             busy: Duration::from_micros(c.busy_micros.load(Ordering::Relaxed)),
         }
+    }
+
+    /// How long the batch being written has waited for the database; `None` when none is.
+    fn waited(&self) -> Option<(&'static str, Duration)> {
+        self.counters.waited().map(|d| (self.write, d))
     }
 
     /// Queues `req` without waiting for its answer; the write still happens.
@@ -218,7 +239,9 @@ async fn run_lane<Req, Resp, F, Fut>(
         let counters = counters.clone();
         tokio::spawn(async move {
             let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = batch.into_iter().unzip();
-            let results = execute(pool, reqs, counters).await;
+            counters.writing(Some(Instant::now()));
+            let results = execute(pool, reqs, counters.clone()).await;
+            counters.writing(None);
             for (reply, result) in replies.into_iter().zip(results) {
                 // The asker may have gone (its task was aborted); the write stands either way.
                 let _ = reply.send(result);
@@ -371,6 +394,20 @@ impl Writer {
             self.finishes.counts(),
             self.published.counts(),
         ]
+    }
+
+    /// The lane whose batch has waited longest for the database, and how long; `None` when
+    /// no batch is being written.
+    pub(super) fn longest_wait(&self) -> Option<(&'static str, Duration)> {
+        [
+            self.claims.waited(),
+            self.stamps.waited(),
+            self.finishes.waited(),
+            self.published.waited(),
+        ]
+        .into_iter()
+        .flatten()
+        .max_by_key(|(_, d)| *d)
     }
 
     pub(super) async fn stamp(&self, req: StampReq) -> Result<bool, StoreError> {

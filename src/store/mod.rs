@@ -365,6 +365,27 @@ pub struct Store {
 
 impl Store {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        Self::connect_with(url, max_connections, None).await
+    }
+
+    /// The worker's store: Postgres ends any of its sessions left idle inside a transaction
+    /// for `write_timeout`. None of its transactions waits on anything but the database, so
+    /// only a session whose client went silent (a failover, a partition) is ended, and the
+    /// locks it holds are freed for the rest of the fleet instead of waiting for the server's
+    /// TCP keepalive (two hours by default).
+    pub async fn connect_for_worker(
+        url: &str,
+        max_connections: u32,
+        write_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        Self::connect_with(url, max_connections, Some(write_timeout)).await
+    }
+
+    async fn connect_with(
+        url: &str,
+        max_connections: u32,
+        idle_in_transaction: Option<Duration>,
+    ) -> Result<Self, StoreError> {
         let options: PgConnectOptions = url.parse()?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
@@ -373,6 +394,19 @@ impl Store {
             // second without one means the database is gone: sqlx keeps retrying a refused
             // connection until this runs out, and no other error would come sooner.
             .acquire_timeout(Duration::from_secs(1))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if let Some(limit) = idle_in_transaction {
+                        sqlx::query(
+                            "SELECT set_config('idle_in_transaction_session_timeout', $1, false)",
+                        )
+                        .bind(millis(limit).to_string())
+                        .execute(conn)
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(Self::from_pool(pool))
@@ -402,6 +436,14 @@ impl Store {
             ))),
             guarded: self.guarded.clone(),
         }
+    }
+
+    /// The batched write that has waited longest for the database, and how long: a batch
+    /// whose connection went silent waits here until TCP gives up (minutes), holding every
+    /// job behind it. `None` when no batch is being written, or for a store that writes each
+    /// job alone.
+    pub fn longest_write_wait(&self) -> Option<(&'static str, Duration)> {
+        self.writer.as_ref().and_then(|w| w.longest_wait())
     }
 
     /// What the batched writers did so far (see `store::batch`); empty for a store that

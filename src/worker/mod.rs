@@ -37,6 +37,11 @@ pub enum WorkerError {
     Http(#[from] reqwest::Error),
     #[error("could not start the admin listener: {0}")]
     Admin(#[from] std::io::Error),
+    #[error(
+        "a database write ({write}) had no answer for {waited_ms} ms: its connection went silent; \
+         stopped at once so the fleet takes this worker's jobs over, as after a crash"
+    )]
+    WriteStuck { write: &'static str, waited_ms: u64 },
 }
 
 /// Whether the worker is consuming. Tests and readiness checks wait on it.
@@ -75,9 +80,10 @@ pub async fn run(
     ready: watch::Sender<bool>,
 ) -> Result<(), WorkerError> {
     let config = Arc::new(config);
-    let store = Store::connect(
+    let store = Store::connect_for_worker(
         config.database_url.expose(),
         config.database_max_connections,
+        config.database_write_timeout,
     )
     .await?;
     if options.migrate {
@@ -135,6 +141,9 @@ pub async fn run(
         .await?;
     // The heartbeat outlives the shutdown signal: a draining worker still owns its claims.
     let (beat_stop, beat_until) = watch::channel(false);
+    // Set by the heartbeat when a write has waited past DATABASE_WRITE_TIMEOUT_MS.
+    let (stuck_tx, mut stuck) = watch::channel::<Option<(&'static str, u64)>>(None);
+    let stuck_tx = Arc::new(stuck_tx);
     let heartbeat = {
         let (pipeline, name, shutdown) = (pipeline.clone(), options.name.clone(), shutdown.clone());
         let until = beat_until.clone();
@@ -144,6 +153,7 @@ pub async fn run(
                 name.clone(),
                 shutdown.clone(),
                 until.clone(),
+                stuck_tx.clone(),
             )
         })
     };
@@ -217,6 +227,7 @@ pub async fn run(
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => continue 'connect,
                     _ = shutdown.changed() => break 'connect,
+                    e = write_stuck(&mut stuck) => return Err(stopped_stuck(&beat_stop, e)),
                 }
             }
         };
@@ -242,6 +253,9 @@ pub async fn run(
                     }
                     break 'connect;
                 }
+                // No drain: the jobs in flight wait behind the silent write, and the fleet
+                // handles this worker's claims and results as a killed one's.
+                e = write_stuck(&mut stuck) => return Err(stopped_stuck(&beat_stop, e)),
                 // Re-evaluates the consume guard below when the database comes and goes.
                 _ = db_ok.changed() => {}
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
@@ -276,7 +290,10 @@ pub async fn run(
     }
 
     let _ = ready.send(false);
-    drain(&mut tasks, config.shutdown_grace).await;
+    tokio::select! {
+        () = drain(&mut tasks, config.shutdown_grace) => {}
+        e = write_stuck(&mut stuck) => return Err(stopped_stuck(&beat_stop, e)),
+    }
     if let Some(receipts) = receipts {
         // It watches the same shutdown signal and stops mid-round (every write of a round is whole).
         let _ = receipts.await;
@@ -310,6 +327,25 @@ pub async fn run(
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Ends the heartbeat task of a worker stopping for a stuck write, and passes on the error.
+fn stopped_stuck(beat_stop: &watch::Sender<bool>, e: WorkerError) -> WorkerError {
+    beat_stop.send_replace(true);
+    e
+}
+
+/// The error the heartbeat reported for a write stuck past its timeout; pending until then.
+async fn write_stuck(stuck: &mut watch::Receiver<Option<(&'static str, u64)>>) -> WorkerError {
+    loop {
+        if let Some((write, waited_ms)) = *stuck.borrow_and_update() {
+            return WorkerError::WriteStuck { write, waited_ms };
+        }
+        if stuck.changed().await.is_err() {
+            // The heartbeat is gone for good: nothing will report a stuck write.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// One of the stop's last writes, which must not hold it: given up after [`CLOSE_PATIENCE`], and
@@ -408,6 +444,7 @@ async fn beat(
     name: String,
     mut shutdown: watch::Receiver<bool>,
     mut until: watch::Receiver<bool>,
+    stuck: Arc<watch::Sender<Option<(&'static str, u64)>>>,
 ) {
     let store = pipeline.store();
     let worker = pipeline.worker_id();
@@ -419,6 +456,24 @@ async fn beat(
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                // A write that waits this long is on a connection that went silent: its jobs,
+                // and every job behind it, wait until TCP gives up (minutes) while this beat,
+                // on another connection, tells the fleet all is well. Beating no more, the
+                // worker is taken for dead, as it should be.
+                if let Some((write, waited)) = store.longest_write_wait()
+                    && waited >= config.database_write_timeout
+                {
+                    let waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+                    tracing::error!(
+                        write,
+                        waited_ms,
+                        "a database write has had no answer for DATABASE_WRITE_TIMEOUT_MS: its connection went silent; stopping at once, so the fleet takes this worker's jobs over as after a crash"
+                    );
+                    stuck.send_replace(Some((write, waited_ms)));
+                    // Beats no more; `run` ends this task as it returns.
+                    let _ = until.wait_for(|done| *done).await;
+                    return;
+                }
                 let beat = async {
                     store.heartbeat(worker, &name, every).await?;
                     store

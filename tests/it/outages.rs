@@ -7,7 +7,13 @@ use aliyun_sms_worker::config;
 use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
 use aliyun_sms_worker::wire::Status;
 
-use crate::helpers::{PATIENCE, TestApp, TestEnv, admin_get, free_addr, send_job, unique_id};
+use aliyun_sms_worker::sms_client::SmsClient;
+use sqlx::PgPool;
+
+use crate::helpers::{
+    PATIENCE, TestApp, TestEnv, admin_get, amqp_url, eventually, free_addr, send_job, unique_id,
+};
+use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
 
 /// Starts a worker whose link to `setting` (AMQP_URL or DATABASE_URL) goes through a proxy,
@@ -125,4 +131,102 @@ async fn a_broker_outage_is_ridden_out_with_every_job_answered_and_none_resent()
     let results = all_sent(&app, &ids).await;
     assert!(results >= ids.len());
     app.shutdown().await;
+}
+
+/// A database connection that goes silent in the middle of a write (a failover that moves an
+/// address, a partition: no reset, no answer) held the worker's claim or outcome lane, and so
+/// every job, until TCP gave up, while its heartbeat, on fresh connections, told the fleet all
+/// was well. The worker now stops at once when a write has waited `DATABASE_WRITE_TIMEOUT_MS`,
+/// and the fleet finishes its jobs as a killed worker's: each once, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_finishes_its_jobs() {
+    let env = TestEnv::new(|s| {
+        s.insert(config::WORKER_HEARTBEAT_MS.into(), "200".into());
+    })
+    .await;
+    let db = Proxy::start(target_of(&env.db_url)).await;
+    let mut through_proxy = env.settings.clone();
+    through_proxy.insert(config::DATABASE_URL.into(), through(&env.db_url, &db));
+    through_proxy.insert(config::DATABASE_WRITE_TIMEOUT_MS.into(), "2000".into());
+    let mut silent = WorkerProcess::start(&["run"], &through_proxy).await;
+
+    let publisher = SmsClient::connect(&amqp_url(), &env.settings[config::SMS_JOBS_QUEUE])
+        .await
+        .expect("client");
+    let ids: Vec<String> = (0..2000)
+        .map(|i| unique_id(&format!("silent{i}")))
+        .collect();
+    // Published while the worker runs, so it is claiming when its connections fall silent.
+    let publishing = {
+        let ids = ids.clone();
+        tokio::spawn(async move {
+            for id in &ids {
+                let body = serde_json::to_vec(&send_job(id)).expect("json");
+                publisher.publish(&body, id).await.expect("publish");
+            }
+            publisher
+        })
+    };
+    let pool = PgPool::connect(&env.db_url).await.expect("db");
+    let finished = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sms_jobs WHERE status <> 'sending'")
+            .fetch_one(&pool)
+            .await
+            .expect("count finished jobs")
+    };
+    eventually("the worker is busy with its backlog", || async {
+        (finished(pool.clone()).await >= 100).then_some(())
+    })
+    .await;
+    // Catch the worker's writes in flight: held by a lock for a moment, so they are on their
+    // way when every connection open now falls silent. New connections still work, and the
+    // lock is gone at once, so the database is well; only the silent writes never return, and
+    // the heartbeat, on fresh connections, goes on.
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE sms_jobs IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock the jobs");
+    eventually("a claim of the worker waits for the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%INSERT INTO sms_jobs%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("read the activity");
+        (waiting > 0).then_some(())
+    })
+    .await;
+    db.silence();
+    lock.rollback().await.expect("unlock");
+    assert!(
+        silent.wait_for_log("connection went silent").await,
+        "the worker did not notice its silent write:\n{}",
+        silent.log.join("\n")
+    );
+    let (status, log) = silent.exited().await;
+    assert!(
+        !status.success(),
+        "a stuck worker must not exit as if stopped: {log}"
+    );
+    assert!(
+        log.contains("DATABASE_WRITE_TIMEOUT_MS"),
+        "the log names the setting: {log}"
+    );
+
+    let publisher = publishing.await.expect("publishing");
+    let other = WorkerProcess::start(&["run"], &env.settings).await;
+    eventually("every job has its final row", || async {
+        (finished(pool.clone()).await == 2000).then_some(())
+    })
+    .await;
+    let sent_twice: Vec<&String> = ids.iter().filter(|id| env.fake.sends_for(id) > 1).collect();
+    assert!(sent_twice.is_empty(), "sent twice: {sent_twice:?}");
+    let (status, log) = other.terminate().await;
+    assert!(status.success(), "{log}");
+    publisher.close().await;
+    pool.close().await;
+    env.remove().await;
 }

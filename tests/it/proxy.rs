@@ -9,6 +9,7 @@ use tokio::sync::watch;
 pub struct Proxy {
     addr: SocketAddr,
     up: watch::Sender<bool>,
+    silent: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -25,9 +26,13 @@ impl Proxy {
         let addr = listener.local_addr().expect("proxy address");
         let up = watch::Sender::new(true);
         let state = up.subscribe();
+        let silent = watch::Sender::new(0u64);
+        let silence = silent.subscribe();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let mut state = state.clone();
+                let mut silence = silence.clone();
+                let born = *silence.borrow();
                 if !*state.borrow() {
                     // Cut: accept and drop at once, like a refused connection.
                     continue;
@@ -37,14 +42,25 @@ impl Proxy {
                         return;
                     };
                     let mut client = client;
-                    tokio::select! {
-                        _ = copy_bidirectional(&mut client, &mut server) => {}
-                        _ = state.wait_for(|up| !*up) => {}
+                    let went_silent = tokio::select! {
+                        _ = copy_bidirectional(&mut client, &mut server) => false,
+                        _ = state.wait_for(|up| !*up) => false,
+                        r = silence.wait_for(|g| *g > born) => r.is_ok(),
+                    };
+                    if went_silent {
+                        // Silent: both ends stay open and nothing more passes.
+                        let _keep = (client, server);
+                        std::future::pending::<()>().await;
                     }
                 });
             }
         });
-        Self { addr, up, task }
+        Self {
+            addr,
+            up,
+            silent,
+            task,
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -54,6 +70,11 @@ impl Proxy {
     /// Drops every open connection and refuses new ones.
     pub fn cut(&self) {
         self.up.send_replace(false);
+    }
+
+    /// The connections open now stop passing anything, without closing; new ones work.
+    pub fn silence(&self) {
+        self.silent.send_modify(|g| *g += 1);
     }
 
     pub fn restore(&self) {
