@@ -84,7 +84,8 @@ struct Counters {
     batches: AtomicU64,
     jobs: AtomicU64,
     busy_micros: AtomicU64,
-    /// When the batch being written began, while one is: how long a write has had no answer.
+    /// When the statement being written began, while a batch is: how long a write has had no
+    /// answer. Each statement of a batch (one per job, after a refused row) starts it anew.
     writing_since: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -114,6 +115,15 @@ impl Counters {
             u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+}
+
+/// Clears a lane's "writing since" mark when its batch ends.
+struct Writing(Arc<Counters>);
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        self.0.writing(None);
     }
 }
 
@@ -239,9 +249,10 @@ async fn run_lane<Req, Resp, F, Fut>(
         let counters = counters.clone();
         tokio::spawn(async move {
             let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = batch.into_iter().unzip();
-            counters.writing(Some(Instant::now()));
+            // Cleared however the batch ends, a panic included: a mark left behind would make
+            // an idle lane look stuck.
+            let _writing = Writing(counters.clone());
             let results = execute(pool, reqs, counters.clone()).await;
-            counters.writing(None);
             for (reply, result) in replies.into_iter().zip(results) {
                 // The asker may have gone (its task was aborted); the write stands either way.
                 let _ = reply.send(result);
@@ -625,6 +636,7 @@ async fn counted<R: Batched>(
     counters: &Counters,
 ) -> Result<Vec<Result<R::Out, StoreError>>, StoreError> {
     let started = Instant::now();
+    counters.writing(Some(started));
     let written = R::write_all(pool, reqs).await;
     // Not the shutdown's flush mark, whose empty id matches no row.
     let jobs = reqs.iter().filter(|r| !r.key().is_empty()).count();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{FromRow, PgConnection, PgPool};
+use sqlx::{ConnectOptions, Connection, FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::config::DailyLimits;
@@ -357,6 +357,8 @@ pub struct Store {
     pool: PgPool,
     /// Group commits for claims and outcomes; see [`Store::batched`].
     writer: Option<Arc<batch::Writer>>,
+    /// The `application_name` of the worker's sessions; see [`Store::connect_for_worker`].
+    session_name: Option<Arc<str>>,
     /// Guarded claims running at once. Each holds a connection for its own transaction, and
     /// a burst of them (hundreds of checks in flight) must queue here, without a deadline,
     /// rather than for the pool, whose short wait would take the burst for an outage.
@@ -368,11 +370,13 @@ impl Store {
         Self::connect_with(url, max_connections, None).await
     }
 
-    /// The worker's store: Postgres ends any of its sessions left idle inside a transaction
-    /// for `write_timeout`. None of its transactions waits on anything but the database, so
-    /// only a session whose client went silent (a failover, a partition) is ended, and the
-    /// locks it holds are freed for the rest of the fleet instead of waiting for the server's
-    /// TCP keepalive (two hours by default).
+    /// The worker's store. Its sessions are named for this process (`application_name`, after
+    /// the URL's own if it has one), so [`Store::working_for_us`] can tell a write Postgres is
+    /// still busy with from one whose connection went silent. And Postgres ends a session
+    /// whose client went silent (a failover, a partition) after `write_timeout`, left inside a
+    /// transaction or with an answer not taken, so the locks it holds are freed for the fleet
+    /// instead of waiting for the server's TCP keepalive (two hours by default). None of the
+    /// worker's transactions waits on anything but the database.
     pub async fn connect_for_worker(
         url: &str,
         max_connections: u32,
@@ -384,9 +388,18 @@ impl Store {
     async fn connect_with(
         url: &str,
         max_connections: u32,
-        idle_in_transaction: Option<Duration>,
+        silent_client: Option<Duration>,
     ) -> Result<Self, StoreError> {
-        let options: PgConnectOptions = url.parse()?;
+        let mut options: PgConnectOptions = url.parse()?;
+        let session_name = silent_client.map(|_| {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            let name = match options.get_application_name() {
+                Some(given) => format!("{given} {id}"),
+                None => format!("aliyun-sms-worker {id}"),
+            };
+            options = options.clone().application_name(&name);
+            name
+        });
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             // Short, so an outage is noticed quickly; the health probe does the waiting. Jobs
@@ -396,20 +409,53 @@ impl Store {
             .acquire_timeout(Duration::from_secs(1))
             .after_connect(move |conn, _| {
                 Box::pin(async move {
-                    if let Some(limit) = idle_in_transaction {
-                        sqlx::query(
-                            "SELECT set_config('idle_in_transaction_session_timeout', $1, false)",
-                        )
-                        .bind(millis(limit).to_string())
-                        .execute(conn)
-                        .await?;
+                    let Some(limit) = silent_client else {
+                        return Ok(());
+                    };
+                    // One at a time, and a refusal only logged: `tcp_user_timeout` is Postgres 12+
+                    // and ignored or refused on some platforms, and a pooler may refuse either.
+                    for setting in ["idle_in_transaction_session_timeout", "tcp_user_timeout"] {
+                        if let Err(e) = sqlx::query("SELECT set_config($1, $2, false)")
+                            .bind(setting)
+                            .bind(millis(limit).to_string())
+                            .execute(&mut *conn)
+                            .await
+                        {
+                            tracing::debug!(setting, error = %e, "session setting not taken");
+                        }
                     }
                     Ok(())
                 })
             })
             .connect_with(options)
             .await?;
-        Ok(Self::from_pool(pool))
+        let mut store = Self::from_pool(pool);
+        store.session_name = session_name.map(Arc::from);
+        Ok(store)
+    }
+
+    /// Whether Postgres is working on a statement of this store's sessions (running it, or
+    /// waiting for a lock, a disk, a standby), other than waiting for the client: a write
+    /// that has had no answer for long while this says `false` is on a connection that went
+    /// silent. `true` for a store whose sessions are not named (it cannot tell). Asked on a
+    /// connection of its own: when writes wait for a lock, the pool may have none to spare.
+    pub async fn working_for_us(&self) -> Result<bool, StoreError> {
+        let Some(name) = &self.session_name else {
+            return Ok(true);
+        };
+        let mut conn = self.pool.connect_options().connect().await?;
+        let working = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                            WHERE application_name = $1 AND pid <> pg_backend_pid()
+                              AND state = 'active'
+                              AND wait_event_type IS DISTINCT FROM 'Client')",
+        )
+        .bind(name.as_ref())
+        .fetch_one(&mut conn)
+        .await;
+        // Its answer stands however the goodbye goes.
+        let _ = conn.close().await;
+        Ok(working?)
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
@@ -418,6 +464,7 @@ impl Store {
         Self {
             pool,
             writer: None,
+            session_name: None,
             guarded: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(guarded).unwrap_or(1),
             )),
@@ -434,6 +481,7 @@ impl Store {
                 self.pool.clone(),
                 republish_after,
             ))),
+            session_name: self.session_name.clone(),
             guarded: self.guarded.clone(),
         }
     }

@@ -329,6 +329,44 @@ pub async fn run(
     Ok(())
 }
 
+/// The write that has had no answer for `timeout` while Postgres is not working on it: one on a
+/// connection that went silent. Its jobs, and every job behind it, would wait until TCP gives
+/// up (minutes), while the heartbeat, on another connection, tells the fleet all is well. A
+/// write Postgres is working on (a lock, a slow disk or standby) is waited for, and said so
+/// once (`told`); when Postgres cannot be asked, that is an outage, not a silent connection.
+async fn silent_write(
+    store: &crate::store::Store,
+    timeout: Duration,
+    told: &mut bool,
+) -> Option<(&'static str, Duration)> {
+    let Some((write, waited)) = store
+        .longest_write_wait()
+        .filter(|(_, waited)| *waited >= timeout)
+    else {
+        *told = false;
+        return None;
+    };
+    match tokio::time::timeout(SILENCE_CHECK_PATIENCE, store.working_for_us()).await {
+        Ok(Ok(false)) => Some((write, waited)),
+        Ok(Ok(true)) => {
+            if !*told {
+                *told = true;
+                tracing::warn!(
+                    write,
+                    waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                    "a database write has waited longer than DATABASE_WRITE_TIMEOUT_MS, and Postgres is still working on this worker's statements (a lock, a slow server): waiting on"
+                );
+            }
+            None
+        }
+        _ => None,
+    }
+}
+
+/// How long the heartbeat waits to learn whether Postgres is working on a write (a connection
+/// of its own, and one query).
+const SILENCE_CHECK_PATIENCE: Duration = Duration::from_secs(2);
+
 /// Ends the heartbeat task of a worker stopping for a stuck write, and passes on the error.
 fn stopped_stuck(beat_stop: &watch::Sender<bool>, e: WorkerError) -> WorkerError {
     beat_stop.send_replace(true);
@@ -453,21 +491,19 @@ async fn beat(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping = *shutdown.borrow();
+    // Whether the wait of the write that is over DATABASE_WRITE_TIMEOUT_MS was logged.
+    let mut told_waiting = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                // A write that waits this long is on a connection that went silent: its jobs,
-                // and every job behind it, wait until TCP gives up (minutes) while this beat,
-                // on another connection, tells the fleet all is well. Beating no more, the
-                // worker is taken for dead, as it should be.
-                if let Some((write, waited)) = store.longest_write_wait()
-                    && waited >= config.database_write_timeout
-                {
+                let silent =
+                    silent_write(store, config.database_write_timeout, &mut told_waiting).await;
+                if let Some((write, waited)) = silent {
                     let waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
                     tracing::error!(
                         write,
                         waited_ms,
-                        "a database write has had no answer for DATABASE_WRITE_TIMEOUT_MS: its connection went silent; stopping at once, so the fleet takes this worker's jobs over as after a crash"
+                        "a database write has had no answer for DATABASE_WRITE_TIMEOUT_MS, and Postgres is not working on it: its connection went silent; stopping at once, so the fleet takes this worker's jobs over as after a crash"
                     );
                     stuck.send_replace(Some((write, waited_ms)));
                     // Beats no more; `run` ends this task as it returns.

@@ -137,7 +137,8 @@ async fn a_broker_outage_is_ridden_out_with_every_job_answered_and_none_resent()
 /// address, a partition: no reset, no answer) held the worker's claim or outcome lane, and so
 /// every job, until TCP gave up, while its heartbeat, on fresh connections, told the fleet all
 /// was well. The worker now stops at once when a write has waited `DATABASE_WRITE_TIMEOUT_MS`,
-/// and the fleet finishes its jobs as a killed worker's: each once, none lost.
+/// and the fleet finishes its jobs as a killed worker's: each once, none lost. A write that
+/// waits as long for a lock Postgres holds it on is not taken for silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_finishes_its_jobs() {
     let env = TestEnv::new(|s| {
@@ -178,16 +179,7 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
         (finished(pool.clone()).await >= 100).then_some(())
     })
     .await;
-    // Catch the worker's writes in flight: held by a lock for a moment, so they are on their
-    // way when every connection open now falls silent. New connections still work, and the
-    // lock is gone at once, so the database is well; only the silent writes never return, and
-    // the heartbeat, on fresh connections, goes on.
-    let mut lock = pool.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE sms_jobs IN EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock the jobs");
-    eventually("a claim of the worker waits for the lock", || async {
+    let claim_waits_for_the_lock = || async {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
              WHERE datname = current_database() AND wait_event_type = 'Lock'
@@ -197,7 +189,40 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
         .await
         .expect("read the activity");
         (waiting > 0).then_some(())
+    };
+
+    // A write Postgres is working on is no silent one, however long it waits: a lock held
+    // past DATABASE_WRITE_TIMEOUT_MS (a migration, an operator) is waited for.
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE sms_jobs IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock the jobs");
+    assert!(
+        silent.wait_for_log("Postgres is still working on").await,
+        "a write waiting for a lock was not told apart:\n{}",
+        silent.log.join("\n")
+    );
+    let before = finished(pool.clone()).await;
+    lock.rollback().await.expect("unlock");
+    eventually("the worker goes on after the lock", || async {
+        (finished(pool.clone()).await > before + 100).then_some(())
     })
+    .await;
+
+    // Catch the worker's writes in flight: held by a lock for a moment, so they are on their
+    // way when every connection open now falls silent. New connections still work, and the
+    // lock is gone at once, so the database is well; only the silent writes never return, and
+    // the heartbeat, on fresh connections, goes on.
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE sms_jobs IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock the jobs");
+    eventually(
+        "a claim of the worker waits for the lock",
+        claim_waits_for_the_lock,
+    )
     .await;
     db.silence();
     lock.rollback().await.expect("unlock");
