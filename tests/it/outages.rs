@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use aliyun_sms_worker::config;
 use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
-use aliyun_sms_worker::wire::Status;
+use aliyun_sms_worker::wire::{JobResult, Status};
+use lapin::{Connection, ConnectionProperties};
 
 use aliyun_sms_worker::sms_client::SmsClient;
 use sqlx::PgPool;
 
 use crate::helpers::{
-    PATIENCE, TestApp, TestEnv, admin_get, amqp_url, eventually, free_addr, send_job, unique_id,
+    PATIENCE, TestApp, TestEnv, admin_get, amqp_url, consume, eventually, free_addr, next_from,
+    send_job, unique_id,
 };
 use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
@@ -143,6 +145,8 @@ async fn a_broker_outage_is_ridden_out_with_every_job_answered_and_none_resent()
 async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_finishes_its_jobs() {
     let env = TestEnv::new(|s| {
         s.insert(config::WORKER_HEARTBEAT_MS.into(), "200".into());
+        // So the results the stopped worker presumed out and never saw confirmed come soon.
+        s.insert(config::RESULT_REPUBLISH_AFTER_MS.into(), "2000".into());
     })
     .await;
     let db = Proxy::start(target_of(&env.db_url)).await;
@@ -249,6 +253,20 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
     .await;
     let sent_twice: Vec<&String> = ids.iter().filter(|id| env.fake.sends_for(id) > 1).collect();
     assert!(sent_twice.is_empty(), "sent twice: {sent_twice:?}");
+    // And every job's result reached the results queue (some twice: results are at least once).
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let mut results = consume(&connection, &env.settings[config::SMS_RESULTS_QUEUE]).await;
+    let mut unanswered: HashSet<&String> = ids.iter().collect();
+    while !unanswered.is_empty() {
+        let delivery = next_from(&mut results, "a result for every job").await;
+        let result: JobResult = serde_json::from_slice(&delivery.data).expect("a result");
+        if let Some(id) = result.id {
+            unanswered.remove(&id);
+        }
+    }
+    let _ = connection.close(200, "test done".into()).await;
     let (status, log) = other.terminate().await;
     assert!(status.success(), "{log}");
     publisher.close().await;
