@@ -334,11 +334,12 @@ pub async fn run(
 /// up (minutes), while the heartbeat, on another connection, tells the fleet all is well. A
 /// write Postgres is working on (a lock, a slow disk or standby) is waited for, and said so
 /// once (`told`); when Postgres cannot be asked, that is an outage, not a silent connection.
+/// Says which write and how long it waited, in milliseconds.
 async fn silent_write(
     store: &crate::store::Store,
     timeout: Duration,
     told: &mut bool,
-) -> Option<(&'static str, Duration)> {
+) -> Option<(&'static str, u64)> {
     let Some((write, waited)) = store
         .longest_write_wait()
         .filter(|(_, waited)| *waited >= timeout)
@@ -346,14 +347,15 @@ async fn silent_write(
         *told = false;
         return None;
     };
+    let waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
     match tokio::time::timeout(SILENCE_CHECK_PATIENCE, store.working_for_us()).await {
-        Ok(Ok(false)) => Some((write, waited)),
+        Ok(Ok(false)) => Some((write, waited_ms)),
         Ok(Ok(true)) => {
             if !*told {
                 *told = true;
                 tracing::warn!(
                     write,
-                    waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                    waited_ms,
                     "a database write has waited longer than DATABASE_WRITE_TIMEOUT_MS, and Postgres is still working on this worker's statements (a lock, a slow server): waiting on"
                 );
             }
@@ -498,8 +500,7 @@ async fn beat(
             _ = tick.tick() => {
                 let silent =
                     silent_write(store, config.database_write_timeout, &mut told_waiting).await;
-                if let Some((write, waited)) = silent {
-                    let waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+                if let Some((write, waited_ms)) = silent {
                     tracing::error!(
                         write,
                         waited_ms,

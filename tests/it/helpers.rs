@@ -430,7 +430,7 @@ pub async fn remove_topology_and_close(
 }
 
 /// Closes a test's own RabbitMQ connection, [`bounded`]: lapin's close can wait for ever.
-async fn close_connection(connection: &Connection) {
+pub async fn close_connection(connection: &Connection) {
     bounded(
         "closing the test's RabbitMQ connection",
         connection.close(200, ShortString::from("test done")),

@@ -12,8 +12,8 @@ use aliyun_sms_worker::sms_client::SmsClient;
 use sqlx::PgPool;
 
 use crate::helpers::{
-    PATIENCE, TestApp, TestEnv, admin_get, amqp_url, consume, eventually, free_addr, next_from,
-    send_job, unique_id,
+    PATIENCE, TestApp, TestEnv, admin_get, amqp_url, close_connection, consume, eventually,
+    free_addr, next_from, send_job, unique_id,
 };
 use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
@@ -197,11 +197,7 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
 
     // A write Postgres is working on is no silent one, however long it waits: a lock held
     // past DATABASE_WRITE_TIMEOUT_MS (a migration, an operator) is waited for.
-    let mut lock = pool.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE sms_jobs IN EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock the jobs");
+    let lock = lock_the_jobs(&pool).await;
     assert!(
         silent.wait_for_log("Postgres is still working on").await,
         "a write waiting for a lock was not told apart:\n{}",
@@ -218,11 +214,7 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
     // way when every connection open now falls silent. New connections still work, and the
     // lock is gone at once, so the database is well; only the silent writes never return, and
     // the heartbeat, on fresh connections, goes on.
-    let mut lock = pool.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE sms_jobs IN EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock the jobs");
+    let lock = lock_the_jobs(&pool).await;
     eventually(
         "a claim of the worker waits for the lock",
         claim_waits_for_the_lock,
@@ -266,10 +258,20 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
             unanswered.remove(&id);
         }
     }
-    let _ = connection.close(200, "test done".into()).await;
+    close_connection(&connection).await;
     let (status, log) = other.terminate().await;
     assert!(status.success(), "{log}");
     publisher.close().await;
     pool.close().await;
     env.remove().await;
+}
+
+/// Holds every write to `sms_jobs` back until the transaction ends; reads go on.
+async fn lock_the_jobs(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE sms_jobs IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock the jobs");
+    lock
 }
