@@ -73,6 +73,11 @@ impl Default for RunOptions {
 
 /// Runs until `shutdown` turns true: then stops consuming, lets in-flight jobs finish within
 /// the grace period and closes (unfinished deliveries return to the queue).
+///
+/// Returns `WriteStuck` at once, without a drain, when a database write went silent. However it
+/// returns, nothing it started keeps running but that silent write itself (which holds its
+/// connection, and the pool's idle ones, until TCP or the pool's idle timeout ends them), so a
+/// caller that lives on may call it again.
 pub async fn run(
     config: Config,
     options: RunOptions,
@@ -127,6 +132,8 @@ pub async fn run(
         }
         None => None,
     };
+    let mut background = Background::default();
+    background.add(admin.as_ref());
     let pipeline = Arc::new(Pipeline::new(
         config.clone(),
         batched,
@@ -210,6 +217,14 @@ pub async fn run(
             .run(stop.clone())
         })
     };
+    for task in [
+        Some(&heartbeat),
+        Some(&leadership),
+        receipts.as_ref(),
+        Some(&duties),
+    ] {
+        background.add(task);
+    }
     let tag = format!("{}-{}", options.name, uuid::Uuid::new_v4().simple());
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut reconnect = reconnect_backoff();
@@ -218,81 +233,97 @@ pub async fn run(
     // is tried last, not first, when the worker reconnects.
     let mut next_node = 0;
 
-    'connect: while !*shutdown.borrow() {
-        let broker = match open(&config, &options, &tag, next_node).await {
-            Ok(pair) => pair,
-            Err(e) => {
-                let wait = reconnect.next().unwrap_or(Duration::from_secs(10));
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "RabbitMQ unavailable");
+    let stuck_write: Option<WorkerError> = 'run: {
+        'connect: while !*shutdown.borrow() {
+            let broker = match open(&config, &options, &tag, next_node).await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    let wait = reconnect.next().unwrap_or(Duration::from_secs(10));
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "RabbitMQ unavailable");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue 'connect,
+                        _ = shutdown.changed() => break 'connect,
+                        e = write_stuck(&mut stuck) => break 'run Some(e),
+                    }
+                }
+            };
+            let (broker, mut consumer) = broker;
+            next_node = broker.node() + 1;
+            // One reference count per job instead of a copy of the broker's channels and names.
+            let shared = Arc::new(broker.clone());
+            reconnect = reconnect_backoff();
+            let _ = broker_tx.send(Some(broker.clone()));
+            let _ = ready.send(true);
+            tracing::info!(queue = %config.queues.jobs, concurrency = config.concurrency, node = %config.amqp_nodes.host(broker.node()), "consuming jobs");
+            last_broker = Some(broker.clone());
+            loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(wait) => continue 'connect,
-                    _ = shutdown.changed() => break 'connect,
-                    e = write_stuck(&mut stuck) => return Err(stopped_stuck(&beat_stop, e)),
-                }
-            }
-        };
-        let (broker, mut consumer) = broker;
-        next_node = broker.node() + 1;
-        // One reference count per job instead of a copy of the broker's channels and names.
-        let shared = Arc::new(broker.clone());
-        reconnect = reconnect_backoff();
-        let _ = broker_tx.send(Some(broker.clone()));
-        let _ = ready.send(true);
-        tracing::info!(queue = %config.queues.jobs, concurrency = config.concurrency, node = %config.amqp_nodes.host(broker.node()), "consuming jobs");
-        last_broker = Some(broker.clone());
-        loop {
-            tokio::select! {
-                _ = shutdown.changed() => {
-                    // Bounded: a stop must not wait on lapin. Deliveries that come meanwhile are
-                    // never taken, and go back to the queue with the connection. A failure is
-                    // only a connection that is gone already.
-                    match tokio::time::timeout(CLOSE_PATIENCE, broker.cancel(&tag)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => tracing::debug!(error = %e, "cancel on shutdown"),
-                        Err(_) => tracing::warn!("cancelling the consumer took too long; stopping anyway"),
+                    _ = shutdown.changed() => {
+                        // Bounded: a stop must not wait on lapin. Deliveries that come meanwhile are
+                        // never taken, and go back to the queue with the connection. A failure is
+                        // only a connection that is gone already.
+                        match tokio::time::timeout(CLOSE_PATIENCE, broker.cancel(&tag)).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => tracing::debug!(error = %e, "cancel on shutdown"),
+                            Err(_) => tracing::warn!("cancelling the consumer took too long; stopping anyway"),
+                        }
+                        break 'connect;
                     }
-                    break 'connect;
-                }
-                // No drain: the jobs in flight wait behind the silent write, and the fleet
-                // handles this worker's claims and results as a killed one's.
-                e = write_stuck(&mut stuck) => return Err(stopped_stuck(&beat_stop, e)),
-                // Re-evaluates the consume guard below when the database comes and goes.
-                _ = db_ok.changed() => {}
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    if let Err(e) = joined {
-                        tracing::error!(error = %e, "a job task ended abnormally");
+                    e = write_stuck(&mut stuck) => break 'run Some(e),
+                    // Re-evaluates the consume guard below when the database comes and goes.
+                    _ = db_ok.changed() => {}
+                    Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                        if let Err(e) = joined {
+                            tracing::error!(error = %e, "a job task ended abnormally");
+                        }
                     }
-                }
-                next = consumer.next(), if *db_ok.borrow() => match next {
-                    Some(Ok(delivery)) => {
-                        let pipeline = pipeline.clone();
-                        let broker = shared.clone();
+                    next = consumer.next(), if *db_ok.borrow() => match next {
+                        Some(Ok(delivery)) => {
+                            let pipeline = pipeline.clone();
+                            let broker = shared.clone();
 
-                        // Boxed: the task would copy the job's future on the way in; the box
-                        // is written once, in place.
-                        tasks.spawn(Box::pin(async move {
-                            process(&pipeline, &broker, delivery).await
-                        }));
-                    }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "RabbitMQ consumer failed; reconnecting");
-                        break;
-                    }
-                    None => {
-                        tracing::warn!("RabbitMQ consumer closed; reconnecting");
-                        break;
+                            // Boxed: the task would copy the job's future on the way in; the box
+                            // is written once, in place.
+                            tasks.spawn(Box::pin(async move {
+                                process(&pipeline, &broker, delivery).await
+                            }));
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "RabbitMQ consumer failed; reconnecting");
+                            break;
+                        }
+                        None => {
+                            tracing::warn!("RabbitMQ consumer closed; reconnecting");
+                            break;
+                        }
                     }
                 }
             }
+            let _ = ready.send(false);
+            let _ = broker_tx.send(None);
         }
-        let _ = ready.send(false);
-        let _ = broker_tx.send(None);
-    }
 
-    let _ = ready.send(false);
-    tokio::select! {
-        () = drain(&mut tasks, config.shutdown_grace) => {}
-        e = write_stuck(&mut stuck) => return Err(stopped_stuck(&beat_stop, e)),
+        let _ = ready.send(false);
+        tokio::select! {
+            () = drain(&mut tasks, config.shutdown_grace) => {}
+            e = write_stuck(&mut stuck) => break 'run Some(e),
+        }
+        None
+    };
+    if let Some(e) = stuck_write {
+        // No drain: the jobs in flight wait behind the silent write, and the fleet handles this
+        // worker's claims and results as a killed one's. What a killed process loses by
+        // dying is stopped here by hand, for a caller that lives on (and may call `run`
+        // again): the beat, the job tasks, the background tasks, and the RabbitMQ connection,
+        // whose close sends this worker's unacked deliveries back to the queue.
+        let _ = ready.send(false);
+        beat_stop.send_replace(true);
+        tasks.abort_all();
+        drop(background);
+        if let Some(broker) = last_broker {
+            broker.close().await;
+        }
+        return Err(e);
     }
     if let Some(receipts) = receipts {
         // It watches the same shutdown signal and stops mid-round (every write of a round is whole).
@@ -369,10 +400,25 @@ async fn silent_write(
 /// of its own, and one query).
 const SILENCE_CHECK_PATIENCE: Duration = Duration::from_secs(2);
 
-/// Ends the heartbeat task of a worker stopping for a stuck write, and passes on the error.
-fn stopped_stuck(beat_stop: &watch::Sender<bool>, e: WorkerError) -> WorkerError {
-    beat_stop.send_replace(true);
-    e
+/// The tasks `run` starts beside its consume loop. Dropped, it aborts those still running, so
+/// a run that returns early (a stuck write, a failed start) leaves none of them behind in a
+/// process that lives on: no admin listener on its port, no leadership, no duties.
+#[derive(Default)]
+struct Background(Vec<tokio::task::AbortHandle>);
+
+impl Background {
+    fn add(&mut self, task: Option<&tokio::task::JoinHandle<()>>) {
+        self.0
+            .extend(task.map(tokio::task::JoinHandle::abort_handle));
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// The error the heartbeat reported for a write stuck past its timeout; pending until then.

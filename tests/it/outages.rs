@@ -3,17 +3,19 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use aliyun_sms_worker::config;
+use aliyun_sms_worker::config::{self, Config};
 use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
 use aliyun_sms_worker::wire::{JobResult, Status};
-use lapin::{Connection, ConnectionProperties};
+use aliyun_sms_worker::worker::{self, RunOptions, WorkerError};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 use aliyun_sms_worker::sms_client::SmsClient;
 use sqlx::PgPool;
+use tokio::sync::watch;
 
 use crate::helpers::{
     PATIENCE, TestApp, TestEnv, admin_get, amqp_url, close_connection, consume, eventually,
-    free_addr, next_from, send_job, unique_id,
+    free_addr, next_from, publish_to, send_job, test_link, unique_id,
 };
 use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
@@ -183,17 +185,8 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
         (finished(pool.clone()).await >= 100).then_some(())
     })
     .await;
-    let claim_waits_for_the_lock = || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE '%INSERT INTO sms_jobs%'",
-        )
-        .fetch_one(&pool)
-        .await
-        .expect("read the activity");
-        (waiting > 0).then_some(())
-    };
+    let claim_waits_for_the_lock =
+        || async { claims_waiting_for_a_lock(&pool).await.then_some(()) };
 
     // A write Postgres is working on is no silent one, however long it waits: a lock held
     // past DATABASE_WRITE_TIMEOUT_MS (a migration, an operator) is waited for.
@@ -274,4 +267,107 @@ async fn lock_the_jobs(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgr
         .await
         .expect("lock the jobs");
     lock
+}
+
+/// An in-process caller (an embedding service, a supervisor loop) that starts `run` again after
+/// it stopped for a silent write: the stopped run must leave nothing of its own running — not
+/// its admin listener (the new run needs the same ADMIN_ADDR), not its leadership or duties,
+/// and not its RabbitMQ connection, whose unacked deliveries would otherwise never go back to
+/// the queue, so the job it held would wait for the process to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_stopped_by_a_silent_write_leaves_nothing_running_and_can_be_started_again() {
+    let admin = free_addr();
+    let env = TestEnv::new(|s| {
+        s.insert(config::DATABASE_WRITE_TIMEOUT_MS.into(), "1000".into());
+        s.insert(config::ADMIN_ADDR.into(), admin.clone());
+    })
+    .await;
+    let db = Proxy::start(target_of(&env.db_url)).await;
+    let mut settings = env.settings.clone();
+    settings.insert(config::DATABASE_URL.into(), through(&env.db_url, &db));
+    let config = Config::from_map(&settings).expect("test configuration is valid");
+    let (stop, stop_rx) = watch::channel(false);
+    let start = |ready: watch::Sender<bool>| {
+        tokio::spawn(worker::run(
+            config.clone(),
+            RunOptions::default(),
+            stop_rx.clone(),
+            ready,
+        ))
+    };
+    let (ready_tx, mut ready) = watch::channel(false);
+    let first = start(ready_tx);
+    tokio::time::timeout(PATIENCE, ready.wait_for(|r| *r))
+        .await
+        .expect("the first run became ready in time")
+        .expect("the first run is running");
+
+    let pool = PgPool::connect(&env.db_url).await.expect("db");
+    let (connection, channel) = test_link().await;
+    let mut results = consume(&connection, &settings[config::SMS_RESULTS_QUEUE]).await;
+    let id = unique_id("restart");
+    let lock = lock_the_jobs(&pool).await;
+    publish_to(
+        &channel,
+        &settings[config::SMS_JOBS_QUEUE],
+        &serde_json::to_vec(&send_job(&id)).expect("json"),
+        BasicProperties::default(),
+    )
+    .await;
+    eventually("the job's claim waits for the lock", || async {
+        claims_waiting_for_a_lock(&pool).await.then_some(())
+    })
+    .await;
+    db.silence();
+    lock.rollback().await.expect("unlock");
+    let ended = tokio::time::timeout(PATIENCE, first)
+        .await
+        .expect("the run stopped for its silent write in time")
+        .expect("the run did not panic");
+    assert!(
+        matches!(ended, Err(WorkerError::WriteStuck { .. })),
+        "the run ended with {ended:?}"
+    );
+
+    let (ready_tx, mut ready) = watch::channel(false);
+    let second = start(ready_tx);
+    if tokio::time::timeout(PATIENCE, ready.wait_for(|r| *r))
+        .await
+        .expect("the second run became ready or stopped in time")
+        .is_err()
+    {
+        let ended = second.await.expect("the second run did not panic");
+        panic!("the second run could not start beside what the first left running: {ended:?}");
+    }
+    let (status, _) = admin_get(&admin, "/readyz").await;
+    assert_eq!(status, 200, "the second run answers on the same ADMIN_ADDR");
+    // The first run's delivery went back to the queue with its connection, and the second run
+    // finishes the job (once: the claim the first run committed fences it).
+    let delivery = next_from(&mut results, "the held job's result").await;
+    let result: JobResult = serde_json::from_slice(&delivery.data).expect("a result");
+    assert_eq!(result.id.as_deref(), Some(id.as_str()), "{result:?}");
+    assert!(env.fake.sends_for(&id) <= 1, "the job was sent twice");
+
+    stop.send_replace(true);
+    let ended = tokio::time::timeout(PATIENCE, second)
+        .await
+        .expect("the second run stopped in time")
+        .expect("the second run did not panic");
+    assert!(ended.is_ok(), "the second run stopped with {ended:?}");
+    close_connection(&connection).await;
+    pool.close().await;
+    env.remove().await;
+}
+
+/// Whether a claim of a worker waits for a lock on `sms_jobs`.
+async fn claims_waiting_for_a_lock(pool: &PgPool) -> bool {
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'
+           AND query LIKE '%INSERT INTO sms_jobs%'",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("read the activity");
+    waiting > 0
 }
