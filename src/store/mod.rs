@@ -281,6 +281,7 @@ use batch::ClaimReq;
 mod deliveries;
 mod fleet;
 mod guards;
+mod in_flight;
 mod leader;
 mod presumed;
 mod rate;
@@ -363,6 +364,8 @@ pub struct Store {
     /// a burst of them (hundreds of checks in flight) must queue here, without a deadline,
     /// rather than for the pool, whose short wait would take the burst for an outage.
     guarded: Arc<tokio::sync::Semaphore>,
+    /// When the guarded claims running now began; see [`Store::longest_write_wait`].
+    guarded_in_flight: Arc<in_flight::InFlight>,
 }
 
 impl Store {
@@ -435,11 +438,14 @@ impl Store {
     }
 
     /// Whether Postgres is working on a statement of this store's sessions (running it, or
-    /// waiting for a lock, a disk, a standby), other than waiting for the client: a write
-    /// that has had no answer for long while this says `false` is on a connection that went
-    /// silent. `true` for a store whose sessions are not named (it cannot tell). Asked on a
-    /// connection of its own: when writes wait for a lock, the pool may have none to spare.
-    pub async fn working_for_us(&self) -> Result<bool, StoreError> {
+    /// waiting for a lock, a disk, a standby), other than waiting for the client, in a
+    /// transaction begun at least half of `waited` ago: a write that has had no answer for
+    /// `waited` while this says `false` is on a connection that went silent. Only transactions
+    /// about as old as the write count: a busy worker's fresh statements, on connections
+    /// opened since, say nothing of it. `true` for a store whose sessions are not named (it
+    /// cannot tell). Asked on a connection of its own: when writes wait for a lock, the pool
+    /// may have none to spare.
+    pub async fn working_for_us(&self, waited: Duration) -> Result<bool, StoreError> {
         let Some(name) = &self.session_name else {
             return Ok(true);
         };
@@ -448,9 +454,11 @@ impl Store {
             "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
                             WHERE application_name = $1 AND pid <> pg_backend_pid()
                               AND state = 'active'
-                              AND wait_event_type IS DISTINCT FROM 'Client')",
+                              AND wait_event_type IS DISTINCT FROM 'Client'
+                              AND xact_start <= now() - make_interval(secs => $2))",
         )
         .bind(name.as_ref())
+        .bind(waited.as_secs_f64() / 2.0)
         .fetch_one(&mut conn)
         .await;
         // Its answer stands however the goodbye goes.
@@ -468,6 +476,7 @@ impl Store {
             guarded: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(guarded).unwrap_or(1),
             )),
+            guarded_in_flight: Arc::default(),
         }
     }
 
@@ -483,15 +492,25 @@ impl Store {
             ))),
             session_name: self.session_name.clone(),
             guarded: self.guarded.clone(),
+            guarded_in_flight: self.guarded_in_flight.clone(),
         }
     }
 
-    /// The batched write that has waited longest for the database, and how long: a batch
-    /// whose connection went silent waits here until TCP gives up (minutes), holding every
-    /// job behind it. `None` when no batch is being written, or for a store that writes each
-    /// job alone.
+    /// The write that has waited longest for the database, and how long: a batch whose
+    /// connection went silent waits until TCP gives up (minutes), holding every job behind
+    /// it; a guarded claim holds its job and a turn of the guarded claims. `None` when none
+    /// is being written.
     pub fn longest_write_wait(&self) -> Option<(&'static str, Duration)> {
-        self.writer.as_ref().and_then(|w| w.longest_wait())
+        let guarded = self
+            .guarded_in_flight
+            .longest()
+            .map(|waited| ("guarded claim", waited));
+        self.writer
+            .as_ref()
+            .and_then(|w| w.longest_wait())
+            .into_iter()
+            .chain(guarded)
+            .max_by_key(|(_, waited)| *waited)
     }
 
     /// What the batched writers did so far (see `store::batch`); empty for a store that
@@ -566,6 +585,9 @@ impl Store {
             .await
             .map_err(|_| StoreError::WriterGone)?;
         let mut tx = self.pool.begin().await?;
+        // From the connection in hand on: a wait for one is the pool's, bounded by its own
+        // timeout, and not on any statement Postgres could be asked about.
+        let _in_flight = self.guarded_in_flight.begin();
         let mut refusal = None;
         if let Some(limits) = guards.number_limits {
             guards::lock_number(&mut tx, "number", job.phone().as_str()).await?;

@@ -371,30 +371,43 @@ async fn silent_write(
     timeout: Duration,
     told: &mut bool,
 ) -> Option<(&'static str, u64)> {
-    let Some((write, waited)) = store
-        .longest_write_wait()
-        .filter(|(_, waited)| *waited >= timeout)
-    else {
-        *told = false;
-        return None;
-    };
-    let waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
-    match tokio::time::timeout(SILENCE_CHECK_PATIENCE, store.working_for_us()).await {
-        Ok(Ok(false)) => Some((write, waited_ms)),
-        Ok(Ok(true)) => {
-            if !*told {
-                *told = true;
-                tracing::warn!(
-                    write,
-                    waited_ms,
-                    "a database write has waited longer than DATABASE_WRITE_TIMEOUT_MS, and Postgres is still working on this worker's statements (a lock, a slow server): waiting on"
-                );
+    let mut second_look = false;
+    loop {
+        let Some((write, waited)) = store
+            .longest_write_wait()
+            .filter(|(_, waited)| *waited >= timeout)
+        else {
+            *told = false;
+            return None;
+        };
+        let waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
+        match tokio::time::timeout(SILENCE_CHECK_PATIENCE, store.working_for_us(waited)).await {
+            // A transaction is idle for a moment between its statements (a guarded claim's):
+            // silent is what a second look, a moment later, still finds unattended.
+            Ok(Ok(false)) if !second_look => {
+                second_look = true;
+                tokio::time::sleep(SECOND_LOOK_AFTER).await;
             }
-            None
+            Ok(Ok(false)) => return Some((write, waited_ms)),
+            Ok(Ok(true)) => {
+                if !*told {
+                    *told = true;
+                    tracing::warn!(
+                        write,
+                        waited_ms,
+                        "a database write has waited longer than DATABASE_WRITE_TIMEOUT_MS, and Postgres is still working on this worker's statements (a lock, a slow server): waiting on"
+                    );
+                }
+                return None;
+            }
+            _ => return None,
         }
-        _ => None,
     }
 }
+
+/// See [`silent_write`]: far longer than the client takes between two statements, far
+/// shorter than the write timeout (a second at least).
+const SECOND_LOOK_AFTER: Duration = Duration::from_millis(200);
 
 /// How long the heartbeat waits to learn whether Postgres is working on a write (a connection
 /// of its own, and one query).

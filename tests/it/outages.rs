@@ -10,12 +10,17 @@ use aliyun_sms_worker::worker::{self, RunOptions, WorkerError};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 use aliyun_sms_worker::sms_client::SmsClient;
-use sqlx::PgPool;
+use std::str::FromStr;
+
+use serde_json::Value;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::helpers::{
     PATIENCE, TestApp, TestEnv, admin_get, amqp_url, close_connection, consume, eventually,
-    free_addr, next_from, publish_to, send_job, test_link, unique_id,
+    free_addr, next_from, publish_to, send_job, test_link, unique_id, unique_phone,
 };
 use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
@@ -269,94 +274,59 @@ async fn lock_the_jobs(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgr
     lock
 }
 
-/// An in-process caller (an embedding service, a supervisor loop) that starts `run` again after
-/// it stopped for a silent write: the stopped run must leave nothing of its own running — not
-/// its admin listener (the new run needs the same ADMIN_ADDR), not its leadership or duties,
-/// and not its RabbitMQ connection, whose unacked deliveries would otherwise never go back to
-/// the queue, so the job it held would wait for the process to end.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_stopped_by_a_silent_write_leaves_nothing_running_and_can_be_started_again() {
-    let admin = free_addr();
-    let env = TestEnv::new(|s| {
-        s.insert(config::DATABASE_WRITE_TIMEOUT_MS.into(), "1000".into());
-        s.insert(config::ADMIN_ADDR.into(), admin.clone());
-    })
-    .await;
-    let db = Proxy::start(target_of(&env.db_url)).await;
-    let mut settings = env.settings.clone();
-    settings.insert(config::DATABASE_URL.into(), through(&env.db_url, &db));
-    let config = Config::from_map(&settings).expect("test configuration is valid");
-    let (stop, stop_rx) = watch::channel(false);
-    let start = |ready: watch::Sender<bool>| {
-        tokio::spawn(worker::run(
-            config.clone(),
-            RunOptions::default(),
-            stop_rx.clone(),
-            ready,
-        ))
-    };
-    let (ready_tx, mut ready) = watch::channel(false);
-    let first = start(ready_tx);
-    tokio::time::timeout(PATIENCE, ready.wait_for(|r| *r))
-        .await
-        .expect("the first run became ready in time")
-        .expect("the first run is running");
+/// A worker run in this process, its database behind a proxy the test can silence.
+struct RunBehindProxy {
+    db: Proxy,
+    config: Config,
+    stop: watch::Sender<bool>,
+}
 
-    let pool = PgPool::connect(&env.db_url).await.expect("db");
-    let (connection, channel) = test_link().await;
-    let mut results = consume(&connection, &settings[config::SMS_RESULTS_QUEUE]).await;
-    let id = unique_id("restart");
-    let lock = lock_the_jobs(&pool).await;
-    publish_to(
-        &channel,
-        &settings[config::SMS_JOBS_QUEUE],
-        &serde_json::to_vec(&send_job(&id)).expect("json"),
-        BasicProperties::default(),
-    )
-    .await;
-    eventually("the job's claim waits for the lock", || async {
-        claims_waiting_for_a_lock(&pool).await.then_some(())
-    })
-    .await;
-    db.silence();
-    lock.rollback().await.expect("unlock");
-    let ended = tokio::time::timeout(PATIENCE, first)
-        .await
-        .expect("the run stopped for its silent write in time")
-        .expect("the run did not panic");
-    assert!(
-        matches!(ended, Err(WorkerError::WriteStuck { .. })),
-        "the run ended with {ended:?}"
-    );
-
-    let (ready_tx, mut ready) = watch::channel(false);
-    let second = start(ready_tx);
-    if tokio::time::timeout(PATIENCE, ready.wait_for(|r| *r))
-        .await
-        .expect("the second run became ready or stopped in time")
-        .is_err()
-    {
-        let ended = second.await.expect("the second run did not panic");
-        panic!("the second run could not start beside what the first left running: {ended:?}");
+impl RunBehindProxy {
+    async fn new(env: &TestEnv) -> Self {
+        let db = Proxy::start(target_of(&env.db_url)).await;
+        let mut settings = env.settings.clone();
+        settings.insert(config::DATABASE_URL.into(), through(&env.db_url, &db));
+        Self {
+            db,
+            config: Config::from_map(&settings).expect("test configuration is valid"),
+            stop: watch::Sender::new(false),
+        }
     }
-    let (status, _) = admin_get(&admin, "/readyz").await;
-    assert_eq!(status, 200, "the second run answers on the same ADMIN_ADDR");
-    // The first run's delivery went back to the queue with its connection, and the second run
-    // finishes the job (once: the claim the first run committed fences it).
-    let delivery = next_from(&mut results, "the held job's result").await;
-    let result: JobResult = serde_json::from_slice(&delivery.data).expect("a result");
-    assert_eq!(result.id.as_deref(), Some(id.as_str()), "{result:?}");
-    assert!(env.fake.sends_for(&id) <= 1, "the job was sent twice");
 
-    stop.send_replace(true);
-    let ended = tokio::time::timeout(PATIENCE, second)
-        .await
-        .expect("the second run stopped in time")
-        .expect("the second run did not panic");
-    assert!(ended.is_ok(), "the second run stopped with {ended:?}");
-    close_connection(&connection).await;
-    pool.close().await;
-    env.remove().await;
+    /// Starts `run`: its task once it consumes, or what it ended with before.
+    async fn start(&self) -> Result<JoinHandle<Result<(), WorkerError>>, Result<(), WorkerError>> {
+        let (ready_tx, mut ready) = watch::channel(false);
+        let run = tokio::spawn(worker::run(
+            self.config.clone(),
+            RunOptions::default(),
+            self.stop.subscribe(),
+            ready_tx,
+        ));
+        match tokio::time::timeout(PATIENCE, ready.wait_for(|r| *r)).await {
+            Ok(Ok(_)) => Ok(run),
+            Ok(Err(_)) => Err(run.await.expect("the run did not panic")),
+            Err(_) => panic!("the run neither became ready nor stopped in time"),
+        }
+    }
+
+    /// Publishes `job` while the jobs are locked, so that its claim is on its way when every
+    /// database connection open now falls silent; then unlocks. Only that claim never returns.
+    async fn silence_a_claim(&self, pool: &PgPool, channel: &lapin::Channel, job: &Value) {
+        let lock = lock_the_jobs(pool).await;
+        publish_to(
+            channel,
+            &self.config.queues.jobs,
+            &serde_json::to_vec(job).expect("json"),
+            BasicProperties::default(),
+        )
+        .await;
+        eventually("the job's claim waits for the lock", || async {
+            claims_waiting_for_a_lock(pool).await.then_some(())
+        })
+        .await;
+        self.db.silence();
+        lock.rollback().await.expect("unlock");
+    }
 }
 
 /// Whether a claim of a worker waits for a lock on `sms_jobs`.
@@ -370,4 +340,123 @@ async fn claims_waiting_for_a_lock(pool: &PgPool) -> bool {
     .await
     .expect("read the activity");
     waiting > 0
+}
+
+/// An in-process caller (an embedding service, a supervisor loop) that starts `run` again after
+/// it stopped for a silent write: the stopped run must leave nothing of its own running — not
+/// its admin listener (the new run needs the same ADMIN_ADDR), not its leadership or duties,
+/// and not its RabbitMQ connection, whose unacked deliveries would otherwise never go back to
+/// the queue, so the job it held would wait for the process to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_stopped_by_a_silent_write_leaves_nothing_running_and_can_be_started_again() {
+    let admin = free_addr();
+    let env = TestEnv::new(|s| {
+        s.insert(config::DATABASE_WRITE_TIMEOUT_MS.into(), "1000".into());
+        s.insert(config::ADMIN_ADDR.into(), admin.clone());
+    })
+    .await;
+    let worker = RunBehindProxy::new(&env).await;
+    let first = worker.start().await.expect("the first run is running");
+    let pool = PgPool::connect(&env.db_url).await.expect("db");
+    let (connection, channel) = test_link().await;
+    let mut results = consume(&connection, &worker.config.queues.results).await;
+    let id = unique_id("restart");
+    worker
+        .silence_a_claim(&pool, &channel, &send_job(&id))
+        .await;
+    let ended = tokio::time::timeout(PATIENCE, first)
+        .await
+        .expect("the run stopped for its silent write in time")
+        .expect("the run did not panic");
+    assert!(
+        matches!(ended, Err(WorkerError::WriteStuck { .. })),
+        "the run ended with {ended:?}"
+    );
+
+    let second = worker.start().await.unwrap_or_else(|ended| {
+        panic!("the second run could not start beside what the first left running: {ended:?}")
+    });
+    let (status, _) = admin_get(&admin, "/readyz").await;
+    assert_eq!(status, 200, "the second run answers on the same ADMIN_ADDR");
+    // The first run's delivery went back to the queue with its connection, and the second run
+    // finishes the job (once: the claim the first run committed fences it).
+    let delivery = next_from(&mut results, "the held job's result").await;
+    let result: JobResult = serde_json::from_slice(&delivery.data).expect("a result");
+    assert_eq!(result.id.as_deref(), Some(id.as_str()), "{result:?}");
+    assert!(env.fake.sends_for(&id) <= 1, "the job was sent twice");
+
+    worker.stop.send_replace(true);
+    let ended = tokio::time::timeout(PATIENCE, second)
+        .await
+        .expect("the second run stopped in time")
+        .expect("the second run did not panic");
+    assert!(ended.is_ok(), "the second run stopped with {ended:?}");
+    close_connection(&connection).await;
+    pool.close().await;
+    env.remove().await;
+}
+
+/// A guarded claim (every `check_verify_code` job's, `CHECK_MAX_ATTEMPTS` being on by default)
+/// is a transaction of its own, outside the batched lanes: one whose connection went silent
+/// stops the run too. Also while other statements under the worker's name keep Postgres busy,
+/// fresh ones back to back on a connection opened since, as a busy worker's would: they say
+/// nothing of the silent one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guarded_claim_gone_silent_stops_the_run_while_other_statements_of_the_worker_go_on() {
+    let env = TestEnv::new(|s| {
+        s.insert(config::DATABASE_WRITE_TIMEOUT_MS.into(), "1000".into());
+    })
+    .await;
+    let worker = RunBehindProxy::new(&env).await;
+    let run = worker.start().await.expect("the run is running");
+    let pool = PgPool::connect(&env.db_url).await.expect("db");
+    let worker_name: String = sqlx::query_scalar(
+        "SELECT application_name FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name LIKE 'aliyun-sms-worker %'
+         LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the worker's sessions are named");
+    let options = PgConnectOptions::from_str(&env.db_url)
+        .expect("the test database's URL")
+        .application_name(&worker_name);
+    let busy = tokio::spawn(async move {
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .expect("connect under the worker's name");
+        loop {
+            sqlx::query("SELECT pg_sleep(0.1)")
+                .execute(&mut conn)
+                .await
+                .expect("a busy statement");
+        }
+    });
+    let (connection, channel) = test_link().await;
+    let check = serde_json::json!({
+        "id": unique_id("silentcheck"),
+        "type": "check_verify_code",
+        "phone_number": unique_phone(),
+        "verify_code": "123456",
+    });
+    worker.silence_a_claim(&pool, &channel, &check).await;
+
+    let ended = tokio::time::timeout(PATIENCE, run)
+        .await
+        .expect("the run stopped for its silent guarded claim in time")
+        .expect("the run did not panic");
+    assert!(
+        matches!(
+            ended,
+            Err(WorkerError::WriteStuck {
+                write: "guarded claim",
+                ..
+            })
+        ),
+        "the run ended with {ended:?}"
+    );
+    busy.abort();
+    close_connection(&connection).await;
+    pool.close().await;
+    env.remove().await;
 }
