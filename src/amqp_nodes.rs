@@ -26,9 +26,18 @@ const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// docs/wire-contract.md, "Delivery guarantees").
 const FRAME_MAX: u32 = 16 * 1024;
 
+/// The AMQP heartbeat the worker asks for, in seconds, unless `AMQP_URL` says `heartbeat=`. A
+/// connection gone silent (a partition, a load balancer that lost its node and keeps the
+/// socket open) raises no error: it is known lost when nothing, heartbeats included, has come
+/// for two of these. At RabbitMQ's default of 60 s that is two minutes, in which the jobs the
+/// worker holds (up to its prefetch) wait on both sides, and a login code is late. RabbitMQ
+/// advises 5 to 20 s.
+const HEARTBEAT_SECS: u16 = 10;
+
 #[derive(Clone)]
 struct Node {
-    /// The node's URL, parsed, with [`FRAME_MAX`] when it names no frame size. Holds the
+    /// The node's URL, parsed, with [`FRAME_MAX`] when it names no frame size and
+    /// [`HEARTBEAT_SECS`] when it names no heartbeat. Holds the
     /// password: never printed (`host` is what logs show).
     uri: AMQPUri,
     /// `host:port`, what logs and errors show instead of the URL.
@@ -81,6 +90,7 @@ impl AmqpNodes {
                     )
                 })?;
                 uri.query.frame_max.get_or_insert(FRAME_MAX);
+                uri.query.heartbeat.get_or_insert(HEARTBEAT_SECS);
                 Ok(Node {
                     host: format!("{}:{}", uri.authority.host, uri.authority.port),
                     uri,
@@ -167,6 +177,16 @@ mod tests {
         );
         assert_eq!(three.host(4), "rabbit-2:5672", "wraps round");
         assert!(!format!("{three:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn a_url_without_a_heartbeat_asks_for_ten_seconds_and_one_with_its_own_keeps_it() {
+        let nodes = AmqpNodes::parse(
+            "amqp://guest:guest@127.0.0.1:5672/%2f,amqp://guest:guest@127.0.0.2:5672/%2f?heartbeat=30",
+        )
+        .unwrap();
+        let heartbeats: Vec<_> = nodes.nodes.iter().map(|n| n.uri.query.heartbeat).collect();
+        assert_eq!(heartbeats, [Some(10), Some(30)]);
     }
 
     #[test]

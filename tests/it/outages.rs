@@ -460,3 +460,22 @@ async fn a_guarded_claim_gone_silent_stops_the_run_while_other_statements_of_the
     pool.close().await;
     env.remove().await;
 }
+
+/// A RabbitMQ connection that goes silent (a partition, a load balancer that lost its node and
+/// keeps the client's socket open): no error, nothing comes back. Every job is still answered,
+/// once: the AMQP heartbeat tells the worker its connection is gone (after two heartbeats: 20 s
+/// at the worker's default, 4 s at this test's), it connects again, and RabbitMQ, hearing
+/// nothing either, gives the deliveries it held to the new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_connection_gone_silent_is_noticed_and_every_job_is_answered_once() {
+    let env = TestEnv::new(|s| {
+        let url = format!("{}?heartbeat=2", s[config::AMQP_URL]);
+        s.insert(config::AMQP_URL.into(), url);
+    })
+    .await;
+    let (app, broker, ids) = busy_worker_behind_proxy(env, config::AMQP_URL, "amqpquiet").await;
+    broker.silence();
+    let results = all_sent(&app, &ids).await;
+    assert!(results >= ids.len());
+    app.shutdown().await;
+}
