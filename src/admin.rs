@@ -105,7 +105,34 @@ fn account_detail(troubles: &[AccountTrouble]) -> Option<String> {
     Some(format!("degraded: {}", clauses.join("; ")))
 }
 
-/// Serves the admin endpoints on `addr` until the runtime stops; returns the bound address.
+/// The admin listener, running; dropped, it stops at once (a run that returned early leaves
+/// no listener on its port).
+pub struct Listener {
+    task: tokio::task::JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+impl Listener {
+    /// Stops it: no new connection, and every open one (a scraper's keep-alive) closed once
+    /// its request is answered; cut after `patience`.
+    pub async fn stop(mut self, patience: std::time::Duration) {
+        self.stop.send_replace(true);
+        if tokio::time::timeout(patience, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves the admin endpoints on `addr` until stopped; returns the bound address.
 /// `token`, when given, guards every page but `/healthz` and `/readyz`.
 pub async fn serve(
     addr: SocketAddr,
@@ -114,7 +141,7 @@ pub async fn serve(
     probes: Probes,
     store: Store,
     broker: watch::Receiver<Option<Broker>>,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+) -> std::io::Result<(SocketAddr, Listener)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let state = AdminState {
@@ -139,12 +166,16 @@ pub async fn serve(
         .route("/readyz", get(readyz))
         .merge(pages)
         .with_state(state);
+    let (stop, mut stopped) = watch::channel(false);
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let serving = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serving.await {
             tracing::error!(error = %e, "admin listener stopped");
         }
     });
-    Ok((bound, task))
+    Ok((bound, Listener { task, stop }))
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {

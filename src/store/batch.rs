@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::guards::Refusal;
@@ -139,19 +139,29 @@ where
     Req: Keyed + Send + 'static,
     Resp: Send + 'static,
 {
-    fn spawn<F, Fut>(write: &'static str, pool: PgPool, shape: Shape, execute: F) -> Self
+    fn spawn<F, Fut>(
+        write: &'static str,
+        pool: PgPool,
+        shape: Shape,
+        abandoned: &watch::Sender<bool>,
+        execute: F,
+    ) -> Self
     where
         F: Fn(PgPool, Vec<Req>, Arc<Counters>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<Resp, StoreError>>> + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
         let counters = Arc::new(Counters::default());
-        tokio::spawn(run_lane(
-            pool,
-            rx,
-            shape,
-            Arc::new(execute),
-            counters.clone(),
+        tokio::spawn(until_abandoned(
+            abandoned.subscribe(),
+            run_lane(
+                pool,
+                rx,
+                shape,
+                Arc::new(execute),
+                counters.clone(),
+                abandoned.subscribe(),
+            ),
         ));
         Self {
             tx,
@@ -197,6 +207,7 @@ async fn run_lane<Req, Resp, F, Fut>(
     shape: Shape,
     execute: Arc<F>,
     counters: Arc<Counters>,
+    abandoned: watch::Receiver<bool>,
 ) where
     Req: Keyed + Send + 'static,
     Resp: Send + 'static,
@@ -247,7 +258,7 @@ async fn run_lane<Req, Resp, F, Fut>(
         let pool = pool.clone();
         let execute = execute.clone();
         let counters = counters.clone();
-        tokio::spawn(async move {
+        tokio::spawn(until_abandoned(abandoned.clone(), async move {
             let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = batch.into_iter().unzip();
             // Cleared however the batch ends, a panic included: a mark left behind would make
             // an idle lane look stuck.
@@ -258,7 +269,19 @@ async fn run_lane<Req, Resp, F, Fut>(
                 let _ = reply.send(result);
             }
             drop(permit);
-        });
+        }));
+    }
+}
+
+/// Runs `work` until its writer is abandoned (see [`Writer::abandon`]), when it is dropped
+/// where it stands; to its end otherwise, the writer dropped included.
+pub(super) async fn until_abandoned(
+    mut abandoned: watch::Receiver<bool>,
+    work: impl Future<Output = ()>,
+) {
+    tokio::select! {
+        () = work => {}
+        Ok(_) = abandoned.wait_for(|gone| *gone) => {}
     }
 }
 
@@ -368,6 +391,8 @@ pub(super) struct Writer {
     finishes: Lane<FinishReq, JobRow>,
     published: Lane<PublishedReq, ()>,
     presumed: Arc<Presumed>,
+    /// See [`Writer::abandon`].
+    abandoned: watch::Sender<bool>,
 }
 
 impl Writer {
@@ -375,26 +400,55 @@ impl Writer {
     /// presumed result may hold the watermark.
     pub(super) fn spawn(pool: PgPool, republish_after: Duration) -> Self {
         let presumed = Arc::new(Presumed::default());
+        let abandoned = watch::Sender::new(false);
         presumed::spawn_keeper(
             pool.clone(),
             &presumed,
             presumed::hand_over_after(republish_after),
+            abandoned.subscribe(),
         );
         let lane_presumed = presumed.clone();
         Self {
-            claims: Lane::spawn("claim", pool.clone(), ON_THE_WAY, write_batch::<ClaimReq>),
-            stamps: Lane::spawn("stamp", pool.clone(), ON_THE_WAY, write_batch::<StampReq>),
-            finishes: Lane::spawn("outcome", pool.clone(), ON_THE_WAY, move |pool, reqs, c| {
-                finish_presuming(pool, reqs, c, lane_presumed.clone())
-            }),
+            claims: Lane::spawn(
+                "claim",
+                pool.clone(),
+                ON_THE_WAY,
+                &abandoned,
+                write_batch::<ClaimReq>,
+            ),
+            stamps: Lane::spawn(
+                "stamp",
+                pool.clone(),
+                ON_THE_WAY,
+                &abandoned,
+                write_batch::<StampReq>,
+            ),
+            finishes: Lane::spawn(
+                "outcome",
+                pool.clone(),
+                ON_THE_WAY,
+                &abandoned,
+                move |pool, reqs, c| finish_presuming(pool, reqs, c, lane_presumed.clone()),
+            ),
             published: Lane::spawn(
                 "result_published",
                 pool,
                 DETACHED,
+                &abandoned,
                 write_batch::<PublishedReq>,
             ),
             presumed,
+            abandoned,
         }
+    }
+
+    /// Stops every lane, batch and the keeper where they stand, as a killed process would: for
+    /// a worker that stops on a silent write and whose process lives on. Requests still
+    /// queued are never written (their askers hear `WriterGone`), so none is written later
+    /// under a worker that no longer exists: a claim stamped by it would end its job
+    /// `unknown` though it was never sent.
+    pub(super) fn abandon(&self) {
+        self.abandoned.send_replace(true);
     }
 
     /// Each lane's counts, in the order a job meets them.

@@ -89,6 +89,11 @@ fn class_of(e: &sqlx::Error) -> ErrorClass {
 
 /// SQLSTATEs that mean the server, not the row: see
 /// <https://www.postgresql.org/docs/current/errcodes-appendix.html>.
+/// What may pass, beyond the pool's acquire timeout, between a write's wait starting on the
+/// worker's clock and its transaction starting on the server's: the round trips before it (a
+/// pool's ping, a `BEGIN`), on a busy machine.
+const CLOCK_SLACK: Duration = Duration::from_millis(250);
+
 const OUTAGE_SQLSTATES: &[&str] = &[
     // connection exception
     "08", // invalid authorization (a rotated password)
@@ -439,12 +444,13 @@ impl Store {
 
     /// Whether Postgres is working on a statement of this store's sessions (running it, or
     /// waiting for a lock, a disk, a standby), other than waiting for the client, in a
-    /// transaction begun at least half of `waited` ago: a write that has had no answer for
-    /// `waited` while this says `false` is on a connection that went silent. Only transactions
-    /// about as old as the write count: a busy worker's fresh statements, on connections
-    /// opened since, say nothing of it. `true` for a store whose sessions are not named (it
-    /// cannot tell). Asked on a connection of its own: when writes wait for a lock, the pool
-    /// may have none to spare.
+    /// transaction about as old as a write that has had no answer for `waited`: when this says
+    /// `false`, that write is on a connection that went silent. Only such transactions count:
+    /// a busy worker's fresh statements, on connections opened since, say nothing of it. A
+    /// write's wait counts from before it had a connection, got within the pool's acquire
+    /// timeout, so its transaction may be younger than `waited` by that much. `true` for a
+    /// store whose sessions are not named (it cannot tell). Asked on a connection of its own:
+    /// when writes wait for a lock, the pool may have none to spare.
     pub async fn working_for_us(&self, waited: Duration) -> Result<bool, StoreError> {
         let Some(name) = &self.session_name else {
             return Ok(true);
@@ -458,7 +464,11 @@ impl Store {
                               AND xact_start <= now() - make_interval(secs => $2))",
         )
         .bind(name.as_ref())
-        .bind(waited.as_secs_f64() / 2.0)
+        .bind(
+            waited
+                .saturating_sub(self.pool.options().get_acquire_timeout() + CLOCK_SLACK)
+                .as_secs_f64(),
+        )
         .fetch_one(&mut conn)
         .await;
         // Its answer stands however the goodbye goes.
@@ -493,6 +503,15 @@ impl Store {
             session_name: self.session_name.clone(),
             guarded: self.guarded.clone(),
             guarded_in_flight: self.guarded_in_flight.clone(),
+        }
+    }
+
+    /// Stops the batched writers where they stand, queued writes unwritten (see
+    /// `batch::Writer::abandon`): for a worker that stops on a silent write while its process
+    /// lives on.
+    pub fn abandon(&self) {
+        if let Some(writer) = &self.writer {
+            writer.abandon();
         }
     }
 
@@ -584,10 +603,11 @@ impl Store {
             .acquire()
             .await
             .map_err(|_| StoreError::WriterGone)?;
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.pool.acquire().await?;
         // From the connection in hand on: a wait for one is the pool's, bounded by its own
         // timeout, and not on any statement Postgres could be asked about.
         let _in_flight = self.guarded_in_flight.begin();
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let mut refusal = None;
         if let Some(limits) = guards.number_limits {
             guards::lock_number(&mut tx, "number", job.phone().as_str()).await?;

@@ -244,10 +244,15 @@ impl Presumed {
 }
 
 /// Keeps the owner's watermark in its `sms_workers` row, and hands results whose confirm is
-/// long overdue to the outbox. Ends with the store.
-pub(super) fn spawn_keeper(pool: PgPool, presumed: &Arc<Presumed>, hand_over_after: Duration) {
+/// long overdue to the outbox. Ends with the store, or when it is abandoned.
+pub(super) fn spawn_keeper(
+    pool: PgPool,
+    presumed: &Arc<Presumed>,
+    hand_over_after: Duration,
+    abandoned: tokio::sync::watch::Receiver<bool>,
+) {
     let presumed: Weak<Presumed> = Arc::downgrade(presumed);
-    tokio::spawn(async move {
+    tokio::spawn(super::batch::until_abandoned(abandoned, async move {
         let mut written: Option<DateTime<Utc>> = None;
         let mut ticks = tokio::time::interval(TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -293,7 +298,7 @@ pub(super) fn spawn_keeper(pool: PgPool, presumed: &Arc<Presumed>, hand_over_aft
                 Err(_) => tracing::debug!("watermark not written within {PATIENCE:?}; next tick"),
             }
         }
-    });
+    }));
 }
 
 #[cfg(test)]

@@ -75,9 +75,9 @@ impl Default for RunOptions {
 /// the grace period and closes (unfinished deliveries return to the queue).
 ///
 /// Returns `WriteStuck` at once, without a drain, when a database write went silent. However it
-/// returns, nothing it started keeps running but that silent write itself (which holds its
-/// connection, and the pool's idle ones, until TCP or the pool's idle timeout ends them), so a
-/// caller that lives on may call it again.
+/// returns, what it started stops with it (a database health probe once the database answers;
+/// a connection gone silent perhaps only when TCP gives up on it), so a caller that lives on
+/// may call it again.
 pub async fn run(
     config: Config,
     options: RunOptions,
@@ -133,7 +133,6 @@ pub async fn run(
         None => None,
     };
     let mut background = Background::default();
-    background.add(admin.as_ref());
     let pipeline = Arc::new(Pipeline::new(
         config.clone(),
         batched,
@@ -148,20 +147,25 @@ pub async fn run(
         .await?;
     // The heartbeat outlives the shutdown signal: a draining worker still owns its claims.
     let (beat_stop, beat_until) = watch::channel(false);
-    // Set by the heartbeat when a write has waited past DATABASE_WRITE_TIMEOUT_MS.
+    // Set by the write watch when a write has had no answer past DATABASE_WRITE_TIMEOUT_MS.
     let (stuck_tx, mut stuck) = watch::channel::<Option<(&'static str, u64)>>(None);
     let stuck_tx = Arc::new(stuck_tx);
     let heartbeat = {
         let (pipeline, name, shutdown) = (pipeline.clone(), options.name.clone(), shutdown.clone());
         let until = beat_until.clone();
-        supervisor.spawn("heartbeat", beat_until, move || {
+        supervisor.spawn("heartbeat", beat_until.clone(), move || {
             beat(
                 pipeline.clone(),
                 name.clone(),
                 shutdown.clone(),
                 until.clone(),
-                stuck_tx.clone(),
             )
+        })
+    };
+    let write_watch = {
+        let (pipeline, until) = (pipeline.clone(), beat_until.clone());
+        supervisor.spawn("write-watch", beat_until, move || {
+            watch_writes(pipeline.clone(), until.clone(), stuck_tx.clone())
         })
     };
     let leadership = {
@@ -219,6 +223,7 @@ pub async fn run(
     };
     for task in [
         Some(&heartbeat),
+        Some(&write_watch),
         Some(&leadership),
         receipts.as_ref(),
         Some(&duties),
@@ -314,14 +319,20 @@ pub async fn run(
         // No drain: the jobs in flight wait behind the silent write, and the fleet handles this
         // worker's claims and results as a killed one's. What a killed process loses by
         // dying is stopped here by hand, for a caller that lives on (and may call `run`
-        // again): the beat, the job tasks, the background tasks, and the RabbitMQ connection,
-        // whose close sends this worker's unacked deliveries back to the queue.
+        // again): the beat, the job tasks, the batched writes queued or under way (nothing
+        // is written later under this worker), the background tasks, the RabbitMQ
+        // connection, whose close sends this worker's unacked deliveries back to the queue,
+        // and the admin listener.
         let _ = ready.send(false);
         beat_stop.send_replace(true);
         tasks.abort_all();
+        pipeline.store().abandon();
         drop(background);
         if let Some(broker) = last_broker {
             broker.close().await;
+        }
+        if let Some(admin) = admin {
+            admin.stop(CLOSE_PATIENCE).await;
         }
         return Err(e);
     }
@@ -333,8 +344,9 @@ pub async fn run(
     let _ = leadership.await;
     beat_stop.send_replace(true);
     let _ = heartbeat.await;
+    let _ = write_watch.await;
     if let Some(admin) = admin {
-        admin.abort();
+        admin.stop(CLOSE_PATIENCE).await;
     }
     // With the database gone, the outbox publishing these results again is the lesser evil
     // than a stop that hangs.
@@ -371,7 +383,7 @@ async fn silent_write(
     timeout: Duration,
     told: &mut bool,
 ) -> Option<(&'static str, u64)> {
-    let mut second_look = false;
+    let mut first_look: Option<(&'static str, Duration)> = None;
     loop {
         let Some((write, waited)) = store
             .longest_write_wait()
@@ -380,12 +392,17 @@ async fn silent_write(
             *told = false;
             return None;
         };
+        if first_look.is_some_and(|(was, then)| was != write || waited < then) {
+            // The write looked at first has ended: the next tick looks at this one twice.
+            return None;
+        }
         let waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
         match tokio::time::timeout(SILENCE_CHECK_PATIENCE, store.working_for_us(waited)).await {
             // A transaction is idle for a moment between its statements (a guarded claim's):
-            // silent is what a second look, a moment later, still finds unattended.
-            Ok(Ok(false)) if !second_look => {
-                second_look = true;
+            // silent is what a second look at the same write, a moment later, still finds
+            // unattended.
+            Ok(Ok(false)) if first_look.is_none() => {
+                first_look = Some((write, waited));
                 tokio::time::sleep(SECOND_LOOK_AFTER).await;
             }
             Ok(Ok(false)) => return Some((write, waited_ms)),
@@ -415,7 +432,7 @@ const SILENCE_CHECK_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The tasks `run` starts beside its consume loop. Dropped, it aborts those still running, so
 /// a run that returns early (a stuck write, a failed start) leaves none of them behind in a
-/// process that lives on: no admin listener on its port, no leadership, no duties.
+/// process that lives on: no heartbeat, no leadership, no duties.
 #[derive(Default)]
 struct Background(Vec<tokio::task::AbortHandle>);
 
@@ -434,7 +451,7 @@ impl Drop for Background {
     }
 }
 
-/// The error the heartbeat reported for a write stuck past its timeout; pending until then.
+/// The error the write watch reported for a write stuck past its timeout; pending until then.
 async fn write_stuck(stuck: &mut watch::Receiver<Option<(&'static str, u64)>>) -> WorkerError {
     loop {
         if let Some((write, waited_ms)) = *stuck.borrow_and_update() {
@@ -538,12 +555,48 @@ async fn settle(pipeline: &Pipeline, broker: &Broker, delivery: lapin::message::
 /// goes on beating: the jobs it still holds are its own until it exits. A failed beat is only
 /// logged: if the database stays away, others wait for it (see `store::fleet`). A beat never
 /// takes much longer than its interval, so beats keep their rhythm through an outage.
+/// Looks for a silent write every heartbeat interval until `until` (the heartbeat's end), and
+/// reports the first it finds in `stuck`. A task of its own: a look can take seconds (Postgres
+/// asked twice), which must not delay a beat and make the fleet take this worker for dead.
+async fn watch_writes(
+    pipeline: Arc<Pipeline>,
+    mut until: watch::Receiver<bool>,
+    stuck: Arc<watch::Sender<Option<(&'static str, u64)>>>,
+) {
+    let config = pipeline.config();
+    let mut tick = tokio::time::interval(config.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Whether the wait of the write that is over DATABASE_WRITE_TIMEOUT_MS was logged.
+    let mut told_waiting = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let silent = silent_write(
+                    pipeline.store(),
+                    config.database_write_timeout,
+                    &mut told_waiting,
+                )
+                .await;
+                if let Some((write, waited_ms)) = silent {
+                    tracing::error!(
+                        write,
+                        waited_ms,
+                        "a database write has had no answer for DATABASE_WRITE_TIMEOUT_MS, and Postgres is not working on it: its connection went silent; stopping at once, so the fleet takes this worker's jobs over as after a crash"
+                    );
+                    stuck.send_replace(Some((write, waited_ms)));
+                    return;
+                }
+            }
+            _ = async { let _ = until.wait_for(|done| *done).await; } => return,
+        }
+    }
+}
+
 async fn beat(
     pipeline: Arc<Pipeline>,
     name: String,
     mut shutdown: watch::Receiver<bool>,
     mut until: watch::Receiver<bool>,
-    stuck: Arc<watch::Sender<Option<(&'static str, u64)>>>,
 ) {
     let store = pipeline.store();
     let worker = pipeline.worker_id();
@@ -552,24 +605,9 @@ async fn beat(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stopping = *shutdown.borrow();
-    // Whether the wait of the write that is over DATABASE_WRITE_TIMEOUT_MS was logged.
-    let mut told_waiting = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let silent =
-                    silent_write(store, config.database_write_timeout, &mut told_waiting).await;
-                if let Some((write, waited_ms)) = silent {
-                    tracing::error!(
-                        write,
-                        waited_ms,
-                        "a database write has had no answer for DATABASE_WRITE_TIMEOUT_MS, and Postgres is not working on it: its connection went silent; stopping at once, so the fleet takes this worker's jobs over as after a crash"
-                    );
-                    stuck.send_replace(Some((write, waited_ms)));
-                    // Beats no more; `run` ends this task as it returns.
-                    let _ = until.wait_for(|done| *done).await;
-                    return;
-                }
                 let beat = async {
                     store.heartbeat(worker, &name, every).await?;
                     store

@@ -587,10 +587,30 @@ pub fn unique_phone() -> String {
     format!("139{:08}", n % 100_000_000)
 }
 
-/// A loopback address with a port that was free a moment ago.
+/// A loopback address with a port that is free now, for a listener the test starts later. Below
+/// the kernel's ephemeral range: a port from that range could be handed out meanwhile on its
+/// own, to a `bind` on port 0 or to an outgoing connection (seen in CI, with a hundred tests at
+/// once). And each call of this process gets another port.
 pub fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").to_string()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOWEST).max(1);
+    // Apart from other test processes' ports, most likely.
+    let offset = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Ok(port) = u16::try_from(LOWEST + offset.wrapping_add(n) % span) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return format!("127.0.0.1:{port}");
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 /// GET on the admin listener: (status, body).

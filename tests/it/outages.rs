@@ -1,6 +1,6 @@
 //! The broker and the database disappear under load; the worker rides it out by itself.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use aliyun_sms_worker::config::{self, Config};
@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::helpers::{
     PATIENCE, TestApp, TestEnv, admin_get, amqp_url, close_connection, consume, eventually,
-    free_addr, next_from, publish_to, send_job, test_link, unique_id, unique_phone,
+    free_addr, job_row, next_from, publish_to, send_job, test_link, unique_id, unique_phone,
 };
 use crate::process::WorkerProcess;
 use crate::proxy::{Proxy, target_of, through};
@@ -220,20 +220,7 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
     .await;
     db.silence();
     lock.rollback().await.expect("unlock");
-    assert!(
-        silent.wait_for_log("connection went silent").await,
-        "the worker did not notice its silent write:\n{}",
-        silent.log.join("\n")
-    );
-    let (status, log) = silent.exited().await;
-    assert!(
-        !status.success(),
-        "a stuck worker must not exit as if stopped: {log}"
-    );
-    assert!(
-        log.contains("DATABASE_WRITE_TIMEOUT_MS"),
-        "the log names the setting: {log}"
-    );
+    stops_for_a_silent_write(silent, "DATABASE_WRITE_TIMEOUT_MS").await;
 
     let publisher = publishing.await.expect("publishing");
     let other = WorkerProcess::start(&["run"], &env.settings).await;
@@ -262,6 +249,21 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
     publisher.close().await;
     pool.close().await;
     env.remove().await;
+}
+
+/// Waits for `worker` to notice its silent write and exit as failed, its log naming `what`.
+async fn stops_for_a_silent_write(mut worker: WorkerProcess, what: &str) {
+    assert!(
+        worker.wait_for_log("connection went silent").await,
+        "the worker did not notice its silent write:\n{}",
+        worker.log.join("\n")
+    );
+    let (status, log) = worker.exited().await;
+    assert!(
+        !status.success(),
+        "a stuck worker must not exit as if stopped: {log}"
+    );
+    assert!(log.contains(what), "the log names {what}: {log}");
 }
 
 /// Holds every write to `sms_jobs` back until the transaction ends; reads go on.
@@ -308,28 +310,36 @@ impl RunBehindProxy {
             Err(_) => panic!("the run neither became ready nor stopped in time"),
         }
     }
-
-    /// Publishes `job` while the jobs are locked, so that its claim is on its way when every
-    /// database connection open now falls silent; then unlocks. Only that claim never returns.
-    async fn silence_a_claim(&self, pool: &PgPool, channel: &lapin::Channel, job: &Value) {
-        let lock = lock_the_jobs(pool).await;
-        publish_to(
-            channel,
-            &self.config.queues.jobs,
-            &serde_json::to_vec(job).expect("json"),
-            BasicProperties::default(),
-        )
-        .await;
-        eventually("the job's claim waits for the lock", || async {
-            claims_waiting_for_a_lock(pool).await.then_some(())
-        })
-        .await;
-        self.db.silence();
-        lock.rollback().await.expect("unlock");
-    }
 }
 
-/// Whether a claim of a worker waits for a lock on `sms_jobs`.
+/// Publishes `job` while `lock` holds its claim back, so that the claim is on its way when
+/// every database connection open now falls silent (`db`), after `meanwhile`; then unlocks.
+/// Only that claim never returns: new connections work.
+async fn silence_a_claim(
+    db: &Proxy,
+    pool: &PgPool,
+    lock: sqlx::Transaction<'static, sqlx::Postgres>,
+    (channel, queue): (&lapin::Channel, &str),
+    job: &Value,
+    meanwhile: impl std::future::Future<Output = ()>,
+) {
+    publish_job((channel, queue), job).await;
+    eventually("the job's claim waits for the lock", || async {
+        claims_waiting_for_a_lock(pool).await.then_some(())
+    })
+    .await;
+    meanwhile.await;
+    db.silence();
+    lock.rollback().await.expect("unlock");
+}
+
+/// Publishes `job` to the jobs queue, confirmed.
+async fn publish_job((channel, queue): (&lapin::Channel, &str), job: &Value) {
+    let body = serde_json::to_vec(job).expect("json");
+    publish_to(channel, queue, &body, BasicProperties::default()).await;
+}
+
+/// Whether a claim of a worker waits for a lock on `sms_jobs` or one of its rows.
 async fn claims_waiting_for_a_lock(pool: &PgPool) -> bool {
     let waiting: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity
@@ -344,9 +354,14 @@ async fn claims_waiting_for_a_lock(pool: &PgPool) -> bool {
 
 /// An in-process caller (an embedding service, a supervisor loop) that starts `run` again after
 /// it stopped for a silent write: the stopped run must leave nothing of its own running — not
-/// its admin listener (the new run needs the same ADMIN_ADDR), not its leadership or duties,
-/// and not its RabbitMQ connection, whose unacked deliveries would otherwise never go back to
-/// the queue, so the job it held would wait for the process to end.
+/// its admin listener (the new run needs the same ADMIN_ADDR), and not its RabbitMQ
+/// connection, whose unacked deliveries would otherwise never go back to the queue, so the job
+/// it held would wait for the process to end. The job's claim committed before the silence
+/// (only its answer was lost), so the new run finds it, and a claim stamped by a worker gone
+/// may have reached Aliyun: the job ends `unknown`, not sent a second time. And nothing the
+/// stopped run queued is written later, when TCP gives up on the silent connection: two jobs
+/// whose claims waited behind the silent one would be written claimed, and stamped, by a
+/// worker that no longer exists, and end `unknown` though never sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_stopped_by_a_silent_write_leaves_nothing_running_and_can_be_started_again() {
     let admin = free_addr();
@@ -360,10 +375,43 @@ async fn a_run_stopped_by_a_silent_write_leaves_nothing_running_and_can_be_start
     let pool = PgPool::connect(&env.db_url).await.expect("db");
     let (connection, channel) = test_link().await;
     let mut results = consume(&connection, &worker.config.queues.results).await;
+    let jobs = (&channel, worker.config.queues.jobs.as_str());
+
+    // The job came once with a bad number: its row is `invalid`, which a corrected job of the
+    // same id claims again. That claim waits for the row's lock while it runs, so it commits
+    // when the lock goes, after every connection of the worker fell silent.
     let id = unique_id("restart");
-    worker
-        .silence_a_claim(&pool, &channel, &send_job(&id))
+    let mut bad = send_job(&id);
+    bad["phone_number"] = "not a number".into();
+    publish_job(jobs, &bad).await;
+    let delivery = next_from(&mut results, "the bad job's answer").await;
+    let answer: JobResult = serde_json::from_slice(&delivery.data).expect("a result");
+    assert_eq!(answer.status, Status::Invalid, "{answer:?}");
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM sms_jobs WHERE id = $1 FOR UPDATE")
+        .bind(&id)
+        .execute(&mut *lock)
+        .await
+        .expect("lock the job's row");
+    let behind = [unique_id("behind"), unique_id("behind")];
+    let queue_behind = async {
+        for id in &behind {
+            publish_job(jobs, &send_job(id)).await;
+        }
+        // Three jobs in hand: the two new ones wait for the claim lane, busy with the first.
+        eventually(
+            "the later jobs' claims queue behind the held one",
+            || async {
+                let (_, metrics) = admin_get(&admin, "/metrics").await;
+                metrics
+                    .lines()
+                    .any(|l| l == "sms_jobs_in_flight 3")
+                    .then_some(())
+            },
+        )
         .await;
+    };
+    silence_a_claim(&worker.db, &pool, lock, jobs, &send_job(&id), queue_behind).await;
     let ended = tokio::time::timeout(PATIENCE, first)
         .await
         .expect("the run stopped for its silent write in time")
@@ -372,18 +420,39 @@ async fn a_run_stopped_by_a_silent_write_leaves_nothing_running_and_can_be_start
         matches!(ended, Err(WorkerError::WriteStuck { .. })),
         "the run ended with {ended:?}"
     );
+    let row = job_row(&pool, &id).await;
+    assert_eq!(row["status"], "sending", "the lost claim committed: {row}");
+    // TCP gives up on the silent connections at last.
+    worker.db.end_silent();
 
     let second = worker.start().await.unwrap_or_else(|ended| {
         panic!("the second run could not start beside what the first left running: {ended:?}")
     });
     let (status, _) = admin_get(&admin, "/readyz").await;
     assert_eq!(status, 200, "the second run answers on the same ADMIN_ADDR");
-    // The first run's delivery went back to the queue with its connection, and the second run
-    // finishes the job (once: the claim the first run committed fences it).
-    let delivery = next_from(&mut results, "the held job's result").await;
-    let result: JobResult = serde_json::from_slice(&delivery.data).expect("a result");
-    assert_eq!(result.id.as_deref(), Some(id.as_str()), "{result:?}");
-    assert!(env.fake.sends_for(&id) <= 1, "the job was sent twice");
+    // The first run's deliveries went back to the queue with its connection, and the second
+    // run ends the job the first one claimed, and sends the two that never were.
+    let mut answered: HashMap<String, JobResult> = HashMap::new();
+    while answered.len() < 3 {
+        let delivery = next_from(&mut results, "the three jobs' results").await;
+        let result: JobResult = serde_json::from_slice(&delivery.data).expect("a result");
+        if let Some(of) = result.id.clone() {
+            answered.insert(of, result);
+        }
+    }
+    let held = &answered[&id];
+    assert_eq!(held.status, Status::Unknown, "{held:?}");
+    assert_eq!(env.fake.sends_for(&id), 0, "nothing was sent");
+    for later in &behind {
+        let result = &answered[later];
+        assert_eq!(
+            result.status,
+            Status::Sent,
+            "{result:?}\n{}",
+            job_row(&pool, later).await
+        );
+        assert_eq!(env.fake.sends_for(later), 1, "{later} sent once");
+    }
 
     worker.stop.send_replace(true);
     let ended = tokio::time::timeout(PATIENCE, second)
@@ -397,27 +466,32 @@ async fn a_run_stopped_by_a_silent_write_leaves_nothing_running_and_can_be_start
 }
 
 /// A guarded claim (every `check_verify_code` job's, `CHECK_MAX_ATTEMPTS` being on by default)
-/// is a transaction of its own, outside the batched lanes: one whose connection went silent
-/// stops the run too. Also while other statements under the worker's name keep Postgres busy,
-/// fresh ones back to back on a connection opened since, as a busy worker's would: they say
-/// nothing of the silent one.
+/// is a transaction of its own, outside the batched lanes. Waiting for a lock past
+/// `DATABASE_WRITE_TIMEOUT_MS`, it is waited for; gone silent, it stops the worker. Also while
+/// other statements under the worker's name keep Postgres busy, fresh ones back to back on a
+/// connection opened since, as a busy worker's would: they say nothing of the silent one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_guarded_claim_gone_silent_stops_the_run_while_other_statements_of_the_worker_go_on() {
+async fn a_guarded_claim_gone_silent_stops_the_worker_while_other_statements_of_it_go_on() {
     let env = TestEnv::new(|s| {
-        s.insert(config::DATABASE_WRITE_TIMEOUT_MS.into(), "1000".into());
+        s.insert(config::DATABASE_WRITE_TIMEOUT_MS.into(), "3000".into());
     })
     .await;
-    let worker = RunBehindProxy::new(&env).await;
-    let run = worker.start().await.expect("the run is running");
+    let db = Proxy::start(target_of(&env.db_url)).await;
+    let mut settings = env.settings.clone();
+    settings.insert(config::DATABASE_URL.into(), through(&env.db_url, &db));
+    let mut worker = WorkerProcess::start(&["run"], &settings).await;
     let pool = PgPool::connect(&env.db_url).await.expect("db");
-    let worker_name: String = sqlx::query_scalar(
-        "SELECT application_name FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name LIKE 'aliyun-sms-worker %'
-         LIMIT 1",
-    )
-    .fetch_one(&pool)
-    .await
-    .expect("the worker's sessions are named");
+    let worker_name: String = eventually("the worker's sessions are named", || async {
+        sqlx::query_scalar(
+            "SELECT application_name FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name LIKE 'aliyun-sms-worker %'
+             LIMIT 1",
+        )
+        .fetch_optional(&pool)
+        .await
+        .expect("read the activity")
+    })
+    .await;
     let options = PgConnectOptions::from_str(&env.db_url)
         .expect("the test database's URL")
         .application_name(&worker_name);
@@ -426,35 +500,59 @@ async fn a_guarded_claim_gone_silent_stops_the_run_while_other_statements_of_the
             .await
             .expect("connect under the worker's name");
         loop {
-            sqlx::query("SELECT pg_sleep(0.1)")
+            sqlx::query("SELECT pg_sleep(0.05)")
                 .execute(&mut conn)
                 .await
                 .expect("a busy statement");
         }
     });
+    eventually(
+        "the busy statements run under the worker's name",
+        || async {
+            let busy: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = $1 AND query LIKE '%pg_sleep%'",
+            )
+            .bind(&worker_name)
+            .fetch_one(&pool)
+            .await
+            .expect("read the activity");
+            (busy > 0).then_some(())
+        },
+    )
+    .await;
     let (connection, channel) = test_link().await;
-    let check = serde_json::json!({
-        "id": unique_id("silentcheck"),
-        "type": "check_verify_code",
-        "phone_number": unique_phone(),
-        "verify_code": "123456",
-    });
-    worker.silence_a_claim(&pool, &channel, &check).await;
+    let jobs = (&channel, env.settings[config::SMS_JOBS_QUEUE].as_str());
+    let check = |label: &str| {
+        serde_json::json!({
+            "id": unique_id(label),
+            "type": "check_verify_code",
+            "phone_number": unique_phone(),
+            "verify_code": "123456",
+        })
+    };
 
-    let ended = tokio::time::timeout(PATIENCE, run)
-        .await
-        .expect("the run stopped for its silent guarded claim in time")
-        .expect("the run did not panic");
+    // A guarded claim held by a lock past the timeout is waited for, and then goes on.
+    let lock = lock_the_jobs(&pool).await;
+    let waited = check("waitedcheck");
+    publish_job(jobs, &waited).await;
     assert!(
-        matches!(
-            ended,
-            Err(WorkerError::WriteStuck {
-                write: "guarded claim",
-                ..
-            })
-        ),
-        "the run ended with {ended:?}"
+        worker.wait_for_log("Postgres is still working on").await,
+        "a guarded claim waiting for a lock was not told apart:\n{}",
+        worker.log.join("\n")
     );
+    lock.rollback().await.expect("unlock");
+    let waited_id = waited["id"].as_str().unwrap_or_default().to_owned();
+    eventually("the waited-for check ends", || async {
+        let row = job_row(&pool, &waited_id).await;
+        (row["status"] != "sending").then_some(())
+    })
+    .await;
+
+    let lock = lock_the_jobs(&pool).await;
+    silence_a_claim(&db, &pool, lock, jobs, &check("silentcheck"), async {}).await;
+    stops_for_a_silent_write(worker, "guarded claim").await;
+    assert!(!busy.is_finished(), "the busy statements ran throughout");
     busy.abort();
     close_connection(&connection).await;
     pool.close().await;

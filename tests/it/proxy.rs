@@ -10,6 +10,8 @@ pub struct Proxy {
     addr: SocketAddr,
     up: watch::Sender<bool>,
     silent: watch::Sender<u64>,
+    /// Bumped by [`Proxy::end_silent`]: the silent connections born before close.
+    ended: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -28,11 +30,15 @@ impl Proxy {
         let state = up.subscribe();
         let silent = watch::Sender::new(0u64);
         let silence = silent.subscribe();
+        let ended = watch::Sender::new(0u64);
+        let ending = ended.subscribe();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let mut state = state.clone();
                 let mut silence = silence.clone();
                 let born = *silence.borrow();
+                let mut ending = ending.clone();
+                let born_ended = *ending.borrow();
                 if !*state.borrow() {
                     // Cut: accept and drop at once, like a refused connection.
                     continue;
@@ -48,9 +54,10 @@ impl Proxy {
                         r = silence.wait_for(|g| *g > born) => r.is_ok(),
                     };
                     if went_silent {
-                        // Silent: both ends stay open and nothing more passes.
+                        // Silent: both ends stay open and nothing more passes, until TCP gives
+                        // up at last (`end_silent`).
                         let _keep = (client, server);
-                        std::future::pending::<()>().await;
+                        let _ = ending.wait_for(|g| *g > born_ended).await;
                     }
                 });
             }
@@ -59,6 +66,7 @@ impl Proxy {
             addr,
             up,
             silent,
+            ended,
             task,
         }
     }
@@ -75,6 +83,11 @@ impl Proxy {
     /// The connections open now stop passing anything, without closing; new ones work.
     pub fn silence(&self) {
         self.silent.send_modify(|g| *g += 1);
+    }
+
+    /// Closes the connections gone silent, as TCP does when it gives up on them at last.
+    pub fn end_silent(&self) {
+        self.ended.send_modify(|g| *g += 1);
     }
 
     pub fn restore(&self) {
