@@ -122,6 +122,8 @@ impl Listener {
             .is_err()
         {
             self.task.abort();
+            // Its port is free once the task is gone.
+            let _ = (&mut self.task).await;
         }
     }
 }

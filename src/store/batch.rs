@@ -280,8 +280,10 @@ pub(super) async fn until_abandoned(
     work: impl Future<Output = ()>,
 ) {
     tokio::select! {
-        () = work => {}
+        // Abandoned first: a lane abandoned with requests queued must not start one more batch.
+        biased;
         Ok(_) = abandoned.wait_for(|gone| *gone) => {}
+        () = work => {}
     }
 }
 

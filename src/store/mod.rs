@@ -87,13 +87,13 @@ fn class_of(e: &sqlx::Error) -> ErrorClass {
     }
 }
 
-/// SQLSTATEs that mean the server, not the row: see
-/// <https://www.postgresql.org/docs/current/errcodes-appendix.html>.
 /// What may pass, beyond the pool's acquire timeout, between a write's wait starting on the
 /// worker's clock and its transaction starting on the server's: the round trips before it (a
 /// pool's ping, a `BEGIN`), on a busy machine.
 const CLOCK_SLACK: Duration = Duration::from_millis(250);
 
+/// SQLSTATEs that mean the server, not the row: see
+/// <https://www.postgresql.org/docs/current/errcodes-appendix.html>.
 const OUTAGE_SQLSTATES: &[&str] = &[
     // connection exception
     "08", // invalid authorization (a rotated password)

@@ -8,7 +8,7 @@ pub mod receipts;
 pub mod supervisor;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::{FutureExt, StreamExt};
@@ -383,7 +383,10 @@ async fn silent_write(
     timeout: Duration,
     told: &mut bool,
 ) -> Option<(&'static str, u64)> {
-    let mut first_look: Option<(&'static str, Duration)> = None;
+    // The write the first look was at, and when it began: within a tenth of a second, its wait
+    // being read anew at each look on a busy machine. Another write begun as close, and as
+    // unattended twice, would be as silent.
+    let mut first_look: Option<(&'static str, Instant)> = None;
     loop {
         let Some((write, waited)) = store
             .longest_write_wait()
@@ -392,7 +395,12 @@ async fn silent_write(
             *told = false;
             return None;
         };
-        if first_look.is_some_and(|(was, then)| was != write || waited < then) {
+        let began = Instant::now().checked_sub(waited);
+        let same = |(was, then): (&str, Instant)| {
+            was == write
+                && began.is_some_and(|b| b.max(then) - b.min(then) < Duration::from_millis(100))
+        };
+        if first_look.is_some_and(|look| !same(look)) {
             // The write looked at first has ended: the next tick looks at this one twice.
             return None;
         }
@@ -402,7 +410,7 @@ async fn silent_write(
             // silent is what a second look at the same write, a moment later, still finds
             // unattended.
             Ok(Ok(false)) if first_look.is_none() => {
-                first_look = Some((write, waited));
+                first_look = Some((write, began?));
                 tokio::time::sleep(SECOND_LOOK_AFTER).await;
             }
             Ok(Ok(false)) => return Some((write, waited_ms)),
@@ -550,11 +558,6 @@ async fn settle(pipeline: &Pipeline, broker: &Broker, delivery: lapin::message::
     }
 }
 
-/// Renews this worker's heartbeat, and the leases of the claims it is working on, until it is
-/// told the drain is over (`until`). At the shutdown signal it marks the worker as draining but
-/// goes on beating: the jobs it still holds are its own until it exits. A failed beat is only
-/// logged: if the database stays away, others wait for it (see `store::fleet`). A beat never
-/// takes much longer than its interval, so beats keep their rhythm through an outage.
 /// Looks for a silent write every heartbeat interval until `until` (the heartbeat's end), and
 /// reports the first it finds in `stuck`. A task of its own: a look can take seconds (Postgres
 /// asked twice), which must not delay a beat and make the fleet take this worker for dead.
@@ -584,6 +587,9 @@ async fn watch_writes(
                         "a database write has had no answer for DATABASE_WRITE_TIMEOUT_MS, and Postgres is not working on it: its connection went silent; stopping at once, so the fleet takes this worker's jobs over as after a crash"
                     );
                     stuck.send_replace(Some((write, waited_ms)));
+                    // Ended only with the heartbeat: its supervisor would take an earlier end
+                    // for a crash, and start it again.
+                    let _ = until.wait_for(|done| *done).await;
                     return;
                 }
             }
@@ -592,6 +598,11 @@ async fn watch_writes(
     }
 }
 
+/// Renews this worker's heartbeat, and the leases of the claims it is working on, until it is
+/// told the drain is over (`until`). At the shutdown signal it marks the worker as draining but
+/// goes on beating: the jobs it still holds are its own until it exits. A failed beat is only
+/// logged: if the database stays away, others wait for it (see `store::fleet`). A beat never
+/// takes much longer than its interval, so beats keep their rhythm through an outage.
 async fn beat(
     pipeline: Arc<Pipeline>,
     name: String,

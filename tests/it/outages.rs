@@ -263,7 +263,15 @@ async fn stops_for_a_silent_write(mut worker: WorkerProcess, what: &str) {
         !status.success(),
         "a stuck worker must not exit as if stopped: {log}"
     );
-    assert!(log.contains(what), "the log names {what}: {log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("connection went silent") && l.contains(what)),
+        "the stop names {what}: {log}"
+    );
+    assert!(
+        !log.contains("restarting it"),
+        "no task of the stop is taken for crashed: {log}"
+    );
 }
 
 /// Holds every write to `sms_jobs` back until the transaction ends; reads go on.
@@ -545,7 +553,10 @@ async fn a_guarded_claim_gone_silent_stops_the_worker_while_other_statements_of_
     let waited_id = waited["id"].as_str().unwrap_or_default().to_owned();
     eventually("the waited-for check ends", || async {
         let row = job_row(&pool, &waited_id).await;
-        (row["status"] != "sending").then_some(())
+        row["status"]
+            .as_str()
+            .is_some_and(|status| status != "sending")
+            .then_some(())
     })
     .await;
 
