@@ -216,6 +216,7 @@ impl Store {
         claim_lease: Duration,
         reconcile_grace: Duration,
     ) -> Result<Option<Stale>, StoreError> {
+        let _on_the_way = self.on_the_way("takeover");
         let taken = sqlx::query_as::<_, JobRow>(concat!(
             "UPDATE sms_jobs SET claimed_by = $2, updated_at = now(),
                     lease_until = now() + make_interval(secs => $3::double precision / 1000)

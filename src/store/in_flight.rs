@@ -1,6 +1,7 @@
-//! When the worker's transactions outside the batched lanes began (the guarded claims), so the
-//! heartbeat can tell one whose connection went silent (see `worker::silent_write`). A lane
-//! keeps its own mark: it writes one batch at a time.
+//! When the statements on a job's way outside the batched lanes began (a guarded claim's
+//! transaction, a takeover, an attempt, a replayed row), so the write watch can tell one whose
+//! connection went silent (see `worker::silent_write`). Each holds its job, and nothing else
+//! would notice. A lane keeps its own mark: it writes one batch at a time.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,29 +11,29 @@ use std::time::{Duration, Instant};
 #[derive(Default)]
 pub(super) struct InFlight {
     next: AtomicU64,
-    /// By the order they began in, so the first is the oldest.
-    began: Mutex<BTreeMap<u64, Instant>>,
+    /// By the order they began in, so the first is the oldest; with what each is.
+    began: Mutex<BTreeMap<u64, (&'static str, Instant)>>,
 }
 
 impl InFlight {
-    /// Marks a transaction as begun; it counts until the mark is dropped, however it ends.
-    pub(super) fn begin(self: &Arc<Self>) -> Mark {
+    /// Marks `what` as begun; it counts until the mark is dropped, however it ends.
+    pub(super) fn begin(self: &Arc<Self>, what: &'static str) -> Mark {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.began().insert(id, Instant::now());
+        self.began().insert(id, (what, Instant::now()));
         Mark {
             of: self.clone(),
             id,
         }
     }
 
-    /// How long the oldest transaction still running has waited.
-    pub(super) fn longest(&self) -> Option<Duration> {
+    /// The oldest one still running, and how long it has waited.
+    pub(super) fn longest(&self) -> Option<(&'static str, Duration)> {
         self.began()
             .first_key_value()
-            .map(|(_, began)| began.elapsed())
+            .map(|(_, (what, began))| (*what, began.elapsed()))
     }
 
-    fn began(&self) -> MutexGuard<'_, BTreeMap<u64, Instant>> {
+    fn began(&self) -> MutexGuard<'_, BTreeMap<u64, (&'static str, Instant)>> {
         self.began.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -53,21 +54,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_oldest_running_transaction_is_the_one_told_and_an_ended_one_no_longer_counts() {
+    fn the_oldest_running_one_is_told_and_an_ended_one_no_longer_counts() {
         let in_flight = Arc::new(InFlight::default());
         assert_eq!(in_flight.longest(), None);
-        let first = in_flight.begin();
+        let first = in_flight.begin("guarded claim");
         std::thread::sleep(Duration::from_millis(20));
         let before_second = Instant::now();
-        let second = in_flight.begin();
-        let oldest = in_flight.longest().unwrap_or_default();
+        let second = in_flight.begin("attempt");
+        let (what, oldest) = in_flight.longest().unwrap_or(("none", Duration::ZERO));
+        assert_eq!(what, "guarded claim");
         assert!(oldest >= Duration::from_millis(20), "{oldest:?}");
         drop(first);
-        let now = in_flight.longest().unwrap_or_default();
-        assert!(
-            now <= before_second.elapsed(),
-            "the ended one still counts: {now:?}"
-        );
+        let (what, now) = in_flight.longest().unwrap_or(("none", Duration::MAX));
+        assert_eq!(what, "attempt", "the ended one still counts");
+        assert!(now <= before_second.elapsed(), "{now:?}");
         drop(second);
         assert_eq!(in_flight.longest(), None);
     }

@@ -369,8 +369,9 @@ pub struct Store {
     /// a burst of them (hundreds of checks in flight) must queue here, without a deadline,
     /// rather than for the pool, whose short wait would take the burst for an outage.
     guarded: Arc<tokio::sync::Semaphore>,
-    /// When the guarded claims running now began; see [`Store::longest_write_wait`].
-    guarded_in_flight: Arc<in_flight::InFlight>,
+    /// When the statements on a job's way outside the lanes began; see
+    /// [`Store::longest_write_wait`].
+    in_flight: Arc<in_flight::InFlight>,
 }
 
 impl Store {
@@ -486,7 +487,7 @@ impl Store {
             guarded: Arc::new(tokio::sync::Semaphore::new(
                 usize::try_from(guarded).unwrap_or(1),
             )),
-            guarded_in_flight: Arc::default(),
+            in_flight: Arc::default(),
         }
     }
 
@@ -502,7 +503,7 @@ impl Store {
             ))),
             session_name: self.session_name.clone(),
             guarded: self.guarded.clone(),
-            guarded_in_flight: self.guarded_in_flight.clone(),
+            in_flight: self.in_flight.clone(),
         }
     }
 
@@ -515,21 +516,23 @@ impl Store {
         }
     }
 
-    /// The write that has waited longest for the database, and how long: a batch whose
-    /// connection went silent waits until TCP gives up (minutes), holding every job behind
-    /// it; a guarded claim holds its job and a turn of the guarded claims. `None` when none
-    /// is being written.
+    /// The write on a job's way that has waited longest for the database, and how long: a
+    /// batch whose connection went silent waits until TCP gives up (minutes), holding every
+    /// job behind it; a guarded claim holds its job and a turn of the guarded claims; a
+    /// takeover, an attempt, an invalid row or a replayed row hold their job. `None` when
+    /// none is under way.
     pub fn longest_write_wait(&self) -> Option<(&'static str, Duration)> {
-        let guarded = self
-            .guarded_in_flight
-            .longest()
-            .map(|waited| ("guarded claim", waited));
         self.writer
             .as_ref()
             .and_then(|w| w.longest_wait())
             .into_iter()
-            .chain(guarded)
+            .chain(self.in_flight.longest())
             .max_by_key(|(_, waited)| *waited)
+    }
+
+    /// Marks a statement on a job's way, outside the lanes, as under way until the mark drops.
+    fn on_the_way(&self, what: &'static str) -> in_flight::Mark {
+        self.in_flight.begin(what)
     }
 
     /// What the batched writers did so far (see `store::batch`); empty for a store that
@@ -606,7 +609,7 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         // From the connection in hand on: a wait for one is the pool's, bounded by its own
         // timeout, and not on any statement Postgres could be asked about.
-        let _in_flight = self.guarded_in_flight.begin();
+        let _on_the_way = self.on_the_way("guarded claim");
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let mut refusal = None;
         if let Some(limits) = guards.number_limits {
@@ -645,6 +648,7 @@ impl Store {
     }
 
     pub async fn fetch(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
+        let _on_the_way = self.on_the_way("row read");
         Ok(sqlx::query_as::<_, JobRow>(concat!(
             "SELECT ",
             job_columns!(),
@@ -723,6 +727,7 @@ impl Store {
     }
 
     pub async fn record_attempt(&self, job_id: &str, a: &AttemptRecord) -> Result<(), StoreError> {
+        let _on_the_way = self.on_the_way("attempt");
         let mut arrays = AttemptArrays::default();
         arrays.push(job_id, a);
         bind_attempts!(sqlx::query(insert_attempts_sql!()), arrays)
@@ -771,6 +776,7 @@ impl Store {
         code: &str,
         message: &str,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let _on_the_way = self.on_the_way("invalid row");
         Ok(sqlx::query_scalar(
             "INSERT INTO sms_jobs (id, type, status, reply_to, correlation_id, code, message,
                                    finished_at)

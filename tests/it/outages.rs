@@ -347,7 +347,8 @@ async fn publish_job((channel, queue): (&lapin::Channel, &str), job: &Value) {
     publish_to(channel, queue, &body, BasicProperties::default()).await;
 }
 
-/// Whether a claim of a worker waits for a lock on `sms_jobs` or one of its rows.
+/// Whether an insert of a worker (a claim, an invalid row) waits for a lock on `sms_jobs` or
+/// one of its rows.
 async fn claims_waiting_for_a_lock(pool: &PgPool) -> bool {
     let waiting: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity
@@ -468,6 +469,42 @@ async fn a_run_stopped_by_a_silent_write_leaves_nothing_running_and_can_be_start
         .expect("the second run stopped in time")
         .expect("the second run did not panic");
     assert!(ended.is_ok(), "the second run stopped with {ended:?}");
+    close_connection(&connection).await;
+    pool.close().await;
+    env.remove().await;
+}
+
+/// The statements on a job's way outside the batched lanes are watched too, each holding its
+/// job: here an invalid message's row (kept so that operators find it), gone silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_row_gone_silent_stops_the_run() {
+    let env = TestEnv::new(|s| {
+        s.insert(config::DATABASE_WRITE_TIMEOUT_MS.into(), "1000".into());
+    })
+    .await;
+    let worker = RunBehindProxy::new(&env).await;
+    let run = worker.start().await.expect("the run is running");
+    let pool = PgPool::connect(&env.db_url).await.expect("db");
+    let (connection, channel) = test_link().await;
+    let jobs = (&channel, worker.config.queues.jobs.as_str());
+    let mut bad = send_job(&unique_id("silentinvalid"));
+    bad["phone_number"] = "not a number".into();
+    let lock = lock_the_jobs(&pool).await;
+    silence_a_claim(&worker.db, &pool, lock, jobs, &bad, async {}).await;
+    let ended = tokio::time::timeout(PATIENCE, run)
+        .await
+        .expect("the run stopped for its silent write in time")
+        .expect("the run did not panic");
+    assert!(
+        matches!(
+            ended,
+            Err(WorkerError::WriteStuck {
+                write: "invalid row",
+                ..
+            })
+        ),
+        "the run ended with {ended:?}"
+    );
     close_connection(&connection).await;
     pool.close().await;
     env.remove().await;
