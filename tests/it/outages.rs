@@ -284,23 +284,63 @@ async fn lock_the_jobs(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgr
     lock
 }
 
-/// A worker run in this process, its database behind a proxy the test can silence.
+/// A worker run in this process, its database behind a proxy the test can silence; with the
+/// test's own pool and RabbitMQ link.
 struct RunBehindProxy {
+    env: TestEnv,
     db: Proxy,
     config: Config,
     stop: watch::Sender<bool>,
+    pool: PgPool,
+    connection: Connection,
+    channel: lapin::Channel,
 }
 
 impl RunBehindProxy {
-    async fn new(env: &TestEnv) -> Self {
+    /// With `DATABASE_WRITE_TIMEOUT_MS` at `write_timeout_ms`, and `tweak`'s settings.
+    async fn new(write_timeout_ms: u64, tweak: impl FnOnce(&mut HashMap<String, String>)) -> Self {
+        let env = TestEnv::new(|s| {
+            s.insert(
+                config::DATABASE_WRITE_TIMEOUT_MS.into(),
+                write_timeout_ms.to_string(),
+            );
+            tweak(s);
+        })
+        .await;
         let db = Proxy::start(target_of(&env.db_url)).await;
         let mut settings = env.settings.clone();
         settings.insert(config::DATABASE_URL.into(), through(&env.db_url, &db));
+        let pool = PgPool::connect(&env.db_url).await.expect("db");
+        let (connection, channel) = test_link().await;
         Self {
+            env,
             db,
             config: Config::from_map(&settings).expect("test configuration is valid"),
             stop: watch::Sender::new(false),
+            pool,
+            connection,
+            channel,
         }
+    }
+
+    /// The jobs queue, to publish to.
+    fn jobs(&self) -> (&lapin::Channel, &str) {
+        (&self.channel, &self.config.queues.jobs)
+    }
+
+    /// Stops `run` as an operator would; it must stop cleanly. Then removes what the test made.
+    async fn stop_and_remove(self, run: JoinHandle<Result<(), WorkerError>>) {
+        self.stop.send_replace(true);
+        let ended = ended(run).await;
+        assert!(ended.is_ok(), "the run stopped with {ended:?}");
+        self.remove().await;
+    }
+
+    /// Removes what the test made on the shared services.
+    async fn remove(self) {
+        close_connection(&self.connection).await;
+        self.pool.close().await;
+        self.env.remove().await;
     }
 
     /// Starts `run`: its task once it consumes, or what it ended with before.
@@ -341,6 +381,14 @@ async fn silence_a_claim(
     lock.rollback().await.expect("unlock");
 }
 
+/// What `run` ended with, within [`PATIENCE`].
+async fn ended(run: JoinHandle<Result<(), WorkerError>>) -> Result<(), WorkerError> {
+    tokio::time::timeout(PATIENCE, run)
+        .await
+        .expect("the run stopped in time")
+        .expect("the run did not panic")
+}
+
 /// Publishes `job` to the jobs queue, confirmed.
 async fn publish_job((channel, queue): (&lapin::Channel, &str), job: &Value) {
     let body = serde_json::to_vec(job).expect("json");
@@ -374,17 +422,14 @@ async fn claims_waiting_for_a_lock(pool: &PgPool) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_run_stopped_by_a_silent_write_leaves_nothing_running_and_can_be_started_again() {
     let admin = free_addr();
-    let env = TestEnv::new(|s| {
-        s.insert(config::DATABASE_WRITE_TIMEOUT_MS.into(), "1000".into());
+    let worker = RunBehindProxy::new(1000, |s| {
         s.insert(config::ADMIN_ADDR.into(), admin.clone());
     })
     .await;
-    let worker = RunBehindProxy::new(&env).await;
     let first = worker.start().await.expect("the first run is running");
-    let pool = PgPool::connect(&env.db_url).await.expect("db");
-    let (connection, channel) = test_link().await;
-    let mut results = consume(&connection, &worker.config.queues.results).await;
-    let jobs = (&channel, worker.config.queues.jobs.as_str());
+    let pool = worker.pool.clone();
+    let mut results = consume(&worker.connection, &worker.config.queues.results).await;
+    let jobs = worker.jobs();
 
     // The job came once with a bad number: its row is `invalid`, which a corrected job of the
     // same id claims again. That claim waits for the row's lock while it runs, so it commits
@@ -421,10 +466,7 @@ async fn a_run_stopped_by_a_silent_write_leaves_nothing_running_and_can_be_start
         .await;
     };
     silence_a_claim(&worker.db, &pool, lock, jobs, &send_job(&id), queue_behind).await;
-    let ended = tokio::time::timeout(PATIENCE, first)
-        .await
-        .expect("the run stopped for its silent write in time")
-        .expect("the run did not panic");
+    let ended = ended(first).await;
     assert!(
         matches!(ended, Err(WorkerError::WriteStuck { .. })),
         "the run ended with {ended:?}"
@@ -451,7 +493,7 @@ async fn a_run_stopped_by_a_silent_write_leaves_nothing_running_and_can_be_start
     }
     let held = &answered[&id];
     assert_eq!(held.status, Status::Unknown, "{held:?}");
-    assert_eq!(env.fake.sends_for(&id), 0, "nothing was sent");
+    assert_eq!(worker.env.fake.sends_for(&id), 0, "nothing was sent");
     for later in &behind {
         let result = &answered[later];
         assert_eq!(
@@ -460,41 +502,90 @@ async fn a_run_stopped_by_a_silent_write_leaves_nothing_running_and_can_be_start
             "{result:?}\n{}",
             job_row(&pool, later).await
         );
-        assert_eq!(env.fake.sends_for(later), 1, "{later} sent once");
+        assert_eq!(worker.env.fake.sends_for(later), 1, "{later} sent once");
     }
 
-    worker.stop.send_replace(true);
-    let ended = tokio::time::timeout(PATIENCE, second)
+    worker.stop_and_remove(second).await;
+}
+
+/// The keeper writes this worker's watermark (`results_confirmed_through`), which tells the
+/// sweeper which results a killed worker may have left unconfirmed. One of its statements
+/// caught on a connection that went silent is given up after 5 s and tried again on another
+/// connection: it would otherwise hold every later watermark until TCP gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watermark_write_gone_silent_is_given_up_and_the_watermark_moves_on() {
+    // A write timeout far longer than this test: no other write may stop the worker meanwhile.
+    let worker = RunBehindProxy::new(600_000, |_| {}).await;
+    let run = worker.start().await.expect("the run is running");
+    let pool = worker.pool.clone();
+    let mut results = consume(&worker.connection, &worker.config.queues.results).await;
+    let jobs = worker.jobs();
+    let watermark = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
+            "SELECT max(results_confirmed_through) FROM sms_workers",
+        )
+        .fetch_one(&pool)
         .await
-        .expect("the second run stopped in time")
-        .expect("the second run did not panic");
-    assert!(ended.is_ok(), "the second run stopped with {ended:?}");
-    close_connection(&connection).await;
-    pool.close().await;
-    env.remove().await;
+        .expect("read the watermark")
+    };
+
+    // The worker's row locked: the watermark write after the first job's result waits for it,
+    // and is on its way when every connection open falls silent.
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM sms_workers FOR UPDATE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock the worker's row");
+    publish_job(jobs, &send_job(&unique_id("keeperfirst"))).await;
+    next_from(&mut results, "the first job's result").await;
+    eventually("the watermark write waits for the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%SET results_confirmed_through%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("read the activity");
+        (waiting > 0).then_some(())
+    })
+    .await;
+    worker.db.silence();
+    lock.rollback().await.expect("unlock");
+
+    let second = unique_id("keepersecond");
+    publish_job(jobs, &send_job(&second)).await;
+    next_from(&mut results, "the second job's result").await;
+    let finished: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT finished_at FROM sms_jobs WHERE id = $1")
+            .bind(&second)
+            .fetch_one(&pool)
+            .await
+            .expect("the second job's row");
+    eventually("the watermark moves past the second job", || async {
+        watermark(pool.clone())
+            .await
+            .filter(|w| *w > finished)
+            .map(|_| ())
+    })
+    .await;
+
+    worker.stop_and_remove(run).await;
 }
 
 /// The statements on a job's way outside the batched lanes are watched too, each holding its
 /// job: here an invalid message's row (kept so that operators find it), gone silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_row_gone_silent_stops_the_run() {
-    let env = TestEnv::new(|s| {
-        s.insert(config::DATABASE_WRITE_TIMEOUT_MS.into(), "1000".into());
-    })
-    .await;
-    let worker = RunBehindProxy::new(&env).await;
+    let worker = RunBehindProxy::new(1000, |_| {}).await;
     let run = worker.start().await.expect("the run is running");
-    let pool = PgPool::connect(&env.db_url).await.expect("db");
-    let (connection, channel) = test_link().await;
-    let jobs = (&channel, worker.config.queues.jobs.as_str());
     let mut bad = send_job(&unique_id("silentinvalid"));
     bad["phone_number"] = "not a number".into();
-    let lock = lock_the_jobs(&pool).await;
-    silence_a_claim(&worker.db, &pool, lock, jobs, &bad, async {}).await;
-    let ended = tokio::time::timeout(PATIENCE, run)
-        .await
-        .expect("the run stopped for its silent write in time")
-        .expect("the run did not panic");
+    let lock = lock_the_jobs(&worker.pool).await;
+    silence_a_claim(&worker.db, &worker.pool, lock, worker.jobs(), &bad, async {
+    })
+    .await;
+    let ended = ended(run).await;
     assert!(
         matches!(
             ended,
@@ -505,9 +596,7 @@ async fn an_invalid_row_gone_silent_stops_the_run() {
         ),
         "the run ended with {ended:?}"
     );
-    close_connection(&connection).await;
-    pool.close().await;
-    env.remove().await;
+    worker.remove().await;
 }
 
 /// A guarded claim (every `check_verify_code` job's, `CHECK_MAX_ATTEMPTS` being on by default)
