@@ -216,7 +216,9 @@ impl Store {
         claim_lease: Duration,
         reconcile_grace: Duration,
     ) -> Result<Option<Stale>, StoreError> {
-        let _on_the_way = self.on_the_way("takeover");
+        // One mark per statement: each is a transaction of its own, and the write watch asks
+        // Postgres about a transaction as old as the mark.
+        let on_the_way = self.on_the_way("takeover");
         let taken = sqlx::query_as::<_, JobRow>(concat!(
             "UPDATE sms_jobs SET claimed_by = $2, updated_at = now(),
                     lease_until = now() + make_interval(secs => $3::double precision / 1000)
@@ -230,9 +232,11 @@ impl Store {
         .bind(millis(claim_lease))
         .fetch_optional(self.pool())
         .await?;
+        drop(on_the_way);
         if let Some(row) = taken {
             return Ok(Some(Stale::TakenOver(Box::new(row))));
         }
+        let _on_the_way = self.on_the_way("takeover");
         let ended = sqlx::query_as::<_, JobRow>(concat!(
             "UPDATE sms_jobs SET ",
             interrupted_set!("$3"),

@@ -551,6 +551,7 @@ async fn a_watermark_write_gone_silent_is_given_up_and_the_watermark_moves_on() 
     })
     .await;
     worker.db.silence();
+    let silenced = std::time::Instant::now();
     lock.rollback().await.expect("unlock");
 
     let second = unique_id("keepersecond");
@@ -569,6 +570,13 @@ async fn a_watermark_write_gone_silent_is_given_up_and_the_watermark_moves_on() 
             .map(|_| ())
     })
     .await;
+    // Not before the keeper gave its silent write up (5 s after it began, just before the
+    // silence): sooner, the write held back would not have been the keeper's.
+    assert!(
+        silenced.elapsed() >= Duration::from_secs(4),
+        "the watermark moved {:?} after the silence",
+        silenced.elapsed()
+    );
 
     worker.stop_and_remove(run).await;
 }
