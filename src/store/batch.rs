@@ -21,6 +21,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::guards::Refusal;
+use super::in_flight::InFlight;
 use super::presumed::{self, Presumed};
 use super::{
     AttemptArrays, AttemptRecord, Claim, ErrorClass, Followup, JobRow, Outcome, ReplyRoute,
@@ -79,29 +80,26 @@ pub struct BatchCounts {
     pub busy: Duration,
 }
 
-#[derive(Default)]
 struct Counters {
     batches: AtomicU64,
     jobs: AtomicU64,
     busy_micros: AtomicU64,
-    /// When the statement being written began, while a batch is: how long a write has had no
-    /// answer. Each statement of a batch (one per job, after a refused row) starts it anew.
-    writing_since: std::sync::Mutex<Option<Instant>>,
+    /// The lane's name, and where each of its statements is marked under way while it runs
+    /// (each statement of a batch, one per job after a refused row, on its own), for the
+    /// write watch.
+    write: &'static str,
+    in_flight: Arc<InFlight>,
 }
 
 impl Counters {
-    fn writing(&self, since: Option<Instant>) {
-        *self
-            .writing_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = since;
-    }
-
-    fn waited(&self) -> Option<Duration> {
-        self.writing_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .map(|t| t.elapsed())
+    fn new(write: &'static str, in_flight: &Arc<InFlight>) -> Self {
+        Self {
+            batches: AtomicU64::new(0),
+            jobs: AtomicU64::new(0),
+            busy_micros: AtomicU64::new(0),
+            write,
+            in_flight: in_flight.clone(),
+        }
     }
 
     /// One statement that committed `jobs` rows' writes in `took`. A statement that failed
@@ -115,15 +113,6 @@ impl Counters {
             u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
-    }
-}
-
-/// Clears a lane's "writing since" mark when its batch ends.
-struct Writing(Arc<Counters>);
-
-impl Drop for Writing {
-    fn drop(&mut self) {
-        self.0.writing(None);
     }
 }
 
@@ -143,7 +132,7 @@ where
         write: &'static str,
         pool: PgPool,
         shape: Shape,
-        abandoned: &watch::Sender<bool>,
+        (abandoned, in_flight): (&watch::Sender<bool>, &Arc<InFlight>),
         execute: F,
     ) -> Self
     where
@@ -151,7 +140,7 @@ where
         Fut: Future<Output = Vec<Result<Resp, StoreError>>> + Send + 'static,
     {
         let (tx, rx) = mpsc::unbounded_channel();
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters::new(write, in_flight));
         tokio::spawn(until_abandoned(
             abandoned.subscribe(),
             run_lane(
@@ -178,11 +167,6 @@ where
             jobs: c.jobs.load(Ordering::Relaxed),
             busy: Duration::from_micros(c.busy_micros.load(Ordering::Relaxed)),
         }
-    }
-
-    /// How long the batch being written has waited for the database; `None` when none is.
-    fn waited(&self) -> Option<(&'static str, Duration)> {
-        self.counters.waited().map(|d| (self.write, d))
     }
 
     /// Queues `req` without waiting for its answer; the write still happens.
@@ -260,10 +244,7 @@ async fn run_lane<Req, Resp, F, Fut>(
         let counters = counters.clone();
         tokio::spawn(until_abandoned(abandoned.clone(), async move {
             let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = batch.into_iter().unzip();
-            // Cleared however the batch ends, a panic included: a mark left behind would make
-            // an idle lane look stuck.
-            let _writing = Writing(counters.clone());
-            let results = execute(pool, reqs, counters.clone()).await;
+            let results = execute(pool, reqs, counters).await;
             for (reply, result) in replies.into_iter().zip(results) {
                 // The asker may have gone (its task was aborted); the write stands either way.
                 let _ = reply.send(result);
@@ -400,7 +381,12 @@ pub(super) struct Writer {
 impl Writer {
     /// `republish_after`: the fleet's `RESULT_REPUBLISH_AFTER_MS`, which bounds how long a
     /// presumed result may hold the watermark.
-    pub(super) fn spawn(pool: PgPool, republish_after: Duration) -> Self {
+    /// `in_flight`: where the lanes mark their statements under way.
+    pub(super) fn spawn(
+        pool: PgPool,
+        republish_after: Duration,
+        in_flight: &Arc<InFlight>,
+    ) -> Self {
         let presumed = Arc::new(Presumed::default());
         let abandoned = watch::Sender::new(false);
         presumed::spawn_keeper(
@@ -410,33 +396,34 @@ impl Writer {
             abandoned.subscribe(),
         );
         let lane_presumed = presumed.clone();
+        let shared = (&abandoned, in_flight);
         Self {
             claims: Lane::spawn(
                 "claim",
                 pool.clone(),
                 ON_THE_WAY,
-                &abandoned,
+                shared,
                 write_batch::<ClaimReq>,
             ),
             stamps: Lane::spawn(
                 "stamp",
                 pool.clone(),
                 ON_THE_WAY,
-                &abandoned,
+                shared,
                 write_batch::<StampReq>,
             ),
             finishes: Lane::spawn(
                 "outcome",
                 pool.clone(),
                 ON_THE_WAY,
-                &abandoned,
+                shared,
                 move |pool, reqs, c| finish_presuming(pool, reqs, c, lane_presumed.clone()),
             ),
             published: Lane::spawn(
                 "result_published",
                 pool,
                 DETACHED,
-                &abandoned,
+                shared,
                 write_batch::<PublishedReq>,
             ),
             presumed,
@@ -461,20 +448,6 @@ impl Writer {
             self.finishes.counts(),
             self.published.counts(),
         ]
-    }
-
-    /// The lane whose batch has waited longest for the database, and how long; `None` when
-    /// no batch is being written.
-    pub(super) fn longest_wait(&self) -> Option<(&'static str, Duration)> {
-        [
-            self.claims.waited(),
-            self.stamps.waited(),
-            self.finishes.waited(),
-            self.published.waited(),
-        ]
-        .into_iter()
-        .flatten()
-        .max_by_key(|(_, d)| *d)
     }
 
     pub(super) async fn stamp(&self, req: StampReq) -> Result<bool, StoreError> {
@@ -692,7 +665,7 @@ async fn counted<R: Batched>(
     counters: &Counters,
 ) -> Result<Vec<Result<R::Out, StoreError>>, StoreError> {
     let started = Instant::now();
-    counters.writing(Some(started));
+    let _on_the_way = counters.in_flight.begin(counters.write);
     let written = R::write_all(pool, reqs).await;
     // Not the shutdown's flush mark, whose empty id matches no row.
     let jobs = reqs.iter().filter(|r| !r.key().is_empty()).count();

@@ -1,7 +1,7 @@
-//! When the statements on a job's way outside the batched lanes began (a guarded claim's
-//! transaction, a takeover, an attempt, a replayed row), so the write watch can tell one whose
-//! connection went silent (see `worker::silent_write`). Each holds its job, and nothing else
-//! would notice. A lane keeps its own mark: it writes one batch at a time.
+//! When the statements on a job's way began, while they run (a batched lane's, a guarded
+//! claim's transaction, a takeover, an attempt, a replayed row), so the write watch can tell
+//! one whose connection went silent (see `worker::silent_write`). Each holds its job, a lane's
+//! every job behind it, and nothing else would notice.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -369,7 +369,7 @@ pub struct Store {
     /// a burst of them (hundreds of checks in flight) must queue here, without a deadline,
     /// rather than for the pool, whose short wait would take the burst for an outage.
     guarded: Arc<tokio::sync::Semaphore>,
-    /// When the statements on a job's way outside the lanes began; see
+    /// When the statements on a job's way under way began, the lanes' and the others'; see
     /// [`Store::longest_write_wait`].
     in_flight: Arc<in_flight::InFlight>,
 }
@@ -500,6 +500,7 @@ impl Store {
             writer: Some(Arc::new(batch::Writer::spawn(
                 self.pool.clone(),
                 republish_after,
+                &self.in_flight,
             ))),
             session_name: self.session_name.clone(),
             guarded: self.guarded.clone(),
@@ -522,15 +523,10 @@ impl Store {
     /// takeover, an attempt, an invalid row or a replayed row hold their job. `None` when
     /// none is under way.
     pub fn longest_write_wait(&self) -> Option<(&'static str, Duration)> {
-        self.writer
-            .as_ref()
-            .and_then(|w| w.longest_wait())
-            .into_iter()
-            .chain(self.in_flight.longest())
-            .max_by_key(|(_, waited)| *waited)
+        self.in_flight.longest()
     }
 
-    /// Marks a statement on a job's way, outside the lanes, as under way until the mark drops.
+    /// Marks a statement on a job's way as under way until the mark drops.
     fn on_the_way(&self, what: &'static str) -> in_flight::Mark {
         self.in_flight.begin(what)
     }

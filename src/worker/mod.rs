@@ -434,8 +434,8 @@ async fn silent_write(
 /// shorter than the write timeout (a second at least).
 const SECOND_LOOK_AFTER: Duration = Duration::from_millis(200);
 
-/// How long the heartbeat waits to learn whether Postgres is working on a write (a connection
-/// of its own, and one query).
+/// How long a look of the write watch waits to learn whether Postgres is working on a write (a
+/// connection of its own, and one query).
 const SILENCE_CHECK_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The tasks `run` starts beside its consume loop. Dropped, it aborts those still running, so
@@ -466,7 +466,7 @@ async fn write_stuck(stuck: &mut watch::Receiver<Option<(&'static str, u64)>>) -
             return WorkerError::WriteStuck { write, waited_ms };
         }
         if stuck.changed().await.is_err() {
-            // The heartbeat is gone for good: nothing will report a stuck write.
+            // The write watch is gone for good: nothing will report a stuck write.
             std::future::pending::<()>().await;
         }
     }
