@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -89,7 +89,8 @@ fn class_of(e: &sqlx::Error) -> ErrorClass {
 
 /// What may pass, beyond the pool's acquire timeout, between a write's wait starting on the
 /// worker's clock and its transaction starting on the server's: the round trips before it (a
-/// pool's ping, a `BEGIN`), on a busy machine.
+/// pool's ping, a `BEGIN`), on a busy machine. And, the other way, between the watch reading
+/// how long a write has waited and the server reading `now()` for the look.
 const CLOCK_SLACK: Duration = Duration::from_millis(250);
 
 /// SQLSTATEs that mean the server, not the row: see
@@ -445,24 +446,30 @@ impl Store {
 
     /// Whether Postgres is working on a statement of this store's sessions (running it, or
     /// waiting for a lock, a disk, a standby), other than waiting for the client, in a
-    /// transaction about as old as a write that has had no answer for `waited`: when this says
-    /// `false`, that write is on a connection that went silent. Only such transactions count:
-    /// a busy worker's fresh statements, on connections opened since, say nothing of it. A
-    /// write's wait counts from before it had a connection, got within the pool's acquire
-    /// timeout, so its transaction may be younger than `waited` by that much. `true` for a
+    /// transaction begun when a write that has had no answer since `began` could have begun
+    /// its own: when this says `false`, that write is on a connection that went silent.
+    /// Only such transactions count. A busy worker's fresh statements, on connections opened
+    /// since, say nothing of it; nor does a statement of its own begun well before it (a slow
+    /// duty, a claim waiting on another worker's lock), which could run for as long as the
+    /// silent write waits. A write's wait counts from before it had a connection, got within
+    /// the pool's acquire timeout, so its transaction may begin that much later. `true` for a
     /// store whose sessions are not named (it cannot tell). Asked on a connection of its own:
     /// when writes wait for a lock, the pool may have none to spare.
-    pub async fn working_for_us(&self, waited: Duration) -> Result<bool, StoreError> {
+    pub async fn working_for_us(&self, began: Instant) -> Result<bool, StoreError> {
         let Some(name) = &self.session_name else {
             return Ok(true);
         };
         let mut conn = self.pool.connect_options().connect().await?;
+        // Read now, not before the connection: a slow connect would otherwise move the window
+        // later than the write, past its transaction's start.
+        let waited = began.elapsed();
         let working = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
                             WHERE application_name = $1 AND pid <> pg_backend_pid()
                               AND state = 'active'
                               AND wait_event_type IS DISTINCT FROM 'Client'
-                              AND xact_start <= now() - make_interval(secs => $2))",
+                              AND xact_start <= now() - make_interval(secs => $2)
+                              AND xact_start >= now() - make_interval(secs => $3))",
         )
         .bind(name.as_ref())
         .bind(
@@ -470,6 +477,7 @@ impl Store {
                 .saturating_sub(self.pool.options().get_acquire_timeout() + CLOCK_SLACK)
                 .as_secs_f64(),
         )
+        .bind((waited + CLOCK_SLACK).as_secs_f64())
         .fetch_one(&mut conn)
         .await;
         // Its answer stands however the goodbye goes.

@@ -405,12 +405,13 @@ async fn silent_write(
             return None;
         }
         let waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
-        match tokio::time::timeout(SILENCE_CHECK_PATIENCE, store.working_for_us(waited)).await {
+        let began = began?;
+        match tokio::time::timeout(SILENCE_CHECK_PATIENCE, store.working_for_us(began)).await {
             // A transaction is idle for a moment between its statements (a guarded claim's):
             // silent is what a second look at the same write, a moment later, still finds
             // unattended.
             Ok(Ok(false)) if first_look.is_none() => {
-                first_look = Some((write, began?));
+                first_look = Some((write, began));
                 tokio::time::sleep(SECOND_LOOK_AFTER).await;
             }
             Ok(Ok(false)) => return Some((write, waited_ms)),

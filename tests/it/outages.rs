@@ -381,6 +381,46 @@ async fn silence_a_claim(
     lock.rollback().await.expect("unlock");
 }
 
+/// An invalid message's row, held by a lock until every connection of `worker` falls silent,
+/// must end `run` with `WriteStuck`.
+async fn stops_on_a_silent_invalid_row(
+    worker: &RunBehindProxy,
+    run: JoinHandle<Result<(), WorkerError>>,
+) {
+    let mut bad = send_job(&unique_id("silentinvalid"));
+    bad["phone_number"] = "not a number".into();
+    let lock = lock_the_jobs(&worker.pool).await;
+    silence_a_claim(&worker.db, &worker.pool, lock, worker.jobs(), &bad, async {
+    })
+    .await;
+    let ended = ended(run).await;
+    assert!(
+        matches!(
+            ended,
+            Err(WorkerError::WriteStuck {
+                write: "invalid row",
+                ..
+            })
+        ),
+        "the run ended with {ended:?}"
+    );
+}
+
+/// The `application_name` of a worker's sessions, once one is open on the test database.
+async fn worker_session_name(pool: &PgPool) -> String {
+    eventually("the worker's sessions are named", || async {
+        sqlx::query_scalar(
+            "SELECT application_name FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name LIKE 'aliyun-sms-worker %'
+             LIMIT 1",
+        )
+        .fetch_optional(pool)
+        .await
+        .expect("read the activity")
+    })
+    .await
+}
+
 /// What `run` ended with, within [`PATIENCE`].
 async fn ended(run: JoinHandle<Result<(), WorkerError>>) -> Result<(), WorkerError> {
     tokio::time::timeout(PATIENCE, run)
@@ -587,23 +627,54 @@ async fn a_watermark_write_gone_silent_is_given_up_and_the_watermark_moves_on() 
 async fn an_invalid_row_gone_silent_stops_the_run() {
     let worker = RunBehindProxy::new(1000, |_| {}).await;
     let run = worker.start().await.expect("the run is running");
-    let mut bad = send_job(&unique_id("silentinvalid"));
-    bad["phone_number"] = "not a number".into();
-    let lock = lock_the_jobs(&worker.pool).await;
-    silence_a_claim(&worker.db, &worker.pool, lock, worker.jobs(), &bad, async {
+    stops_on_a_silent_invalid_row(&worker, run).await;
+    worker.remove().await;
+}
+
+/// A statement of the worker's that has run for long (a leader's slow duty, a claim waiting on
+/// another worker's lock) is not the write that went silent: Postgres working on it says
+/// nothing of a write begun well after it. Once, any older statement of the worker's kept a
+/// silent write waited for, for as long as that statement ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_statement_begun_before_a_silent_write_does_not_hide_it() {
+    let worker = RunBehindProxy::new(1000, |_| {}).await;
+    let run = worker.start().await.expect("the run is running");
+    let name = worker_session_name(&worker.pool).await;
+    let options = PgConnectOptions::from_str(&worker.env.db_url)
+        .expect("the test database's URL")
+        .application_name(&name);
+    let long = tokio::spawn(async move {
+        let mut conn = PgConnection::connect_with(&options)
+            .await
+            .expect("connect under the worker's name");
+        // Cancelled at the end of the test.
+        let _ = sqlx::query("SELECT pg_sleep(120)").execute(&mut conn).await;
+    });
+    // Older than the write by more than any slack the watch allows for.
+    eventually("the long statement has run for three seconds", || async {
+        let old: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = $1 AND state = 'active' AND query LIKE '%pg_sleep(120)%'
+               AND xact_start < now() - interval '3 seconds'",
+        )
+        .bind(&name)
+        .fetch_one(&worker.pool)
+        .await
+        .expect("read the activity");
+        (old > 0).then_some(())
     })
     .await;
-    let ended = ended(run).await;
-    assert!(
-        matches!(
-            ended,
-            Err(WorkerError::WriteStuck {
-                write: "invalid row",
-                ..
-            })
-        ),
-        "the run ended with {ended:?}"
-    );
+    stops_on_a_silent_invalid_row(&worker, run).await;
+    assert!(!long.is_finished(), "the long statement ran throughout");
+    sqlx::query(
+        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+         WHERE application_name = $1 AND query LIKE '%pg_sleep(120)%'",
+    )
+    .bind(&name)
+    .execute(&worker.pool)
+    .await
+    .expect("cancel the long statement");
+    let _ = long.await;
     worker.remove().await;
 }
 
@@ -623,17 +694,7 @@ async fn a_guarded_claim_gone_silent_stops_the_worker_while_other_statements_of_
     settings.insert(config::DATABASE_URL.into(), through(&env.db_url, &db));
     let mut worker = WorkerProcess::start(&["run"], &settings).await;
     let pool = PgPool::connect(&env.db_url).await.expect("db");
-    let worker_name: String = eventually("the worker's sessions are named", || async {
-        sqlx::query_scalar(
-            "SELECT application_name FROM pg_stat_activity
-             WHERE datname = current_database() AND application_name LIKE 'aliyun-sms-worker %'
-             LIMIT 1",
-        )
-        .fetch_optional(&pool)
-        .await
-        .expect("read the activity")
-    })
-    .await;
+    let worker_name = worker_session_name(&pool).await;
     let options = PgConnectOptions::from_str(&env.db_url)
         .expect("the test database's URL")
         .application_name(&worker_name);
