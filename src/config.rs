@@ -321,7 +321,7 @@ settings! {
     AMQP_URL = "AMQP_URL", Some("amqp://guest:guest@127.0.0.1:5672/%2f"), "RabbitMQ connection URL (amqps:// for TLS), or a cluster's node URLs separated by commas: the first that answers is used, the next one when it is lost";
     DATABASE_URL = "DATABASE_URL", Some("postgres://postgres@127.0.0.1:5432/postgres"), "Postgres connection URL";
     DATABASE_MAX_CONNECTIONS = "DATABASE_MAX_CONNECTIONS", Some("16"), "size of the Postgres connection pool";
-    DATABASE_WRITE_TIMEOUT_MS = "DATABASE_WRITE_TIMEOUT_MS", Some("30000"), "a statement on a job's way with no answer for this long, while Postgres works on none of the worker's statements begun with it, means its connection went silent: the worker exits (non-zero) so the fleet takes its jobs over, as after a crash; Postgres also ends the worker's sessions whose client has been silent this long";
+    DATABASE_WRITE_TIMEOUT_MS = "DATABASE_WRITE_TIMEOUT_MS", Some("30000"), "a statement on a job's way or of the leader's duties with no answer for this long, while Postgres works on none of the worker's statements begun with it, means its connection went silent: the worker exits (non-zero) so the fleet takes its jobs over, as after a crash; Postgres also ends the worker's sessions whose client has been silent this long";
     SMS_JOBS_QUEUE = "SMS_JOBS_QUEUE", Some("sms.jobs"), "queue the worker consumes jobs from";
     SMS_RESULTS_QUEUE = "SMS_RESULTS_QUEUE", Some("sms.results"), "queue results go to when a job has no reply_to";
     SMS_DEAD_LETTER_QUEUE = "SMS_DEAD_LETTER_QUEUE", Some("sms.jobs.dead"), "queue that receives invalid and poison jobs";

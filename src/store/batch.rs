@@ -665,7 +665,7 @@ async fn counted<R: Batched>(
     counters: &Counters,
 ) -> Result<Vec<Result<R::Out, StoreError>>, StoreError> {
     let started = Instant::now();
-    let _on_the_way = counters.in_flight.begin(counters.write);
+    let _watched = counters.in_flight.begin(counters.write);
     let written = R::write_all(pool, reqs).await;
     // Not the shutdown's flush mark, whose empty id matches no row.
     let jobs = reqs.iter().filter(|r| !r.key().is_empty()).count();

@@ -81,6 +81,7 @@ impl Store {
         limit: i64,
         lease: Duration,
     ) -> Result<Vec<DeliveryRow>, StoreError> {
+        let _watched = self.watched("receipts");
         Ok(sqlx::query_as::<_, DeliveryRow>(
             "UPDATE sms_deliveries d
              SET next_check_at = now() + make_interval(secs => $2::double precision / 1000)
@@ -106,6 +107,7 @@ impl Store {
         phone: &str,
         delay: Duration,
     ) -> Result<(), StoreError> {
+        let _watched = self.watched("receipts");
         sqlx::query(
             "UPDATE sms_deliveries SET checks = checks + 1, updated_at = now(),
                     next_check_at = now() + make_interval(secs => $3::double precision / 1000)
@@ -128,6 +130,7 @@ impl Store {
         err_code: Option<&str>,
         received_at: Option<DateTime<Utc>>,
     ) -> Result<Option<ReceiptUpdate>, StoreError> {
+        let _watched = self.watched("receipts");
         Ok(sqlx::query_as::<_, ReceiptUpdate>(
             "UPDATE sms_deliveries SET delivery_status = $3, err_code = $4, received_at = $5,
                     checks = checks + 1, updated_at = now()
@@ -149,6 +152,7 @@ impl Store {
         job_id: &str,
         phone: &str,
     ) -> Result<(), StoreError> {
+        let _watched = self.watched("receipts");
         sqlx::query(
             "UPDATE sms_deliveries SET event_published_at = now()
              WHERE job_id = $1 AND phone_number = $2",
@@ -162,6 +166,7 @@ impl Store {
 
     /// Final receipts whose event could not be published (broker down at the time).
     pub async fn unpublished_receipts(&self, limit: i64) -> Result<Vec<ReceiptUpdate>, StoreError> {
+        let _watched = self.watched("receipts");
         Ok(sqlx::query_as::<_, ReceiptUpdate>(
             "SELECT job_id, phone_number, biz_id, out_id, delivery_status, err_code, received_at
              FROM sms_deliveries
@@ -179,6 +184,7 @@ impl Store {
         limit: i64,
         lease: Duration,
     ) -> Result<Vec<ReconcileRow>, StoreError> {
+        let _watched = self.watched("reconciliation");
         Ok(sqlx::query_as::<_, ReconcileRow>(
             "UPDATE sms_jobs j
              SET next_reconcile_at = now() + make_interval(secs => $2::double precision / 1000)
@@ -206,6 +212,7 @@ impl Store {
         job_id: &str,
         delay: Duration,
     ) -> Result<(), StoreError> {
+        let _watched = self.watched("reconciliation");
         sqlx::query(
             "UPDATE sms_jobs SET next_reconcile_at = LEAST(
                     now() + make_interval(secs => $2::double precision / 1000), reconcile_until)
@@ -224,6 +231,7 @@ impl Store {
         job_id: &str,
         biz_id: Option<&str>,
     ) -> Result<Option<JobRow>, StoreError> {
+        let _watched = self.watched("reconciliation");
         let mut tx = self.pool().begin().await?;
         let row = sqlx::query_as::<_, JobRow>(concat!(
             "UPDATE sms_jobs SET status = 'sent', code = 'OK',
@@ -257,6 +265,7 @@ impl Store {
         &self,
         job_id: &str,
     ) -> Result<Option<JobRow>, StoreError> {
+        let _watched = self.watched("reconciliation");
         Ok(sqlx::query_as::<_, JobRow>(concat!(
             "UPDATE sms_jobs SET status = 'failed', code = 'NOT_SENT',
                     message = 'the answer was lost and Aliyun has no send with this OutId: it was never sent',

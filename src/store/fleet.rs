@@ -81,6 +81,7 @@ pub struct Backlog {
 impl Store {
     /// Measures the [`Backlog`]; both read a partial index (`sending` rows, due receipts).
     pub async fn backlog(&self) -> Result<Backlog, StoreError> {
+        let _watched = self.watched("fleet gauges");
         let (oldest_sending, receipts_overdue): (f64, f64) = sqlx::query_as(
             "SELECT
                  GREATEST(COALESCE((SELECT EXTRACT(EPOCH FROM now() - min(updated_at))
@@ -172,6 +173,7 @@ impl Store {
     /// retired), nor results presumed out after their watermark that the outbox has yet to
     /// publish. Says how many.
     pub async fn prune_dead_workers(&self, kept: Duration) -> Result<u64, StoreError> {
+        let _watched = self.watched("prune");
         Ok(sqlx::query(
             "DELETE FROM sms_workers w
              WHERE w.heartbeat_at < now() - make_interval(secs => $1::double precision / 1000)
@@ -216,9 +218,8 @@ impl Store {
         claim_lease: Duration,
         reconcile_grace: Duration,
     ) -> Result<Option<Stale>, StoreError> {
-        // One mark per statement: each is a transaction of its own, and the write watch asks
-        // Postgres about a transaction as old as the mark.
-        let on_the_way = self.on_the_way("takeover");
+        // One mark per statement, each a transaction of its own (see `Store::watched`).
+        let watched = self.watched("takeover");
         let taken = sqlx::query_as::<_, JobRow>(concat!(
             "UPDATE sms_jobs SET claimed_by = $2, updated_at = now(),
                     lease_until = now() + make_interval(secs => $3::double precision / 1000)
@@ -232,11 +233,11 @@ impl Store {
         .bind(millis(claim_lease))
         .fetch_optional(self.pool())
         .await?;
-        drop(on_the_way);
+        drop(watched);
         if let Some(row) = taken {
             return Ok(Some(Stale::TakenOver(Box::new(row))));
         }
-        let _on_the_way = self.on_the_way("takeover");
+        let _watched = self.watched("takeover");
         let ended = sqlx::query_as::<_, JobRow>(concat!(
             "UPDATE sms_jobs SET ",
             interrupted_set!("$3"),
@@ -264,6 +265,8 @@ impl Store {
         abandon_after: Duration,
         reconcile_grace: Duration,
     ) -> Result<Swept, StoreError> {
+        // One mark per statement, each a transaction of its own (see `Store::watched`).
+        let watched = self.watched("stale claims sweep");
         let interrupted = sqlx::query(concat!(
             "UPDATE sms_jobs SET ",
             interrupted_set!("$2"),
@@ -275,6 +278,8 @@ impl Store {
         .execute(self.pool())
         .await?
         .rows_affected();
+        drop(watched);
+        let _watched = self.watched("stale claims sweep");
         let abandoned = sqlx::query(concat!(
             "UPDATE sms_jobs SET status = 'failed', code = 'ABANDONED',
                     message = 'the job was claimed but never sent, and its message did not come back; Aliyun was not called',
@@ -308,6 +313,7 @@ impl Store {
         limit: i64,
         me: Uuid,
     ) -> Result<Vec<JobRow>, StoreError> {
+        let _watched = self.watched("outbox");
         Ok(sqlx::query_as::<_, JobRow>(concat!(
             "(SELECT ",
             job_columns!(),

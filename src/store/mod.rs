@@ -525,17 +525,20 @@ impl Store {
         }
     }
 
-    /// The write on a job's way that has waited longest for the database, and how long: a
-    /// batch whose connection went silent waits until TCP gives up (minutes), holding every
-    /// job behind it; a guarded claim holds its job and a turn of the guarded claims; a
-    /// takeover, an attempt, an invalid row or a replayed row hold their job. `None` when
-    /// none is under way.
+    /// The statement the write watch times that has waited longest for the database, and how
+    /// long: a batch whose connection went silent waits until TCP gives up (minutes), holding
+    /// every job behind it; a guarded claim holds its job and a turn of the guarded claims; a
+    /// takeover, an attempt, an invalid row or a replayed row hold their job; a statement of
+    /// the leader's duties holds the fleet's sweeps, receipts and reconciliation, while the
+    /// leadership, on a connection of its own, stays here. `None` when none is under way.
     pub fn longest_write_wait(&self) -> Option<(&'static str, Duration)> {
         self.in_flight.longest()
     }
 
-    /// Marks a statement on a job's way as under way until the mark drops.
-    fn on_the_way(&self, what: &'static str) -> in_flight::Mark {
+    /// Marks a statement the write watch times (see [`Self::longest_write_wait`]) as under way
+    /// until the mark drops. One mark per transaction, taken before it begins: the watch asks
+    /// Postgres about a transaction begun with the mark.
+    fn watched(&self, what: &'static str) -> in_flight::Mark {
         self.in_flight.begin(what)
     }
 
@@ -613,7 +616,7 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         // From the connection in hand on: a wait for one is the pool's, bounded by its own
         // timeout, and not on any statement Postgres could be asked about.
-        let _on_the_way = self.on_the_way("guarded claim");
+        let _watched = self.watched("guarded claim");
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let mut refusal = None;
         if let Some(limits) = guards.number_limits {
@@ -647,12 +650,13 @@ impl Store {
 
     /// Forgets the budgets of days long past.
     pub async fn prune_daily_usage(&self) -> Result<u64, StoreError> {
+        let _watched = self.watched("prune");
         let mut conn = self.pool.acquire().await?;
         guards::prune_daily(&mut conn).await
     }
 
     pub async fn fetch(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
-        let _on_the_way = self.on_the_way("row read");
+        let _watched = self.watched("row read");
         Ok(sqlx::query_as::<_, JobRow>(concat!(
             "SELECT ",
             job_columns!(),
@@ -727,11 +731,12 @@ impl Store {
             job_id: job_id.to_owned(),
             finished_at,
         };
+        let _watched = self.watched("outbox");
         batch::mark_published(&self.pool, &[req]).await
     }
 
     pub async fn record_attempt(&self, job_id: &str, a: &AttemptRecord) -> Result<(), StoreError> {
-        let _on_the_way = self.on_the_way("attempt");
+        let _watched = self.watched("attempt");
         let mut arrays = AttemptArrays::default();
         arrays.push(job_id, a);
         bind_attempts!(sqlx::query(insert_attempts_sql!()), arrays)
@@ -780,7 +785,7 @@ impl Store {
         code: &str,
         message: &str,
     ) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let _on_the_way = self.on_the_way("invalid row");
+        let _watched = self.watched("invalid row");
         Ok(sqlx::query_scalar(
             "INSERT INTO sms_jobs (id, type, status, reply_to, correlation_id, code, message,
                                    finished_at)

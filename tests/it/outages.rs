@@ -678,6 +678,46 @@ async fn a_long_statement_begun_before_a_silent_write_does_not_hide_it() {
     worker.remove().await;
 }
 
+/// The leader's duties run on the same pool as the jobs. A sweep gone silent held the
+/// fleet's sweeps of dead workers' claims, its outbox, receipts and reconciliation until TCP
+/// gave up on the connection (many minutes), while the leadership, on a connection of its
+/// own, stayed with the stuck worker. It stops the worker like any silent write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaders_sweep_gone_silent_stops_the_run() {
+    let worker = RunBehindProxy::new(1000, |s| {
+        s.insert(config::SWEEP_INTERVAL_MS.into(), "100".into());
+    })
+    .await;
+    let run = worker.start().await.expect("the run is running");
+    let lock = lock_the_jobs(&worker.pool).await;
+    eventually("the sweep waits for the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%UPDATE sms_jobs%' AND query LIKE '%status = ''sending''%'",
+        )
+        .fetch_one(&worker.pool)
+        .await
+        .expect("read the activity");
+        (waiting > 0).then_some(())
+    })
+    .await;
+    worker.db.silence();
+    lock.rollback().await.expect("unlock");
+    let ended = ended(run).await;
+    assert!(
+        matches!(
+            ended,
+            Err(WorkerError::WriteStuck {
+                write: "stale claims sweep",
+                ..
+            })
+        ),
+        "the run ended with {ended:?}"
+    );
+    worker.remove().await;
+}
+
 /// A guarded claim (every `check_verify_code` job's, `CHECK_MAX_ATTEMPTS` being on by default)
 /// is a transaction of its own, outside the batched lanes. Waiting for a lock past
 /// `DATABASE_WRITE_TIMEOUT_MS`, it is waited for; gone silent, it stops the worker. Also while
