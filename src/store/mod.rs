@@ -463,6 +463,10 @@ impl Store {
         // Read now, not before the connection: a slow connect would otherwise move the window
         // later than the write, past its transaction's start.
         let waited = began.elapsed();
+        // The transaction may begin this much after the write's wait did. As wide the other
+        // way: the look's own query may reach the server late on a busy machine, and a
+        // transaction begun a second before the write is not one begun "well before" it.
+        let margin = self.pool.options().get_acquire_timeout() + CLOCK_SLACK;
         let working = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
                             WHERE application_name = $1 AND pid <> pg_backend_pid()
@@ -472,12 +476,8 @@ impl Store {
                               AND xact_start >= now() - make_interval(secs => $3))",
         )
         .bind(name.as_ref())
-        .bind(
-            waited
-                .saturating_sub(self.pool.options().get_acquire_timeout() + CLOCK_SLACK)
-                .as_secs_f64(),
-        )
-        .bind((waited + CLOCK_SLACK).as_secs_f64())
+        .bind(waited.saturating_sub(margin).as_secs_f64())
+        .bind((waited + margin).as_secs_f64())
         .fetch_one(&mut conn)
         .await;
         // Its answer stands however the goodbye goes.
