@@ -4,7 +4,7 @@
 //! probe retries the connection with backoff until it answers, then opens the gate again. So
 //! an outage costs no Aliyun call and no churn of requeued messages, and needs no restart.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -39,7 +39,7 @@ impl DbHealth {
         let was_ok = self.ok.send_replace(false);
         if was_ok {
             tracing::warn!("database unreachable: pausing consumption until it answers");
-            tokio::spawn(probe(self.clone()));
+            tokio::spawn(probe(Arc::downgrade(&self.ok), self.store.clone()));
         }
     }
 
@@ -51,7 +51,10 @@ impl DbHealth {
     }
 }
 
-async fn probe(health: DbHealth) {
+/// Pings until the database answers, or until nobody holds the gate any more (the run that
+/// started it has returned): it holds only a weak reference to the gate, so a process that
+/// lives on after its run is not left pinging for as long as the database stays away.
+async fn probe(ok: Weak<watch::Sender<bool>>, store: Store) {
     let mut delays = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(5))
@@ -60,10 +63,45 @@ async fn probe(health: DbHealth) {
         .build();
     loop {
         tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
-        if health.store.ping().await.is_ok() {
-            tracing::info!("database answers again: resuming");
-            health.ok.send_replace(true);
+        if ok.strong_count() == 0 {
             return;
         }
+        if store.ping().await.is_ok() {
+            if let Some(ok) = ok.upgrade() {
+                tracing::info!("database answers again: resuming");
+                ok.send_replace(true);
+            }
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::postgres::PgPoolOptions;
+
+    /// A run that returned while the database was away (in an embedding service, a test) must
+    /// not leave its probe pinging for as long as the database stays away.
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_ends_once_nobody_waits_for_the_database() {
+        let pool = PgPoolOptions::new()
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .acquire_timeout(Duration::from_millis(100))
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("a lazy pool");
+        let health = DbHealth::new(Store::from_pool(pool));
+        let metrics = tokio::runtime::Handle::current().metrics();
+        health.failed();
+        assert_eq!(metrics.num_alive_tasks(), 1, "the probe runs");
+        drop(health);
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while metrics.num_alive_tasks() > 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the probe ended");
     }
 }
