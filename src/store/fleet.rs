@@ -136,12 +136,16 @@ impl Store {
     /// (its reply was lost, its task gave up) is not renewed, and others settle it once its lease
     /// is over; one its owner is busy with — a long backoff, an outcome waiting for the database
     /// to come back — keeps its owner for as long as the owner beats.
+    ///
+    /// Only leases that have run for a `beat` are renewed, so one beating every `beat` never has
+    /// less than its length less two beats left. Most jobs end within a beat, and renewing every
+    /// claim at every beat wrote a new version of each row in flight (with its index entries).
     pub async fn renew_claims(
         &self,
         worker: Uuid,
         ids: &[String],
-        claim_lease: Duration,
-        job_lease: Duration,
+        (claim_lease, job_lease): (Duration, Duration),
+        beat: Duration,
     ) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
@@ -157,6 +161,8 @@ impl Store {
                      secs => CASE WHEN j.called_at IS NULL THEN $3 ELSE $4 END::double precision / 1000))
              FROM (SELECT id FROM sms_jobs
                    WHERE id = ANY($2) AND status = 'sending' AND claimed_by = $1
+                     AND lease_until < now() + make_interval(
+                         secs => (CASE WHEN called_at IS NULL THEN $3 ELSE $4 END - $5)::double precision / 1000)
                    FOR NO KEY UPDATE SKIP LOCKED) AS free
              WHERE j.id = free.id",
         )
@@ -164,6 +170,7 @@ impl Store {
         .bind(ids)
         .bind(millis(claim_lease))
         .bind(millis(job_lease))
+        .bind(millis(beat))
         .execute(self.pool())
         .await?;
         Ok(())

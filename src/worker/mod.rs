@@ -626,8 +626,8 @@ async fn beat(
                         .renew_claims(
                             worker,
                             &pipeline.jobs_in_hand(),
-                            config.claim_lease(),
-                            config.job_lease(),
+                            (config.claim_lease(), config.job_lease()),
+                            every,
                         )
                         .await?;
                     // For /metrics and the status page: what is left of today's budget.

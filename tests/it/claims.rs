@@ -638,8 +638,8 @@ async fn renewing_leases_never_waits_for_a_claim_whose_outcome_is_being_written(
         store.renew_claims(
             owner,
             &[ids[1].to_owned(), ids[0].to_owned()],
-            Duration::from_secs(60),
-            Duration::from_secs(60),
+            (Duration::from_secs(60), Duration::from_secs(60)),
+            Duration::from_secs(2),
         ),
     )
     .await
@@ -664,4 +664,66 @@ async fn renewing_leases_never_waits_for_a_claim_whose_outcome_is_being_written(
     );
     pool.close().await;
     drop_database(&db_name).await;
+}
+
+/// A claim's lease is renewed once it has run for a beat, not at every beat: most jobs end
+/// within one, and renewing every claim in flight at every beat cost Postgres a new version of
+/// each row (with its index entries), hundreds a second under load (issue 13).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_renewed_once_it_has_run_for_a_beat_and_not_before() {
+    let (db_name, db_url) = crate::helpers::create_database().await;
+    let store = aliyun_sms_worker::store::Store::connect(&db_url, 4)
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    let pool = store.pool().clone();
+    let owner = Uuid::new_v4();
+    let (fresh, old) = (send_job("lease-fresh"), send_job("lease-old"));
+    for job in [&fresh, &old] {
+        leave_claim(&pool, job, owner, true, 0.0, 0.0).await;
+    }
+    let ids = [
+        fresh["id"].as_str().expect("id"),
+        old["id"].as_str().expect("id"),
+    ];
+    // Claimed a moment ago, for a minute.
+    sqlx::query("UPDATE sms_jobs SET lease_until = now() + interval '60 seconds' WHERE id = $1")
+        .bind(ids[0])
+        .execute(&pool)
+        .await
+        .expect("a fresh lease");
+    let fresh_before = row_version(&pool, ids[0]).await;
+    store
+        .renew_claims(
+            owner,
+            &[ids[0].to_owned(), ids[1].to_owned()],
+            (Duration::from_secs(60), Duration::from_secs(60)),
+            Duration::from_secs(2),
+        )
+        .await
+        .expect("renewal");
+    assert_eq!(
+        row_version(&pool, ids[0]).await,
+        fresh_before,
+        "a lease set within the beat is left alone"
+    );
+    let renewed: bool = sqlx::query_scalar(
+        "SELECT lease_until > now() + interval '30 seconds' FROM sms_jobs WHERE id = $1",
+    )
+    .bind(ids[1])
+    .fetch_one(&pool)
+    .await
+    .expect("the old lease");
+    assert!(renewed, "a lease that ran out is renewed");
+    pool.close().await;
+    drop_database(&db_name).await;
+}
+
+/// The transaction that wrote the row's current version: any update changes it.
+async fn row_version(pool: &PgPool, id: &str) -> String {
+    sqlx::query_scalar("SELECT xmin::text FROM sms_jobs WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("the row's version")
 }
