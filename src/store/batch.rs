@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::guards::Refusal;
-use super::in_flight::InFlight;
+use super::in_flight::{InFlight, Mark};
 use super::presumed::{self, Presumed};
 use super::{
     AttemptArrays, AttemptRecord, Claim, ErrorClass, Followup, JobRow, Outcome, ReplyRoute,
@@ -529,12 +529,15 @@ fn shared_failure<T>(n: usize, e: StoreError) -> Vec<Result<T, StoreError>> {
 }
 
 /// A kind of request a lane writes: all of a batch at once, one answer per request in order.
+/// `watched` is the batch's mark for the write watch, restarted by a write that goes on with
+/// another transaction (see `Store::watched`).
 trait Batched: Keyed + Sized + Send + Sync + 'static {
     type Out: Send + 'static;
 
     fn write_all<'a>(
         pool: &'a PgPool,
         reqs: &'a [Self],
+        watched: &'a mut Mark,
     ) -> impl Future<Output = Result<Vec<Result<Self::Out, StoreError>>, StoreError>> + Send + 'a;
 }
 
@@ -544,9 +547,10 @@ impl Batched for ClaimReq {
     async fn write_all(
         pool: &PgPool,
         reqs: &[Self],
+        watched: &mut Mark,
     ) -> Result<Vec<Result<Claim, StoreError>>, StoreError> {
         let mut conn = pool.acquire().await?;
-        Ok(claim_together(&mut conn, reqs)
+        Ok(claim_together(&mut conn, reqs, Some(watched))
             .await?
             .into_iter()
             .map(Ok)
@@ -560,8 +564,9 @@ impl Batched for FinishReq {
     async fn write_all(
         pool: &PgPool,
         reqs: &[Self],
+        watched: &mut Mark,
     ) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
-        finish_together(pool, reqs).await
+        finish_together(pool, reqs, watched).await
     }
 }
 
@@ -571,6 +576,7 @@ impl Batched for StampReq {
     async fn write_all(
         pool: &PgPool,
         reqs: &[Self],
+        _: &mut Mark,
     ) -> Result<Vec<Result<bool, StoreError>>, StoreError> {
         let stamped = stamp_together(pool, reqs).await?;
         Ok(reqs
@@ -586,6 +592,7 @@ impl Batched for PublishedReq {
     async fn write_all(
         pool: &PgPool,
         reqs: &[Self],
+        _: &mut Mark,
     ) -> Result<Vec<Result<(), StoreError>>, StoreError> {
         mark_published(pool, reqs).await?;
         Ok(reqs.iter().map(|_| Ok(())).collect())
@@ -665,8 +672,8 @@ async fn counted<R: Batched>(
     counters: &Counters,
 ) -> Result<Vec<Result<R::Out, StoreError>>, StoreError> {
     let started = Instant::now();
-    let _watched = counters.in_flight.begin(counters.write);
-    let written = R::write_all(pool, reqs).await;
+    let mut watched = counters.in_flight.begin(counters.write);
+    let written = R::write_all(pool, reqs, &mut watched).await;
     // Not the shutdown's flush mark, whose empty id matches no row.
     let jobs = reqs.iter().filter(|r| !r.key().is_empty()).count();
     if written.is_ok() && jobs > 0 {
@@ -679,9 +686,12 @@ async fn counted<R: Batched>(
 /// and code) in one statement. Ids already present and not `invalid` are left alone and
 /// read back as they are. A row left `invalid` may be re-claimed: an invalid message never
 /// reached Aliyun, so a corrected job with the same id is a first attempt, not a duplicate.
+/// `watched`: the batch's mark, when the insert is a transaction of its own; the read of what
+/// it left alone is then another.
 pub(super) async fn claim_together(
     conn: &mut PgConnection,
     reqs: &[ClaimReq],
+    watched: Option<&mut Mark>,
 ) -> Result<Vec<Claim>, StoreError> {
     let n = reqs.len();
     let mut ids = Vec::with_capacity(n);
@@ -763,6 +773,9 @@ pub(super) async fn claim_together(
         .copied()
         .filter(|id| !rows.contains_key(*id))
         .collect();
+    if let (false, Some(watched)) = (untouched.is_empty(), watched) {
+        watched.restart();
+    }
     let mut seen = super::fetch_many(&mut *conn, &untouched).await?;
     reqs.iter()
         .map(|r| match rows.remove(&r.id) {
@@ -783,6 +796,7 @@ pub(super) async fn claim_together(
 pub(super) async fn finish_together(
     pool: &PgPool,
     reqs: &[FinishReq],
+    watched: &mut Mark,
 ) -> Result<Vec<Result<JobRow, StoreError>>, StoreError> {
     let n = reqs.len();
     let mut ids = Vec::with_capacity(n);
@@ -894,6 +908,7 @@ pub(super) async fn finish_together(
         .filter(|id| !rows.contains_key(*id))
         .collect();
     if !lost.is_empty() {
+        watched.restart();
         let mut conn = pool.acquire().await?;
         rows.extend(super::fetch_many(&mut conn, &lost).await?);
     }

@@ -1,7 +1,8 @@
-//! When the statements on a job's way began, while they run (a batched lane's, a guarded
-//! claim's transaction, a takeover, an attempt, a replayed row), so the write watch can tell
-//! one whose connection went silent (see `worker::silent_write`). Each holds its job, a lane's
-//! every job behind it, and nothing else would notice.
+//! When the statements the write watch times began, while they run (on a job's way: a batched
+//! lane's, a guarded claim's transaction, a takeover, an attempt, a replayed row; and the
+//! leader's duties), so the watch can tell one whose connection went silent (see
+//! `worker::silent_write`). Each holds its job, a lane's every job behind it, the leader's the
+//! fleet's duties, and nothing else would notice.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,11 +27,18 @@ impl InFlight {
         }
     }
 
-    /// The oldest one still running, and how long it has waited.
-    pub(super) fn longest(&self) -> Option<(&'static str, Duration)> {
+    /// Those still running that began more than `age` ago, the oldest first.
+    pub(super) fn older_than(&self, age: Duration) -> Vec<Waiting> {
+        let now = Instant::now();
         self.began()
-            .first_key_value()
-            .map(|(_, (what, began))| (*what, began.elapsed()))
+            .iter()
+            .map(|(id, (what, began))| Waiting {
+                id: *id,
+                what,
+                began: *began,
+            })
+            .take_while(|w| now.saturating_duration_since(w.began) > age)
+            .collect()
     }
 
     fn began(&self) -> MutexGuard<'_, BTreeMap<u64, (&'static str, Instant)>> {
@@ -38,9 +46,36 @@ impl InFlight {
     }
 }
 
+/// A statement under way, as [`InFlight::older_than`] tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiting {
+    /// Which mark: a statement told twice is the same one only if this is.
+    id: u64,
+    pub what: &'static str,
+    pub began: Instant,
+}
+
+impl Waiting {
+    /// Whether `other` is this same statement, told again.
+    pub fn is(&self, other: &Waiting) -> bool {
+        self.id == other.id
+    }
+}
+
 pub(super) struct Mark {
     of: Arc<InFlight>,
     id: u64,
+}
+
+impl Mark {
+    /// The marked work goes on with another transaction: it counts from now, and last in order.
+    pub(super) fn restart(&mut self) {
+        let mut began = self.of.began();
+        if let Some(entry) = began.remove(&self.id) {
+            self.id = self.of.next.fetch_add(1, Ordering::Relaxed);
+            began.insert(self.id, (entry.0, Instant::now()));
+        }
+    }
 }
 
 impl Drop for Mark {
@@ -53,22 +88,35 @@ impl Drop for Mark {
 mod tests {
     use super::*;
 
+    fn names(told: &[Waiting]) -> Vec<&'static str> {
+        told.iter().map(|w| w.what).collect()
+    }
+
     #[test]
-    fn the_oldest_running_one_is_told_and_an_ended_one_no_longer_counts() {
+    fn those_waiting_longer_than_an_age_are_told_oldest_first_until_they_end_or_restart() {
         let in_flight = Arc::new(InFlight::default());
-        assert_eq!(in_flight.longest(), None);
+        assert!(in_flight.older_than(Duration::ZERO).is_empty());
         let first = in_flight.begin("guarded claim");
-        std::thread::sleep(Duration::from_millis(20));
-        let before_second = Instant::now();
-        let second = in_flight.begin("attempt");
-        let (what, oldest) = in_flight.longest().unwrap_or(("none", Duration::ZERO));
-        assert_eq!(what, "guarded claim");
-        assert!(oldest >= Duration::from_millis(20), "{oldest:?}");
+        let mut second = in_flight.begin("claim");
+        std::thread::sleep(Duration::from_millis(30));
+        let third = in_flight.begin("attempt");
+        let age = Duration::from_millis(20);
+        let told = in_flight.older_than(age);
+        assert_eq!(names(&told), ["guarded claim", "claim"]);
+        second.restart();
+        let again = in_flight.older_than(age);
+        assert_eq!(
+            names(&again),
+            ["guarded claim"],
+            "a restarted one counts anew"
+        );
+        assert!(again[0].is(&told[0]) && !again[0].is(&told[1]));
         drop(first);
-        let (what, now) = in_flight.longest().unwrap_or(("none", Duration::MAX));
-        assert_eq!(what, "attempt", "the ended one still counts");
-        assert!(now <= before_second.elapsed(), "{now:?}");
-        drop(second);
-        assert_eq!(in_flight.longest(), None);
+        assert!(
+            in_flight.older_than(age).is_empty(),
+            "an ended one no longer counts"
+        );
+        drop((second, third));
+        assert!(in_flight.older_than(Duration::ZERO).is_empty());
     }
 }

@@ -93,6 +93,22 @@ fn class_of(e: &sqlx::Error) -> ErrorClass {
 /// how long a write has waited and the server reading `now()` for the look.
 const CLOCK_SLACK: Duration = Duration::from_millis(250);
 
+/// The longest `application_name` Postgres keeps (`NAMEDATALEN` - 1, in bytes).
+const APPLICATION_NAME_MAX: usize = 63;
+
+/// The name of a worker's sessions: the URL's own name (or ours) and this process's `id`,
+/// within what Postgres keeps. Cut by Postgres instead, it would never equal what the write
+/// watch asks for, and every slow write would look silent; the id is what tells two workers
+/// apart, so the given name is what gives way.
+fn session_name(given: Option<&str>, id: &str) -> String {
+    let given = given.unwrap_or("aliyun-sms-worker");
+    let mut room = APPLICATION_NAME_MAX.saturating_sub(id.len() + 1);
+    while !given.is_char_boundary(room.min(given.len())) {
+        room -= 1;
+    }
+    format!("{} {id}", &given[..room.min(given.len())])
+}
+
 /// SQLSTATEs that mean the server, not the row: see
 /// <https://www.postgresql.org/docs/current/errcodes-appendix.html>.
 const OUTAGE_SQLSTATES: &[&str] = &[
@@ -288,6 +304,7 @@ mod deliveries;
 mod fleet;
 mod guards;
 mod in_flight;
+pub use in_flight::Waiting;
 mod leader;
 mod presumed;
 mod rate;
@@ -370,8 +387,8 @@ pub struct Store {
     /// a burst of them (hundreds of checks in flight) must queue here, without a deadline,
     /// rather than for the pool, whose short wait would take the burst for an outage.
     guarded: Arc<tokio::sync::Semaphore>,
-    /// When the statements on a job's way under way began, the lanes' and the others'; see
-    /// [`Store::longest_write_wait`].
+    /// When the statements the write watch times began, the lanes' and the others'; see
+    /// [`Store::writes_waiting_longer_than`].
     in_flight: Arc<in_flight::InFlight>,
 }
 
@@ -381,7 +398,7 @@ impl Store {
     }
 
     /// The worker's store. Its sessions are named for this process (`application_name`, after
-    /// the URL's own if it has one), so [`Store::working_for_us`] can tell a write Postgres is
+    /// the URL's own if it has one), so [`Store::unattended`] can tell a write Postgres is
     /// still busy with from one whose connection went silent. And Postgres ends a session
     /// whose client went silent (a failover, a partition) after `write_timeout`, left inside a
     /// transaction or with an answer not taken, so the locks it holds are freed for the fleet
@@ -402,11 +419,10 @@ impl Store {
     ) -> Result<Self, StoreError> {
         let mut options: PgConnectOptions = url.parse()?;
         let session_name = silent_client.map(|_| {
-            let id = uuid::Uuid::new_v4().simple().to_string();
-            let name = match options.get_application_name() {
-                Some(given) => format!("{given} {id}"),
-                None => format!("aliyun-sms-worker {id}"),
-            };
+            let name = session_name(
+                options.get_application_name(),
+                &uuid::Uuid::new_v4().simple().to_string(),
+            );
             options = options.clone().application_name(&name);
             name
         });
@@ -444,45 +460,53 @@ impl Store {
         Ok(store)
     }
 
-    /// Whether Postgres is working on a statement of this store's sessions (running it, or
-    /// waiting for a lock, a disk, a standby), other than waiting for the client, in a
-    /// transaction begun when a write that has had no answer since `began` could have begun
-    /// its own: when this says `false`, that write is on a connection that went silent.
-    /// Only such transactions count. A busy worker's fresh statements, on connections opened
-    /// since, say nothing of it; nor does a statement of its own begun well before it (a slow
-    /// duty, a claim waiting on another worker's lock), which could run for as long as the
-    /// silent write waits. A write's wait counts from before it had a connection, got within
-    /// the pool's acquire timeout, so its transaction may begin that much later. `true` for a
+    /// Of `writes` (see [`Self::writes_waiting_longer_than`]), those Postgres is not working
+    /// on: no statement of this store's sessions is running or waiting (for a lock, a disk, a
+    /// standby; not for the client) in a transaction begun with the write. Such a write is on
+    /// a connection that went silent. A write's wait counts from before it had a connection,
+    /// got within the pool's acquire timeout, so its transaction may begin that much later;
+    /// the window is as wide the other way, for the clocks (see [`CLOCK_SLACK`]). A busy
+    /// worker's fresh statements, on connections opened since, say nothing of a silent write;
+    /// nor does a statement begun well before it (a slow sweep, a claim waiting on another
+    /// worker's lock), which may run for as long as the silent one waits. A statement begun
+    /// within that window of a silent one and still running hides it: sessions are told
+    /// apart by when their transaction began, not by which connection is whose. None for a
     /// store whose sessions are not named (it cannot tell). Asked on a connection of its own:
     /// when writes wait for a lock, the pool may have none to spare.
-    pub async fn working_for_us(&self, began: Instant) -> Result<bool, StoreError> {
+    pub async fn unattended(&self, writes: &[Waiting]) -> Result<Vec<Waiting>, StoreError> {
         let Some(name) = &self.session_name else {
-            return Ok(true);
+            return Ok(Vec::new());
         };
         let mut conn = self.pool.connect_options().connect().await?;
-        // Read now, not before the connection: a slow connect would otherwise move the window
-        // later than the write, past its transaction's start.
-        let waited = began.elapsed();
-        // The transaction may begin this much after the write's wait did. As wide the other
-        // way: the look's own query may reach the server late on a busy machine, and a
-        // transaction begun a second before the write is not one begun "well before" it.
-        let margin = self.pool.options().get_acquire_timeout() + CLOCK_SLACK;
-        let working = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
-                            WHERE application_name = $1 AND pid <> pg_backend_pid()
-                              AND state = 'active'
-                              AND wait_event_type IS DISTINCT FROM 'Client'
-                              AND xact_start <= now() - make_interval(secs => $2)
-                              AND xact_start >= now() - make_interval(secs => $3))",
+        // The server reads `now()` between these two instants, however long the query takes
+        // to reach it: each write's wait is compared with both.
+        let asked = Instant::now();
+        let ages: Result<Vec<f64>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT EXTRACT(EPOCH FROM now() - xact_start)::double precision
+             FROM pg_stat_activity
+             WHERE application_name = $1 AND pid <> pg_backend_pid() AND state = 'active'
+               AND wait_event_type IS DISTINCT FROM 'Client' AND xact_start IS NOT NULL",
         )
         .bind(name.as_ref())
-        .bind(waited.saturating_sub(margin).as_secs_f64())
-        .bind((waited + margin).as_secs_f64())
-        .fetch_one(&mut conn)
+        .fetch_all(&mut conn)
         .await;
+        let answered = Instant::now();
         // Its answer stands however the goodbye goes.
         let _ = conn.close().await;
-        Ok(working?)
+        let ages = ages?;
+        let margin = self.pool.options().get_acquire_timeout() + CLOCK_SLACK;
+        Ok(writes
+            .iter()
+            .filter(|w| {
+                let least = asked
+                    .saturating_duration_since(w.began)
+                    .saturating_sub(margin);
+                let most = answered.saturating_duration_since(w.began) + margin;
+                let window = least.as_secs_f64()..=most.as_secs_f64();
+                !ages.iter().any(|age| window.contains(age))
+            })
+            .copied()
+            .collect())
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
@@ -525,17 +549,17 @@ impl Store {
         }
     }
 
-    /// The statement the write watch times that has waited longest for the database, and how
-    /// long: a batch whose connection went silent waits until TCP gives up (minutes), holding
+    /// The statements the write watch times that have waited for the database longer than
+    /// `age`, the oldest first: a batch whose connection went silent waits until TCP gives up (minutes), holding
     /// every job behind it; a guarded claim holds its job and a turn of the guarded claims; a
     /// takeover, an attempt, an invalid row or a replayed row hold their job; a statement of
     /// the leader's duties holds the fleet's sweeps, receipts and reconciliation, while the
-    /// leadership, on a connection of its own, stays here. `None` when none is under way.
-    pub fn longest_write_wait(&self) -> Option<(&'static str, Duration)> {
-        self.in_flight.longest()
+    /// leadership, on a connection of its own, stays here.
+    pub fn writes_waiting_longer_than(&self, age: Duration) -> Vec<Waiting> {
+        self.in_flight.older_than(age)
     }
 
-    /// Marks a statement the write watch times (see [`Self::longest_write_wait`]) as under way
+    /// Marks a statement the write watch times (see [`Self::writes_waiting_longer_than`]) as under way
     /// until the mark drops. One mark per transaction, taken before it begins: the watch asks
     /// Postgres about a transaction begun with the mark.
     fn watched(&self, what: &'static str) -> in_flight::Mark {
@@ -591,10 +615,13 @@ impl Store {
             if let Some(writer) = &self.writer {
                 return writer.claim(req).await;
             }
+            let mut watched = self.watched("claim");
             let mut conn = self.pool.acquire().await?;
             // Boxed here and below: these statements' futures are kilobytes, and every job in
             // flight would otherwise carry room for them while it waits on the batched path.
-            return one(Box::pin(batch::claim_together(&mut conn, &[req])).await?);
+            return one(
+                Box::pin(batch::claim_together(&mut conn, &[req], Some(&mut watched))).await?,
+            );
         }
         Box::pin(self.claim_guarded(job, req, guards)).await
     }
@@ -632,7 +659,7 @@ impl Store {
             refusal = guards::spend_daily(&mut tx, job, limits).await?;
             spent = refusal.is_none();
         }
-        let claim = one(batch::claim_together(&mut tx, &[req.refused(refusal)]).await?)?;
+        let claim = one(batch::claim_together(&mut tx, &[req.refused(refusal)], None).await?)?;
         if spent && !matches!(claim, Claim::Owned(_)) {
             // A job the fleet has seen before spent its SMS when it was first claimed.
             tx.rollback().await?;
@@ -770,7 +797,10 @@ impl Store {
         };
         match &self.writer {
             Some(writer) => writer.finish(req).await,
-            None => one(Box::pin(batch::finish_together(&self.pool, &[req])).await?)?,
+            None => {
+                let mut watched = self.watched("outcome");
+                one(Box::pin(batch::finish_together(&self.pool, &[req], &mut watched)).await?)?
+            }
         }
     }
 
@@ -809,6 +839,34 @@ pub(super) mod tests {
     use std::borrow::Cow;
 
     use super::*;
+
+    #[test]
+    fn a_session_name_fits_what_postgres_keeps_and_always_ends_with_the_id() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            session_name(None, id),
+            format!("aliyun-sms-worker {id}"),
+            "the default name is whole"
+        );
+        assert_eq!(session_name(Some("billing"), id), format!("billing {id}"));
+        // Multi-byte characters across the cut: it falls on a character's boundary.
+        for given in [
+            "a-very-long-application-name-given-in-the-url",
+            "短信验证码服务短信验证码服务短信验证码服务",
+        ] {
+            let name = session_name(Some(given), id);
+            assert!(
+                name.len() <= APPLICATION_NAME_MAX,
+                "{name}: {} bytes",
+                name.len()
+            );
+            assert!(name.ends_with(&format!(" {id}")), "{name}");
+            assert!(
+                given.starts_with(name.trim_end_matches(&format!(" {id}"))),
+                "{name}"
+            );
+        }
+    }
 
     /// A database error with the given SQLSTATE, as sqlx reports one.
     #[derive(Debug)]

@@ -22,7 +22,7 @@ use crate::broker::{Broker, CLOSE_PATIENCE};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::metrics::Stage;
-use crate::store::{Leadership, Store, StoreError};
+use crate::store::{Leadership, Store, StoreError, Waiting};
 use crate::worker::duties::Duties;
 use crate::worker::health::DbHealth;
 use crate::worker::pipeline::{Disposition, Pipeline};
@@ -372,63 +372,59 @@ pub async fn run(
     Ok(())
 }
 
-/// The write that has had no answer for `timeout` while Postgres is not working on it: one on a
+/// A write that has had no answer for `timeout` while Postgres is not working on it: one on a
 /// connection that went silent. Its jobs, and every job behind it, would wait until TCP gives
-/// up (minutes), while the heartbeat, on another connection, tells the fleet all is well. A
-/// write Postgres is working on (a lock, a slow disk or standby) is waited for, and said so
-/// once (`told`); when Postgres cannot be asked, that is an outage, not a silent connection.
-/// Says which write and how long it waited, in milliseconds.
+/// up (minutes), while the heartbeat, on another connection, tells the fleet all is well. Every
+/// write past the timeout is asked about, not only the oldest: a slow one Postgres is working
+/// on says nothing of a younger one gone silent. Writes Postgres is working on (a lock, a slow
+/// disk or standby) are waited for, and said so once (`told`); when Postgres cannot be asked,
+/// that is an outage, not a silent connection. Says which write and how long it waited, in
+/// milliseconds.
 async fn silent_write(
     store: &crate::store::Store,
     timeout: Duration,
     told: &mut bool,
 ) -> Option<(&'static str, u64)> {
-    // The write the first look was at, and when it began: within a tenth of a second, its wait
-    // being read anew at each look on a busy machine. Another write begun as close, and as
-    // unattended twice, would be as silent.
-    let mut first_look: Option<(&'static str, Instant)> = None;
-    loop {
-        let Some((write, waited)) = store
-            .longest_write_wait()
-            .filter(|(_, waited)| *waited >= timeout)
-        else {
-            *told = false;
-            return None;
-        };
-        let began = Instant::now().checked_sub(waited);
-        let same = |(was, then): (&str, Instant)| {
-            was == write
-                && began.is_some_and(|b| b.max(then) - b.min(then) < Duration::from_millis(100))
-        };
-        if first_look.is_some_and(|look| !same(look)) {
-            // The write looked at first has ended: the next tick looks at this one twice.
-            return None;
+    let waiting = store.writes_waiting_longer_than(timeout);
+    let oldest = *waiting.first().or_else(|| {
+        *told = false;
+        None
+    })?;
+    let look = |writes: Vec<Waiting>| async move {
+        tokio::time::timeout(SILENCE_CHECK_PATIENCE, store.unattended(&writes))
+            .await
+            .ok()?
+            .ok()
+    };
+    let unattended = look(waiting).await?;
+    if unattended.is_empty() {
+        if !*told {
+            *told = true;
+            tracing::warn!(
+                write = oldest.what,
+                waited_ms = millis_since(oldest.began),
+                "a database write has waited longer than DATABASE_WRITE_TIMEOUT_MS, and Postgres is still working on this worker's statements (a lock, a slow server): waiting on"
+            );
         }
-        let waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX);
-        let began = began?;
-        match tokio::time::timeout(SILENCE_CHECK_PATIENCE, store.working_for_us(began)).await {
-            // A transaction is idle for a moment between its statements (a guarded claim's):
-            // silent is what a second look at the same write, a moment later, still finds
-            // unattended.
-            Ok(Ok(false)) if first_look.is_none() => {
-                first_look = Some((write, began));
-                tokio::time::sleep(SECOND_LOOK_AFTER).await;
-            }
-            Ok(Ok(false)) => return Some((write, waited_ms)),
-            Ok(Ok(true)) => {
-                if !*told {
-                    *told = true;
-                    tracing::warn!(
-                        write,
-                        waited_ms,
-                        "a database write has waited longer than DATABASE_WRITE_TIMEOUT_MS, and Postgres is still working on this worker's statements (a lock, a slow server): waiting on"
-                    );
-                }
-                return None;
-            }
-            _ => return None,
-        }
+        return None;
     }
+    // A transaction is idle for a moment between its statements (a guarded claim's): silent is
+    // what a second look, a moment later, still finds unattended.
+    tokio::time::sleep(SECOND_LOOK_AFTER).await;
+    let again: Vec<Waiting> = store
+        .writes_waiting_longer_than(timeout)
+        .into_iter()
+        .filter(|w| unattended.iter().any(|u| u.is(w)))
+        .collect();
+    if again.is_empty() {
+        return None;
+    }
+    let silent = *look(again).await?.first()?;
+    Some((silent.what, millis_since(silent.began)))
+}
+
+fn millis_since(began: Instant) -> u64 {
+    u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// See [`silent_write`]: far longer than the client takes between two statements, far
