@@ -5,22 +5,35 @@
 //! fleet's duties, and nothing else would notice.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 #[derive(Default)]
 pub(super) struct InFlight {
-    next: AtomicU64,
-    /// By the order they began in, so the first is the oldest; with what each is.
-    began: Mutex<BTreeMap<u64, (&'static str, Instant)>>,
+    began: Mutex<Began>,
+}
+
+/// The marks by the order they began in, so the first is the oldest; with what each is. An id
+/// and its instant are taken under one lock, so a later id never holds an earlier instant.
+#[derive(Default)]
+struct Began {
+    next: u64,
+    marks: BTreeMap<u64, (&'static str, Instant)>,
+}
+
+impl Began {
+    fn insert(&mut self, what: &'static str) -> u64 {
+        let id = self.next;
+        self.next += 1;
+        self.marks.insert(id, (what, Instant::now()));
+        id
+    }
 }
 
 impl InFlight {
     /// Marks `what` as begun; it counts until the mark is dropped, however it ends.
     pub(super) fn begin(self: &Arc<Self>, what: &'static str) -> Mark {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.began().insert(id, (what, Instant::now()));
+        let id = self.began().insert(what);
         Mark {
             of: self.clone(),
             id,
@@ -31,6 +44,7 @@ impl InFlight {
     pub(super) fn older_than(&self, age: Duration) -> Vec<Waiting> {
         let now = Instant::now();
         self.began()
+            .marks
             .iter()
             .map(|(id, (what, began))| Waiting {
                 id: *id,
@@ -41,7 +55,7 @@ impl InFlight {
             .collect()
     }
 
-    fn began(&self) -> MutexGuard<'_, BTreeMap<u64, (&'static str, Instant)>> {
+    fn began(&self) -> MutexGuard<'_, Began> {
         self.began.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -71,16 +85,15 @@ impl Mark {
     /// The marked work goes on with another transaction: it counts from now, and last in order.
     pub(super) fn restart(&mut self) {
         let mut began = self.of.began();
-        if let Some(entry) = began.remove(&self.id) {
-            self.id = self.of.next.fetch_add(1, Ordering::Relaxed);
-            began.insert(self.id, (entry.0, Instant::now()));
+        if let Some((what, _)) = began.marks.remove(&self.id) {
+            self.id = began.insert(what);
         }
     }
 }
 
 impl Drop for Mark {
     fn drop(&mut self) {
-        self.of.began().remove(&self.id);
+        self.of.began().marks.remove(&self.id);
     }
 }
 
@@ -98,9 +111,10 @@ mod tests {
         assert!(in_flight.older_than(Duration::ZERO).is_empty());
         let first = in_flight.begin("guarded claim");
         let mut second = in_flight.begin("claim");
-        std::thread::sleep(Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(300));
         let third = in_flight.begin("attempt");
-        let age = Duration::from_millis(20);
+        // Far from both: a thread paused for a while on a busy machine changes nothing.
+        let age = Duration::from_millis(150);
         let told = in_flight.older_than(age);
         assert_eq!(names(&told), ["guarded claim", "claim"]);
         second.restart();

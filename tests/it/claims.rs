@@ -666,11 +666,12 @@ async fn renewing_leases_never_waits_for_a_claim_whose_outcome_is_being_written(
     drop_database(&db_name).await;
 }
 
-/// A claim's lease is renewed once it has run for a beat, not at every beat: most jobs end
-/// within one, and renewing every claim in flight at every beat cost Postgres a new version of
-/// each row (with its index entries), hundreds a second under load (issue 13).
+/// A claim's lease is renewed once it has run for half a beat, not at every beat: most jobs
+/// end sooner, and renewing every claim in flight at every beat cost Postgres a new version of
+/// each row (with its index entries), hundreds a second under load (issue 13). A stamped claim
+/// is renewed for the job's lease, one never stamped for the claim's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_is_renewed_once_it_has_run_for_a_beat_and_not_before() {
+async fn a_lease_is_renewed_once_it_has_run_for_half_a_beat_and_not_before() {
     let (db_name, db_url) = crate::helpers::create_database().await;
     let store = aliyun_sms_worker::store::Store::connect(&db_url, 4)
         .await
@@ -678,43 +679,68 @@ async fn a_lease_is_renewed_once_it_has_run_for_a_beat_and_not_before() {
     store.migrate().await.expect("migrate");
     let pool = store.pool().clone();
     let owner = Uuid::new_v4();
-    let (fresh, old) = (send_job("lease-fresh"), send_job("lease-old"));
-    for job in [&fresh, &old] {
-        leave_claim(&pool, job, owner, true, 0.0, 0.0).await;
+    let (claim_lease, job_lease): (u32, u32) = (30, 60);
+    let mut ids = Vec::new();
+    for (label, stamped, fresh) in [
+        ("lease-fresh-stamped", true, true),
+        ("lease-fresh-claim", false, true),
+        ("lease-old-stamped", true, false),
+        ("lease-old-claim", false, false),
+    ] {
+        let job = send_job(label);
+        leave_claim(&pool, &job, owner, stamped, 0.0, 0.0).await;
+        let id = job["id"].as_str().expect("id").to_owned();
+        if fresh {
+            // Claimed a moment ago, for its whole lease.
+            sqlx::query(
+                "UPDATE sms_jobs SET lease_until = now() + make_interval(secs => $2) WHERE id = $1",
+            )
+            .bind(&id)
+            .bind(f64::from(if stamped { job_lease } else { claim_lease }))
+            .execute(&pool)
+            .await
+            .expect("a fresh lease");
+        }
+        ids.push(id);
     }
-    let ids = [
-        fresh["id"].as_str().expect("id"),
-        old["id"].as_str().expect("id"),
+    let before = [
+        row_version(&pool, &ids[0]).await,
+        row_version(&pool, &ids[1]).await,
     ];
-    // Claimed a moment ago, for a minute.
-    sqlx::query("UPDATE sms_jobs SET lease_until = now() + interval '60 seconds' WHERE id = $1")
-        .bind(ids[0])
-        .execute(&pool)
-        .await
-        .expect("a fresh lease");
-    let fresh_before = row_version(&pool, ids[0]).await;
     store
         .renew_claims(
             owner,
-            &[ids[0].to_owned(), ids[1].to_owned()],
-            (Duration::from_secs(60), Duration::from_secs(60)),
-            Duration::from_secs(2),
+            &ids,
+            (
+                Duration::from_secs(claim_lease.into()),
+                Duration::from_secs(job_lease.into()),
+            ),
+            Duration::from_secs(10),
         )
         .await
         .expect("renewal");
     assert_eq!(
-        row_version(&pool, ids[0]).await,
-        fresh_before,
-        "a lease set within the beat is left alone"
+        [
+            row_version(&pool, &ids[0]).await,
+            row_version(&pool, &ids[1]).await
+        ],
+        before,
+        "leases set within half a beat are left alone"
     );
-    let renewed: bool = sqlx::query_scalar(
-        "SELECT lease_until > now() + interval '30 seconds' FROM sms_jobs WHERE id = $1",
+    let leases: Vec<f64> = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM lease_until - now())::double precision
+         FROM sms_jobs WHERE id = ANY($1) ORDER BY array_position($1, id)",
     )
-    .bind(ids[1])
-    .fetch_one(&pool)
+    .bind(&ids[2..])
+    .fetch_all(&pool)
     .await
-    .expect("the old lease");
-    assert!(renewed, "a lease that ran out is renewed");
+    .expect("the renewed leases");
+    assert!(
+        leases.len() == 2
+            && (f64::from(job_lease) - 5.0..=f64::from(job_lease)).contains(&leases[0])
+            && (f64::from(claim_lease) - 5.0..=f64::from(claim_lease)).contains(&leases[1]),
+        "a stamped claim runs for the job's lease, an unstamped one for the claim's: {leases:?}"
+    );
     pool.close().await;
     drop_database(&db_name).await;
 }

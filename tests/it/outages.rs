@@ -858,8 +858,11 @@ async fn a_guarded_claim_gone_silent_stops_the_worker_while_other_statements_of_
     })
     .await;
 
-    let lock = lock_the_jobs(&pool).await;
-    silence_a_claim(&db, &pool, lock, jobs, &check("silentcheck"), async {}).await;
+    // Only this job's id held back: with the table locked, a sweep of the leader's waiting on
+    // the same lock could be the silent write told first.
+    let silent = check("silentcheck");
+    let lock = hold_the_id(&pool, silent["id"].as_str().unwrap_or_default()).await;
+    silence_a_claim(&db, &pool, lock, jobs, &silent, async {}).await;
     stops_for_a_silent_write(worker, "guarded claim").await;
     assert!(!busy.is_finished(), "the busy statements ran throughout");
     busy.abort();
