@@ -683,7 +683,8 @@ async fn counted<R: Batched>(
 }
 
 /// Inserts every job as `sending` (or, refused by a guard, as final with the guard's status
-/// and code) in one statement. Ids already present and not `invalid` are left alone and
+/// and code) in one statement. The lease counts from the statement, not the transaction: a
+/// guarded claim's transaction may have waited long for its number's lock. Ids already present and not `invalid` are left alone and
 /// read back as they are. A row left `invalid` may be re-claimed: an invalid message never
 /// reached Aliyun, so a corrected job with the same id is a first attempt, not a duplicate.
 /// `watched`: the batch's mark, when the insert is a transaction of its own; the read of what
@@ -729,7 +730,7 @@ pub(super) async fn claim_together(
          SELECT t_id, t_type,
                 COALESCE(t_refused_status, 'sending'),
                 t_phone, t_params::jsonb, t_out_id, t_reply_to, t_correlation, t_worker,
-                now() + make_interval(secs => t_lease::double precision / 1000),
+                statement_timestamp() + make_interval(secs => t_lease::double precision / 1000),
                 t_refused_code, t_refusal,
                 CASE WHEN t_refusal IS NULL THEN NULL ELSE now() END,
                 CASE WHEN t_stamped THEN now() END

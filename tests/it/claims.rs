@@ -753,3 +753,67 @@ async fn row_version(pool: &PgPool, id: &str) -> String {
         .await
         .expect("the row's version")
 }
+
+/// A claim counted under a guard waits for its number's lock in a transaction of its own; its
+/// lease counts from when the claim is written, not from when that transaction began. Once, a
+/// claim that had waited longer than its lease committed one already over, which a copy of the
+/// job delivered elsewhere could take over before the owner stamped it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guarded_claim_that_waited_for_its_number_gets_its_whole_lease() {
+    use aliyun_sms_worker::config::CheckLimit;
+    use aliyun_sms_worker::store::{Claim, Guards, ReplyRoute, Store};
+
+    let (db_name, db_url) = crate::helpers::create_database().await;
+    let store = Store::connect(&db_url, 4).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let pool = store.pool().clone();
+    let body = serde_json::json!({
+        "id": unique_id("waitedlease"),
+        "type": "check_verify_code",
+        "phone_number": crate::helpers::unique_phone(),
+        "verify_code": "123456",
+    });
+    let job = aliyun_sms_worker::wire::decode_job(body.to_string().as_bytes(), None)
+        .expect("a valid job");
+    let number = crate::helpers::hold_the_number(&pool, job.phone().as_str()).await;
+    let claiming = {
+        let (store, job) = (store.clone(), job.clone());
+        tokio::spawn(async move {
+            let guards = Guards {
+                refusal: None,
+                number_limits: None,
+                check_limit: Some(CheckLimit {
+                    max_attempts: 5,
+                    window: Duration::from_secs(600),
+                }),
+                daily: None,
+            };
+            store
+                .claim(
+                    &job,
+                    &ReplyRoute::default(),
+                    Uuid::new_v4(),
+                    Duration::from_secs(1),
+                    &guards,
+                    None,
+                )
+                .await
+        })
+    };
+    // Longer than its lease.
+    crate::helpers::a_claim_waited_for_its_number(&pool, 1.5).await;
+    number.rollback().await.expect("release the number");
+    let claim = claiming.await.expect("the claim did not panic");
+    assert!(matches!(claim, Ok(Claim::Owned(_))), "{claim:?}");
+    let left: f64 = sqlx::query_scalar(
+        "SELECT EXTRACT(EPOCH FROM lease_until - now())::double precision FROM sms_jobs
+         WHERE id = $1",
+    )
+    .bind(&job.id)
+    .fetch_one(&pool)
+    .await
+    .expect("the claim's lease");
+    assert!(left > 0.5, "the lease had {left} s left once claimed");
+    pool.close().await;
+    drop_database(&db_name).await;
+}

@@ -653,3 +653,36 @@ pub async fn publish_jobs(connection: &Connection, queue: &str, jobs: &[Value]) 
         );
     }
 }
+
+/// Holds the lock a guarded claim of `phone` takes first (see `store::guards`), until the
+/// transaction ends.
+pub async fn hold_the_number(
+    pool: &PgPool,
+    phone: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut number = pool.begin().await.expect("begin");
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("smsw-check:{phone}"))
+        .execute(&mut *number)
+        .await
+        .expect("take the number's lock");
+    number
+}
+
+/// Waits until a guarded claim has waited `secs` seconds for its number's lock.
+pub async fn a_claim_waited_for_its_number(pool: &PgPool, secs: f64) {
+    eventually("a guarded claim waits for its number", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%pg_advisory_xact_lock%'
+               AND xact_start < now() - make_interval(secs => $1)",
+        )
+        .bind(secs)
+        .fetch_one(pool)
+        .await
+        .expect("read the activity");
+        (waiting > 0).then_some(())
+    })
+    .await;
+}

@@ -702,12 +702,7 @@ async fn a_write_postgres_works_on_does_not_hide_a_younger_one_gone_silent() {
     .await;
     let run = worker.start().await.expect("the run is running");
     let phone = unique_phone();
-    let mut number = worker.pool.begin().await.expect("begin");
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(format!("smsw-check:{phone}"))
-        .execute(&mut *number)
-        .await
-        .expect("take the number's lock");
+    let number = crate::helpers::hold_the_number(&worker.pool, &phone).await;
     let check = serde_json::json!({
         "id": unique_id("heldcheck"),
         "type": "check_verify_code",
@@ -715,25 +710,9 @@ async fn a_write_postgres_works_on_does_not_hide_a_younger_one_gone_silent() {
         "verify_code": "123456",
     });
     publish_job(worker.jobs(), &check).await;
-    // Waiting for three seconds: a write begun within a second or so of it would be taken for
-    // its own (see `Store::unattended`).
-    eventually(
-        "the guarded claim has waited three seconds for the number",
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE '%pg_advisory_xact_lock%'
-               AND application_name LIKE 'aliyun-sms-worker %'
-               AND xact_start < now() - interval '3 seconds'",
-            )
-            .fetch_one(&worker.pool)
-            .await
-            .expect("read the activity");
-            (waiting > 0).then_some(())
-        },
-    )
-    .await;
+    // Three seconds: a write begun within a second or so of it would be taken for its own (see
+    // `Store::unattended`).
+    crate::helpers::a_claim_waited_for_its_number(&worker.pool, 3.0).await;
     stops_on_a_silent_invalid_row(&worker, run).await;
     number.rollback().await.expect("release the number");
     worker.remove().await;
