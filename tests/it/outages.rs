@@ -150,44 +150,14 @@ async fn a_broker_outage_is_ridden_out_with_every_job_answered_and_none_resent()
 /// waits as long for a lock Postgres holds it on is not taken for silent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_finishes_its_jobs() {
-    let env = TestEnv::new(|s| {
-        s.insert(config::WORKER_HEARTBEAT_MS.into(), "200".into());
-        // So the results the stopped worker presumed out and never saw confirmed come soon.
-        s.insert(config::RESULT_REPUBLISH_AFTER_MS.into(), "2000".into());
-    })
-    .await;
-    let db = Proxy::start(target_of(&env.db_url)).await;
-    let mut through_proxy = env.settings.clone();
-    through_proxy.insert(config::DATABASE_URL.into(), through(&env.db_url, &db));
-    through_proxy.insert(config::DATABASE_WRITE_TIMEOUT_MS.into(), "2000".into());
+    let (env, db, through_proxy) = fleet_with_a_database_proxy().await;
     let mut silent = WorkerProcess::start(&["run"], &through_proxy).await;
 
-    let publisher = SmsClient::connect(&amqp_url(), &env.settings[config::SMS_JOBS_QUEUE])
-        .await
-        .expect("client");
-    let ids: Vec<String> = (0..2000)
-        .map(|i| unique_id(&format!("silent{i}")))
-        .collect();
     // Published while the worker runs, so it is claiming when its connections fall silent.
-    let publishing = {
-        let ids = ids.clone();
-        tokio::spawn(async move {
-            for id in &ids {
-                let body = serde_json::to_vec(&send_job(id)).expect("json");
-                publisher.publish(&body, id).await.expect("publish");
-            }
-            publisher
-        })
-    };
+    let (ids, publishing) = publish_meanwhile(&env, "silent", 2000).await;
     let pool = PgPool::connect(&env.db_url).await.expect("db");
-    let finished = |pool: PgPool| async move {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM sms_jobs WHERE status <> 'sending'")
-            .fetch_one(&pool)
-            .await
-            .expect("count finished jobs")
-    };
     eventually("the worker is busy with its backlog", || async {
-        (finished(pool.clone()).await >= 100).then_some(())
+        (finished_jobs(&pool).await >= 100).then_some(())
     })
     .await;
     let claim_waits_for_the_lock =
@@ -201,10 +171,10 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
         "a write waiting for a lock was not told apart:\n{}",
         silent.log.join("\n")
     );
-    let before = finished(pool.clone()).await;
+    let before = finished_jobs(&pool).await;
     lock.rollback().await.expect("unlock");
     eventually("the worker goes on after the lock", || async {
-        (finished(pool.clone()).await > before + 100).then_some(())
+        (finished_jobs(&pool).await > before + 100).then_some(())
     })
     .await;
 
@@ -224,13 +194,124 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
 
     let publisher = publishing.await.expect("publishing");
     let other = WorkerProcess::start(&["run"], &env.settings).await;
+    each_final_sent_once_and_answered(&env, &pool, &ids).await;
+    let (status, log) = other.terminate().await;
+    assert!(status.success(), "{log}");
+    publisher.close().await;
+    pool.close().await;
+    env.remove().await;
+}
+
+/// The fleet promise with three workers on one queue while one drains (SIGTERM) and another's
+/// database connection goes silent: the silent one stops, the draining one finishes what it
+/// holds and exits cleanly, and the third finishes the rest. Every job ends final and is
+/// answered, none is sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_one_draining_one_gone_silent_send_each_job_once_and_answer_all() {
+    let (env, db, through_proxy) = fleet_with_a_database_proxy().await;
+    let silent = WorkerProcess::start(&["run"], &through_proxy).await;
+    let draining = WorkerProcess::start(&["run"], &env.settings).await;
+    let staying = WorkerProcess::start(&["run"], &env.settings).await;
+
+    let (ids, publishing) = publish_meanwhile(&env, "three", 1500).await;
+    let pool = PgPool::connect(&env.db_url).await.expect("db");
+    eventually("the fleet is busy", || async {
+        (finished_jobs(&pool).await >= 100).then_some(())
+    })
+    .await;
+
+    draining.sigterm();
+    // The silent worker's writes held on their way by a lock, then every connection of its
+    // falls silent and the lock goes; the other two wait for the lock a moment and go on.
+    let lock = lock_the_jobs(&pool).await;
+    eventually(
+        "a write of the silent worker waits for the lock",
+        || async {
+            waits_for_a_lock(&pool, "%", "silent-one %")
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+    db.silence();
+    lock.rollback().await.expect("unlock");
+    stops_for_a_silent_write(silent, "DATABASE_WRITE_TIMEOUT_MS").await;
+    let (status, log) = draining.exited().await;
+    assert!(status.success(), "the draining worker exits cleanly: {log}");
+
+    let publisher = publishing.await.expect("publishing");
+    each_final_sent_once_and_answered(&env, &pool, &ids).await;
+    let (status, log) = staying.terminate().await;
+    assert!(status.success(), "{log}");
+    publisher.close().await;
+    pool.close().await;
+    env.remove().await;
+}
+
+/// A fleet's settings for the silent-connection tests (fast beats, results presumed out and
+/// never confirmed soon published again), a proxy to its database, and the settings of a
+/// worker behind that proxy: its sessions named `silent-one …`, a 2 s write timeout.
+async fn fleet_with_a_database_proxy() -> (TestEnv, Proxy, HashMap<String, String>) {
+    let env = TestEnv::new(|s| {
+        s.insert(config::WORKER_HEARTBEAT_MS.into(), "200".into());
+        s.insert(config::RESULT_REPUBLISH_AFTER_MS.into(), "2000".into());
+    })
+    .await;
+    let db = Proxy::start(target_of(&env.db_url)).await;
+    let mut through_proxy = env.settings.clone();
+    let url = through(&env.db_url, &db);
+    let sep = if url.contains('?') { '&' } else { '?' };
+    // Named apart, so a test can tell the silent worker's sessions from the others'.
+    through_proxy.insert(
+        config::DATABASE_URL.into(),
+        format!("{url}{sep}application_name=silent-one"),
+    );
+    through_proxy.insert(config::DATABASE_WRITE_TIMEOUT_MS.into(), "2000".into());
+    (env, db, through_proxy)
+}
+
+/// Publishes `n` send jobs (ids `{label}{i}`) from a task of its own, as backends do while the
+/// fleet runs; the task hands the client back when done.
+async fn publish_meanwhile(
+    env: &TestEnv,
+    label: &str,
+    n: usize,
+) -> (Vec<String>, JoinHandle<SmsClient>) {
+    let publisher = SmsClient::connect(&amqp_url(), &env.settings[config::SMS_JOBS_QUEUE])
+        .await
+        .expect("client");
+    let ids: Vec<String> = (0..n).map(|i| unique_id(&format!("{label}{i}"))).collect();
+    let publishing = {
+        let ids = ids.clone();
+        tokio::spawn(async move {
+            for id in &ids {
+                let body = serde_json::to_vec(&send_job(id)).expect("json");
+                publisher.publish(&body, id).await.expect("publish");
+            }
+            publisher
+        })
+    };
+    (ids, publishing)
+}
+
+/// Jobs with a final row.
+async fn finished_jobs(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM sms_jobs WHERE status <> 'sending'")
+        .fetch_one(pool)
+        .await
+        .expect("count finished jobs")
+}
+
+/// Every one of `ids` ends with a final row, none sent twice, and each has its result on the
+/// results queue (some twice: results are at least once).
+async fn each_final_sent_once_and_answered(env: &TestEnv, pool: &PgPool, ids: &[String]) {
+    let all = i64::try_from(ids.len()).unwrap_or(i64::MAX);
     eventually("every job has its final row", || async {
-        (finished(pool.clone()).await == 2000).then_some(())
+        (finished_jobs(pool).await == all).then_some(())
     })
     .await;
     let sent_twice: Vec<&String> = ids.iter().filter(|id| env.fake.sends_for(id) > 1).collect();
     assert!(sent_twice.is_empty(), "sent twice: {sent_twice:?}");
-    // And every job's result reached the results queue (some twice: results are at least once).
     let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
         .await
         .expect("connect");
@@ -244,11 +325,6 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
         }
     }
     close_connection(&connection).await;
-    let (status, log) = other.terminate().await;
-    assert!(status.success(), "{log}");
-    publisher.close().await;
-    pool.close().await;
-    env.remove().await;
 }
 
 /// Waits for `worker` to notice its silent write and exit as failed, its log naming `what`.
@@ -451,11 +527,19 @@ async fn publish_job((channel, queue): (&lapin::Channel, &str), job: &Value) {
 /// Whether an insert of a worker (a claim, an invalid row) waits for a lock on `sms_jobs` or
 /// one of its rows.
 async fn claims_waiting_for_a_lock(pool: &PgPool) -> bool {
+    waits_for_a_lock(pool, "%INSERT INTO sms_jobs%", "%").await
+}
+
+/// Whether a statement like `query` (a LIKE pattern) of a session named like `session` waits
+/// for a lock.
+async fn waits_for_a_lock(pool: &PgPool, query: &str, session: &str) -> bool {
     let waiting: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_stat_activity
          WHERE datname = current_database() AND wait_event_type = 'Lock'
-           AND query LIKE '%INSERT INTO sms_jobs%'",
+           AND query LIKE $1 AND application_name LIKE $2",
     )
+    .bind(query)
+    .bind(session)
     .fetch_one(pool)
     .await
     .expect("read the activity");
@@ -592,15 +676,9 @@ async fn a_watermark_write_gone_silent_is_given_up_and_the_watermark_moves_on() 
     publish_job(jobs, &send_job(&unique_id("keeperfirst"))).await;
     next_from(&mut results, "the first job's result").await;
     eventually("the watermark write waits for the lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE '%SET results_confirmed_through%'",
-        )
-        .fetch_one(&pool)
-        .await
-        .expect("read the activity");
-        (waiting > 0).then_some(())
+        waits_for_a_lock(&pool, "%SET results_confirmed_through%", "%")
+            .await
+            .then_some(())
     })
     .await;
     worker.db.silence();
@@ -733,15 +811,9 @@ async fn a_leaders_sweep_gone_silent_stops_the_run() {
     let run = worker.start().await.expect("the run is running");
     let lock = lock_the_jobs(&worker.pool).await;
     eventually("the sweep waits for the lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE '%UPDATE sms_jobs%' AND query LIKE '%status = ''sending''%'",
-        )
-        .fetch_one(&worker.pool)
-        .await
-        .expect("read the activity");
-        (waiting > 0).then_some(())
+        waits_for_a_lock(&worker.pool, "%UPDATE sms_jobs%status = 'sending'%", "%")
+            .await
+            .then_some(())
     })
     .await;
     worker.db.silence();
