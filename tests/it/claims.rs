@@ -613,12 +613,7 @@ async fn a_claim_written_by_an_older_binary_is_never_sent_again() {
 /// outcome is being written: that row is about to be final, and its lease does not matter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewing_leases_never_waits_for_a_claim_whose_outcome_is_being_written() {
-    let (db_name, db_url) = crate::helpers::create_database().await;
-    let store = aliyun_sms_worker::store::Store::connect(&db_url, 4)
-        .await
-        .expect("connect");
-    store.migrate().await.expect("migrate");
-    let pool = store.pool().clone();
+    let (db_name, store, pool) = migrated_store().await;
     let owner = Uuid::new_v4();
     // "a" comes first in the index, so a renewal that waited would hold it while waiting.
     let (a, b) = (send_job("renew-a"), send_job("renew-b"));
@@ -672,12 +667,7 @@ async fn renewing_leases_never_waits_for_a_claim_whose_outcome_is_being_written(
 /// is renewed for the job's lease, one never stamped for the claim's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_is_renewed_once_it_has_run_for_half_a_beat_and_not_before() {
-    let (db_name, db_url) = crate::helpers::create_database().await;
-    let store = aliyun_sms_worker::store::Store::connect(&db_url, 4)
-        .await
-        .expect("connect");
-    store.migrate().await.expect("migrate");
-    let pool = store.pool().clone();
+    let (db_name, store, pool) = migrated_store().await;
     let owner = Uuid::new_v4();
     let (claim_lease, job_lease): (u32, u32) = (30, 60);
     let mut ids = Vec::new();
@@ -761,12 +751,9 @@ async fn row_version(pool: &PgPool, id: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guarded_claim_that_waited_for_its_number_gets_its_whole_lease() {
     use aliyun_sms_worker::config::CheckLimit;
-    use aliyun_sms_worker::store::{Claim, Guards, ReplyRoute, Store};
+    use aliyun_sms_worker::store::{Claim, Guards, ReplyRoute};
 
-    let (db_name, db_url) = crate::helpers::create_database().await;
-    let store = Store::connect(&db_url, 4).await.expect("connect");
-    store.migrate().await.expect("migrate");
-    let pool = store.pool().clone();
+    let (db_name, store, pool) = migrated_store().await;
     let body = serde_json::json!({
         "id": unique_id("waitedlease"),
         "type": "check_verify_code",
@@ -816,4 +803,15 @@ async fn a_guarded_claim_that_waited_for_its_number_gets_its_whole_lease() {
     assert!(left > 0.5, "the lease had {left} s left once claimed");
     pool.close().await;
     drop_database(&db_name).await;
+}
+
+/// A store on a database of its own, migrated: its name (to drop), the store and its pool.
+async fn migrated_store() -> (String, aliyun_sms_worker::store::Store, PgPool) {
+    let (db_name, db_url) = crate::helpers::create_database().await;
+    let store = aliyun_sms_worker::store::Store::connect(&db_url, 4)
+        .await
+        .expect("connect");
+    store.migrate().await.expect("migrate");
+    let pool = store.pool().clone();
+    (db_name, store, pool)
 }

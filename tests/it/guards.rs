@@ -11,7 +11,8 @@ use sqlx::PgPool;
 
 use crate::dysmsapi::sms_job;
 use crate::helpers::{
-    PATIENCE, TestApp, TestEnv, admin_get, free_addr, send_job, unique_id, unique_phone,
+    PATIENCE, TestApp, TestEnv, admin_get, free_addr, hold_the_number, send_job, unique_id,
+    unique_phone,
 };
 use crate::process::WorkerProcess;
 
@@ -289,12 +290,7 @@ async fn a_burst_of_checks_waiting_for_one_number_leaves_the_pool_to_other_jobs(
     let pool = PgPool::connect(&env.db_url).await.expect("db");
     let app = TestApp::start(env).await;
     let phone = unique_phone();
-    let mut holder = pool.begin().await.expect("begin");
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-        .bind(format!("smsw-check:{phone}"))
-        .execute(&mut *holder)
-        .await
-        .expect("hold the number's lock");
+    let holder = hold_the_number(&pool, &phone).await;
     for guess in 0..12 {
         app.publish(&check_job(&phone, &format!("00000{guess}")))
             .await;
