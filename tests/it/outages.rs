@@ -657,10 +657,15 @@ async fn a_watermark_write_gone_silent_is_given_up_and_the_watermark_moves_on() 
     let pool = worker.pool.clone();
     let mut results = consume(&worker.connection, &worker.config.queues.results).await;
     let jobs = worker.jobs();
+    // The watermark, and when it was read on the server's clock.
     let watermark = |pool: PgPool| async move {
-        sqlx::query_scalar::<_, Option<chrono::DateTime<chrono::Utc>>>(
-            "SELECT max(results_confirmed_through) FROM sms_workers",
-        )
+        sqlx::query_as::<
+            _,
+            (
+                Option<chrono::DateTime<chrono::Utc>>,
+                chrono::DateTime<chrono::Utc>,
+            ),
+        >("SELECT max(results_confirmed_through), clock_timestamp() FROM sms_workers")
         .fetch_one(&pool)
         .await
         .expect("read the watermark")
@@ -675,14 +680,21 @@ async fn a_watermark_write_gone_silent_is_given_up_and_the_watermark_moves_on() 
         .expect("lock the worker's row");
     publish_job(jobs, &send_job(&unique_id("keeperfirst"))).await;
     next_from(&mut results, "the first job's result").await;
-    eventually("the watermark write waits for the lock", || async {
-        waits_for_a_lock(&pool, "%SET results_confirmed_through%", "%")
+    // When the keeper's write began, on the server's clock: its patience counts from about
+    // then, however long this test (on a busy machine) takes to silence it.
+    let began: chrono::DateTime<chrono::Utc> =
+        eventually("the watermark write waits for the lock", || async {
+            sqlx::query_scalar(
+                "SELECT min(query_start) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE '%SET results_confirmed_through%'",
+            )
+            .fetch_one(&pool)
             .await
-            .then_some(())
-    })
-    .await;
+            .expect("read the activity")
+        })
+        .await;
     worker.db.silence();
-    let silenced = std::time::Instant::now();
     lock.rollback().await.expect("unlock");
 
     let second = unique_id("keepersecond");
@@ -694,19 +706,17 @@ async fn a_watermark_write_gone_silent_is_given_up_and_the_watermark_moves_on() 
             .fetch_one(&pool)
             .await
             .expect("the second job's row");
-    eventually("the watermark moves past the second job", || async {
-        watermark(pool.clone())
-            .await
-            .filter(|w| *w > finished)
-            .map(|_| ())
+    let seen = eventually("the watermark moves past the second job", || async {
+        let (mark, at) = watermark(pool.clone()).await;
+        mark.filter(|w| *w > finished).map(|_| at)
     })
     .await;
-    // Not before the keeper gave its silent write up (5 s after it began, just before the
-    // silence): sooner, the write held back would not have been the keeper's.
+    // Not before the keeper gave its silent write up (5 s after it set out to write, a little
+    // before the server saw the statement): sooner, the write held back was not the keeper's.
     assert!(
-        silenced.elapsed() >= Duration::from_secs(4),
-        "the watermark moved {:?} after the silence",
-        silenced.elapsed()
+        seen - began >= chrono::TimeDelta::seconds(4),
+        "the watermark moved {:?} after the silent write began",
+        seen - began
     );
 
     worker.stop_and_remove(run).await;

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use tokio::io::copy_bidirectional;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -18,6 +18,31 @@ pub struct Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Forwards `from` to `to` until either end closes (false) or the proxy falls silent (true).
+/// Silence is looked at after each read and before its write: bytes that arrive once
+/// [`Proxy::silence`] has returned (a reply to what the test unlocks next) never pass, however
+/// the tasks are scheduled.
+async fn pump(
+    from: &mut (impl AsyncRead + Unpin),
+    to: &mut (impl AsyncWrite + Unpin),
+    silence: &watch::Receiver<u64>,
+    born: u64,
+) -> bool {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        if *silence.borrow() > born {
+            return true;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return false;
+        }
     }
 }
 
@@ -48,10 +73,16 @@ impl Proxy {
                         return;
                     };
                     let mut client = client;
-                    let went_silent = tokio::select! {
-                        _ = copy_bidirectional(&mut client, &mut server) => false,
-                        _ = state.wait_for(|up| !*up) => false,
-                        r = silence.wait_for(|g| *g > born) => r.is_ok(),
+                    let went_silent = {
+                        let (mut from_client, mut to_client) = client.split();
+                        let (mut from_server, mut to_server) = server.split();
+                        let heard = silence.clone();
+                        tokio::select! {
+                            s = pump(&mut from_client, &mut to_server, &heard, born) => s,
+                            s = pump(&mut from_server, &mut to_client, &heard, born) => s,
+                            _ = state.wait_for(|up| !*up) => false,
+                            r = silence.wait_for(|g| *g > born) => r.is_ok(),
+                        }
                     };
                     if went_silent {
                         // Silent: both ends stay open and nothing more passes, until TCP gives
