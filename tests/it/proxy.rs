@@ -21,14 +21,14 @@ impl Drop for Proxy {
     }
 }
 
-/// Forwards `from` to `to` until either end closes (false) or the proxy falls silent (true).
-/// Silence is looked at after each read and before its write: bytes that arrive once
-/// [`Proxy::silence`] has returned (a reply to what the test unlocks next) never pass, however
-/// the tasks are scheduled.
+/// Forwards `from` to `to` until either end closes or the proxy is cut (false), or it falls
+/// silent (true). Both are looked at after each read and before its write: bytes that arrive
+/// once [`Proxy::silence`] or [`Proxy::cut`] has returned (a reply to what the test unlocks
+/// next) never pass, however the tasks are scheduled.
 async fn pump(
     from: &mut (impl AsyncRead + Unpin),
     to: &mut (impl AsyncWrite + Unpin),
-    silence: &watch::Receiver<u64>,
+    (up, silence): (&watch::Receiver<bool>, &watch::Receiver<u64>),
     born: u64,
 ) -> bool {
     let mut buf = vec![0u8; 16 * 1024];
@@ -39,6 +39,9 @@ async fn pump(
         };
         if *silence.borrow() > born {
             return true;
+        }
+        if !*up.borrow() {
+            return false;
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return false;
@@ -76,10 +79,10 @@ impl Proxy {
                     let went_silent = {
                         let (mut from_client, mut to_client) = client.split();
                         let (mut from_server, mut to_server) = server.split();
-                        let heard = silence.clone();
+                        let heard = (state.clone(), silence.clone());
                         tokio::select! {
-                            s = pump(&mut from_client, &mut to_server, &heard, born) => s,
-                            s = pump(&mut from_server, &mut to_client, &heard, born) => s,
+                            s = pump(&mut from_client, &mut to_server, (&heard.0, &heard.1), born) => s,
+                            s = pump(&mut from_server, &mut to_client, (&heard.0, &heard.1), born) => s,
                             _ = state.wait_for(|up| !*up) => false,
                             r = silence.wait_for(|g| *g > born) => r.is_ok(),
                         }
