@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
 
 use super::Invalid;
 use crate::phone::PhoneNumber;
@@ -36,10 +37,101 @@ impl TemplateParam {
     }
 }
 
-pub(super) fn fields_error(e: serde_json::Error) -> Invalid {
-    // serde's messages already name the field ("missing field `sign_name`",
-    // "unknown field `phone`, expected one of …").
-    Invalid::new("INVALID_FIELD", e.to_string())
+/// Deserializes a job's fields. serde's own messages quote the offending value ("invalid type:
+/// integer `482913`, expected a string"): a typed code or a phone number sent as a JSON number
+/// would reach the result, the dead letter, the row and the log. What is kept names the field
+/// and the kinds of value, never the value.
+pub(super) fn fields<T: DeserializeOwned>(map: Map<String, Value>) -> Result<T, Invalid> {
+    serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
+        // An unknown field's path is its name, which `unquoted` shows only if it reads as one.
+        let path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        let why = unquoted(&message);
+        match shown_name(&path) {
+            Some(field) if !message.starts_with("unknown field") => Invalid::field(field, why),
+            _ => Invalid::new("INVALID_FIELD", why),
+        }
+    })
+}
+
+/// What serde said, without the value it quoted. Only what is known to be the schema's own
+/// text (field names, expected kinds) is kept; anything unrecognised becomes a plain phrase.
+fn unquoted(message: &str) -> String {
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            // The value may hold ", expected " itself; the schema's text is after the last.
+            let (got, expected) = rest.rsplit_once(", expected ").unwrap_or((rest, ""));
+            let kind = got.split(['`', '"']).next().unwrap_or_default().trim();
+            let kind = if VALUE_KINDS.contains(&kind) {
+                kind
+            } else {
+                "a value of another kind"
+            };
+            let expected = match expected {
+                "i64" | "u64" | "i32" | "u32" | "u16" | "u8" => "an integer",
+                "" => "another value",
+                e => e,
+            };
+            return format!("expected {expected}, got {kind}");
+        }
+    }
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        // The name may hold anything; the schema's own text follows the last of these.
+        let (name, tail) = rest
+            .rsplit_once("`, expected ")
+            .map(|(n, t)| (n, format!("expected {t}")))
+            .or_else(|| rest.rsplit_once("`, ").map(|(n, t)| (n, t.to_owned())))
+            .unwrap_or((rest, String::new()));
+        let name = shown_name(name).map_or("(a name that is not an identifier)".to_owned(), |n| {
+            format!("`{n}`")
+        });
+        return if tail.is_empty() {
+            format!("unknown field {name}")
+        } else {
+            format!("unknown field {name}, {tail}")
+        };
+    }
+    if message.starts_with("missing field `")
+        || message.starts_with("duplicate field `")
+        || message.starts_with("invalid length ")
+    {
+        return message.to_owned();
+    }
+    "holds a value of the wrong kind or form".to_owned()
+}
+
+/// The kinds serde names an unexpected value by (before the quoted value, when it quotes one).
+const VALUE_KINDS: &[&str] = &[
+    "boolean",
+    "integer",
+    "floating point",
+    "character",
+    "string",
+    "byte array",
+    "null",
+    "unit value",
+    "Option value",
+    "newtype struct",
+    "sequence",
+    "map",
+    "enum",
+    "unit variant",
+    "newtype variant",
+    "tuple variant",
+    "struct variant",
+];
+
+/// A name from a message (a field's, a field's path, a job type's) that may be shown back: an
+/// identifier, as every field and type of the contract is, so a typo reads back
+/// ("phone_numbr", "sign_names[1]"). Anything else — digits, spaces, a long text — could be
+/// what someone typed, and is not repeated.
+pub(super) fn shown_name(name: &str) -> Option<&str> {
+    let mut chars = name.chars();
+    let first = chars.next()?;
+    let ok = (first.is_ascii_alphabetic() || first == '_')
+        && name.len() <= 64
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '[' | ']'));
+    ok.then_some(name)
 }
 
 pub(super) fn text(field: &str, value: String, min: usize, max: usize) -> Result<String, Invalid> {
@@ -75,7 +167,8 @@ pub(super) fn in_range<T: TryFrom<i64>>(
             } else {
                 Err(Invalid::field(
                     field,
-                    format!("{v} is outside {min}..={max}"),
+                    // Not the value: a number in the wrong field may be someone's phone.
+                    format!("must be within {min}..={max}"),
                 ))
             }
         })

@@ -307,12 +307,12 @@ pub fn decode_job(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid>
 
     let id = take_id(&mut map, message_id);
     let job_type = map.remove("type");
-    // The type goes back in the result and into the row of an invalid job, so only a storable
-    // one is kept.
+    // The type goes back in the result and into the row of an invalid job, so only one that
+    // reads as a name is kept (see `shown_name`).
     let type_text = job_type
         .as_ref()
         .and_then(Value::as_str)
-        .filter(|t| !t.chars().any(char::is_control))
+        .and_then(fields::shown_name)
         .map(str::to_owned);
     let known_id = id.as_ref().ok().cloned();
     let with_context = |mut e: Invalid| {
@@ -359,7 +359,8 @@ pub fn decode_job(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid>
             with_context(Invalid::new(
                 "UNKNOWN_TYPE",
                 format!(
-                    "field `type`: {s:?} is not a job type (expected one of: {})",
+                    "field `type`: {} is not a job type (expected one of: {})",
+                    fields::shown_name(&s).map_or("the value".to_owned(), |t| format!("{t:?}")),
                     JobType::ALL
                         .iter()
                         .map(|t| t.as_str())
@@ -447,6 +448,7 @@ pub fn stored_property(name: &str, value: Option<String>) -> Result<Option<Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn job(json: &str) -> Result<Job, Invalid> {
         decode_job(json.as_bytes(), None)
@@ -531,7 +533,7 @@ mod tests {
             (r#""template_param": {"code": 1234}"#, "template_param"),
             (r#""template_param": {"min": "5\u0000"}"#, "template_param"),
             (r#""phone_numbr": "13800138000""#, "phone_numbr"),
-            (r#""code_length": "6""#, "invalid type"),
+            (r#""code_length": "6""#, "code_length"),
         ];
         for (patch, needle) in cases {
             let mut v: Value = serde_json::from_str(FULL).unwrap();
@@ -543,6 +545,94 @@ mod tests {
             assert!(err.message.contains(needle), "{patch}: {}", err.message);
             assert_eq!(err.id.as_deref(), Some("signup-42-7f3a"), "{patch}");
         }
+    }
+
+    /// serde quotes a value of the wrong type; a typed code or a number sent as a JSON number
+    /// must not come back in the message (it reaches the result, the row and the log).
+    #[test]
+    fn a_value_of_the_wrong_type_is_named_by_its_field_and_never_quoted() {
+        let check = |patch: Value| {
+            let mut v: Value = serde_json::from_str(FULL).unwrap();
+            for (k, val) in patch.as_object().unwrap() {
+                v[k] = val.clone();
+            }
+            job(&v.to_string()).unwrap_err()
+        };
+        let cases = [
+            (
+                json!({"phone_number": 13812345678_u64}),
+                "phone_number",
+                "13812345678",
+            ),
+            (
+                json!({"code_length": "13812345678"}),
+                "code_length",
+                "13812345678",
+            ),
+            (
+                json!({"valid_time": 13812345678_u64}),
+                "valid_time",
+                "13812345678",
+            ),
+            (json!({"valid_time": 1.5}), "valid_time", "1.5"),
+            (json!({"sign_name": ["482913"]}), "sign_name", "482913"),
+            (
+                json!({"template_param": 482913}),
+                "template_param",
+                "482913",
+            ),
+        ];
+        for (patch, field, value) in cases {
+            let err = check(patch.clone());
+            assert_eq!(err.code, "INVALID_FIELD", "{patch}");
+            assert!(err.message.contains(field), "{patch}: {}", err.message);
+            assert!(
+                !err.message.contains(value),
+                "{patch} quoted: {}",
+                err.message
+            );
+        }
+        let code = job(r#"{"id":"c","type":"check_verify_code","phone_number":"13800138000","verify_code":482913}"#)
+            .unwrap_err();
+        assert!(code.message.contains("verify_code"), "{}", code.message);
+        assert!(
+            code.message.contains("expected a string, got integer"),
+            "{}",
+            code.message
+        );
+        assert!(!code.message.contains("482913"), "{}", code.message);
+    }
+
+    /// Field names and job types are shown back when they read as names (a typo is then easy
+    /// to see), and not when they could be someone's data.
+    #[test]
+    fn only_names_that_read_as_names_are_repeated() {
+        let mut v: Value = serde_json::from_str(FULL).unwrap();
+        v["13812345678"] = json!("x");
+        let err = job(&v.to_string()).unwrap_err();
+        assert!(err.message.contains("unknown field"), "{}", err.message);
+        assert!(!err.message.contains("13812345678"), "{}", err.message);
+        assert!(
+            err.message.contains("phone_number"),
+            "the fields it expects: {}",
+            err.message
+        );
+
+        let typo = job(r#"{"id":"t","type":"sendVerifyCode"}"#).unwrap_err();
+        assert!(
+            typo.message.contains("\"sendVerifyCode\""),
+            "{}",
+            typo.message
+        );
+        assert_eq!(typo.job_type.as_deref(), Some("sendVerifyCode"));
+        let number = job(r#"{"id":"t","type":"13812345678"}"#).unwrap_err();
+        assert_eq!(number.code, "UNKNOWN_TYPE");
+        assert!(
+            !number.message.contains("13812345678"),
+            "{}",
+            number.message
+        );
+        assert_eq!(number.job_type, None);
     }
 
     #[test]

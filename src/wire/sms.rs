@@ -4,7 +4,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::Invalid;
-use super::fields::{TemplateParam, fields_error, opt_text, phone_list, template_param, text};
+use super::fields::{TemplateParam, fields, opt_text, phone_list, template_param, text};
 use crate::phone::PhoneNumber;
 
 /// SendSms takes up to 1000 numbers in one call.
@@ -132,7 +132,7 @@ struct SendSmsRaw {
 }
 
 pub(super) fn decode_send_sms(map: Map<String, Value>, id: &str) -> Result<SendSms, Invalid> {
-    let raw: SendSmsRaw = serde_json::from_value(Value::Object(map)).map_err(fields_error)?;
+    let raw: SendSmsRaw = fields(map)?;
     Ok(SendSms {
         phone_numbers: phone_list("phone_numbers", raw.phone_numbers, MAX_SEND_SMS_NUMBERS)?,
         sign_name: text("sign_name", raw.sign_name, 1, 64)?,
@@ -161,7 +161,7 @@ pub(super) fn decode_send_batch_sms(
     map: Map<String, Value>,
     id: &str,
 ) -> Result<SendBatchSms, Invalid> {
-    let raw: SendBatchSmsRaw = serde_json::from_value(Value::Object(map)).map_err(fields_error)?;
+    let raw: SendBatchSmsRaw = fields(map)?;
     let phone_numbers = phone_list("phone_numbers", raw.phone_numbers, MAX_BATCH_NUMBERS)?;
     let n = phone_numbers.len();
     let same_length = |field: &str, len: usize| {

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::Invalid;
-use super::fields::{TemplateParam, fields_error, in_range, opt_text, template_param, text};
+use super::fields::{TemplateParam, fields, in_range, opt_text, template_param, text};
 use crate::phone::PhoneNumber;
 
 /// Dypnsapi `SendSmsVerifyCode`. Optional fields left out take Aliyun's defaults.
@@ -108,8 +108,7 @@ pub(super) fn decode_send_verify_code(
     map: Map<String, Value>,
     id: &str,
 ) -> Result<SendVerifyCode, Invalid> {
-    let raw: SendVerifyCodeRaw =
-        serde_json::from_value(Value::Object(map)).map_err(fields_error)?;
+    let raw: SendVerifyCodeRaw = fields(map)?;
     let phone_number =
         PhoneNumber::parse(&raw.phone_number).map_err(|e| Invalid::field("phone_number", e))?;
     if let Some(cc) = &raw.country_code
@@ -214,8 +213,7 @@ pub(super) fn decode_check_verify_code(
     map: Map<String, Value>,
     id: &str,
 ) -> Result<CheckVerifyCode, Invalid> {
-    let raw: CheckVerifyCodeRaw =
-        serde_json::from_value(Value::Object(map)).map_err(fields_error)?;
+    let raw: CheckVerifyCodeRaw = fields(map)?;
     let phone_number =
         PhoneNumber::parse(&raw.phone_number).map_err(|e| Invalid::field("phone_number", e))?;
     let code = raw.verify_code.trim();

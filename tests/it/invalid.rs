@@ -6,8 +6,10 @@ use aliyun_sms_worker::wire::{MAX_JOB_BYTES, Status};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, ShortString};
 use serde_json::json;
+use sqlx::PgPool;
 
-use crate::helpers::{TestApp, send_job, unique_id};
+use crate::helpers::{TestApp, job_row, send_job, unique_id, unique_phone};
+use crate::poison::{Live, correlated};
 
 pub(crate) fn header(props: &BasicProperties, name: &str) -> String {
     let headers = props.headers().as_ref().expect("headers");
@@ -235,4 +237,67 @@ async fn ten_thousand_hostile_messages_are_each_refused_and_valid_jobs_still_suc
     );
     println!("hostile input: {HOSTILE} refused, {VALID} valid jobs sent among them");
     app.shutdown().await;
+}
+
+/// A value of the wrong type is named by its field and never quoted, all the way out: serde's
+/// own message quotes it ("invalid type: integer `482913`"), so a backend that sends a typed
+/// code or a number as a JSON number found it in the result, the dead letter's reason, the row
+/// (and so the status page) and the log. Against the worker binary, whose log is read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_of_the_wrong_type_is_named_by_its_field_and_never_quoted_anywhere() {
+    let mut live = Live::start().await;
+    let phone = unique_phone();
+    let as_number: u64 = phone.parse().expect("digits");
+    let code = "482913";
+    let check_id = unique_id("typed-code");
+    let check = json!({
+        "id": check_id, "type": "check_verify_code",
+        "phone_number": phone, "verify_code": code.parse::<u64>().expect("digits"),
+    });
+    let mut number = send_job(&unique_id("typed-number"));
+    number["phone_number"] = json!(as_number);
+    let mut misplaced = send_job(&unique_id("misplaced-number"));
+    misplaced["valid_time"] = json!(as_number);
+    let mut keyed = send_job(&unique_id("number-as-key"));
+    keyed[phone.as_str()] = json!("x");
+    let mut typed = send_job(&unique_id("number-as-type"));
+    typed["type"] = json!(phone);
+    let cases = [
+        (&check, "verify_code"),
+        (&number, "phone_number"),
+        (&misplaced, "valid_time"),
+        (&keyed, "unknown field"),
+        (&typed, "not a job type"),
+    ];
+    for (job, _) in &cases {
+        let id = job["id"].as_str().expect("an id");
+        live.publish_json(job, correlated(id)).await;
+    }
+
+    let results = live.results(cases.len()).await;
+    let reasons = live.dead_letters(cases.len()).await;
+    let pool = PgPool::connect(&live.env.db_url).await.expect("connect");
+    for (job, named) in &cases {
+        let id = job["id"].as_str().expect("an id");
+        let r = &results[id];
+        assert_eq!(r.status, Status::Invalid, "{r:?}");
+        assert!(r.message.contains(named), "{named} not named: {r:?}");
+        let row = job_row(&pool, id).await;
+        assert_eq!(row["status"], "invalid", "{row}");
+        let stored = row.to_string();
+        for (what, text) in [("result", r.message.as_str()), ("row", stored.as_str())] {
+            assert!(!text.contains(code), "the code in the {what}: {text}");
+            assert!(!text.contains(&phone), "the number in the {what}: {text}");
+        }
+    }
+    for (_, reason) in &reasons {
+        assert!(
+            !reason.contains(code) && !reason.contains(&phone),
+            "a dead letter's reason quotes the value: {reason}"
+        );
+    }
+    pool.close().await;
+    let log = live.finish().await;
+    assert!(!log.contains(code), "the code in the log:\n{log}");
+    assert!(!log.contains(&phone), "the number in the log:\n{log}");
 }

@@ -23,8 +23,8 @@ use crate::invalid::header;
 use crate::process::WorkerProcess;
 
 /// A worker process with its admin listener, and the test's own link to its queues.
-struct Live {
-    env: TestEnv,
+pub(crate) struct Live {
+    pub(crate) env: TestEnv,
     worker: WorkerProcess,
     admin: String,
     connection: Connection,
@@ -34,7 +34,7 @@ struct Live {
 }
 
 impl Live {
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let admin = free_addr();
         let env = TestEnv::new(|s| {
             s.insert(config::ADMIN_ADDR.into(), admin.clone());
@@ -60,13 +60,13 @@ impl Live {
         publish_to(&self.channel, queue, body, props).await;
     }
 
-    async fn publish_json(&self, job: &Value, props: BasicProperties) {
+    pub(crate) async fn publish_json(&self, job: &Value, props: BasicProperties) {
         self.publish(&serde_json::to_vec(job).expect("json"), props)
             .await;
     }
 
     /// The next `n` results, by correlation id.
-    async fn results(&mut self, n: usize) -> HashMap<String, JobResult> {
+    pub(crate) async fn results(&mut self, n: usize) -> HashMap<String, JobResult> {
         let mut out = HashMap::new();
         for _ in 0..n {
             let d = next_from(&mut self.results, "a result").await;
@@ -84,14 +84,26 @@ impl Live {
 
     /// The `x-sms-invalid-code` of the next `n` dead letters, sorted.
     async fn dead_letter_codes(&mut self, n: usize) -> Vec<String> {
-        let mut codes = Vec::new();
-        for _ in 0..n {
-            let d = next_from(&mut self.dead, "a dead letter").await;
-            assert!(!header(&d.properties, HEADER_INVALID_REASON).is_empty());
-            codes.push(header(&d.properties, HEADER_INVALID_CODE));
-        }
+        let mut codes: Vec<String> = self
+            .dead_letters(n)
+            .await
+            .into_iter()
+            .map(|(code, _)| code)
+            .collect();
         codes.sort();
         codes
+    }
+
+    /// The `x-sms-invalid-code` and `x-sms-invalid-reason` of the next `n` dead letters.
+    pub(crate) async fn dead_letters(&mut self, n: usize) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let d = next_from(&mut self.dead, "a dead letter").await;
+            let reason = header(&d.properties, HEADER_INVALID_REASON);
+            assert!(!reason.is_empty());
+            out.push((header(&d.properties, HEADER_INVALID_CODE), reason));
+        }
+        out
     }
 
     /// Ready all along: never paused for a database outage, and `/readyz` answers 200 now.
@@ -105,17 +117,19 @@ impl Live {
         );
     }
 
-    /// SIGTERM; the process must exit cleanly and never have panicked. Then cleans up.
-    async fn finish(self) {
+    /// SIGTERM; the process must exit cleanly and never have panicked. Then cleans up, and
+    /// returns the worker's whole log.
+    pub(crate) async fn finish(self) -> String {
         let (status, log) = self.worker.terminate().await;
         assert!(status.success(), "exit 0 on SIGTERM: {status:?}\n{log}");
         assert!(!log.contains("panicked"), "the worker panicked:\n{log}");
         remove_topology_and_close(&self.connection, &self.env.settings).await;
         drop_database(&self.env.db_name).await;
+        log
     }
 }
 
-fn correlated(c: &str) -> BasicProperties {
+pub(crate) fn correlated(c: &str) -> BasicProperties {
     BasicProperties::default().with_correlation_id(ShortString::from(c))
 }
 
