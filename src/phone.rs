@@ -77,15 +77,18 @@ impl PhoneNumber {
     }
 }
 
-/// Masks any phone-like string for logs: `13800138000` → `138****8000`. Strings too short to
-/// mask meaningfully are replaced entirely.
+/// Masks any phone-like string for logs: `13800138000` → `138****8000`. At least four of its
+/// characters stay hidden: a shorter number (an international one of 8-10 digits) keeps two
+/// at each end, and one too short for that is replaced entirely.
 pub fn mask(raw: &str) -> String {
     let chars: Vec<char> = raw.chars().collect();
-    if chars.len() < 7 {
-        return "*".repeat(chars.len().max(4));
-    }
-    let head: String = chars[..3].iter().collect();
-    let tail: String = chars[chars.len() - 4..].iter().collect();
+    let (head, tail) = match chars.len() {
+        n if n >= 11 => (3, 4),
+        n if n >= 8 => (2, 2),
+        n => return "*".repeat(n.max(4)),
+    };
+    let head: String = chars[..head].iter().collect();
+    let tail: String = chars[chars.len() - tail..].iter().collect();
     format!("{head}****{tail}")
 }
 
@@ -172,5 +175,10 @@ mod tests {
         assert_eq!(p.to_string(), "135****2222");
         assert_eq!(format!("{p:?}"), "PhoneNumber(135****2222)");
         assert_eq!(mask("123"), "****");
+        // Never fewer than four hidden, whatever the length.
+        assert_eq!(mask("1234567"), "*******");
+        assert_eq!(mask("12345678"), "12****78");
+        assert_eq!(mask("1234567890"), "12****90");
+        assert_eq!(mask("85291234567"), "852****4567");
     }
 }

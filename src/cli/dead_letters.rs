@@ -400,7 +400,8 @@ fn without_codes(v: Value) -> Value {
 
 /// Fields whose digits are never a phone number; masking them would only hide what an
 /// operator needs to recognise the job.
-const NOT_PHONES: &[&str] = &["template_code", "type", "code_length", "code_type"];
+/// The job's `id` is shown unmasked in the table's heading, as everywhere else.
+const NOT_PHONES: &[&str] = &["id", "template_code", "type", "code_length", "code_type"];
 
 /// For the table: codes hidden, and every phone-like run of digits masked (a number can sit in
 /// any field of a malformed job, not only `phone_number`).
@@ -438,28 +439,39 @@ fn masked_json(v: &Value) -> Value {
     mask(without_codes(v.clone()))
 }
 
-/// Masks every run of 7 or more digits (a phone number, with or without `+86`), as
-/// `phone::mask` does, in text that is not known to be JSON.
+/// Masks every phone-like run of 7 or more digits, as `phone::mask` does, in text that is not
+/// known to be JSON. Digits split by single spaces or hyphens are one run (`138 0013 8001`,
+/// `+86 138-0013-8001`): a number is often written that way. A date written so is masked too;
+/// better than a number shown.
 pub fn mask_digit_runs(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
     let mut run = String::new();
-    let flush = |run: &mut String, out: &mut String| {
-        if run.chars().count() >= 7 {
-            out.push_str(&phone::mask(run));
+    let mut digits = String::new();
+    let flush = |run: &mut String, digits: &mut String, out: &mut String| {
+        if digits.len() >= 7 {
+            out.push_str(&phone::mask(digits));
         } else {
             out.push_str(run);
         }
         run.clear();
+        digits.clear();
     };
-    for c in text.chars() {
+    for (i, &c) in chars.iter().enumerate() {
+        let joins = matches!(c, ' ' | '-')
+            && !digits.is_empty()
+            && chars.get(i + 1).is_some_and(char::is_ascii_digit);
         if c.is_ascii_digit() {
             run.push(c);
+            digits.push(c);
+        } else if joins {
+            run.push(c);
         } else {
-            flush(&mut run, &mut out);
+            flush(&mut run, &mut digits, &mut out);
             out.push(c);
         }
     }
-    flush(&mut run, &mut out);
+    flush(&mut run, &mut digits, &mut out);
     out
 }
 
@@ -529,6 +541,24 @@ mod tests {
         assert!(!body.contains("QZX7K9") && !body.contains("4821"), "{body}");
         let placeholder = without_codes(json!({"template_param": {"code": "##code##"}}));
         assert_eq!(placeholder["template_param"]["code"], "##code##");
+    }
+
+    /// Numbers are often written in groups; an id's digits are not a number.
+    #[test]
+    fn previews_mask_numbers_written_in_groups_and_leave_ids_whole() {
+        let job = json!({"id": "cli-65ef3ef80af74078870e13a", "type": "send_verify_code",
+            "phone_number": "138 0013 8001", "phone_numbers": ["+86 138-0013-8002"],
+            "template_param": {"min": "5"}});
+        let preview = masked_json(&job).to_string();
+        for digits in ["0013", "138 0013", "138-0013"] {
+            assert!(!preview.contains(digits), "{digits} in {preview}");
+        }
+        assert!(preview.contains("138****8001"), "{preview}");
+        assert!(preview.contains("cli-65ef3ef80af74078870e13a"), "{preview}");
+        assert_eq!(
+            mask_digit_runs("call 138 0013 8001 - or 5"),
+            "call 138****8001 - or 5"
+        );
     }
 
     #[test]
