@@ -21,9 +21,18 @@ pub enum PhoneError {
     International,
 }
 
+/// The number without the separators people write it with (`138 0013-8000`, `(+86) 138…`).
+pub fn compact(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '(' | ')' | '.'))
+        .collect()
+}
+
 impl PhoneNumber {
+    /// A mainland number, written with or without separators (see [`compact`]).
     pub fn parse(raw: &str) -> Result<Self, PhoneError> {
-        let trimmed = raw.trim();
+        let compacted = compact(raw.trim());
+        let trimmed = compacted.as_str();
         let digits = ["+86", "0086", "86"]
             .iter()
             .find_map(|p| {
@@ -50,7 +59,8 @@ impl PhoneNumber {
         if let Ok(mainland) = Self::parse(raw) {
             return Ok(mainland);
         }
-        let trimmed = raw.trim();
+        let compacted = compact(raw.trim());
+        let trimmed = compacted.as_str();
         let digits = trimmed
             .strip_prefix('+')
             .or_else(|| trimmed.strip_prefix("00"))
@@ -166,6 +176,32 @@ mod tests {
         );
         for raw in ["+8612345", "861234567890", "12", "+1 415", "abc"] {
             assert!(PhoneNumber::parse_international(raw).is_err(), "{raw}");
+        }
+    }
+
+    #[test]
+    fn numbers_written_in_groups_are_the_same_number() {
+        for raw in [
+            "138 0013 8000",
+            "138-0013-8000",
+            "+86 138 0013 8000",
+            "(+86) 138.0013.8000",
+            "0086-13800138000",
+        ] {
+            assert_eq!(
+                PhoneNumber::parse(raw).unwrap().as_str(),
+                "13800138000",
+                "{raw}"
+            );
+        }
+        assert_eq!(
+            PhoneNumber::parse_international("+852 9123 4567")
+                .unwrap()
+                .as_str(),
+            "85291234567"
+        );
+        for raw in ["138 0013 800", "138_0013_8000", "138/0013/8000"] {
+            assert!(PhoneNumber::parse(raw).is_err(), "{raw}");
         }
     }
 

@@ -48,12 +48,6 @@ fn query_text(raw: Option<&str>) -> String {
 }
 
 /// Separators people write numbers with.
-fn compact(q: &str) -> String {
-    q.chars()
-        .filter(|c| !matches!(c, ' ' | '-' | '(' | ')' | '.'))
-        .collect()
-}
-
 fn looks_like_a_number(q: &str) -> bool {
     q.chars().any(|c| c.is_ascii_digit())
         && q.chars()
@@ -68,7 +62,7 @@ fn parse(q: &str) -> Search {
     if q.len() > MAX_ID_BYTES {
         return Search::TooLong;
     }
-    let digits = compact(q);
+    let digits = phone::compact(q);
     let phone = PhoneNumber::parse_international(&digits).ok();
     let shown = match &phone {
         Some(p) => p.masked(),
@@ -209,7 +203,7 @@ mod tests {
         for q in ["+86 138 0013 8000", "1380013800", "138-0013"] {
             let search = parse(q);
             let html = search_page(&search, Some(&[]));
-            let digits = compact(q);
+            let digits = phone::compact(q);
             assert!(!html.contains(&digits), "{q}: {html}");
             assert!(!html.contains(q), "{q}: {html}");
             assert!(html.contains("value=\"\""), "{q}: {html}");

@@ -20,10 +20,11 @@ use tokio::sync::watch;
 use crate::aliyun::Product;
 use crate::config::{self, ClientSettings, Config, LogFormat};
 use crate::fake_aliyun::{FakeAliyun, FakeConfig, FaultRule};
+use crate::phone::PhoneNumber;
 use crate::report;
 use crate::sms_client::SmsClient;
 use crate::store::{JobFilter, Store};
-use crate::wire::Status;
+use crate::wire::{JobType, Status};
 use crate::{out, outln, telemetry, worker};
 use dead_letters::{DeadLetters, Selection};
 
@@ -117,11 +118,15 @@ enum JobsCommand {
 
 #[derive(Args)]
 struct ListArgs {
-    #[arg(long)]
+    /// A status: sending, sent, verified, not_verified, rate_limited, rejected, failed,
+    /// unknown, invalid, expired.
+    #[arg(long, value_parser = known::<Status>)]
     status: Option<String>,
+    /// A phone number, written as the job had it or not (+86, spaces, hyphens).
     #[arg(long)]
     phone: Option<String>,
-    #[arg(long = "type")]
+    /// A job type: send_verify_code, check_verify_code, send_sms, send_batch_sms.
+    #[arg(long = "type", value_parser = known::<JobType>)]
     job_type: Option<String>,
     /// Aliyun's (or the worker's) code, e.g. isv.BUSINESS_LIMIT_CONTROL.
     #[arg(long)]
@@ -511,13 +516,24 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A `--status` or `--type` the records can hold: a typo would otherwise list nothing, as if
+/// there were no such jobs.
+fn known<T: std::str::FromStr>(s: &str) -> Result<String, String> {
+    s.parse::<T>()
+        .map(|_| s.to_owned())
+        .map_err(|_| "not one of the values this option takes (see --help)".to_owned())
+}
+
 async fn jobs(command: JobsCommand) -> anyhow::Result<ExitCode> {
     let store = operator_store().await?;
     match command {
         JobsCommand::List(a) => {
             let filter = JobFilter {
                 status: a.status,
-                phone: a.phone,
+                // Rows hold the number as the worker parsed it.
+                phone: a.phone.map(|p| {
+                    PhoneNumber::parse_international(&p).map_or(p, |n| n.as_str().to_owned())
+                }),
                 job_type: a.job_type,
                 code: a.code,
                 since: a

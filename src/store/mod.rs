@@ -814,6 +814,7 @@ impl Store {
         &self,
         id: &str,
         job_type: Option<&str>,
+        phone: Option<&str>,
         route: &ReplyRoute,
         code: &str,
         message: &str,
@@ -821,8 +822,8 @@ impl Store {
         let _watched = self.watched("invalid row");
         Ok(sqlx::query_scalar(
             "INSERT INTO sms_jobs (id, type, status, reply_to, correlation_id, code, message,
-                                   finished_at)
-             VALUES ($1, $2, 'invalid', $3, $4, $5, $6, now())
+                                   finished_at, phone_number)
+             VALUES ($1, $2, 'invalid', $3, $4, $5, $6, now(), $7)
              ON CONFLICT (id) DO NOTHING
              RETURNING finished_at",
         )
@@ -832,6 +833,7 @@ impl Store {
         .bind(&route.correlation_id)
         .bind(code)
         .bind(message)
+        .bind(phone)
         .fetch_optional(&self.pool)
         .await?)
     }

@@ -250,6 +250,9 @@ pub struct Invalid {
     /// The job id, when it could be read, so the result can still name the job.
     pub id: Option<String>,
     pub job_type: Option<String>,
+    /// The number the job was for, when one of its fields holds a valid one: an operator who
+    /// looks a person up by number finds the refused job too.
+    pub phone: Option<PhoneNumber>,
 }
 
 impl Invalid {
@@ -259,6 +262,7 @@ impl Invalid {
             message: printable(&message.into()),
             id: None,
             job_type: None,
+            phone: None,
         }
     }
 
@@ -315,9 +319,11 @@ pub fn decode_job(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid>
         .and_then(fields::shown_name)
         .map(str::to_owned);
     let known_id = id.as_ref().ok().cloned();
+    let phone = phone_in(&map);
     let with_context = |mut e: Invalid| {
         e.id = known_id.clone();
         e.job_type = type_text.clone();
+        e.phone = phone.clone();
         e
     };
 
@@ -387,6 +393,17 @@ pub fn decode_job(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid>
         kind,
         expires_at,
     })
+}
+
+/// The job's number (a batch's first), if a field holds a valid one, whatever else is wrong.
+fn phone_in(map: &Map<String, Value>) -> Option<PhoneNumber> {
+    let raw = match (map.get("phone_number"), map.get("phone_numbers")) {
+        (Some(Value::String(one)), _) => one.as_str(),
+        (_, Some(Value::Array(list))) => list.first()?.as_str()?,
+        (_, Some(Value::String(list))) => list.split(',').next()?,
+        _ => return None,
+    };
+    PhoneNumber::parse_international(raw).ok()
 }
 
 fn take_id(map: &mut Map<String, Value>, message_id: Option<&str>) -> Result<String, Invalid> {
@@ -633,6 +650,30 @@ mod tests {
             number.message
         );
         assert_eq!(number.job_type, None);
+    }
+
+    #[test]
+    fn a_refused_job_keeps_its_number_when_a_field_holds_a_valid_one() {
+        let refused = |json: &str| job(json).unwrap_err().phone.map(|p| p.as_str().to_owned());
+        assert_eq!(
+            refused(
+                r#"{"id":"a","type":"check_verify_code","phone_number":"+86 138 0013 8000","verify_code":1}"#
+            ),
+            Some("13800138000".into())
+        );
+        assert_eq!(
+            refused(r#"{"id":"b","type":"send_sms","phone_numbers":["13800138000","x"]}"#),
+            Some("13800138000".into())
+        );
+        assert_eq!(
+            refused(r#"{"id":"c","type":"send_sms","phone_numbers":"13800138000,1"}"#),
+            Some("13800138000".into())
+        );
+        assert_eq!(
+            refused(r#"{"id":"d","type":"send_sms","phone_number":"12345"}"#),
+            None
+        );
+        assert_eq!(refused(r#"{"id":"e","type":"nope"}"#), None);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::aliyun::{AliyunClient, Answer, CallError, Effect, Product, Verdict, c
 use crate::broker::{self, Broker, BrokerError, Routed};
 use crate::config::{Config, RetryPolicy};
 use crate::metrics::Stage;
+use crate::phone::PhoneNumber;
 use crate::store::{
     AttemptRecord, Claim, ErrorClass, Followup, Guards, JobRow, Outcome, Refusal, ReplyRoute,
     Stale, Store, StoreError,
@@ -218,6 +219,7 @@ impl Pipeline {
                     .record_invalid(
                         id,
                         invalid.job_type.as_deref(),
+                        invalid.phone.as_ref().map(PhoneNumber::as_str),
                         route,
                         invalid.code,
                         &invalid.message,

@@ -133,6 +133,15 @@ async fn jobs_list_show_and_stats_answer_operators_questions() {
         !by_phone.contains(phone),
         "the table masks numbers: {by_phone}"
     );
+    // Written as a person would say it, the same number.
+    let grouped = format!("+86 {} {} {}", &phone[..3], &phone[3..7], &phone[7..]);
+    let (_, by_grouped) = cli(&app, &["jobs", "list", "--phone", &grouped]).await;
+    assert!(by_grouped.contains(&sent), "{grouped}: {by_grouped}");
+    // A status or type no job can have is a mistake, not an empty list.
+    for (option, typo) in [("--status", "delivered"), ("--type", "send_code")] {
+        let (code, out) = cli(&app, &["jobs", "list", option, typo]).await;
+        assert_eq!(code, 2, "{option} {typo}: {out}");
+    }
 
     let (code, shown) = cli(&app, &["jobs", "show", &retried, "--json"]).await;
     assert_eq!(code, 0);
