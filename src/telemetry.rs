@@ -38,3 +38,19 @@ pub fn init(format: LogFormat) {
         LogFormat::Pretty => builder.compact().try_init(),
     };
 }
+
+/// An error and its causes on one line, each said once: a wrapper that repeats its source in
+/// its own text (`database error: X`, then X) would otherwise print it twice or more.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let said = s.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = s.source();
+    }
+    text
+}

@@ -305,13 +305,13 @@ impl AliyunClient {
         // A connect error (refused, DNS, TLS handshake, connect timeout) proves the request
         // never left; anything later may have been executed by Aliyun.
         if e.is_connect() {
-            CallError::NotSent(error_chain(e))
+            CallError::NotSent(crate::telemetry::error_chain(e))
         } else if e.is_timeout() {
             CallError::Timeout(self.config.http.request_timeout)
         } else if e.is_builder() {
-            CallError::NotSent(error_chain(e))
+            CallError::NotSent(crate::telemetry::error_chain(e))
         } else {
-            CallError::Broken(error_chain(e))
+            CallError::Broken(crate::telemetry::error_chain(e))
         }
     }
 
@@ -376,17 +376,6 @@ async fn read_limited(
         body.extend_from_slice(&chunk);
     }
     Ok(Ok(body))
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -318,7 +318,7 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) if output::closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", telemetry::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -336,11 +336,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => run(args).await,
         Command::Migrate => {
-            let config = Config::from_env()?;
-            let store = Store::connect(config.database_url.expose(), 2)
-                .await
-                .context("connecting to Postgres")?;
-            store.migrate().await?;
+            // Only the database: migrating needs no Aliyun credentials.
+            operator_store().await?.migrate().await?;
             outln!("migrations applied")?;
             Ok(ExitCode::SUCCESS)
         }

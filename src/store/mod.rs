@@ -19,6 +19,13 @@ use crate::wire::{Job, JobResult, Status};
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// The first connection failed: the pool would only have said that it timed out.
+    #[error("cannot connect to Postgres at {target} (DATABASE_URL): {source}")]
+    Unreachable {
+        target: String,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("row for job {0} has an unknown status {1:?}")]
@@ -52,7 +59,7 @@ pub enum ErrorClass {
 impl StoreError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            StoreError::Database(e) => class_of(e),
+            StoreError::Database(e) | StoreError::Unreachable { source: e, .. } => class_of(e),
             StoreError::Shared(e) => e.class(),
             StoreError::Migrate(_)
             | StoreError::CorruptStatus(..)
@@ -84,6 +91,35 @@ fn class_of(e: &sqlx::Error) -> ErrorClass {
         // A value sqlx could not encode for Postgres.
         sqlx::Error::Encode(_) => ErrorClass::Data,
         _ => ErrorClass::Other,
+    }
+}
+
+/// One plain connection before the pool, so that a wrong `DATABASE_URL` says why (refused,
+/// no such database, a password refused) and where, not only that the pool timed out.
+async fn first_connection(options: &PgConnectOptions) -> Result<(), StoreError> {
+    const PATIENCE: Duration = Duration::from_secs(10);
+    let target = match options.get_socket() {
+        Some(socket) => socket.display().to_string(),
+        None => format!("{}:{}", options.get_host(), options.get_port()),
+    };
+    let target = format!(
+        "{target}/{}",
+        options.get_database().unwrap_or("(default database)")
+    );
+    let connected = tokio::time::timeout(PATIENCE, options.connect())
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {PATIENCE:?}"),
+            )))
+        });
+    match connected {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Err(source) => Err(StoreError::Unreachable { target, source }),
     }
 }
 
@@ -429,6 +465,7 @@ impl Store {
             options = options.clone().application_name(&name);
             name
         });
+        first_connection(&options).await?;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             // Short, so an outage is noticed quickly; the health probe does the waiting. Jobs

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use aliyun_sms_worker::config;
 
 use crate::helpers::{
-    PATIENCE, admin_database_url, amqp_url, create_database, drop_database, queue_settings,
-    remove_topology_and_close,
+    PATIENCE, admin_database_url, amqp_url, create_database, drop_database, free_addr,
+    queue_settings, remove_topology_and_close,
 };
 use crate::process::{WorkerProcess, command, run_to_end};
 
@@ -136,6 +136,62 @@ async fn a_missing_setting_is_named_at_start() {
         stderr.contains(config::ALIBABA_CLOUD_ACCESS_KEY_ID),
         "the message names the variable: {stderr}"
     );
+}
+
+/// `migrate` needs the database only; and a `DATABASE_URL` that does not work says where and
+/// why, once, without its password — not only that a pool timed out.
+#[tokio::test]
+async fn migrate_needs_only_the_database_and_a_wrong_one_says_where_and_why() {
+    let (db_name, db_url) = create_database().await;
+    let (code, stdout, stderr) =
+        run_to_end([(config::DATABASE_URL, db_url.as_str())], &["migrate"]).await;
+    assert_eq!(code, 0, "no Aliyun credentials needed: {stderr}");
+    assert!(stdout.contains("migrations applied"), "{stdout}");
+    drop_database(&db_name).await;
+
+    let closed = free_addr();
+    let missing = db_url.replace(&db_name, &format!("{db_name}_gone"));
+    for (url, place, why) in [
+        (
+            format!("postgres://postgres:hunter2pw@{closed}/x"),
+            format!("{closed}/x"),
+            "refused",
+        ),
+        (missing, format!("{db_name}_gone"), "does not exist"),
+    ] {
+        for args in [
+            &["migrate"][..],
+            &["jobs", "list"],
+            &["run", "--no-migrate"],
+        ] {
+            let mut envs = vec![(config::DATABASE_URL, url.as_str())];
+            if args[0] == "run" {
+                envs.extend([
+                    (config::ALIBABA_CLOUD_ACCESS_KEY_ID, "id"),
+                    (config::ALIBABA_CLOUD_ACCESS_KEY_SECRET, "secret"),
+                ]);
+            }
+            let (code, _, stderr) = run_to_end(envs, args).await;
+            let error = stderr
+                .lines()
+                .find(|l| l.starts_with("error:"))
+                .unwrap_or_else(|| panic!("{args:?}: no error line: {stderr}"));
+            assert_ne!(code, 0, "{args:?}");
+            assert!(
+                error.contains(&place) && error.contains(why) && error.contains("DATABASE_URL"),
+                "{args:?} says where and why: {error}"
+            );
+            assert_eq!(
+                error.matches(why).count(),
+                1,
+                "{args:?} says it once: {error}"
+            );
+            assert!(
+                !stderr.contains("hunter2pw"),
+                "{args:?}: the password: {stderr}"
+            );
+        }
+    }
 }
 
 /// Word `n` (from 0) of a line the bench printed, as a number.
