@@ -58,7 +58,7 @@ pub struct Connected {
 
 /// Every node refused or did not answer; one entry per node tried, `host:port: why`.
 #[derive(Debug, thiserror::Error)]
-#[error("no RabbitMQ node answered ({})", .failures.join("; "))]
+#[error("could not connect to any RabbitMQ node ({})", .failures.join("; "))]
 pub struct ConnectError {
     failures: Vec<String>,
 }
@@ -134,13 +134,25 @@ impl AmqpNodes {
                     }
                     return Ok(Connected { connection, node });
                 }
-                Ok(Err(e)) => failures.push(format!("{host}: {e}")),
+                Ok(Err(e)) => failures.push(format!("{host}: {e}{}", hint(&e.to_string()))),
                 Err(_) => {
                     failures.push(format!("{host}: no answer within {NODE_CONNECT_TIMEOUT:?}"))
                 }
             }
         }
         Err(ConnectError { failures })
+    }
+}
+
+/// What to check when a node answered but would not have us: these look like an outage in a
+/// log that repeats them every few seconds, and are a setting to fix.
+fn hint(error: &str) -> &'static str {
+    if error.contains("ACCESS_REFUSED") {
+        " — the node refused the login: check the user and password in AMQP_URL"
+    } else if error.contains("NOT_ALLOWED") {
+        " — the node refused the vhost: check that it exists and the user may use it (the path of AMQP_URL)"
+    } else {
+        ""
     }
 }
 

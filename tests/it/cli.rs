@@ -194,6 +194,36 @@ async fn migrate_needs_only_the_database_and_a_wrong_one_says_where_and_why() {
     }
 }
 
+/// A RabbitMQ that answers but will not have us is a setting to fix, and says so: a wrong
+/// password or vhost read "no RabbitMQ node answered", like an outage.
+#[tokio::test]
+async fn a_refused_rabbitmq_login_or_vhost_says_which_setting_to_fix() {
+    let amqp = amqp_url();
+    let (scheme, rest) = amqp.split_once("://").expect("a URL");
+    let (login, place) = rest.split_once('@').expect("a user in AMQP_URL");
+    let user = login.split(':').next().unwrap_or(login);
+    let wrong_password = format!("{scheme}://{user}:hunter2pw@{place}");
+    let (base, _) = amqp.rsplit_once('/').expect("a vhost in AMQP_URL");
+    let wrong_vhost = format!("{base}/no-such-vhost-{}", std::process::id());
+    for (url, hint) in [
+        (wrong_password, "check the user and password in AMQP_URL"),
+        (wrong_vhost, "refused the vhost"),
+    ] {
+        let (code, _, stderr) = run_to_end(
+            [(config::AMQP_URL, url.as_str())],
+            &["enqueue", "send-verify-code", "--phone", "13800138000"],
+        )
+        .await;
+        assert_ne!(code, 0);
+        let error = stderr
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or_else(|| panic!("no error line: {stderr}"));
+        assert!(error.contains(hint), "{url}: {error}");
+        assert!(!stderr.contains("hunter2pw"), "the password: {stderr}");
+    }
+}
+
 /// Word `n` (from 0) of a line the bench printed, as a number.
 fn word<T: std::str::FromStr>(line: &str, n: usize) -> T {
     line.split_whitespace()
