@@ -289,6 +289,17 @@ fn printable(message: &str) -> String {
 /// Decodes and validates one message body. `message_id` is the AMQP property, used as the
 /// idempotency key when the body has no `id`.
 pub fn decode_job(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid> {
+    // A body that cannot be read as an object still has the id its message_id gives it, so
+    // its answer and its row name the job.
+    decode_body(body, message_id).map_err(|mut e| {
+        if matches!(e.code, "TOO_LARGE" | "INVALID_UTF8" | "INVALID_JSON") {
+            e.id = message_id.and_then(|m| checked_id(m.to_owned()).ok());
+        }
+        e
+    })
+}
+
+fn decode_body(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid> {
     if body.len() > MAX_JOB_BYTES {
         return Err(Invalid::new(
             "TOO_LARGE",
@@ -420,6 +431,10 @@ fn take_id(map: &mut Map<String, Value>, message_id: Option<&str>) -> Result<Str
         },
         Some(_) => return Err(Invalid::field("id", "must be a string")),
     };
+    checked_id(id)
+}
+
+fn checked_id(id: String) -> Result<String, Invalid> {
     let chars = id.chars().count();
     if chars == 0 || id.chars().any(char::is_control) {
         return Err(Invalid::field(
@@ -674,6 +689,27 @@ mod tests {
             None
         );
         assert_eq!(refused(r#"{"id":"e","type":"nope"}"#), None);
+    }
+
+    /// The wire contract: with no `id` in the body, `message_id` is the id — also of a body
+    /// that cannot be read.
+    #[test]
+    fn a_body_that_cannot_be_read_keeps_the_id_its_message_id_gives() {
+        for body in [&b"[1,2]"[..], b"{not json", &[0xff, 0xfe]] {
+            let e = decode_job(body, Some("m-7")).unwrap_err();
+            assert_eq!(e.id.as_deref(), Some("m-7"), "{e:?}");
+            assert_eq!(decode_job(body, None).unwrap_err().id, None);
+        }
+        let big = vec![b' '; MAX_JOB_BYTES + 1];
+        assert_eq!(
+            decode_job(&big, Some("m-8")).unwrap_err().id.as_deref(),
+            Some("m-8")
+        );
+        // An id the body gives wins; a message_id that is no valid id is not used.
+        let e = decode_job(br#"{"id":"b-1","type":"x"}"#, Some("m-9")).unwrap_err();
+        assert_eq!(e.id.as_deref(), Some("b-1"));
+        let e = decode_job(b"[1]", Some(&"x".repeat(MAX_ID_CHARS + 1))).unwrap_err();
+        assert_eq!(e.id, None);
     }
 
     #[test]

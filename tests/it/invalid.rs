@@ -99,6 +99,15 @@ async fn bad_messages_are_answered_dead_lettered_and_harmless() {
             });
         assert_eq!(r.attempts, 0);
     }
+    // A body that cannot be read keeps the id its message_id gives (the wire contract).
+    for (code, id) in [("INVALID_JSON", "m-json"), ("INVALID_UTF8", "m-utf8")] {
+        assert!(
+            invalid
+                .iter()
+                .any(|r| r.code == code && r.id.as_deref() == Some(id)),
+            "{code} answered as {id}: {invalid:#?}"
+        );
+    }
     for id in [&before, &after] {
         let r = results
             .iter()
