@@ -23,7 +23,7 @@ use crate::fake_aliyun::{FakeAliyun, FakeConfig, FaultRule};
 use crate::phone::PhoneNumber;
 use crate::report;
 use crate::sms_client::SmsClient;
-use crate::store::{JobFilter, Store};
+use crate::store::{JobDetail, JobFilter, Store};
 use crate::wire::{JobType, Status};
 use crate::{out, outln, telemetry, worker};
 use dead_letters::{DeadLetters, Selection};
@@ -549,24 +549,64 @@ async fn jobs(command: JobsCommand) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        JobsCommand::Show { id, json } => match store.job_detail(&id).await? {
-            Some(detail) if json => {
-                outln!(
-                    "{}",
-                    serde_json::to_string_pretty(&report::detail_json(&detail))?
-                )?;
-                Ok(ExitCode::SUCCESS)
-            }
-            Some(detail) => {
-                out!("{}", report::render_detail(&detail))?;
-                Ok(ExitCode::SUCCESS)
-            }
-            None => {
-                eprintln!("no job with id {id:?}");
+        JobsCommand::Show { id, json } => match job_named(&store, &id).await? {
+            Err(message) => {
+                eprintln!("{message}");
                 Ok(ExitCode::from(2))
             }
+            Ok(detail) => Ok(show_detail(detail, json)?),
         },
     }
+}
+
+/// The job `id` names: its own, or the one job whose id starts with it (the tables cut long
+/// ids, ending them with `…`). Otherwise what to say.
+async fn job_named(store: &Store, id: &str) -> anyhow::Result<Result<JobDetail, String>> {
+    if let Some(detail) = store.job_detail(id).await? {
+        return Ok(Ok(detail));
+    }
+    let prefix = id.trim_end_matches('…');
+    if prefix.is_empty() {
+        return Ok(Err(format!("no job with id {id:?}")));
+    }
+    const SHOWN: i64 = 10;
+    let found = store.search_jobs(None, prefix, SHOWN + 1).await?;
+    let ids: Vec<&str> = found.iter().filter_map(|j| j["id"].as_str()).collect();
+    Ok(match ids.as_slice() {
+        [] => Err(format!(
+            "no job with id {id:?}, nor one whose id starts with it"
+        )),
+        [one] => match store.job_detail(one).await? {
+            Some(detail) => Ok(detail),
+            None => Err(format!("no job with id {id:?}")),
+        },
+        many => Err(format!(
+            "{}{} jobs have an id starting with {prefix:?}; give more of it:\n  {}",
+            if many.len() as i64 > SHOWN {
+                "more than "
+            } else {
+                ""
+            },
+            many.len().min(SHOWN as usize),
+            many.iter()
+                .take(SHOWN as usize)
+                .copied()
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        )),
+    })
+}
+
+fn show_detail(detail: JobDetail, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&report::detail_json(&detail))?
+        )?;
+    } else {
+        out!("{}", report::render_detail(&detail))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
