@@ -39,14 +39,14 @@ pub fn init(format: LogFormat) {
     };
 }
 
-/// An error and its causes on one line, each said once: a wrapper that repeats its source in
-/// its own text (`database error: X`, then X) would otherwise print it twice or more.
+/// An error and its causes on one line, each said once: a wrapper that ends its own text with
+/// its source's (`database error: X`, then X) would otherwise print it twice or more.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
         let said = s.to_string();
-        if !text.contains(&said) {
+        if !text.ends_with(&said) {
             text.push_str(": ");
             text.push_str(&said);
         }

@@ -47,7 +47,6 @@ fn query_text(raw: Option<&str>) -> String {
         .unwrap_or_default()
 }
 
-/// Separators people write numbers with.
 fn looks_like_a_number(q: &str) -> bool {
     q.chars().any(|c| c.is_ascii_digit())
         && q.chars()

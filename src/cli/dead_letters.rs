@@ -400,27 +400,26 @@ fn without_codes(v: Value) -> Value {
 
 /// Fields whose digits are never a phone number; masking them would only hide what an
 /// operator needs to recognise the job.
-/// The job's `id` is shown unmasked in the table's heading, as everywhere else.
-const NOT_PHONES: &[&str] = &["id", "template_code", "type", "code_length", "code_type"];
+/// The job's own `id` (top level) is shown unmasked in the table's heading, as everywhere else.
+const NOT_PHONES: &[&str] = &["template_code", "type", "code_length", "code_type"];
 
-/// For the table: codes hidden, and every phone-like run of digits masked (a number can sit in
-/// any field of a malformed job, not only `phone_number`).
+/// For the table: codes hidden, and every phone-like run of digits masked, in values and in
+/// keys (a number can sit anywhere in a malformed job, not only in `phone_number`).
 fn masked_json(v: &Value) -> Value {
-    fn mask(v: Value) -> Value {
+    fn mask(v: Value, top: bool) -> Value {
         match v {
             Value::Object(map) => Value::Object(
                 map.into_iter()
                     .map(|(k, v)| {
-                        let v = if NOT_PHONES.contains(&k.as_str()) {
-                            v
-                        } else {
-                            mask(v)
-                        };
-                        (k, v)
+                        let keep = NOT_PHONES.contains(&k.as_str()) || (top && k == "id");
+                        let v = if keep { v } else { mask(v, false) };
+                        (mask_digit_runs(&k), v)
                     })
                     .collect(),
             ),
-            Value::Array(items) => Value::Array(items.into_iter().map(mask).collect()),
+            Value::Array(items) => {
+                Value::Array(items.into_iter().map(|v| mask(v, false)).collect())
+            }
             Value::String(s) => Value::String(mask_digit_runs(&s)),
             // A short number stays a number: a preview that turned `1` into `"1"` would hide
             // the very type error a job may have been refused for.
@@ -436,14 +435,16 @@ fn masked_json(v: &Value) -> Value {
             other => other,
         }
     }
-    mask(without_codes(v.clone()))
+    mask(without_codes(v.clone()), true)
 }
 
 /// Masks every phone-like run of 7 or more digits, as `phone::mask` does, in text that is not
-/// known to be JSON. Digits split by single spaces or hyphens are one run (`138 0013 8001`,
-/// `+86 138-0013-8001`): a number is often written that way. A date written so is masked too;
-/// better than a number shown.
+/// known to be JSON. Digit groups joined by up to three of the separators `phone::compact`
+/// drops are one run (`138 0013 8001`, `+86 (138) 0013-8001`, `138.0013.8001`): a number is
+/// often written that way. A date written so is masked too; better than a number shown.
 pub fn mask_digit_runs(text: &str) -> String {
+    const MAX_JOIN: usize = 3;
+    let is_separator = |c: char| matches!(c, ' ' | '-' | '.' | '(' | ')');
     let chars: Vec<char> = text.chars().collect();
     let mut out = String::with_capacity(text.len());
     let mut run = String::new();
@@ -457,18 +458,30 @@ pub fn mask_digit_runs(text: &str) -> String {
         run.clear();
         digits.clear();
     };
-    for (i, &c) in chars.iter().enumerate() {
-        let joins = matches!(c, ' ' | '-')
-            && !digits.is_empty()
-            && chars.get(i + 1).is_some_and(char::is_ascii_digit);
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
         if c.is_ascii_digit() {
             run.push(c);
             digits.push(c);
-        } else if joins {
-            run.push(c);
+            i += 1;
+            continue;
+        }
+        let gap = chars[i..]
+            .iter()
+            .take(MAX_JOIN + 1)
+            .take_while(|c| is_separator(**c))
+            .count();
+        let joins = !digits.is_empty()
+            && (1..=MAX_JOIN).contains(&gap)
+            && chars.get(i + gap).is_some_and(char::is_ascii_digit);
+        if joins {
+            run.extend(&chars[i..i + gap]);
+            i += gap;
         } else {
             flush(&mut run, &mut digits, &mut out);
             out.push(c);
+            i += 1;
         }
     }
     flush(&mut run, &mut digits, &mut out);
@@ -547,11 +560,15 @@ mod tests {
     #[test]
     fn previews_mask_numbers_written_in_groups_and_leave_ids_whole() {
         let job = json!({"id": "cli-65ef3ef80af74078870e13a", "type": "send_verify_code",
-            "phone_number": "138 0013 8001", "phone_numbers": ["+86 138-0013-8002"],
-            "template_param": {"min": "5"}});
+            "phone_number": "138 0013 8001", "phone_numbers": ["+86 138-0013-8002",
+            "+86 (138) 0013-8003", "138.0013.8004"],
+            "template_param": {"min": "5", "id": "13800138005"}, "13800138006": "x"});
         let preview = masked_json(&job).to_string();
-        for digits in ["0013", "138 0013", "138-0013"] {
+        for digits in ["0013", "138 0013", "138-0013", "13800138005", "13800138006"] {
             assert!(!preview.contains(digits), "{digits} in {preview}");
+        }
+        for masked in ["861****8003", "138****8004", "138****8005", "138****8006"] {
+            assert!(preview.contains(masked), "{masked} in {preview}");
         }
         assert!(preview.contains("138****8001"), "{preview}");
         assert!(preview.contains("cli-65ef3ef80af74078870e13a"), "{preview}");

@@ -559,42 +559,37 @@ async fn jobs(command: JobsCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The job `id` names: its own, or the one job whose id starts with it (the tables cut long
-/// ids, ending them with `…`). Otherwise what to say.
+/// The job with this id, or what to say: the ids that start with it, when some do (an id
+/// half-copied from a table), so the operator can pick one. Never a guess.
 async fn job_named(store: &Store, id: &str) -> anyhow::Result<Result<JobDetail, String>> {
     if let Some(detail) = store.job_detail(id).await? {
         return Ok(Ok(detail));
     }
-    let prefix = id.trim_end_matches('…');
-    if prefix.is_empty() {
-        return Ok(Err(format!("no job with id {id:?}")));
-    }
     const SHOWN: i64 = 10;
-    let found = store.search_jobs(None, prefix, SHOWN + 1).await?;
+    let found = if id.is_empty() {
+        Vec::new()
+    } else {
+        store.search_jobs(None, id, SHOWN + 1).await?
+    };
     let ids: Vec<&str> = found.iter().filter_map(|j| j["id"].as_str()).collect();
-    Ok(match ids.as_slice() {
-        [] => Err(format!(
-            "no job with id {id:?}, nor one whose id starts with it"
-        )),
-        [one] => match store.job_detail(one).await? {
-            Some(detail) => Ok(detail),
-            None => Err(format!("no job with id {id:?}")),
-        },
-        many => Err(format!(
-            "{}{} jobs have an id starting with {prefix:?}; give more of it:\n  {}",
-            if many.len() as i64 > SHOWN {
-                "more than "
-            } else {
-                ""
-            },
-            many.len().min(SHOWN as usize),
-            many.iter()
+    Ok(Err(if ids.is_empty() {
+        format!("no job with id {id:?}")
+    } else {
+        format!(
+            "no job with id {id:?}; {} whose id starts with it:\n  {}{}",
+            if ids.len() == 1 { "one" } else { "jobs" },
+            ids.iter()
                 .take(SHOWN as usize)
                 .copied()
                 .collect::<Vec<_>>()
-                .join("\n  ")
-        )),
-    })
+                .join("\n  "),
+            if ids.len() as i64 > SHOWN {
+                "\n  …"
+            } else {
+                ""
+            }
+        )
+    }))
 }
 
 fn show_detail(detail: JobDetail, json: bool) -> anyhow::Result<ExitCode> {

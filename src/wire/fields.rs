@@ -123,13 +123,21 @@ const VALUE_KINDS: &[&str] = &[
 
 /// A name from a message (a field's, a field's path, a job type's) that may be shown back: an
 /// identifier, as every field and type of the contract is, so a typo reads back
-/// ("phone_numbr", "sign_names[1]"). Anything else — digits, spaces, a long text — could be
-/// what someone typed, and is not repeated.
+/// ("phone_numbr", "sign_names[1]"). Anything else — four digits in a row, spaces, a long
+/// text — could be what someone typed, and is not repeated.
 pub(super) fn shown_name(name: &str) -> Option<&str> {
     let mut chars = name.chars();
     let first = chars.next()?;
+    // Four digits in a row may be a code or part of a number; no name of the contract has
+    // them (a list's index is at most three).
+    let longest_digits = name
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
     let ok = (first.is_ascii_alphabetic() || first == '_')
         && name.len() <= 64
+        && longest_digits < 4
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '[' | ']'));
     ok.then_some(name)
 }
@@ -217,7 +225,12 @@ pub(super) fn template_param(field: &str, value: Value) -> Result<TemplateParam,
             _ => {
                 return Err(Invalid::field(
                     field,
-                    format!("value of {k:?} must be a string (Aliyun refuses numbers)"),
+                    match shown_name(&k) {
+                        Some(k) => {
+                            format!("value of {k:?} must be a string (Aliyun refuses numbers)")
+                        }
+                        None => "every value must be a string (Aliyun refuses numbers)".to_owned(),
+                    },
                 ));
             }
         }

@@ -349,10 +349,14 @@ fn decode_body(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid> {
                 .map(|(k, _)| k.as_str())
         });
     if let Some(field) = with_nul {
-        return Err(with_context(Invalid::field(
-            field,
-            "contains a NUL character, which cannot be stored",
-        )));
+        let why = "contains a NUL character, which cannot be stored";
+        return Err(with_context(match fields::shown_name(field) {
+            Some(field) => Invalid::field(field, why),
+            None => Invalid::new(
+                "INVALID_FIELD",
+                format!("a field whose name is not shown {why}"),
+            ),
+        }));
     }
     let expires_at = match map.remove("expires_at") {
         None | Some(Value::Null) => None,
@@ -657,14 +661,21 @@ mod tests {
             typo.message
         );
         assert_eq!(typo.job_type.as_deref(), Some("sendVerifyCode"));
-        let number = job(r#"{"id":"t","type":"13812345678"}"#).unwrap_err();
-        assert_eq!(number.code, "UNKNOWN_TYPE");
-        assert!(
-            !number.message.contains("13812345678"),
-            "{}",
-            number.message
-        );
-        assert_eq!(number.job_type, None);
+        for kind in ["13812345678", "tel13812345678", "x4829"] {
+            let number = job(&format!(r#"{{"id":"t","type":"{kind}"}}"#)).unwrap_err();
+            assert_eq!(number.code, "UNKNOWN_TYPE");
+            assert!(!number.message.contains(kind), "{}", number.message);
+            assert_eq!(number.job_type, None);
+        }
+        // Wherever a name is quoted: a NUL's field, a template variable's.
+        let nul = job(r#"{"id":"n","type":"send_sms","482913":"a\u0000"}"#).unwrap_err();
+        assert!(nul.message.contains("NUL"), "{}", nul.message);
+        assert!(!nul.message.contains("482913"), "{}", nul.message);
+        let mut v: Value = serde_json::from_str(FULL).unwrap();
+        v["template_param"] = json!({"13812345678": 1});
+        let var = job(&v.to_string()).unwrap_err();
+        assert!(var.message.contains("template_param"), "{}", var.message);
+        assert!(!var.message.contains("13812345678"), "{}", var.message);
     }
 
     #[test]

@@ -177,6 +177,7 @@ impl Pipeline {
             (Ok(job), Some(mut invalid)) => {
                 invalid.id = Some(job.id.clone());
                 invalid.job_type = Some(job.job_type().as_str().to_owned());
+                invalid.phone = Some(job.phone().clone());
                 self.refuse(delivery, broker, &route, invalid).await
             }
             (Ok(job), None) => {

@@ -86,11 +86,14 @@ async fn dead_letters_are_listed_without_loss_and_redriven_to_the_worker() {
     settings.insert(config::SMS_DEAD_LETTER_QUEUE.into(), inspect.clone());
     let cli = Cli { settings };
 
-    // Refused by the worker: an unknown field. It carries a number and a typed code.
+    // Refused by the worker: an unknown field. It carries a number, a typed code, and another
+    // number written in groups, as people write them.
     let bad_id = unique_id("dl-bad");
     let bad_phone = unique_phone();
+    let other = unique_phone();
+    let grouped = format!("({}) {}.{}", &other[..3], &other[3..7], &other[7..]);
     app.publish(&json!({"id": bad_id, "type": "check_verify_code",
-        "phone_number": bad_phone, "verify_code": "QZX7K9", "colour": "red"}))
+        "phone_number": bad_phone, "verify_code": "QZX7K9", "colour": format!("red, call {grouped}")}))
         .await;
     let (refused, _) = app.next_result().await;
     assert_eq!(refused.status, Status::Invalid);
@@ -124,6 +127,10 @@ async fn dead_letters_are_listed_without_loss_and_redriven_to_the_worker() {
     assert!(
         !table.contains(&bad_phone),
         "full number in the table: {table}"
+    );
+    assert!(
+        !table.contains(&grouped) && table.contains(&format!("{}****{}", &other[..3], &other[7..])),
+        "a number written in groups, masked like any other: {table}"
     );
     let good_phone = good["phone_number"].as_str().unwrap();
     assert!(
