@@ -15,17 +15,18 @@ const DEFAULT_FILTER: &str = "info,lapin=warn,sqlx=warn,hyper=warn,reqwest=warn"
 /// direct reply-to result, which may carry a verification code. Off whatever RUST_LOG says.
 const ALWAYS_OFF: &str = "lapin::returned_messages=off";
 
-pub fn filter() -> EnvFilter {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+/// `RUST_LOG`, else the default; `quiet` makes the default no logging at all.
+pub fn filter(quiet: bool) -> EnvFilter {
+    let default = if quiet { "off" } else { DEFAULT_FILTER };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     match ALWAYS_OFF.parse() {
         Ok(directive) => filter.add_directive(directive),
         Err(_) => filter,
     }
 }
 
-pub fn init(format: LogFormat) {
-    let filter = filter();
+pub fn init(format: LogFormat, quiet: bool) {
+    let filter = filter(quiet);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

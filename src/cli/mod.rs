@@ -332,7 +332,10 @@ fn log_format() -> LogFormat {
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
-    telemetry::init(log_format());
+    // check-config's table says what each check found; the log lines of the calls it makes
+    // (the Aliyun client's "account trouble") would only repeat it above the table.
+    let quiet = matches!(command, Command::CheckConfig);
+    telemetry::init(log_format(), quiet);
     match command {
         Command::Run(args) => run(args).await,
         Command::Migrate => {

@@ -96,6 +96,28 @@ async fn check_config_reports_each_dependency_in_plain_words() {
         "{line}"
     );
     assert!(bad_secret.line("postgres").starts_with("ok "));
+    // At the default log level the table is the whole answer: no log line above it repeats
+    // what a check found ("account trouble").
+    let quiet = crate::process::command(
+        with(
+            &settings,
+            config::ALIBABA_CLOUD_ACCESS_KEY_SECRET,
+            Some(wrong),
+        )
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .env_remove("RUST_LOG")
+    .arg("check-config")
+    .output()
+    .await
+    .expect("run check-config");
+    let said = String::from_utf8_lossy(&quiet.stderr);
+    assert!(said.trim().is_empty(), "log lines beside the table: {said}");
+    assert!(
+        String::from_utf8_lossy(&quiet.stdout).contains("credentials rejected"),
+        "the table still says it"
+    );
     let bad_key = check_config(&with(
         &settings,
         config::ALIBABA_CLOUD_ACCESS_KEY_ID,
