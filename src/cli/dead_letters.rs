@@ -366,8 +366,27 @@ fn truncate(s: &str) -> String {
     format!("{cut}…")
 }
 
+/// A key that may hold a verification code, however a backend spelled it (`verify_code`,
+/// `verifyCode`, `sms-code`, `otp`, a template's `code`), but not the contract's fields that
+/// only name a template, a country or a code's shape.
 fn is_code_key(key: &str) -> bool {
-    key.eq_ignore_ascii_case("verify_code") || key.eq_ignore_ascii_case("code")
+    const NOT_SECRET: &[&str] = &[
+        "templatecode",
+        "countrycode",
+        "smsupextendcode",
+        "codelength",
+        "codetype",
+    ];
+    let key: String = key
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let codeish = key.contains("code")
+        || key.contains("otp")
+        || key.contains("captcha")
+        || key.ends_with("pin");
+    codeish && !NOT_SECRET.contains(&key.as_str())
 }
 
 /// Verification codes out: `verify_code` (a typed code) and a literal template `code` (one
@@ -576,6 +595,26 @@ mod tests {
             mask_digit_runs("call 138 0013 8001 - or 5"),
             "call 138****8001 - or 5"
         );
+    }
+
+    /// A backend that misspells the field still typed a code into it.
+    #[test]
+    fn codes_are_hidden_however_the_field_is_spelled() {
+        let job = json!({"verifyCode": "770911", "verifycode": "770912", "sms-code": "770913",
+            "otp": "770914", "template_param": {"authCode": "770915", "pin": "770916"},
+            "template_code": "SMS_1", "country_code": "86", "code_length": 6,
+            "sms_up_extend_code": "12"});
+        for shown in [
+            masked_json(&job).to_string(),
+            without_codes(job.clone()).to_string(),
+        ] {
+            for code in ["770911", "770912", "770913", "770914", "770915", "770916"] {
+                assert!(!shown.contains(code), "{code} in {shown}");
+            }
+            for kept in ["SMS_1", "\"86\"", "\"12\""] {
+                assert!(shown.contains(kept), "{kept} hidden: {shown}");
+            }
+        }
     }
 
     #[test]
