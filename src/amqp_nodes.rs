@@ -100,6 +100,17 @@ impl AmqpNodes {
         Ok(Self { nodes })
     }
 
+    /// The same nodes, each taking the largest frame its server allows (`frame_max` left to
+    /// the server): for a client that must read whatever a queue holds (`dead-letters`), whose
+    /// headers the worker's 16 KiB frames may not carry.
+    pub fn with_server_frame_max(&self) -> Self {
+        let mut nodes = self.nodes.clone();
+        for node in &mut nodes {
+            node.uri.query.frame_max = None;
+        }
+        Self { nodes }
+    }
+
     pub fn len(&self) -> usize {
         self.nodes.len()
     }

@@ -9,8 +9,9 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
+use std::time::Duration;
 
-use lapin::message::Delivery;
+use lapin::message::{BasicGetMessage, Delivery};
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
@@ -32,6 +33,10 @@ pub enum DeadLetterError {
     Connect(#[from] ConnectError),
     #[error("queue {0:?} does not exist")]
     NoSuchQueue(String),
+    #[error(
+        "RabbitMQ did not hand over the next message within {0:?} (the connection may have failed; see the log above)"
+    )]
+    NoAnswer(Duration),
     #[error(
         "RabbitMQ could not route the message to {0:?} (the jobs queue is missing); it stays in the dead-letter queue"
     )]
@@ -102,7 +107,10 @@ impl DeadLetters {
         dead_letter_queue: &str,
         jobs_queue: &str,
     ) -> Result<Self, DeadLetterError> {
+        // Whatever the queue holds must be readable, including a message whose headers did
+        // not fit the worker's frames (which is why it is here).
         let connection = nodes
+            .with_server_frame_max()
             .connect("aliyun-sms-worker dead-letters", 0)
             .await?
             .connection;
@@ -139,6 +147,20 @@ impl DeadLetters {
         taken.map(|_| out)
     }
 
+    /// The next message at the head of the dead-letter queue, held unacked. Bounded: a
+    /// connection lapin gave up on leaves a `basic_get` waiting for ever.
+    async fn next(&self, channel: &Channel) -> Result<Option<BasicGetMessage>, DeadLetterError> {
+        const PATIENCE: Duration = Duration::from_secs(30);
+        let get = channel.basic_get(
+            short(&self.dead_letter_queue),
+            BasicGetOptions { no_ack: false },
+        );
+        match tokio::time::timeout(PATIENCE, get).await {
+            Ok(got) => Ok(got?),
+            Err(_) => Err(DeadLetterError::NoAnswer(PATIENCE)),
+        }
+    }
+
     async fn take(
         &self,
         channel: &Channel,
@@ -146,13 +168,9 @@ impl DeadLetters {
         mut each: impl FnMut(&Delivery),
     ) -> Result<(), DeadLetterError> {
         for _ in 0..limit {
-            let got = channel
-                .basic_get(
-                    short(&self.dead_letter_queue),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await?;
-            let Some(message) = got else { break };
+            let Some(message) = self.next(channel).await? else {
+                break;
+            };
             each(&message.delivery);
         }
         Ok(())
@@ -197,13 +215,9 @@ impl DeadLetters {
         // when it began: a redriven job the worker refuses again comes back to this queue, and
         // must not be redriven round and round.
         for _ in 0..present {
-            let got = get
-                .basic_get(
-                    short(&self.dead_letter_queue),
-                    BasicGetOptions { no_ack: false },
-                )
-                .await?;
-            let Some(message) = got else { break };
+            let Some(message) = self.next(get).await? else {
+                break;
+            };
             let delivery = message.delivery;
             let letter = describe(&delivery);
             let chosen = match selection {

@@ -1,5 +1,6 @@
 //! `dead-letters list` and `dead-letters redrive` against a real worker's dead letters: one
-//! refused as invalid by the worker, one dead-lettered by RabbitMQ itself (expired).
+//! refused as invalid by the worker, one dead-lettered by RabbitMQ itself (expired); and a
+//! message whose headers the worker's frames cannot carry.
 
 use std::collections::HashMap;
 
@@ -11,7 +12,10 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, TestEnv, send_job, unique_id, unique_phone};
+use crate::helpers::{
+    TestApp, TestEnv, amqp_url, publish_to, queue_settings, send_job, test_link, unique_id,
+    unique_phone,
+};
 use crate::process::run_to_end;
 
 struct Cli {
@@ -214,4 +218,64 @@ async fn dead_letters_are_listed_without_loss_and_redriven_to_the_worker() {
     delete(&channel, &inspect).await;
     delete(&channel, &expiring).await;
     app.shutdown().await;
+}
+
+/// A message whose headers are larger than the worker's 16 KiB frames ends in the dead-letter
+/// queue (the worker cannot receive it; RabbitMQ's delivery limit moves it). The CLI must read
+/// it and what queues behind it: it hung for ever on it, so nothing behind it could be
+/// redriven.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_with_headers_too_large_for_the_workers_frames_is_listed_and_passed() {
+    let prefix = format!(
+        "smsw-test-dlbig-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let settings: HashMap<String, String> = queue_settings(&prefix)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .chain([(config::AMQP_URL.to_owned(), amqp_url())])
+        .collect();
+    let (connection, channel) = test_link().await;
+    let dead = settings[config::SMS_DEAD_LETTER_QUEUE].clone();
+    let jobs = settings[config::SMS_JOBS_QUEUE].clone();
+    declare(&channel, &dead, FieldTable::default()).await;
+    declare(&channel, &jobs, FieldTable::default()).await;
+
+    let big_id = unique_id("dl-big-headers");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from("x-big"),
+        AMQPValue::LongString(LongString::from("A".repeat(20_000))),
+    );
+    publish_to(
+        &channel,
+        &dead,
+        &serde_json::to_vec(&send_job(&big_id)).expect("json"),
+        BasicProperties::default()
+            .with_message_id(ShortString::from(big_id.as_str()))
+            .with_headers(headers),
+    )
+    .await;
+    let after = unique_id("dl-after-big");
+    publish_to(
+        &channel,
+        &dead,
+        &serde_json::to_vec(&send_job(&after)).expect("json"),
+        BasicProperties::default().with_message_id(ShortString::from(after.as_str())),
+    )
+    .await;
+
+    let cli = Cli { settings };
+    let listed = cli.list_json().await;
+    let ids: Vec<&str> = listed.iter().filter_map(|l| l["job_id"].as_str()).collect();
+    assert_eq!(ids, [big_id.as_str(), after.as_str()], "{listed:#?}");
+    let (code, out, err) = cli.run(&["dead-letters", "redrive", "--id", &after]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("redrove 1 message(s)"), "{out}");
+    let left = cli.list_json().await;
+    assert_eq!(left.len(), 1, "the big one stays: {left:#?}");
+
+    delete(&channel, &dead).await;
+    delete(&channel, &jobs).await;
+    let _ = connection.close(200, ShortString::from("done")).await;
 }
