@@ -20,7 +20,7 @@ use super::search;
 use crate::aliyun::outcome::meaning;
 use crate::metrics::AccountTrouble;
 use crate::report::{ago, fleet_summary, utc};
-use crate::store::{DailyUsage, FleetWorker, JobDetail, JobFilter, Stats, StoreError};
+use crate::store::{DailyUsage, ErrorClass, FleetWorker, JobDetail, JobFilter, Stats, StoreError};
 
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
@@ -56,9 +56,15 @@ pub(super) enum PageError {
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
-        let (status, body) = match &self {
+        // A value Postgres refuses as data (a NUL in a searched id) names no job: that is no
+        // outage, and is not logged as one.
+        let this = match self {
+            PageError::Store(e) if e.class() == ErrorClass::Data => PageError::NotFound,
+            other => other,
+        };
+        let (status, body) = match &this {
             PageError::Store(_) | PageError::Timeout => {
-                tracing::warn!(error = %self, "status page: database query failed");
+                tracing::warn!(error = %this, "status page: database query failed");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     html! {

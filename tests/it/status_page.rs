@@ -508,6 +508,12 @@ async fn status_page_counts_the_queues_and_a_search_leaves_no_number_in_the_log(
         !found.contains(number) && !found.contains(&typed),
         "{found}"
     );
+    // A value Postgres refuses as data names no job; it is no outage.
+    for path in ["/jobs/a%00b", "/search?q=a%00b"] {
+        let (status, page) = admin_get(&admin, path).await;
+        assert!(status == 404 || status == 200, "{path}: {status} {page}");
+        assert!(!page.contains("Database unavailable"), "{path}: {page}");
+    }
 
     channel.close(200, "done".into()).await.ok();
     // At debug level: the listener's and the libraries' own lines included.
@@ -515,6 +521,10 @@ async fn status_page_counts_the_queues_and_a_search_leaves_no_number_in_the_log(
     for secret in [number, &typed, &encoded.to_string(), &number[3..]] {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
     }
+    assert!(
+        !log.contains("status page: database query failed"),
+        "bad input logged as an outage:\n{log}"
+    );
     remove_topology_and_close(&connection, &env.settings).await;
     pool.close().await;
     drop_database(&env.db_name).await;
