@@ -426,7 +426,12 @@ impl Reader<'_> {
         if !value.contains("://") || !schemes.contains(&scheme) {
             return Err(ConfigError::Malformed {
                 name,
-                reason: format!("expected a URL starting with one of {schemes:?}"),
+                // The whole form, not only the scheme: `postgresql:/host/db` starts with one.
+                reason: format!(
+                    "expected {}://… (for example {})",
+                    schemes.join("://… or "),
+                    example_url(schemes)
+                ),
             });
         }
         Ok(value)
@@ -579,6 +584,17 @@ pub fn database_url(lookup: &dyn Fn(&str) -> Option<String>) -> Result<Secret, C
 /// What `dead-letters` needs besides [`ClientSettings`]: the dead-letter queue's name.
 pub fn dead_letter_queue(lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
     Reader { lookup }.queue_name(SMS_DEAD_LETTER_QUEUE)
+}
+
+/// A well-formed URL of the first scheme, to copy from.
+fn example_url(schemes: &[&str]) -> String {
+    match schemes.first().copied() {
+        Some(scheme @ ("postgres" | "postgresql")) => {
+            format!("{scheme}://user:password@127.0.0.1:5432/database")
+        }
+        Some(scheme) => format!("{scheme}://host"),
+        None => String::new(),
+    }
 }
 
 impl ClientSettings {
@@ -806,6 +822,14 @@ mod tests {
         let mut pairs = CREDS.to_vec();
         pairs.push((SMS_JOBS_QUEUE_TYPE, "stream"));
         assert!(with(&pairs).is_err());
+        // One slash short: the message shows the whole form, not only the scheme it has.
+        let mut pairs = CREDS.to_vec();
+        pairs.push((DATABASE_URL, "postgresql:/localhost/db"));
+        let said = with(&pairs).map(|_| ()).unwrap_err().to_string();
+        assert!(
+            said.contains("postgresql://") && said.contains("@127.0.0.1:5432/database"),
+            "{said}"
+        );
     }
 
     #[test]
