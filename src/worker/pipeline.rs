@@ -168,7 +168,7 @@ impl Pipeline {
     }
 
     async fn try_handle(&self, delivery: &Delivery, broker: &Broker) -> Result<(), PipelineError> {
-        let (route, bad_route) = checked_route(delivery);
+        let (route, bad_route) = checked_route(delivery, &self.config.queues.jobs);
         match (
             wire::decode_job(&delivery.data, message_id(delivery)),
             bad_route,
@@ -264,7 +264,7 @@ impl Pipeline {
             }
         }
         tracing::warn!(error = %error, "the database refused a value of this message");
-        let (route, _) = checked_route(delivery);
+        let (route, _) = checked_route(delivery, &self.config.queues.jobs);
         match self
             .answer_invalid(delivery, broker, &route, invalid, None)
             .await
@@ -851,9 +851,21 @@ fn message_id(delivery: &Delivery) -> Option<&str> {
 
 /// The delivery's reply route without the properties that could not be stored, and why the
 /// first of them was refused.
-fn checked_route(delivery: &Delivery) -> (ReplyRoute, Option<Invalid>) {
-    let asked = broker::reply_route(delivery);
+/// The reply route a delivery asks for, and why it cannot be taken, if so. A `reply_to` that
+/// names the jobs queue would have the result read back as a job (and answered `invalid`,
+/// the only answer its producer would see): such a job is refused before it is sent, and
+/// answered on `SMS_RESULTS_QUEUE`.
+fn checked_route(delivery: &Delivery, jobs_queue: &str) -> (ReplyRoute, Option<Invalid>) {
+    let mut asked = broker::reply_route(delivery);
     let mut refusal = None;
+    if asked.reply_to.as_deref() == Some(jobs_queue) {
+        asked.reply_to = None;
+        refusal = Some(Invalid::new(
+            "INVALID_PROPERTY",
+            "AMQP property `reply_to` names the jobs queue, where the result would be read as a \
+             job; leave it unset (results go to SMS_RESULTS_QUEUE) or name your own queue",
+        ));
+    }
     let mut keep = |name, value| {
         wire::stored_property(name, value).unwrap_or_else(|e| {
             refusal.get_or_insert(e);

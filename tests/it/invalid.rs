@@ -316,3 +316,34 @@ async fn a_value_of_the_wrong_type_is_named_by_its_field_and_never_quoted_anywhe
     assert!(!log.contains(code), "the code in the log:\n{log}");
     assert!(!log.contains(&phone), "the number in the log:\n{log}");
 }
+
+/// A job whose `reply_to` names the jobs queue would have its result read back as a job and
+/// answered `invalid` — the only answer its producer would see, for a job that was sent. It is
+/// refused before Aliyun, and answered on the results queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_to_naming_the_jobs_queue_is_refused_before_aliyun() {
+    let app = TestApp::spawn().await;
+    let id = unique_id("reply-to-jobs");
+    let props = BasicProperties::default()
+        .with_reply_to(ShortString::from(app.config.queues.jobs.as_str()))
+        .with_correlation_id(ShortString::from("corr-self"));
+    app.publish_raw(&serde_json::to_vec(&send_job(&id)).expect("json"), props)
+        .await;
+    let (result, props) = app.next_result().await;
+    assert_eq!(result.id.as_deref(), Some(id.as_str()), "{result:?}");
+    assert_eq!(result.status, Status::Invalid, "{result:?}");
+    assert_eq!(result.code, "INVALID_PROPERTY", "{result:?}");
+    assert!(result.message.contains("reply_to"), "{result:?}");
+    assert_eq!(
+        props.correlation_id().as_ref().map(|c| c.as_str()),
+        Some("corr-self")
+    );
+    app.next_dead_letter().await;
+    assert_eq!(app.fake.calls_for(&id), 0, "never reached Aliyun");
+    // Nothing came back through the jobs queue: the next job's result is the next result.
+    let next = unique_id("after-reply-to-jobs");
+    app.publish(&send_job(&next)).await;
+    let (after, _) = app.next_result().await;
+    assert_eq!(after.id.as_deref(), Some(next.as_str()), "{after:?}");
+    app.shutdown().await;
+}
