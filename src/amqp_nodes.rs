@@ -100,13 +100,15 @@ impl AmqpNodes {
         Ok(Self { nodes })
     }
 
-    /// The same nodes, each taking the largest frame its server allows (`frame_max` left to
-    /// the server): for a client that must read whatever a queue holds (`dead-letters`), whose
-    /// headers the worker's 16 KiB frames may not carry.
+    /// The same nodes, each taking the largest frame its server allows, up to 1 MiB: for a
+    /// client that must read whatever a queue holds (`dead-letters`), whose headers the
+    /// worker's 16 KiB frames may not carry. Bounded, because lapin keeps 32 frames of buffer
+    /// and a server without a limit would otherwise have it size them at 4 GiB.
     pub fn with_server_frame_max(&self) -> Self {
+        const LARGEST: u32 = 1 << 20;
         let mut nodes = self.nodes.clone();
         for node in &mut nodes {
-            node.uri.query.frame_max = None;
+            node.uri.query.frame_max = Some(LARGEST);
         }
         Self { nodes }
     }

@@ -13,7 +13,7 @@ use percent_encoding::percent_decode_str;
 
 use super::AdminState;
 use super::html::{page, respond};
-use super::status_page::{PageError, QUERY_TIMEOUT, jobs_table};
+use super::status_page::{PageError, QUERY_TIMEOUT, jobs_table, lookup_failed};
 use crate::phone::{self, PhoneNumber};
 use crate::wire::MAX_ID_BYTES;
 
@@ -89,7 +89,7 @@ pub(super) async fn search(State(state): State<AdminState>, RawQuery(raw): RawQu
             let terms = Search::Terms { phone, id, shown };
             respond(StatusCode::OK, search_page(&terms, Some(&jobs)))
         }
-        Ok(Err(e)) => PageError::from(e).into_response(),
+        Ok(Err(e)) => lookup_failed(e),
         Err(_) => PageError::Timeout.into_response(),
     }
 }

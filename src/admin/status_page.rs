@@ -56,15 +56,9 @@ pub(super) enum PageError {
 
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
-        // A value Postgres refuses as data (a NUL in a searched id) names no job: that is no
-        // outage, and is not logged as one.
-        let this = match self {
-            PageError::Store(e) if e.class() == ErrorClass::Data => PageError::NotFound,
-            other => other,
-        };
-        let (status, body) = match &this {
+        let (status, body) = match &self {
             PageError::Store(_) | PageError::Timeout => {
-                tracing::warn!(error = %this, "status page: database query failed");
+                tracing::warn!(error = %self, "status page: database query failed");
                 (
                     StatusCode::SERVICE_UNAVAILABLE,
                     html! {
@@ -96,11 +90,21 @@ pub(super) async fn index(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// What a failed lookup of what the visitor typed (an id, a search) answers. A value
+/// Postgres refuses as data (a NUL) names no job: that is no outage, and is not logged as one.
+pub(super) fn lookup_failed(e: StoreError) -> Response {
+    if e.class() == ErrorClass::Data {
+        PageError::NotFound.into_response()
+    } else {
+        PageError::from(e).into_response()
+    }
+}
+
 pub(super) async fn job(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
     match tokio::time::timeout(QUERY_TIMEOUT, state.store.job_detail(&id)).await {
         Ok(Ok(Some(detail))) => respond(StatusCode::OK, job_page(&detail)),
         Ok(Ok(None)) => PageError::NotFound.into_response(),
-        Ok(Err(e)) => PageError::from(e).into_response(),
+        Ok(Err(e)) => lookup_failed(e),
         Err(_) => PageError::Timeout.into_response(),
     }
 }

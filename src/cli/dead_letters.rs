@@ -390,6 +390,7 @@ fn is_code_key(key: &str) -> bool {
         "smsupextendcode",
         "codelength",
         "codetype",
+        "returnverifycode",
     ];
     let key: String = key
         .chars()
@@ -617,7 +618,7 @@ mod tests {
         let job = json!({"verifyCode": "770911", "verifycode": "770912", "sms-code": "770913",
             "otp": "770914", "template_param": {"authCode": "770915", "pin": "770916"},
             "template_code": "SMS_1", "country_code": "86", "code_length": 6,
-            "sms_up_extend_code": "12"});
+            "sms_up_extend_code": "12", "return_verify_code": false});
         for shown in [
             masked_json(&job).to_string(),
             without_codes(job.clone()).to_string(),
@@ -625,7 +626,7 @@ mod tests {
             for code in ["770911", "770912", "770913", "770914", "770915", "770916"] {
                 assert!(!shown.contains(code), "{code} in {shown}");
             }
-            for kept in ["SMS_1", "\"86\"", "\"12\""] {
+            for kept in ["SMS_1", "\"86\"", "\"12\"", "\"return_verify_code\":false"] {
                 assert!(shown.contains(kept), "{kept} hidden: {shown}");
             }
         }
