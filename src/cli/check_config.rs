@@ -164,10 +164,9 @@ async fn postgres(config: &Config) -> Check {
     const NAME: &str = "postgres";
     let host = host_of(config.database_url.expose());
     let result = within(&format!("Postgres at {host}"), async {
-        // One plain connection, not a pool: a pool's timeout would hide why it failed.
-        let mut conn = PgConnection::connect(config.database_url.expose())
+        let mut conn = crate::store::plain_connection(config.database_url.expose())
             .await
-            .map_err(|e| format!("cannot connect to {host}: {e}"))?;
+            .map_err(|e| e.to_string())?;
         let status = migration_status(&mut conn).await;
         let _ = conn.close().await;
         status.map(|s| format!("connected to {host}; {s}"))

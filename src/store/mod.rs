@@ -94,9 +94,14 @@ fn class_of(e: &sqlx::Error) -> ErrorClass {
     }
 }
 
-/// One plain connection before the pool, so that a wrong `DATABASE_URL` says why (refused,
-/// no such database, a password refused) and where, not only that the pool timed out.
-async fn first_connection(options: &PgConnectOptions) -> Result<(), StoreError> {
+/// One plain connection, not a pool: a pool's timeout would hide why it failed. A wrong
+/// `DATABASE_URL` then says where and why (refused, no such database, a password refused),
+/// naming host:port/database, never the password.
+pub async fn plain_connection(url: &str) -> Result<PgConnection, StoreError> {
+    connect_plainly(&url.parse()?).await
+}
+
+async fn connect_plainly(options: &PgConnectOptions) -> Result<PgConnection, StoreError> {
     const PATIENCE: Duration = Duration::from_secs(10);
     let target = match options.get_socket() {
         Some(socket) => socket.display().to_string(),
@@ -106,21 +111,15 @@ async fn first_connection(options: &PgConnectOptions) -> Result<(), StoreError> 
         "{target}/{}",
         options.get_database().unwrap_or("(default database)")
     );
-    let connected = tokio::time::timeout(PATIENCE, options.connect())
+    tokio::time::timeout(PATIENCE, options.connect())
         .await
         .unwrap_or_else(|_| {
             Err(sqlx::Error::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 format!("no answer within {PATIENCE:?}"),
             )))
-        });
-    match connected {
-        Ok(conn) => {
-            let _ = conn.close().await;
-            Ok(())
-        }
-        Err(source) => Err(StoreError::Unreachable { target, source }),
-    }
+        })
+        .map_err(|source| StoreError::Unreachable { target, source })
 }
 
 /// What may pass, beyond the pool's acquire timeout, between a write's wait starting on the
@@ -465,7 +464,8 @@ impl Store {
             options = options.clone().application_name(&name);
             name
         });
-        first_connection(&options).await?;
+        // The pool would only say that it timed out.
+        let _ = connect_plainly(&options).await?.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             // Short, so an outage is noticed quickly; the health probe does the waiting. Jobs

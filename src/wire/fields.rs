@@ -47,11 +47,24 @@ pub(super) fn fields<T: DeserializeOwned>(map: Map<String, Value>) -> Result<T, 
         let path = e.path().to_string();
         let message = e.into_inner().to_string();
         let why = unquoted(&message);
-        match shown_name(&path) {
-            Some(field) if !message.starts_with("unknown field") => Invalid::field(field, why),
-            _ => Invalid::new("INVALID_FIELD", why),
+        if message.starts_with("unknown field") {
+            Invalid::new("INVALID_FIELD", why)
+        } else {
+            about_field(&path, why)
         }
     })
+}
+
+/// [`Invalid::field`] for a field named by the message itself: the name is shown only if it
+/// reads as one (see [`shown_name`]).
+pub(super) fn about_field(name: &str, why: impl std::fmt::Display) -> Invalid {
+    match shown_name(name) {
+        Some(name) => Invalid::field(name, why),
+        None => Invalid::new(
+            "INVALID_FIELD",
+            format!("a field whose name is not shown {why}"),
+        ),
+    }
 }
 
 /// What serde said, without the value it quoted. Only what is known to be the schema's own

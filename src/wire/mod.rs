@@ -349,14 +349,10 @@ fn decode_body(body: &[u8], message_id: Option<&str>) -> Result<Job, Invalid> {
                 .map(|(k, _)| k.as_str())
         });
     if let Some(field) = with_nul {
-        let why = "contains a NUL character, which cannot be stored";
-        return Err(with_context(match fields::shown_name(field) {
-            Some(field) => Invalid::field(field, why),
-            None => Invalid::new(
-                "INVALID_FIELD",
-                format!("a field whose name is not shown {why}"),
-            ),
-        }));
+        return Err(with_context(fields::about_field(
+            field,
+            "contains a NUL character, which cannot be stored",
+        )));
     }
     let expires_at = match map.remove("expires_at") {
         None | Some(Value::Null) => None,

@@ -194,12 +194,7 @@ async fn a_worker_whose_database_connection_goes_silent_stops_and_the_fleet_fini
 
     let publisher = publishing.await.expect("publishing");
     let other = WorkerProcess::start(&["run"], &env.settings).await;
-    each_final_sent_once_and_answered(&env, &pool, &ids).await;
-    let (status, log) = other.terminate().await;
-    assert!(status.success(), "{log}");
-    publisher.close().await;
-    pool.close().await;
-    env.remove().await;
+    the_last_worker_finishes_every_job((env, pool, publisher), &ids, other).await;
 }
 
 /// The fleet promise with three workers on one queue while one drains (SIGTERM) and another's
@@ -240,8 +235,18 @@ async fn three_workers_one_draining_one_gone_silent_send_each_job_once_and_answe
     assert!(status.success(), "the draining worker exits cleanly: {log}");
 
     let publisher = publishing.await.expect("publishing");
-    each_final_sent_once_and_answered(&env, &pool, &ids).await;
-    let (status, log) = staying.terminate().await;
+    the_last_worker_finishes_every_job((env, pool, publisher), &ids, staying).await;
+}
+
+/// Every job of `ids` final, sent once and answered with `last` running; then `last` must
+/// exit cleanly on SIGTERM, and the fleet's test resources go.
+async fn the_last_worker_finishes_every_job(
+    (env, pool, publisher): (TestEnv, PgPool, SmsClient),
+    ids: &[String],
+    last: WorkerProcess,
+) {
+    each_final_sent_once_and_answered(&env, &pool, ids).await;
+    let (status, log) = last.terminate().await;
     assert!(status.success(), "{log}");
     publisher.close().await;
     pool.close().await;
