@@ -88,9 +88,15 @@ impl Answer {
                 )
             })
         });
+        // Aliyun's codes are names. An empty or numeric `Code` is not one of its answers, so it
+        // is read as no code at all: a send answered that way may have gone through.
+        let code = match body.get("Code") {
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+            _ => None,
+        };
         Self {
             http_status,
-            code: text(body.get("Code")),
+            code,
             message,
             request_id: text(body.get("RequestId"))
                 .or_else(|| text(body.get("Model").and_then(|m| m.get("RequestId")))),

@@ -412,6 +412,28 @@ mod tests {
         }
     }
 
+    /// A 200 whose `Code` is not a name is not Aliyun's answer: a send answered so is `unknown`,
+    /// never `rejected` (which tells the backend the SMS did not go out).
+    #[test]
+    fn an_empty_or_numeric_code_is_no_code() {
+        use crate::aliyun::outcome::{Effect, Verdict, classify};
+        for body in [
+            &br#"{"Code":"","Message":"m"}"#[..],
+            br#"{"Code":"  ","Message":"m"}"#,
+            br#"{"Code":500,"Message":"m"}"#,
+            br#"{"Code":null}"#,
+        ] {
+            let a = Answer::parse(200, body);
+            assert_eq!(a.code, None, "{}", String::from_utf8_lossy(body));
+            assert_eq!(
+                classify(Effect::NotIdempotent, &Ok(a)),
+                Verdict::Unknown,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
     #[test]
     fn nul_bytes_in_an_answer_are_dropped_so_its_outcome_can_be_stored() {
         let a = Answer::parse(

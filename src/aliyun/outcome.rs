@@ -7,7 +7,11 @@
 //! - never repeat a send (or a check) whose answer was lost (timeout, 5xx, nonce reuse): `unknown`;
 //! - per-number flow control is final for the job (`rate_limited`): the code would expire
 //!   before the window reopens;
-//! - credentials, permissions and account state are `failed` (an operator must act);
+//! - credentials, permissions and account state are `failed` (an operator must act), and so
+//!   are the codes that say the worker itself is misconfigured or wrong (an endpoint of the
+//!   other product, a parameter it should have sent): the request the backend made is fine;
+//! - a timestamp refused as expired is re-signed and tried once more; a second is clock skew:
+//!   `failed`, and an operator must fix the clock;
 //! - every other refusal is permanent: `rejected`.
 
 pub use super::answer::codes;
@@ -76,6 +80,26 @@ const ACCOUNT: &[&str] = &[
     "RESOURCE_NOT_ENOUGH",
 ];
 
+/// The worker's deployment or the worker itself is wrong, not the job: an endpoint that serves
+/// the other product, an API version or method it does not take, a parameter the worker should
+/// have sent or formatted otherwise. Every job of the action ends the same way until an
+/// operator acts, so these are `failed` and raise the alarm. (`Missing<Param>` is matched by
+/// prefix: see [`is_deployment`].)
+const DEPLOYMENT: &[&str] = &[
+    "InvalidApi.NotFound",
+    "InvalidVersion",
+    "UnsupportedHTTPMethod",
+    "InvalidTimeStamp.Format",
+];
+
+/// The account's own daily or monthly sending cap, set in Aliyun's console: `rate_limited` for
+/// the job, like per-number flow control, but every send fails until an operator raises it.
+const ACCOUNT_CAP: &[&str] = &["isv.DAY_LIMIT_CONTROL", "isv.MONTH_LIMIT_CONTROL"];
+
+/// The request's timestamp was more than 15 minutes off Aliyun's clock. Once is a request that
+/// waited too long before it left; twice in a row is this machine's clock.
+pub const CLOCK_SKEW: &str = "InvalidTimeStamp.Expired";
+
 /// Aliyun's own failures: the request may or may not have executed.
 const SERVER_ERROR: &[&str] = &[
     "InternalError",
@@ -85,11 +109,7 @@ const SERVER_ERROR: &[&str] = &[
 ];
 
 /// Refused before execution, explicitly temporary.
-const TRANSIENT: &[&str] = &[
-    "ServiceUnavailable",
-    "SENTINEL_BLOCK_EXCEPTION",
-    "InvalidTimeStamp.Expired",
-];
+const TRANSIENT: &[&str] = &["ServiceUnavailable", "SENTINEL_BLOCK_EXCEPTION", CLOCK_SKEW];
 
 /// Codes outside the lists above that are common enough to deserve their own metric label.
 const WELL_KNOWN: &[&str] = &[
@@ -100,8 +120,6 @@ const WELL_KNOWN: &[&str] = &[
     "Throttling.System",
     "SignatureNonceUsed",
     "isv.BUSINESS_LIMIT_CONTROL",
-    "isv.DAY_LIMIT_CONTROL",
-    "isv.MONTH_LIMIT_CONTROL",
     "BUSINESS_LIMIT_CONTROL",
     "biz.FREQUENCY",
     "FREQUENCY_FAIL",
@@ -117,7 +135,6 @@ const WELL_KNOWN: &[&str] = &[
     "isv.BLACK_KEY_CONTROL_LIMIT",
     "isv.DENY_IP_RANGE",
     "MissingPhoneNumber",
-    "InvalidApi.NotFound",
     codes::NOT_CONNECTED,
     codes::TIMEOUT,
     codes::CONNECTION_BROKEN,
@@ -129,11 +146,19 @@ const WELL_KNOWN: &[&str] = &[
 /// The canonical spelling of a code this module knows, for use as a bounded metric label;
 /// `None` for anything else (a new Aliyun code, or garbage from something that is not Aliyun).
 pub fn known_code(code: &str) -> Option<&'static str> {
-    [CREDENTIALS, ACCOUNT, SERVER_ERROR, TRANSIENT, WELL_KNOWN]
-        .into_iter()
-        .flatten()
-        .find(|known| eq(code, known))
-        .copied()
+    [
+        CREDENTIALS,
+        ACCOUNT,
+        DEPLOYMENT,
+        ACCOUNT_CAP,
+        SERVER_ERROR,
+        TRANSIENT,
+        WELL_KNOWN,
+    ]
+    .into_iter()
+    .flatten()
+    .find(|known| eq(code, known))
+    .copied()
 }
 
 /// What a code means, in plain words, for `stats` and the people reading it.
@@ -143,6 +168,13 @@ pub fn meaning(code: &str) -> &'static str {
         // Only a `not_verified` check ends with OK and does not succeed.
         _ if upper == "OK" => "the check worked, but the code typed was wrong, expired or used",
         _ if upper.starts_with("THROTTLING") => "Aliyun API flow control (retried with backoff)",
+        _ if in_list(code, ACCOUNT_CAP) => {
+            "the account's daily or monthly sending cap (Aliyun console) is reached"
+        }
+        _ if eq(code, CLOCK_SKEW) => "this machine's clock is more than 15 minutes off",
+        _ if is_deployment(code) => {
+            "the worker's endpoint or version is wrong for this action, or a worker bug"
+        }
         _ if upper.contains("LIMIT_CONTROL") || upper.contains("FREQUENCY") => {
             "per-number flow control: too many SMS to this number"
         }
@@ -162,8 +194,31 @@ pub fn meaning(code: &str) -> &'static str {
         _ if upper == "RATE_LIMIT_UNAVAILABLE" => {
             "the fleet's rate-limit schedule (Postgres) did not answer; not sent"
         }
-        _ if upper == "WORKER_INTERRUPTED" => "a worker died mid-call; not repeated",
+        _ if upper == "WORKER_INTERRUPTED" => {
+            "a worker stopped mid-call (killed, or its shutdown grace ran out); not repeated"
+        }
+        _ if upper == "ABANDONED" => "its worker stopped before calling Aliyun; not sent",
+        _ if upper == "ALIYUN_CONNECTION_BROKEN" => {
+            "the connection broke before Aliyun's answer was read; the send may have happened"
+        }
+        _ if upper == "ALIYUN_RESPONSE_TOO_LARGE" => {
+            "the answer was too large to be Aliyun's; the send may have happened"
+        }
+        _ if upper == "ALIYUN_BAD_RESPONSE" => {
+            "an answer that is not Aliyun's (no code, or not JSON); the send may have happened"
+        }
+        _ if upper == "COUNTRY_NOT_ALLOWED" => {
+            "the number's country is not in SMS_ALLOWED_COUNTRY_CODES; not sent"
+        }
+        _ if upper == "DAILY_LIMIT" => {
+            "the fleet's daily SMS budget (or one number range's) is spent; not sent"
+        }
+        _ if upper == "CHECK_LIMIT" => "too many checks for this number; not checked",
+        _ if upper == "UNKNOWN_TYPE" => "the job message was malformed (no such job type)",
         _ if upper == "NOT_SENT" => "answer lost, and Aliyun confirmed it never sent it",
+        _ if upper == "NOT_RECONCILED" => {
+            "answer lost, and Aliyun could not say within 30 days whether it sent it"
+        }
         _ if upper == "LOCAL_NUMBER_LIMIT" => "refused by the local per-number limit",
         _ if upper == "EXPIRED" => "deadline passed before sending",
         _ if upper == "INVALID_DATA" => "the database refused a value of the job message",
@@ -200,14 +255,34 @@ pub fn is_account(code: &str) -> bool {
     in_list(code, ACCOUNT)
 }
 
-/// The code to raise an account alarm with, if `code` says the account or its credentials are
-/// in trouble: its canonical spelling, so the alarm's label comes from a closed set. The only
-/// such codes outside the lists are `InvalidSecurityToken.*`, which share one label.
+/// Whether Aliyun says the worker's deployment or the worker itself is wrong (see
+/// [`DEPLOYMENT`]).
+pub fn is_deployment(code: &str) -> bool {
+    in_list(code, DEPLOYMENT) || is_missing_parameter(code)
+}
+
+fn is_missing_parameter(code: &str) -> bool {
+    code.len() > "Missing".len()
+        && code.is_char_boundary("Missing".len())
+        && eq(&code[.."Missing".len()], "Missing")
+}
+
+/// The code to raise an account alarm with, if `code` says the account, its credentials, its
+/// sending cap, the worker's deployment or this machine's clock is in trouble: its canonical
+/// spelling, so the alarm's label comes from a closed set. The only such codes outside the
+/// lists are `InvalidSecurityToken.*` and `Missing<Param>`, which share one label each.
 pub fn account_trouble(code: &str) -> Option<&'static str> {
-    if is_account(code) || in_list(code, CREDENTIALS) {
+    if is_account(code)
+        || in_list(code, CREDENTIALS)
+        || in_list(code, DEPLOYMENT)
+        || in_list(code, ACCOUNT_CAP)
+        || eq(code, CLOCK_SKEW)
+    {
         known_code(code)
     } else if is_credentials(code) {
         Some("InvalidSecurityToken")
+    } else if is_missing_parameter(code) {
+        Some("MissingParameter")
     } else {
         None
     }
@@ -249,7 +324,7 @@ pub fn classify(effect: Effect, result: &Result<Answer, CallError>) -> Verdict {
         maybe_executed
     } else if in_list(code, SERVER_ERROR) {
         maybe_executed
-    } else if is_credentials(code) || is_account(code) {
+    } else if is_credentials(code) || is_account(code) || is_deployment(code) {
         Verdict::Failed
     } else if answer.http_status >= 500 || answer.http_status == 429 {
         maybe_executed
@@ -414,14 +489,101 @@ mod tests {
             (400, "MOBILE_NUMBER_ILLEGAL"),
             (200, "isv.SMS_SIGNATURE_ILLEGAL"),
             (200, "isv.INVALID_PARAMETERS"),
-            (400, "MissingPhoneNumber"),
-            (404, "InvalidApi.NotFound"),
+            (200, "isv.SOMETHING_NEW"),
         ] {
             assert_eq!(
                 classify(NotIdempotent, &answer(status, Some(code))),
                 Rejected,
                 "{code}"
             );
+        }
+    }
+
+    /// The backend's request is fine when Aliyun says the worker's endpoint, version or own
+    /// parameters are wrong: `rejected` would tell it to fix a request it cannot fix.
+    #[test]
+    fn a_wrong_deployment_or_a_worker_bug_fails_and_raises_the_alarm() {
+        for (status, code, label) in [
+            (404, "InvalidApi.NotFound", "InvalidApi.NotFound"),
+            (400, "InvalidVersion", "InvalidVersion"),
+            (400, "UnsupportedHTTPMethod", "UnsupportedHTTPMethod"),
+            (400, "InvalidTimeStamp.Format", "InvalidTimeStamp.Format"),
+            (400, "MissingPhoneNumber", "MissingParameter"),
+            (400, "MissingTemplateCode", "MissingParameter"),
+        ] {
+            assert_eq!(
+                classify(NotIdempotent, &answer(status, Some(code))),
+                Failed,
+                "{code}"
+            );
+            assert_eq!(account_trouble(code), Some(label), "{code}");
+            assert_ne!(meaning(code), meaning("isv.SOMETHING_NEW"), "{code}");
+        }
+        // Not a parameter's name, and not the credentials' code.
+        assert_eq!(account_trouble("Missing"), None);
+        assert_eq!(
+            account_trouble("MissingSecurityToken"),
+            Some("MissingSecurityToken")
+        );
+    }
+
+    /// The account's own cap ends the job like per-number flow control, but only an operator can
+    /// lift it, so it raises the alarm and says what it is.
+    #[test]
+    fn the_accounts_daily_or_monthly_cap_is_rate_limited_and_raises_the_alarm() {
+        for code in ["isv.DAY_LIMIT_CONTROL", "isv.month_limit_control"] {
+            assert_eq!(
+                classify(NotIdempotent, &answer(200, Some(code))),
+                RateLimited
+            );
+            assert!(account_trouble(code).is_some(), "{code}");
+            assert!(meaning(code).contains("account"), "{}", meaning(code));
+        }
+        assert_eq!(account_trouble("isv.BUSINESS_LIMIT_CONTROL"), None);
+        assert!(meaning("isv.BUSINESS_LIMIT_CONTROL").contains("per-number"));
+    }
+
+    #[test]
+    fn an_expired_timestamp_is_retried_and_raises_the_clock_alarm() {
+        assert_eq!(
+            classify(NotIdempotent, &answer(400, Some(CLOCK_SKEW))),
+            Retry
+        );
+        assert_eq!(account_trouble(CLOCK_SKEW), Some(CLOCK_SKEW));
+        assert!(meaning(CLOCK_SKEW).contains("clock"));
+    }
+
+    /// Aliyun's reference has none of the worker's own codes: each says what it is.
+    #[test]
+    fn the_workers_own_codes_have_their_own_meaning() {
+        let aliyuns = meaning("isv.SOMETHING_NEW");
+        for code in [
+            codes::NOT_CONNECTED,
+            codes::TIMEOUT,
+            codes::CONNECTION_BROKEN,
+            codes::RESPONSE_TOO_LARGE,
+            codes::BAD_RESPONSE,
+            codes::NOT_PACED,
+            "WORKER_INTERRUPTED",
+            "ABANDONED",
+            "NOT_SENT",
+            "NOT_RECONCILED",
+            "LOCAL_NUMBER_LIMIT",
+            "COUNTRY_NOT_ALLOWED",
+            "DAILY_LIMIT",
+            "CHECK_LIMIT",
+            "EXPIRED",
+            "INVALID_DATA",
+            "INVALID_JSON",
+            "INVALID_FIELD",
+            "INVALID_PROPERTY",
+            "INVALID_UTF8",
+            "TOO_LARGE",
+            "MISSING_ID",
+            "ID_TOO_LONG",
+            "UNKNOWN_TYPE",
+        ] {
+            assert_ne!(meaning(code), aliyuns, "{code}");
         }
     }
 }

@@ -205,8 +205,8 @@ impl Store {
         .await?)
     }
 
-    /// Not found yet: look again after `delay`, but no later than the end of the grace period
-    /// (when a last lookup decides).
+    /// Not found yet: look again after `delay`, but within the grace period no later than its
+    /// end (when a last lookup decides); past it, after `delay`.
     pub async fn reschedule_reconcile(
         &self,
         job_id: &str,
@@ -214,8 +214,11 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _watched = self.watched("reconciliation");
         sqlx::query(
-            "UPDATE sms_jobs SET next_reconcile_at = LEAST(
-                    now() + make_interval(secs => $2::double precision / 1000), reconcile_until)
+            "UPDATE sms_jobs SET next_reconcile_at = CASE
+                    WHEN reconcile_until > now()
+                    THEN LEAST(now() + make_interval(secs => $2::double precision / 1000),
+                               reconcile_until)
+                    ELSE now() + make_interval(secs => $2::double precision / 1000) END
              WHERE id = $1 AND status = 'unknown'",
         )
         .bind(job_id)
@@ -258,6 +261,24 @@ impl Store {
         }
         tx.commit().await?;
         Ok(row)
+    }
+
+    /// No lookup could decide while Aliyun kept the send's details: it stays `unknown`, now for
+    /// good, and its second result says so.
+    pub async fn reconcile_given_up(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
+        let _watched = self.watched("reconciliation");
+        Ok(sqlx::query_as::<_, JobRow>(concat!(
+            "UPDATE sms_jobs SET code = 'NOT_RECONCILED',
+                    message = 'the answer was lost, and QuerySendDetails could not tell while Aliyun kept the send''s details (30 days): whether it was sent will not be known',
+                    updated_at = now(), finished_at = now(),
+                    reconcile_until = NULL, next_reconcile_at = NULL, result_published_at = NULL
+             WHERE id = $1 AND status = 'unknown'
+             RETURNING ",
+            job_columns!()
+        ))
+        .bind(job_id)
+        .fetch_optional(self.pool())
+        .await?)
     }
 
     /// Not found at Aliyun within the grace period: it was never sent.

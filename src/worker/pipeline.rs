@@ -20,7 +20,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::admin::Metrics;
-use crate::aliyun::outcome::codes;
+use crate::aliyun::outcome::{self, codes};
 use crate::aliyun::{AliyunClient, Answer, CallError, Effect, Product, Verdict, classify};
 use crate::broker::{self, Broker, BrokerError, Routed};
 use crate::config::{Config, RetryPolicy};
@@ -673,6 +673,7 @@ impl Pipeline {
         let mut delays = backoff(policy);
         let mut attempt = 0u32;
         let mut stamped = false;
+        let mut skewed = false;
         let (verdict, answer, last_attempt) = loop {
             attempt += 1;
             let started_at = Utc::now();
@@ -737,7 +738,16 @@ impl Pipeline {
                     }
                 }
             };
-            let verdict = classify(Effect::NotIdempotent, &result);
+            let verdict = match classify(Effect::NotIdempotent, &result) {
+                // One re-signed retry: a second expired timestamp is this machine's clock, and
+                // every retry would meet it again.
+                Verdict::Retry
+                    if is_clock_skew(&result) && std::mem::replace(&mut skewed, true) =>
+                {
+                    Verdict::Failed
+                }
+                verdict => verdict,
+            };
             self.metrics.aliyun_call(plan.action, verdict.as_str());
             let (code, message) = describe(&result);
             let answer = result.as_ref().ok();
@@ -963,6 +973,14 @@ fn full_jitter(d: Duration) -> Duration {
     rand::rng().random_range(Duration::ZERO..=d)
 }
 
+fn is_clock_skew(result: &Result<Answer, CallError>) -> bool {
+    result.as_ref().is_ok_and(|a| {
+        a.code
+            .as_deref()
+            .is_some_and(|c| c.eq_ignore_ascii_case(outcome::CLOCK_SKEW))
+    })
+}
+
 /// The code and message recorded for an attempt.
 fn describe(result: &Result<Answer, CallError>) -> (String, String) {
     match result {
@@ -982,21 +1000,35 @@ fn final_outcome(
     result: &Result<Answer, CallError>,
     attempts: u32,
 ) -> Outcome {
-    let (code, mut message) = describe(result);
+    let (mut code, mut message) = describe(result);
     let answer = result.as_ref().ok();
     let status = match verdict {
-        // `Code: OK` on a check only means the call worked; the verdict is VerifyResult.
+        // `Code: OK` on a check only means the call worked; the verdict is VerifyResult. Any
+        // other answer says nothing of the code typed, and the call may have consumed it.
         Verdict::Success if job.job_type() == JobType::CheckVerifyCode => {
-            if answer.and_then(Answer::verify_result).as_deref() == Some("PASS") {
-                Status::Verified
-            } else {
-                Status::NotVerified
+            match answer.and_then(Answer::verify_result) {
+                Some(r) if r.eq_ignore_ascii_case("PASS") => Status::Verified,
+                Some(r) if r.eq_ignore_ascii_case("UNKNOWN") => Status::NotVerified,
+                _ => {
+                    code = codes::BAD_RESPONSE.to_owned();
+                    message = "Aliyun answered OK without a VerifyResult of PASS or UNKNOWN (the \
+                               check may have consumed the code; it is not repeated)"
+                        .to_owned();
+                    Status::Unknown
+                }
             }
         }
         Verdict::Success => Status::Sent,
         Verdict::RateLimited => Status::RateLimited,
         Verdict::Rejected => Status::Rejected,
-        Verdict::Failed => Status::Failed,
+        Verdict::Failed => {
+            if code.eq_ignore_ascii_case(outcome::CLOCK_SKEW) {
+                message = format!(
+                    "{message} (twice in a row: this machine's clock is more than 15 minutes off)"
+                );
+            }
+            Status::Failed
+        }
         Verdict::Unknown => {
             message = format!(
                 "{message} (the request may have reached Aliyun; it is not repeated blindly)"

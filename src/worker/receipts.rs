@@ -5,7 +5,10 @@
 //!   failed), less and less often while it is still waiting, so no number is hammered.
 //! - An `unknown` send (its answer was lost) is looked up by OutId: found, it becomes `sent`
 //!   and the backend gets a second result; not found within the grace period, it was never
-//!   sent and ends `failed` (`NOT_SENT`). Nothing is resent.
+//!   sent and ends `failed` (`NOT_SENT`). A lookup that cannot decide (refused, unanswered, or
+//!   more sends that day than it reads) is asked again, less and less often; if none could
+//!   decide while Aliyun kept the day's details (30 days), the job stays `unknown` with the code
+//!   `NOT_RECONCILED` and a second result says so. Nothing is resent.
 //!
 //! Calls are paced to `RECEIPTS_MAX_QPS` across the fleet (the client's schedule, with a lower
 //! limit for QuerySendDetails), since QuerySendDetails shares Aliyun's per-account budget with
@@ -36,6 +39,19 @@ const QUERY_SEND_DETAILS: &str = "QuerySendDetails";
 const PAGE_SIZE: usize = 50;
 /// Pages looked through for one OutId (a number rarely gets more than a few sends a day).
 const MAX_PAGES: usize = 4;
+
+/// When to look an unknown send up again after a lookup that decided nothing: every poll
+/// interval within the grace period; past it (QuerySendDetails refused or did not answer when
+/// the last lookup was to decide), as long again as it has been overdue, up to an hour. A send
+/// whose lookups keep failing (a RAM policy without `dysms:QuerySendDetails`) then costs a few
+/// calls a day instead of one a round, and does not keep newer ones from their turn.
+fn reconcile_delay(row: &ReconcileRow, poll: Duration) -> Duration {
+    const LONGEST: Duration = Duration::from_secs(3600);
+    let overdue = (Utc::now() - row.reconcile_until)
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    overdue.clamp(poll, LONGEST.max(poll))
+}
 
 /// One entry of QuerySendDetails' `SmsSendDetailDTOs.SmsSendDetailDTO`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,7 +248,9 @@ impl Receipts {
                 return Ok(found);
             }
         }
-        Ok(None)
+        // More sends that day than were looked through: not finding it proves nothing, and
+        // "never sent" would invite a second paid SMS.
+        Err(())
     }
 
     async fn check(&mut self, row: DeliveryRow) -> Result<(), RoundError> {
@@ -310,6 +328,12 @@ impl Receipts {
         // The send happened on the day the job was created, China time, or just after midnight.
         let first = row.created_at.with_timezone(&china_time()).date_naive();
         let today = Utc::now().with_timezone(&china_time()).date_naive();
+        if (today - first).num_days() > DETAILS_KEPT_DAYS {
+            // Aliyun keeps no details that old: an empty answer now would read as "never sent".
+            tracing::warn!(job_id = %row.id, "unknown send not reconciled: QuerySendDetails did not answer while Aliyun kept its details");
+            let ended = self.store.reconcile_given_up(&row.id).await?;
+            return self.publish_second_result(&row.id, ended).await;
+        }
         let mut dates = vec![first];
         if today > first {
             dates.push(first.succ_opt().unwrap_or(first));
@@ -339,11 +363,22 @@ impl Receipts {
             }
             None => {
                 self.store
-                    .reschedule_reconcile(&row.id, self.config.receipts.poll_interval)
+                    .reschedule_reconcile(
+                        &row.id,
+                        reconcile_delay(&row, self.config.receipts.poll_interval),
+                    )
                     .await?;
                 None
             }
         };
+        self.publish_second_result(&row.id, ended).await
+    }
+
+    async fn publish_second_result(
+        &mut self,
+        id: &str,
+        ended: Option<crate::store::JobRow>,
+    ) -> Result<(), RoundError> {
         if let Some(job) = ended {
             // The backend already had `unknown`; this second result tells it what happened. It
             // is in the outbox until confirmed, so a broker away now only delays it.
@@ -352,7 +387,7 @@ impl Receipts {
             if let Some(broker) = broker
                 && let Err(e) = publish_result(&self.store, &broker, &result, &job.route()).await
             {
-                tracing::warn!(job_id = %row.id, error = %e, "reconciled result not published yet; the outbox will");
+                tracing::warn!(job_id = %id, error = %e, "reconciled result not published yet; the outbox will");
             }
         }
         Ok(())

@@ -267,6 +267,75 @@ async fn an_account_error_raises_the_gauge_and_the_readiness_detail_until_a_call
     app.shutdown().await;
 }
 
+/// What only an operator can fix raises the same alarm as an empty balance: an expired
+/// timestamp twice in a row (this machine's clock; one re-signed retry, then `failed`), the
+/// account's own daily cap (the job is `rate_limited`, but every send will be), and an endpoint
+/// that serves the other product (`failed`: the backend's request was fine, so not `rejected`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_clock_the_accounts_cap_or_a_wrong_endpoint_raises_the_account_alarm() {
+    let admin = free_addr();
+    let admin_setting = admin.clone();
+    let app = TestApp::spawn_with(|s| {
+        s.insert(config::ADMIN_ADDR.into(), admin_setting);
+    })
+    .await;
+    let refused = |code: &str, http_status: u16, action: &str| {
+        FaultRule::every(Fault::Error {
+            code: code.into(),
+            message: "from the fake".into(),
+            http_status,
+        })
+        .on_action(action)
+    };
+
+    let skewed = send_job(&unique_id("clock"));
+    let skewed_id = skewed["id"].as_str().unwrap_or_default().to_owned();
+    app.fake
+        .push_fault(refused("InvalidTimeStamp.Expired", 400, "SendSmsVerifyCode").times(5));
+    app.publish(&skewed).await;
+    let (result, _) = app.next_result().await;
+    assert_eq!(result.status, Status::Failed, "{result:?}");
+    assert_eq!(
+        result.attempts, 2,
+        "one re-signed retry, not five: {result:?}"
+    );
+    assert!(result.message.contains("clock"), "{result:?}");
+    assert_eq!(app.fake.calls_for(&skewed_id), 2);
+    app.fake.clear_faults();
+
+    let capped = crate::dysmsapi::sms_job(&unique_id("cap"), &[crate::helpers::unique_phone()]);
+    app.fake
+        .push_fault(refused("isv.DAY_LIMIT_CONTROL", 200, "SendSms").times(1));
+    app.publish(&capped).await;
+    let (result, _) = app.next_result().await;
+    assert_eq!(result.status, Status::RateLimited, "{result:?}");
+
+    let misrouted = send_job(&unique_id("endpoint"));
+    app.fake
+        .push_fault(refused("InvalidApi.NotFound", 404, "SendSmsVerifyCode").times(1));
+    app.publish(&misrouted).await;
+    let (result, _) = app.next_result().await;
+    assert_eq!(result.status, Status::Failed, "{result:?}");
+
+    let (_, text) = admin_get(&admin, "/metrics").await;
+    let exp = prometheus_text::parse(&text);
+    for (product, action, code) in [
+        ("dypnsapi", "SendSmsVerifyCode", "InvalidApi.NotFound"),
+        ("dysmsapi", "SendSms", "isv.DAY_LIMIT_CONTROL"),
+    ] {
+        let labels = [("product", product), ("action", action), ("code", code)];
+        assert_eq!(
+            exp.value("sms_worker_aliyun_account_error", &labels),
+            Some(1.0),
+            "{code}: {text}"
+        );
+    }
+    let (_, readyz) = admin_get(&admin, "/readyz").await;
+    assert!(readyz.contains("isv.DAY_LIMIT_CONTROL"), "{readyz}");
+    assert!(readyz.contains("sending cap"), "{readyz}");
+    app.shutdown().await;
+}
+
 /// The leader measures what the fleet left behind: a `sending` claim an hour old (its owner
 /// alive, its lease running, so no sweep ends it) shows in `sms_fleet_oldest_sending_seconds`,
 /// and the dead-letter queue's depth is there too.

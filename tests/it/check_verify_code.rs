@@ -127,6 +127,28 @@ async fn checks_are_validated_without_echoing_the_code() {
     app.shutdown().await;
 }
 
+/// `Code: OK` only says the call worked. Without a `VerifyResult` of PASS or UNKNOWN nobody knows
+/// whether the code typed was right, and the call may have consumed it: telling the user it was
+/// wrong would be a guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_answered_ok_without_a_verify_result_is_unknown_not_wrong() {
+    let app = TestApp::spawn().await;
+    let job = check_job(&json!("13900001112"), "1234");
+    let id = job["id"].as_str().unwrap_or_default().to_owned();
+    app.fake.push_fault(
+        FaultRule::every(Fault::error("OK", "OK"))
+            .on_action("CheckSmsVerifyCode")
+            .times(1),
+    );
+    let result = app.request(&job).await;
+    assert_eq!(result.status, Status::Unknown, "{result:?}");
+    assert_eq!(result.code, "ALIYUN_BAD_RESPONSE", "{result:?}");
+    assert!(result.message.contains("VerifyResult"), "{result:?}");
+    assert_eq!(app.job_row(&id).await["status"], "unknown");
+    assert_eq!(app.fake.calls_for(&id), 1, "not repeated");
+    app.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_check_is_rejected() {
     let app = TestApp::spawn().await;

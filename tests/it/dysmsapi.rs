@@ -6,7 +6,7 @@ use aliyun_sms_worker::fake_aliyun::{Fault, FaultRule};
 use aliyun_sms_worker::wire::Status;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, unique_id, unique_phone};
+use crate::helpers::{TestApp, eventually, unique_id, unique_phone};
 
 pub(crate) fn sms_job(id: &str, phones: &[String]) -> Value {
     json!({
@@ -233,6 +233,127 @@ async fn an_unknown_send_that_aliyun_never_got_ends_failed_after_the_grace_perio
     assert_eq!(second.code, "NOT_SENT");
     assert_eq!(app.fake.sends_for(&id), 0);
     assert_eq!(app.job_row(&id).await["status"], "failed");
+    app.shutdown().await;
+}
+
+fn lookups_refused(phone: &str) -> FaultRule {
+    FaultRule::every(Fault::Error {
+        code: "Forbidden.RAM".into(),
+        message: "RAM permission denied".into(),
+        http_status: 403,
+    })
+    .on_action("QuerySendDetails")
+    .on_phone(phone.to_owned())
+}
+
+/// A lost send whose lookups keep failing past the grace period (a RAM policy that allows
+/// `dysms:SendSms` but not QuerySendDetails) is asked less and less often. Asked every round,
+/// forever, such rows also sort first for every round's batch and keep newer unknown sends
+/// from their turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_send_whose_lookups_keep_failing_is_asked_less_and_less_often() {
+    let app = TestApp::spawn_with(|s| {
+        s.insert(config::HTTP_REQUEST_TIMEOUT_MS.into(), "400".into());
+        s.insert(config::RECONCILE_GRACE_MS.into(), "300".into());
+        s.insert(config::RECEIPTS_POLL_INTERVAL_MS.into(), "100".into());
+    })
+    .await;
+    let id = unique_id("lost-unasked");
+    let numbers = phones(1);
+    let phone = numbers[0].clone();
+    app.fake.push_fault(
+        FaultRule::every(Fault::Hang)
+            .on_action("SendSms")
+            .on_phone(phone.clone())
+            .times(1),
+    );
+    app.fake.push_fault(lookups_refused(&phone));
+    app.publish(&sms_job(&id, &numbers)).await;
+    assert_eq!(app.next_result().await.0.status, Status::Unknown);
+    let grace_over: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT reconcile_until FROM sms_jobs WHERE id = $1")
+            .bind(&id)
+            .fetch_one(&app.pool)
+            .await
+            .expect("the unknown send is being reconciled");
+
+    let after_grace = eventually("five lookups after the grace period", || async {
+        let at: Vec<_> = app
+            .fake
+            .requests()
+            .into_iter()
+            .filter(|r| r.action == "QuerySendDetails" && r.phone.as_deref() == Some(&phone))
+            .map(|r| r.at)
+            .filter(|at| *at > grace_over)
+            .collect();
+        (at.len() >= 5).then_some(at)
+    })
+    .await;
+    // Each wait is as long as the lookups have been overdue: 0.1, 0.1, 0.2, then 0.4 s. Asked
+    // every round (0.1 s), the last gap is a tenth of a second.
+    let last_gap = after_grace[4] - after_grace[3];
+    assert!(
+        last_gap >= chrono::Duration::milliseconds(300),
+        "the fifth lookup after the grace period came {last_gap} after the fourth: {after_grace:?}"
+    );
+    assert_eq!(app.fake.sends_for(&id), 0);
+    app.shutdown().await;
+}
+
+/// Aliyun keeps a day's send details for 30 days. A lost send that no lookup could decide in
+/// that time must not then be read as "never sent" from the empty answer about a day Aliyun
+/// has forgotten: that invites a second paid SMS. It stays `unknown`, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_send_older_than_aliyuns_details_is_never_called_never_sent() {
+    let app = TestApp::spawn_with(|s| {
+        s.insert(config::HTTP_REQUEST_TIMEOUT_MS.into(), "400".into());
+        s.insert(config::RECONCILE_GRACE_MS.into(), "60000".into());
+        s.insert(config::RECEIPTS_POLL_INTERVAL_MS.into(), "100".into());
+    })
+    .await;
+    let id = unique_id("lost-forgotten");
+    let numbers = phones(1);
+    let phone = numbers[0].clone();
+    app.fake.push_fault(
+        FaultRule::every(Fault::HangAfterSend)
+            .on_action("SendSms")
+            .on_phone(phone.clone())
+            .times(1),
+    );
+    app.fake.push_fault(lookups_refused(&phone));
+    app.publish(&sms_job(&id, &numbers)).await;
+    assert_eq!(app.next_result().await.0.status, Status::Unknown);
+    // Thirty-two days of refused lookups, then QuerySendDetails answers again. Aged between
+    // two rounds: a round that has claimed the row (its next lookup pushed a lease away) would
+    // still look it up by the day it was really sent.
+    eventually("the unknown send aged between two lookups", || async {
+        sqlx::query_scalar::<_, String>(
+            "UPDATE sms_jobs SET created_at = now() - interval '32 days',
+                    reconcile_until = now() - interval '1 day', next_reconcile_at = now()
+             WHERE id = $1 AND next_reconcile_at < now() + interval '30 seconds'
+             RETURNING id",
+        )
+        .bind(&id)
+        .fetch_optional(&app.pool)
+        .await
+        .expect("age the unknown send")
+    })
+    .await;
+    app.fake.clear_faults();
+
+    let second = app.next_result().await.0;
+    assert_eq!(second.id.as_deref(), Some(id.as_str()));
+    assert_eq!(second.status, Status::Unknown, "{second:?}");
+    assert_eq!(second.code, "NOT_RECONCILED", "{second:?}");
+    assert!(second.message.contains("30 days"), "{}", second.message);
+    let row = app.job_row(&id).await;
+    assert_eq!(row["status"], "unknown");
+    assert_eq!(row["code"], "NOT_RECONCILED");
+    assert_eq!(
+        app.fake.sends_for(&id),
+        1,
+        "the send went out and is not repeated"
+    );
     app.shutdown().await;
 }
 
