@@ -29,7 +29,7 @@ pub fn init(format: LogFormat, quiet: bool) {
     let filter = filter(quiet);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         // Colours only for a person at a terminal: in a file, a pipe or a container's log
         // they are escape codes a shipper or `grep` trips over.
         .with_ansi(std::io::stderr().is_terminal());
@@ -38,6 +38,31 @@ pub fn init(format: LogFormat, quiet: bool) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
+}
+
+/// stderr that drops what it cannot write. A log reader that went away (a shipper restarted, a
+/// `| grep -m1` that found its line) must not stop the worker: tracing-subscriber reports a
+/// failed write with `eprintln!`, which panics on a closed stderr — in whichever task logged,
+/// the one that turns SIGTERM into a drain included.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Writes a line to stderr, dropping it if stderr is gone (see [`LossyStderr`]); for what the
+/// CLI says outside the log (a banner, a last error).
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(LossyStderr, "{line}");
 }
 
 /// An error and its causes on one line, each said once: a wrapper that ends its own text with

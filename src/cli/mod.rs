@@ -310,7 +310,7 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            telemetry::say(&format!("error: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -318,7 +318,7 @@ pub fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) if output::closed(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", telemetry::error_chain(e.as_ref()));
+            telemetry::say(&format!("error: {}", telemetry::error_chain(e.as_ref())));
             ExitCode::FAILURE
         }
     }
@@ -554,7 +554,7 @@ async fn jobs(command: JobsCommand) -> anyhow::Result<ExitCode> {
         }
         JobsCommand::Show { id, json } => match job_named(&store, &id).await? {
             Err(message) => {
-                eprintln!("{message}");
+                telemetry::say(&message);
                 Ok(ExitCode::from(2))
             }
             Ok(detail) => Ok(show_detail(detail, json)?),
@@ -614,11 +614,11 @@ async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             "SANDBOX MODE: no real SMS is sent. Aliyun is played by the in-process fake at {} with generated credentials.",
             fake.endpoint()
         );
-        eprintln!(
+        telemetry::say(&format!(
             "\n{}\n{banner}\n{}\n",
             "=".repeat(banner.len().min(100)),
             "=".repeat(banner.len().min(100))
-        );
+        ));
         tracing::warn!(fake_aliyun = %fake.endpoint(), "sandbox mode: no real SMS is sent");
         (config, Some(fake))
     } else {

@@ -47,6 +47,7 @@ pub async fn run_to_end<'a>(
 pub struct WorkerProcess {
     child: Child,
     lines: mpsc::UnboundedReceiver<String>,
+    reader: tokio::task::JoinHandle<()>,
     /// Every stderr line read so far.
     pub log: Vec<String>,
 }
@@ -62,7 +63,7 @@ impl WorkerProcess {
             .expect("start the worker binary");
         let stderr = child.stderr.take().expect("stderr piped");
         let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut reader = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = reader.next_line().await {
                 if tx.send(line).is_err() {
@@ -73,6 +74,7 @@ impl WorkerProcess {
         let mut process = Self {
             child,
             lines,
+            reader,
             log: Vec::new(),
         };
         assert!(
@@ -96,6 +98,13 @@ impl WorkerProcess {
             false
         };
         tokio::time::timeout(PATIENCE, scan).await.unwrap_or(false)
+    }
+
+    /// Closes the read end of the worker's stderr, as a log shipper that went away does: its
+    /// next log line meets a broken pipe.
+    pub async fn stop_reading_log(&mut self) {
+        self.reader.abort();
+        let _ = (&mut self.reader).await;
     }
 
     pub fn pid(&self) -> u32 {

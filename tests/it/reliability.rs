@@ -121,6 +121,45 @@ async fn sigterm_under_load_exits_cleanly_and_loses_or_doubles_nothing() {
     app.shutdown().await;
 }
 
+/// A log reader that goes away (a shipper restarted, `run 2>&1 | grep -m1 …`) must stop neither
+/// the jobs nor the drain. tracing-subscriber reports a failed write with `eprintln!`, which
+/// panics on a closed stderr: the worker exited 101 at its next line, or — when the panic was in
+/// the task that turns SIGTERM into a drain — ran on deaf to SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_log_pipe_neither_stops_the_worker_nor_deafens_it_to_sigterm() {
+    let env = TestEnv::new(|_| {}).await;
+    let jobs: Vec<Value> = (0..5)
+        .map(|i| send_job(&unique_id(&format!("nolog{i}"))))
+        .collect();
+    let ids: HashSet<String> = jobs
+        .iter()
+        .map(|j| j["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let mut worker = WorkerProcess::start(&["run"], &env.settings).await;
+    worker.stop_reading_log().await;
+    publish_all(&env.settings, &jobs).await;
+    tokio::time::timeout(
+        PATIENCE,
+        env.fake.wait_for(|r| {
+            r.iter()
+                .filter(|r| r.executed && r.out_id.as_ref().is_some_and(|o| ids.contains(o)))
+                .count()
+                == ids.len()
+        }),
+    )
+    .await
+    .expect("every job reached Aliyun with nobody reading the log");
+
+    let (status, _) = worker.terminate().await;
+    assert!(status.success(), "exit 0 on SIGTERM: {status:?}");
+    let app = TestApp::start(env).await;
+    for id in &ids {
+        assert_eq!(app.job_row(id).await["status"], "sent", "{id}");
+        assert_eq!(app.fake.sends_for(id), 1, "{id}");
+    }
+    app.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_jobs_make_no_aliyun_call() {
     let app = TestApp::spawn().await;
