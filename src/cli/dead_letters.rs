@@ -344,14 +344,7 @@ pub fn describe(d: &Delivery) -> DeadLetter {
         .and_then(|v| v.get("id"))
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let (preview, body) = match parsed {
-        Some(v) => (truncate(&masked_json(&v).to_string()), without_codes(v)),
-        None => {
-            let text = String::from_utf8_lossy(&d.data);
-            let masked = mask_digit_runs(&text);
-            (truncate(&masked), Value::String(masked))
-        }
-    };
+    let (preview, body) = shown_body(parsed, &d.data);
     DeadLetter {
         message_id: p.message_id().as_ref().map(|s| s.as_str().to_owned()),
         job_id,
@@ -370,6 +363,94 @@ pub fn describe(d: &Delivery) -> DeadLetter {
         preview,
         body,
     }
+}
+
+/// What `list` shows of a body (the table's preview, and `--json`'s body): codes hidden and, in
+/// the preview, numbers masked — from the JSON when it parses, else from the text.
+fn shown_body(parsed: Option<Value>, data: &[u8]) -> (String, Value) {
+    match parsed {
+        Some(v) => (truncate(&masked_json(&v).to_string()), without_codes(v)),
+        None => {
+            let text = hide_code_values(&String::from_utf8_lossy(data));
+            let masked = mask_digit_runs(&text);
+            (truncate(&masked), Value::String(masked))
+        }
+    }
+}
+
+/// Hides the value after every code-like key (see [`is_code_key`]) in text that is not JSON: a
+/// body cut short or missing a brace, a key written unquoted or in single quotes, a form.
+/// `"verify_code":"778899"` becomes `"verify_code":"***"`; the placeholder `##code##` stays.
+fn hide_code_values(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let len = chars.len();
+    let is_key_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    let ends_bare_value = |c: char| matches!(c, ',' | '}' | ']' | '&' | ';') || c.is_whitespace();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < len {
+        if !is_key_char(chars[i]) {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < len && is_key_char(chars[i]) {
+            i += 1;
+        }
+        out.extend(&chars[start..i]);
+        let key: String = chars[start..i].iter().collect();
+        if !is_code_key(&key) {
+            continue;
+        }
+        // The key's closing quote, then `:` or `=`, with spaces around.
+        let mut j = i;
+        if j < len && matches!(chars[j], '"' | '\'') {
+            j += 1;
+        }
+        while j < len && chars[j].is_whitespace() {
+            j += 1;
+        }
+        if j >= len || !matches!(chars[j], ':' | '=') {
+            continue;
+        }
+        j += 1;
+        while j < len && chars[j].is_whitespace() {
+            j += 1;
+        }
+        out.extend(&chars[i..j]);
+        i = j;
+        match chars.get(j) {
+            Some(&quote) if quote == '"' || quote == '\'' => {
+                let mut k = j + 1;
+                while k < len && chars[k] != quote {
+                    k += if chars[k] == '\\' { 2 } else { 1 };
+                }
+                let end = k.min(len);
+                let value: String = chars[j + 1..end].iter().collect();
+                if value == crate::wire::CODE_PLACEHOLDER {
+                    out.extend(&chars[j..(end + 1).min(len)]);
+                } else {
+                    out.push(quote);
+                    out.push_str("***");
+                    if end < len {
+                        out.push(quote);
+                    }
+                }
+                i = (end + 1).min(len);
+            }
+            Some(_) => {
+                let mut k = j;
+                while k < len && !ends_bare_value(chars[k]) {
+                    k += 1;
+                }
+                out.push_str("***");
+                i = k;
+            }
+            None => {}
+        }
+    }
+    out
 }
 
 fn truncate(s: &str) -> String {
@@ -610,6 +691,45 @@ mod tests {
             mask_digit_runs("call 138 0013 8001 - or 5"),
             "call 138****8001 - or 5"
         );
+    }
+
+    /// A body that is not JSON (a brace missing, keys unquoted, a form) still holds codes.
+    #[test]
+    fn codes_are_hidden_in_a_body_that_is_not_json() {
+        for (body, kept) in [
+            (
+                r#"{"id":"bad-1","type":"check_verify_code","phone_number":"13800138000","verify_code":"778899""#,
+                vec!["bad-1", "check_verify_code", "138****8000"],
+            ),
+            (
+                r#"{"id":"bad-2", verify_code: 778899, 'otp' : '778899', "template_code":"SMS_1"}"#,
+                vec!["bad-2", "SMS_1"],
+            ),
+            (
+                "phone_number=13800138000&verifyCode=778899&sign_name=x",
+                vec!["sign_name=x"],
+            ),
+            (
+                r###"{"template_param":{"code":"##code##"},"code":"7788\"99"###,
+                vec!["##code##"],
+            ),
+        ] {
+            let (preview, shown) = shown_body(serde_json::from_str(body).ok(), body.as_bytes());
+            for text in [preview, shown.to_string()] {
+                for secret in ["778899", "7788", "13800138000"] {
+                    assert!(!text.contains(secret), "{secret} in {text}");
+                }
+            }
+            let (preview, _) = shown_body(None, body.as_bytes());
+            for k in kept {
+                assert!(preview.contains(k), "{k} not in {preview}");
+            }
+        }
+        assert_eq!(
+            hide_code_values(r#""verify_code": "12"#),
+            r#""verify_code": "***"#
+        );
+        assert_eq!(hide_code_values("code="), "code=");
     }
 
     /// A backend that misspells the field still typed a code into it.
