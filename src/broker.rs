@@ -28,6 +28,14 @@ pub enum BrokerError {
     Nacked,
     #[error(transparent)]
     Connect(#[from] ConnectError),
+    /// The jobs queue exists with other arguments than this worker declares it with: RabbitMQ
+    /// will not let it consume until they match, and no reconnect changes that.
+    #[error(
+        "the jobs queue {queue:?} exists with other settings than this worker's \
+         (SMS_JOBS_QUEUE_TYPE, SMS_JOBS_DELIVERY_LIMIT, SMS_DEAD_LETTER_EXCHANGE): {detail}; \
+         make them match the queue's, or delete the queue for the worker to declare it again"
+    )]
+    QueueSettings { queue: String, detail: String },
 }
 
 /// Whether a confirmed publish reached a queue.
@@ -162,8 +170,7 @@ impl Broker {
             FieldTable::default(),
         )
         .await?;
-        ch.queue_declare(short(&q.jobs), durable, jobs_queue_arguments(q))
-            .await?;
+        declare_jobs_queue(ch, q).await?;
         ch.queue_declare(short(&q.results), durable, FieldTable::default())
             .await?;
         if let Some(receipts) = &q.receipts {
@@ -306,6 +313,29 @@ pub const CLOSE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5
 /// exiting closes the socket, with the same effect for RabbitMQ.
 pub async fn close_connection(connection: &Connection, reason: &str) {
     let _ = tokio::time::timeout(CLOSE_PATIENCE, connection.close(200, short(reason))).await;
+}
+
+/// Declares the jobs queue as every worker of the fleet does. On a queue that exists with the
+/// same arguments this changes nothing; with others RabbitMQ refuses (`PRECONDITION_FAILED`,
+/// which closes `channel`), reported as [`BrokerError::QueueSettings`].
+pub async fn declare_jobs_queue(channel: &Channel, q: &QueueConfig) -> Result<(), BrokerError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    match channel
+        .queue_declare(short(&q.jobs), durable, jobs_queue_arguments(q))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("PRECONDITION_FAILED") => {
+            Err(BrokerError::QueueSettings {
+                queue: q.jobs.clone(),
+                detail: e.to_string(),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn jobs_queue_arguments(q: &QueueConfig) -> FieldTable {

@@ -140,10 +140,26 @@ async fn rabbitmq(config: &Config) -> Check {
             declared
         }
         .await;
+        // The queue is there: declared as `run` declares it, it changes nothing unless its
+        // arguments differ, and then `run` would never consume from it.
+        let settings = match &declared {
+            Ok(_) => match connection.create_channel().await {
+                Ok(channel) => {
+                    let same = crate::broker::declare_jobs_queue(&channel, &config.queues).await;
+                    if same.is_ok() {
+                        let _ = channel.close(200, ShortString::from("checked")).await;
+                    }
+                    same.map_err(|e| e.to_string())
+                }
+                Err(e) => Err(format!("checking the jobs queue's settings failed: {e}")),
+            },
+            Err(_) => Ok(()),
+        };
         let _ = connection.close(200, ShortString::from("checked")).await;
+        settings.map_err(|e| format!("connected to {host}, but {e}"))?;
         match declared {
             Ok(q) => Ok(format!(
-                "connected to {host}; jobs queue {queue:?} exists ({} ready, {} consumers)",
+                "connected to {host}; jobs queue {queue:?} exists with this worker's settings ({} ready, {} consumers)",
                 q.message_count(),
                 q.consumer_count()
             )),

@@ -244,7 +244,12 @@ pub async fn run(
                 Ok(pair) => pair,
                 Err(e) => {
                     let wait = reconnect.next().unwrap_or(Duration::from_secs(10));
-                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "RabbitMQ unavailable");
+                    if matches!(e, crate::broker::BrokerError::QueueSettings { .. }) {
+                        // Not an outage: a setting to fix, said as such every time it is tried.
+                        tracing::error!(error = %e, retry_in_ms = wait.as_millis() as u64, "not consuming: the jobs queue's settings differ from this worker's");
+                    } else {
+                        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "RabbitMQ unavailable");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue 'connect,
                         _ = shutdown.changed() => break 'connect,

@@ -208,3 +208,73 @@ async fn check_config_reports_each_dependency_in_plain_words() {
     }
     app.shutdown().await;
 }
+
+/// A jobs queue declared earlier with other arguments (a classic queue, another delivery limit)
+/// is one `run` can never consume from: RabbitMQ refuses its declare. check-config said `ok`,
+/// and `run` retried for ever saying "RabbitMQ unavailable" while RabbitMQ was fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_queue_with_other_settings_fails_the_check_and_run_says_which() {
+    use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{FieldTable, ShortString};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let env = TestEnv::new(|_| {}).await;
+    let settings = env.settings.clone();
+    let queue = settings[config::SMS_JOBS_QUEUE].clone();
+    let (connection, channel) = crate::helpers::test_link().await;
+    channel
+        .queue_declare(
+            ShortString::from(queue.as_str()),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("a classic jobs queue, declared before the worker");
+
+    let run = check_config(&settings).await;
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    let line = run.line("rabbitmq");
+    assert!(line.starts_with("FAIL "), "{line}");
+    assert!(
+        line.contains("other settings") && line.contains("SMS_JOBS_QUEUE_TYPE"),
+        "{line}"
+    );
+
+    let mut worker =
+        crate::process::command(settings.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .arg("run")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the worker");
+    let stderr = worker.stderr.take().expect("stderr piped");
+    let said = tokio::time::timeout(crate::helpers::PATIENCE, async {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("RabbitMQ unavailable") {
+                return Err(line);
+            }
+            if line.contains("settings differ from this worker's") {
+                return Ok(line);
+            }
+        }
+        Err("the worker's log ended".to_owned())
+    })
+    .await
+    .expect("the worker says why it does not consume");
+    let line = said.unwrap_or_else(|line| panic!("blamed RabbitMQ: {line}"));
+    assert!(line.contains("SMS_JOBS_QUEUE_TYPE"), "{line}");
+    let _ = worker.kill().await;
+
+    let _ = channel
+        .queue_delete(
+            ShortString::from(queue.as_str()),
+            QueueDeleteOptions::default(),
+        )
+        .await;
+    let _ = connection.close(200, ShortString::from("done")).await;
+    env.remove().await;
+}
