@@ -725,9 +725,27 @@ async fn enqueue(mut job: serde_json::Value, delivery: Delivery) -> anyhow::Resu
     let body = serde_json::to_vec(&job)?;
     let client = SmsClient::connect_nodes(&settings.amqp_nodes, &settings.jobs_queue).await?;
     let code = if delivery.wait {
-        let result = client
+        let result = match client
             .request(&body, &id, Duration::from_secs(delivery.timeout_secs))
-            .await?;
+            .await
+        {
+            Ok(result) => result,
+            // The job is out: enqueued again under a new id, it would be a second SMS.
+            Err(crate::sms_client::ClientError::Timeout(waited)) => {
+                client.close().await;
+                telemetry::say(&format!(
+                    "no result for job {id} within {waited:?}: it is published and stays queued until a \
+                     worker takes it (is one running on {}?). Do not enqueue it again under a \
+                     new id: that would be a second SMS. To wait again, publish the same id \
+                     (`--id {id} --wait`: a job already done is answered from its stored result, \
+                     never sent twice), or look it up later with `aliyun-sms-worker jobs show \
+                     {id}`.",
+                    settings.jobs_queue
+                ));
+                return Ok(ExitCode::from(3));
+            }
+            Err(e) => return Err(e.into()),
+        };
         outln!("{}", serde_json::to_string_pretty(&result)?)?;
         if matches!(result.status, Status::Sent | Status::Verified) {
             ExitCode::SUCCESS

@@ -123,6 +123,42 @@ async fn sandbox_worker_answers_enqueued_jobs_and_stops_cleanly_on_sigterm() {
     }
 }
 
+/// `enqueue --wait` with no worker to answer: the job is out, so the operator must be told its
+/// id and not to enqueue it again under a new one (that is a second SMS), and a script must
+/// tell "no answer yet" from "could not publish".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_with_no_worker_names_the_job_and_warns_against_a_new_id() {
+    let mut app = crate::helpers::TestApp::spawn().await;
+    app.stop_worker().await;
+    let id = crate::helpers::unique_id("unanswered");
+    let run = command(app.settings().iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .args([
+            "enqueue",
+            "send-verify-code",
+            "--phone",
+            "13800138000",
+            "--id",
+            &id,
+            "--wait",
+            "--timeout-secs",
+            "1",
+        ])
+        .output();
+    let out = tokio::time::timeout(PATIENCE, run)
+        .await
+        .expect("enqueue --wait returned in time")
+        .expect("enqueue ran");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains(&id), "{stderr}");
+    assert!(
+        stderr.contains("new id") && stderr.contains("jobs show"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("13800138000"), "{stderr}");
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_missing_setting_is_named_at_start() {
     let amqp = amqp_url();

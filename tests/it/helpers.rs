@@ -375,6 +375,12 @@ impl TestApp {
         job_row(&self.pool, id).await
     }
 
+    /// The settings the worker was started with, by variable name: for the binary, to run
+    /// against the same queues and database.
+    pub fn settings(&self) -> &HashMap<String, String> {
+        &self.settings
+    }
+
     pub async fn attempts(&self, id: &str) -> Vec<Value> {
         attempts(&self.pool, id).await
     }
