@@ -57,7 +57,9 @@ pub struct Swept {
 macro_rules! interrupted_set {
     ($grace:literal) => {
         concat!(
-            "status = 'unknown', code = 'WORKER_INTERRUPTED',
+            // The call it was in counts: recorded attempts are the ones that got an answer.
+            "attempts = (SELECT count(*) FROM sms_attempts a WHERE a.job_id = sms_jobs.id) + 1,
+             status = 'unknown', code = 'WORKER_INTERRUPTED',
              message = 'the worker stopped while this job was being sent; it may or may not have reached Aliyun and is not repeated',
              finished_at = now(), updated_at = now(), lease_until = NULL, result_published_at = NULL,
              reconcile_until = CASE WHEN type IN ('send_sms', 'send_batch_sms')
@@ -66,6 +68,28 @@ macro_rules! interrupted_set {
             "::double precision / 1000) END,
              next_reconcile_at = CASE WHEN type IN ('send_sms', 'send_batch_sms') THEN now() END"
         )
+    };
+}
+
+/// Follows an `UPDATE … SET interrupted_set!() … RETURNING …` named `ended`: records the call
+/// each interrupted job was in as its last attempt, so the job's page shows a call was open and
+/// since when (no earlier than its previous attempt's end), not a job with no call at all.
+macro_rules! record_interrupted_call {
+    () => {
+        ", recorded AS (
+             INSERT INTO sms_attempts (job_id, attempt, action, started_at, finished_at, code,
+                                       message, outcome)
+             SELECT e.id, e.attempts,
+                    CASE e.type WHEN 'send_verify_code' THEN 'SendSmsVerifyCode'
+                                WHEN 'check_verify_code' THEN 'CheckSmsVerifyCode'
+                                WHEN 'send_sms' THEN 'SendSms'
+                                ELSE 'SendBatchSms' END,
+                    COALESCE(GREATEST(e.called_at, (SELECT max(a.finished_at) FROM sms_attempts a
+                                                    WHERE a.job_id = e.id)), now()),
+                    now(), 'WORKER_INTERRUPTED',
+                    'the worker stopped while this call was open; no answer was read', 'unknown'
+             FROM ended e
+             ON CONFLICT (job_id, attempt) DO NOTHING)"
     };
 }
 
@@ -247,12 +271,15 @@ impl Store {
         }
         let _watched = self.watched("takeover");
         let ended = sqlx::query_as::<_, JobRow>(concat!(
-            "UPDATE sms_jobs SET ",
+            "WITH ended AS (UPDATE sms_jobs SET ",
             interrupted_set!("$3"),
             " WHERE id = $1 AND status = 'sending' AND called_at IS NOT NULL AND ",
             claim_is_stale!("$2"),
             " RETURNING ",
-            job_columns!()
+            job_columns!(),
+            ")",
+            record_interrupted_call!(),
+            " SELECT * FROM ended"
         ))
         .bind(job_id)
         .bind(me)
@@ -275,17 +302,20 @@ impl Store {
     ) -> Result<Swept, StoreError> {
         // One mark per statement, each a transaction of its own (see `Store::watched`).
         let watched = self.watched("stale claims sweep");
-        let interrupted = sqlx::query(concat!(
-            "UPDATE sms_jobs SET ",
+        let interrupted: i64 = sqlx::query_scalar(concat!(
+            "WITH ended AS (UPDATE sms_jobs SET ",
             interrupted_set!("$2"),
             " WHERE status = 'sending' AND called_at IS NOT NULL AND ",
-            claim_is_stale!("$1")
+            claim_is_stale!("$1"),
+            " RETURNING id, type, attempts, called_at)",
+            record_interrupted_call!(),
+            " SELECT count(*) FROM ended"
         ))
         .bind(me)
         .bind(millis(reconcile_grace))
-        .execute(self.pool())
-        .await?
-        .rows_affected();
+        .fetch_one(self.pool())
+        .await?;
+        let interrupted = u64::try_from(interrupted).unwrap_or(0);
         drop(watched);
         let _watched = self.watched("stale claims sweep");
         let abandoned = sqlx::query(concat!(

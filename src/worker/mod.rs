@@ -315,7 +315,7 @@ pub async fn run(
 
         let _ = ready.send(false);
         tokio::select! {
-            () = drain(&mut tasks, config.shutdown_grace) => {}
+            () = drain(&mut tasks, config.shutdown_grace, &pipeline) => {}
             e = write_stuck(&mut stuck) => break 'run Some(e),
         }
         None
@@ -687,7 +687,7 @@ async fn lead(
     metrics.set_leader(false);
 }
 
-async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
+async fn drain(tasks: &mut JoinSet<()>, grace: Duration, pipeline: &Pipeline) {
     if tasks.is_empty() {
         return;
     }
@@ -698,9 +698,14 @@ async fn drain(tasks: &mut JoinSet<()>, grace: Duration) {
     );
     let all_done = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(grace, all_done).await.is_err() {
+        // A job stopped in its call cannot be repeated: another worker will end it `unknown`.
+        // The rest never reached Aliyun and are taken up again from the queue.
+        let mid_call = pipeline.jobs_mid_call();
         tracing::warn!(
             left = tasks.len(),
-            "grace period over; unfinished jobs go back to the queue"
+            mid_call,
+            "grace period over (SHUTDOWN_GRACE_MS): jobs not yet sent go back to the queue; \
+             jobs in a call to Aliyun end unknown (WORKER_INTERRUPTED), not repeated"
         );
         tasks.abort_all();
     }

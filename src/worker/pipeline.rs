@@ -560,7 +560,9 @@ impl Pipeline {
             match settled {
                 Some(Stale::TakenOver(row)) => return Ok(Waited::TakenOver(row)),
                 Some(Stale::Interrupted(ended)) => {
-                    tracing::warn!("job was interrupted mid-call by a dead worker: unknown");
+                    tracing::warn!(
+                        "its worker stopped mid-call (killed, or its shutdown grace ran out): unknown, not repeated"
+                    );
                     return Ok(Waited::Final(ended.to_result()?));
                 }
                 None => {}
@@ -609,6 +611,12 @@ impl Pipeline {
     ///
     /// A job whose outcome could not be recorded is not in hand any more, even while a later
     /// delivery of it waits here: its lease must run out so that it ends `unknown`.
+    /// How many jobs are in a call to Aliyun, or past one and not yet recorded: stopped now,
+    /// they end `unknown`.
+    pub fn jobs_mid_call(&self) -> usize {
+        lock_std(&self.unrecorded).len()
+    }
+
     pub fn jobs_in_hand(&self) -> Vec<String> {
         let gave_up = lock_std(&self.gave_up).clone();
         lock_std(&self.local)

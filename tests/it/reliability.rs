@@ -63,6 +63,14 @@ async fn a_job_in_flight_when_the_worker_is_killed_ends_unknown_and_is_not_resen
     assert_eq!(result.id.as_deref(), Some(id.as_str()));
     assert_eq!(result.status, Status::Unknown, "{result:?}");
     assert_eq!(result.code, "WORKER_INTERRUPTED");
+    // The call that was open counts, and the job's attempts show it: not a job that never
+    // called.
+    assert_eq!(result.attempts, 1, "{result:?}");
+    let attempts = app.attempts(&id).await;
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0]["code"], "WORKER_INTERRUPTED", "{attempts:?}");
+    assert_eq!(attempts[0]["outcome"], "unknown", "{attempts:?}");
+    assert_eq!(attempts[0]["action"], "SendSmsVerifyCode", "{attempts:?}");
     assert_eq!(app.fake.sends_for(&id), 1, "sent exactly once");
     assert_eq!(app.fake.calls_for(&id), 1);
     app.shutdown().await;
