@@ -307,6 +307,9 @@ macro_rules! job_columns {
 
 /// The INSERT of attempts, from the ten arrays of [`AttemptArrays`] bound as `$1`..`$10`.
 /// An attempt already recorded stays as it was.
+/// An attempt already recorded stays as it is, but for the stand-in a worker that judged the
+/// owner gone wrote for its open call (`store::fleet`): the owner, alive after all, replaces
+/// it with the answer it got, which an operator wants to see (the call went through, or not).
 macro_rules! insert_attempts_sql {
     () => {
         "INSERT INTO sms_attempts (job_id, attempt, action, started_at, finished_at,
@@ -314,7 +317,12 @@ macro_rules! insert_attempts_sql {
          SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::timestamptz[],
                               $5::timestamptz[], $6::int[], $7::text[], $8::text[],
                               $9::text[], $10::text[])
-         ON CONFLICT (job_id, attempt) DO NOTHING"
+         ON CONFLICT (job_id, attempt) DO UPDATE SET
+             action = EXCLUDED.action, started_at = EXCLUDED.started_at,
+             finished_at = EXCLUDED.finished_at, http_status = EXCLUDED.http_status,
+             code = EXCLUDED.code, message = EXCLUDED.message, request_id = EXCLUDED.request_id,
+             outcome = EXCLUDED.outcome
+         WHERE sms_attempts.code = 'WORKER_INTERRUPTED' AND sms_attempts.http_status IS NULL"
     };
 }
 

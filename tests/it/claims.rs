@@ -141,6 +141,62 @@ async fn a_stale_stamped_claim_ends_unknown_without_a_call() {
     app.shutdown().await;
 }
 
+/// The worker that ends a stale stamped claim records the open call as the job's last attempt;
+/// when the owner was alive after all and its answer comes, that answer takes the stand-in's
+/// place (the job keeps the final `unknown` already published): an operator sees the call went
+/// through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_call_is_recorded_and_its_late_answer_replaces_the_stand_in() {
+    use aliyun_sms_worker::store::{AttemptRecord, Followup, Outcome, Store};
+    let app = TestApp::spawn().await;
+    let id = unique_id("late-owner");
+    let job = send_job(&id);
+    let owner = Uuid::new_v4();
+    leave_claim(&app.pool, &job, owner, true, 1.0, 1.0).await;
+    app.publish(&job).await;
+    let (result, _) = app.next_result().await;
+    assert_eq!(result.code, "WORKER_INTERRUPTED");
+    assert_eq!(result.attempts, 1, "{result:?}");
+    let stand_in = app.attempts(&id).await;
+    assert_eq!(stand_in.len(), 1, "{stand_in:?}");
+    assert_eq!(stand_in[0]["code"], "WORKER_INTERRUPTED");
+    assert_eq!(stand_in[0]["http_status"], Value::Null);
+
+    let store = Store::from_pool(app.pool.clone());
+    let now = chrono::Utc::now();
+    let answer = AttemptRecord {
+        attempt: 1,
+        action: "SendSmsVerifyCode",
+        started_at: now,
+        finished_at: now,
+        http_status: Some(200),
+        code: Some("OK".into()),
+        message: Some("OK".into()),
+        request_id: Some("late-request".into()),
+        outcome: "success",
+    };
+    let outcome = Outcome {
+        status: Status::Sent,
+        code: "OK".into(),
+        message: "OK".into(),
+        biz_id: Some("1^1".into()),
+        request_id: Some("late-request".into()),
+        attempts: 1,
+        followup: Followup::None,
+    };
+    let row = store
+        .finish(&id, owner, &outcome, Some(&answer))
+        .await
+        .expect("the late owner's write");
+    assert_eq!(row.status, "unknown", "the published answer stands");
+    let recorded = app.attempts(&id).await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0]["code"], "OK", "{recorded:?}");
+    assert_eq!(recorded[0]["http_status"], 200, "{recorded:?}");
+    assert_eq!(recorded[0]["request_id"], "late-request", "{recorded:?}");
+    app.shutdown().await;
+}
+
 /// Issue 10, defect 8: a code job without an AMQP timestamp is as old as its first sighting,
 /// not its latest redelivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
