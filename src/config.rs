@@ -41,6 +41,10 @@ pub enum ConfigError {
     },
     #[error("{name} is malformed: {reason}")]
     Malformed { name: &'static str, reason: String },
+    /// A value that is well formed but not allowed with the others (a listener open to the
+    /// network without a token).
+    #[error("{name}: {reason}")]
+    Refused { name: &'static str, reason: String },
 }
 
 /// Which RabbitMQ queue type carries jobs. Quorum queues give the delivery limit that stops a
@@ -733,7 +737,7 @@ impl Config {
         {
             // The status page shows masked numbers, codes and messages of every job, and
             // /metrics the traffic: nothing to hand to whoever reaches the port.
-            return Err(ConfigError::Malformed {
+            return Err(ConfigError::Refused {
                 name: ADMIN_ADDR,
                 reason: format!(
                     "{addr} is not a loopback address, so {ADMIN_TOKEN} must be set (or bind \
@@ -991,6 +995,8 @@ mod tests {
             text.contains(ADMIN_ADDR) && text.contains(ADMIN_TOKEN),
             "{text}"
         );
+        // The address is fine; the token is what is missing.
+        assert!(!text.contains("malformed"), "{text}");
         pairs.push((ADMIN_TOKEN, "a-long-enough-admin-token"));
         let c = with(&pairs).unwrap();
         assert_eq!(

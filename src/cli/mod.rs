@@ -120,13 +120,13 @@ enum JobsCommand {
 struct ListArgs {
     /// A status: sending, sent, verified, not_verified, rate_limited, rejected, failed,
     /// unknown, invalid, expired.
-    #[arg(long, value_parser = known::<Status>)]
+    #[arg(long, value_parser = known_status)]
     status: Option<String>,
     /// A phone number, written as the job had it or not (+86, spaces, hyphens).
     #[arg(long)]
     phone: Option<String>,
     /// A job type: send_verify_code, check_verify_code, send_sms, send_batch_sms.
-    #[arg(long = "type", value_parser = known::<JobType>)]
+    #[arg(long = "type", value_parser = known_type)]
     job_type: Option<String>,
     /// Aliyun's (or the worker's) code, e.g. isv.BUSINESS_LIMIT_CONTROL.
     #[arg(long)]
@@ -518,10 +518,25 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<ExitCode> {
 
 /// A `--status` or `--type` the records can hold: a typo would otherwise list nothing, as if
 /// there were no such jobs.
-fn known<T: std::str::FromStr>(s: &str) -> Result<String, String> {
-    s.parse::<T>()
-        .map(|_| s.to_owned())
-        .map_err(|_| "not one of the values this option takes (see --help)".to_owned())
+fn one_of(s: &str, names: &[&str]) -> Result<String, String> {
+    if names.contains(&s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("not one of {}", names.join(", ")))
+    }
+}
+
+fn known_status(s: &str) -> Result<String, String> {
+    let names: Vec<&str> = std::iter::once(Status::Sending)
+        .chain(Status::FINAL.iter().copied())
+        .map(Status::as_str)
+        .collect();
+    one_of(s, &names)
+}
+
+fn known_type(s: &str) -> Result<String, String> {
+    let names: Vec<&str> = JobType::ALL.iter().map(|t| t.as_str()).collect();
+    one_of(s, &names)
 }
 
 async fn jobs(command: JobsCommand) -> anyhow::Result<ExitCode> {

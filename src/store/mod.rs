@@ -20,11 +20,14 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
     /// The first connection failed: the pool would only have said that it timed out.
-    #[error("cannot connect to Postgres at {target} (DATABASE_URL): {source}")]
+    #[error(
+        "cannot connect to Postgres at {target} (DATABASE_URL): {}",
+        server_said(refusal)
+    )]
     Unreachable {
         target: String,
-        #[source]
-        source: sqlx::Error,
+        // Not a `source`: its text is said above without sqlx's noise, and once.
+        refusal: sqlx::Error,
     },
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -59,7 +62,7 @@ pub enum ErrorClass {
 impl StoreError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            StoreError::Database(e) | StoreError::Unreachable { source: e, .. } => class_of(e),
+            StoreError::Database(e) | StoreError::Unreachable { refusal: e, .. } => class_of(e),
             StoreError::Shared(e) => e.class(),
             StoreError::Migrate(_)
             | StoreError::CorruptStatus(..)
@@ -119,7 +122,16 @@ async fn connect_plainly(options: &PgConnectOptions) -> Result<PgConnection, Sto
                 format!("no answer within {PATIENCE:?}"),
             )))
         })
-        .map_err(|source| StoreError::Unreachable { target, source })
+        .map_err(|refusal| StoreError::Unreachable { target, refusal })
+}
+
+/// What the server said, without the line of Postgres's own source sqlx appends to it
+/// (`database "sms" does not exist at line 948`), which means nothing to an operator.
+fn server_said(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => format!("the server refused: {}", db.message()),
+        other => other.to_string(),
+    }
 }
 
 /// What may pass, beyond the pool's acquire timeout, between a write's wait starting on the

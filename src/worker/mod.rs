@@ -3,6 +3,7 @@
 
 pub mod duties;
 pub mod health;
+pub mod liveness;
 pub mod pipeline;
 pub mod receipts;
 pub mod supervisor;
@@ -141,10 +142,12 @@ pub async fn run(
         metrics.clone(),
     ));
     // Beat before the first claim, so no other worker can take this one for dead.
+    let sent = Instant::now();
     pipeline
         .store()
         .heartbeat(pipeline.worker_id(), &options.name, config.heartbeat)
         .await?;
+    pipeline.liveness().beat(sent, Instant::now());
     // The heartbeat outlives the shutdown signal: a draining worker still owns its claims.
     let (beat_stop, beat_until) = watch::channel(false);
     // Set by the write watch when a write has had no answer past DATABASE_WRITE_TIMEOUT_MS.
@@ -622,7 +625,9 @@ async fn beat(
         tokio::select! {
             _ = tick.tick() => {
                 let beat = async {
+                    let sent = Instant::now();
                     store.heartbeat(worker, &name, every).await?;
+                    pipeline.liveness().beat(sent, Instant::now());
                     store
                         .renew_claims(
                             worker,

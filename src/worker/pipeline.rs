@@ -32,6 +32,7 @@ use crate::store::{
 };
 use crate::wire::{self, Invalid, Job, JobKind, JobResult, JobType, Status};
 use crate::worker::health::DbHealth;
+use crate::worker::liveness::Liveness;
 
 /// A retry must be able to start this long before the job's deadline: its rate-limit slot, the
 /// stamp and the request itself take time after the decision, and must not carry the call past
@@ -80,6 +81,7 @@ pub struct Pipeline {
     unrecorded: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Of those, the ones whose task gave up recording: their leases are no longer renewed.
     gave_up: std::sync::Mutex<std::collections::HashSet<String>>,
+    liveness: Liveness,
 }
 
 /// The Aliyun call a job makes. Every job action is not idempotent: the three sends cost a
@@ -136,6 +138,7 @@ impl Pipeline {
         health: DbHealth,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let config_heartbeat = config.heartbeat;
         Self {
             config,
             store,
@@ -146,7 +149,13 @@ impl Pipeline {
             local: std::sync::Mutex::default(),
             unrecorded: std::sync::Mutex::default(),
             gave_up: std::sync::Mutex::default(),
+            liveness: Liveness::new(config_heartbeat),
         }
+    }
+
+    /// Until when this process's own heartbeat vouches for it (see [`Liveness`]).
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
     }
 
     /// Handles one delivery and says whether to ack it. Never panics on message content.
@@ -665,6 +674,77 @@ impl Pipeline {
         }
     }
 
+    /// The claim is not this worker's any more, so nothing more is sent. Lost before any call:
+    /// `None`, the new owner (or the final row) answers. Lost between two attempts: the answer
+    /// another worker wrote stands.
+    async fn claim_lost(
+        &self,
+        job: &Job,
+        attempt: u32,
+        called: bool,
+    ) -> Result<Option<JobResult>, StoreError> {
+        if !called {
+            return Ok(None);
+        }
+        tracing::warn!(
+            attempt,
+            "claim lost between two attempts; not calling again"
+        );
+        lock_std(&self.unrecorded).remove(&job.id);
+        self.fetch(&job.id).await?.to_result().map(Some)
+    }
+
+    /// Makes sure, right before a call leaves, that the claim is still this worker's and stays
+    /// so while the call goes out. A worker paused (SIGSTOP, a frozen VM, a stall) between its
+    /// claim and its call is taken for dead: the fleet ends the claim `unknown`, and may later
+    /// reconcile a Dysmsapi send as never sent. Calling after that sends an SMS the fleet has
+    /// already answered for. A claim seen to be ours at `confirmed` stays ours until its lease
+    /// ends, as long as this worker's heartbeat has kept it from being judged stale without a
+    /// break since then (see [`Liveness`]). When the claim was confirmed before a break, or the
+    /// lease or the heartbeat's cover ends within a beat, it is confirmed again (its lease
+    /// renewed) after a fresh beat, before anything leaves. False when it is not ours any more.
+    async fn fence(
+        &self,
+        job: &Job,
+        attempt: u32,
+        mut confirmed: Option<Instant>,
+    ) -> Result<bool, StoreError> {
+        let lease = self.config.job_lease();
+        let margin = self.config.heartbeat.max(Duration::from_millis(100));
+        let mut said = false;
+        loop {
+            let now = Instant::now();
+            if self
+                .liveness
+                .safe_until()
+                .is_none_or(|safe| now + margin >= safe)
+            {
+                // This worker's heartbeat is too old to vouch for it: a claim confirmed now
+                // could be taken the next moment. After a fresh beat, confirm it again.
+                if !std::mem::replace(&mut said, true) {
+                    tracing::warn!(
+                        attempt,
+                        "heartbeat late before a call; waiting for the next"
+                    );
+                }
+                self.liveness.beat_after(now).await;
+                confirmed = None;
+                continue;
+            }
+            let since = self.liveness.safe_since();
+            if confirmed
+                .is_some_and(|at| since.is_some_and(|s| at >= s) && now + margin < at + lease)
+            {
+                return Ok(true);
+            }
+            let sent = Instant::now();
+            if !self.stamp(job, attempt).await? {
+                return Ok(false);
+            }
+            confirmed = Some(sent);
+        }
+    }
+
     /// Calls Aliyun (with retries) for a job this worker owns, and records the outcome. `None`
     /// when the claim was lost before the first call: nothing was sent.
     /// `paced`: the claim was written stamped right after a slot due at that instant, which
@@ -699,18 +779,15 @@ impl Pipeline {
                 // stamped; retried like a call that never left.
                 Err(e) => Err(CallError::from(e)),
                 Ok((slot, claim_stamped)) => {
-                    if !claim_stamped && !self.stamp(job, attempt).await? {
-                        if !stamped {
-                            // Taken over before we ever called: the new owner answers.
-                            return Ok(None);
+                    // When the claim was last seen to be ours: the paced claim was written
+                    // stamped after its slot was due.
+                    let mut confirmed = claim_stamped.then_some(slot);
+                    if !claim_stamped {
+                        let sent = Instant::now();
+                        if !self.stamp(job, attempt).await? {
+                            return self.claim_lost(job, attempt, stamped).await;
                         }
-                        // Ended by another worker between two attempts: its answer stands.
-                        tracing::warn!(
-                            attempt,
-                            "claim lost between two attempts; not calling again"
-                        );
-                        lock_std(&self.unrecorded).remove(&job.id);
-                        return self.fetch(&job.id).await?.to_result().map(Some);
+                        confirmed = Some(sent);
                     }
                     // Room for the call is taken here, after the claim and the stamp, so that it
                     // is held for the exchange alone; a slot that went stale meanwhile is
@@ -722,8 +799,6 @@ impl Pipeline {
                         lock_std(&self.unrecorded).remove(&job.id);
                         return self.expire(job).await.map(Some);
                     }
-                    stamped = true;
-                    lock_std(&self.unrecorded).insert(job.id.clone());
                     let repaced = if slot.elapsed() > SLOT_ALLOWANCE {
                         self.aliyun.pace(plan.action).await.map(|_| ())
                     } else {
@@ -731,10 +806,15 @@ impl Pipeline {
                     };
                     match repaced {
                         Err(e) => Err(CallError::from(e)),
-                        // Boxed, like the writes below: the HTTP exchange is the largest state a job
-                        // goes through, and every job in flight would otherwise reserve room for it
-                        // all along.
                         Ok(()) => {
+                            if !self.fence(job, attempt, confirmed).await? {
+                                return self.claim_lost(job, attempt, stamped).await;
+                            }
+                            stamped = true;
+                            lock_std(&self.unrecorded).insert(job.id.clone());
+                            // Boxed, like the writes below: the HTTP exchange is the largest
+                            // state a job goes through, and every job in flight would otherwise
+                            // reserve room for it all along.
                             Box::pin(self.aliyun.send(
                                 plan.product,
                                 plan.action,

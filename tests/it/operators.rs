@@ -138,9 +138,19 @@ async fn jobs_list_show_and_stats_answer_operators_questions() {
     let (_, by_grouped) = cli(&app, &["jobs", "list", "--phone", &grouped]).await;
     assert!(by_grouped.contains(&sent), "{grouped}: {by_grouped}");
     // A status or type no job can have is a mistake, not an empty list.
-    for (option, typo) in [("--status", "delivered"), ("--type", "send_code")] {
-        let (code, out) = cli(&app, &["jobs", "list", option, typo]).await;
+    // It says which values there are.
+    for (option, typo, one_of_them) in [
+        ("--status", "delivered", "rate_limited"),
+        ("--type", "send_code", "send_batch_sms"),
+    ] {
+        let db = app.config.database_url.expose().to_owned();
+        let (code, out, err) = run_to_end(
+            [(config::DATABASE_URL, db.as_str())],
+            &["jobs", "list", option, typo],
+        )
+        .await;
         assert_eq!(code, 2, "{option} {typo}: {out}");
+        assert!(err.contains(one_of_them), "{option} {typo}: {err}");
     }
 
     let (code, shown) = cli(&app, &["jobs", "show", &retried, "--json"]).await;

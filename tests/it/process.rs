@@ -126,6 +126,17 @@ impl WorkerProcess {
         self.finish().await
     }
 
+    /// SIGSTOP: the process stops where it is, as in a frozen VM or a long stall; its sockets
+    /// stay open and nothing of it runs until [`Self::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
     /// SIGTERM without waiting: the worker drains while the test goes on; see [`Self::exited`].
     pub fn sigterm(&self) {
         self.signal("-TERM");

@@ -168,6 +168,80 @@ async fn a_closed_log_pipe_neither_stops_the_worker_nor_deafens_it_to_sigterm() 
     app.shutdown().await;
 }
 
+/// A worker paused (SIGSTOP, a frozen VM) while its claimed jobs wait for room to call is
+/// taken for dead: the fleet ends those claims `unknown` and answers for them. Resumed, it
+/// must not call Aliyun for them: it did, sending codes the backend had been told were
+/// `unknown`, and Dysmsapi sends the fleet could later declare never sent (found by an
+/// adversarial black-box test with three worker processes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_resumed_after_the_fleet_ended_its_claims_calls_nothing() {
+    let env = TestEnv::new(|s| {
+        s.insert("RUST_LOG".into(), "info".into());
+        s.insert(config::WORKER_HEARTBEAT_MS.into(), "200".into());
+        s.insert(config::SWEEP_INTERVAL_MS.into(), "200".into());
+        s.insert(config::HTTP_REQUEST_TIMEOUT_MS.into(), "20000".into());
+        s.insert(config::SHUTDOWN_GRACE_MS.into(), "20000".into());
+    })
+    .await;
+    env.fake
+        .push_fault(FaultRule::every(Fault::Latency { ms: 1500 }).on_action("SendSmsVerifyCode"));
+    let jobs: Vec<Value> = (0..6)
+        .map(|i| send_job(&unique_id(&format!("paused{i}"))))
+        .collect();
+    let ids: HashSet<String> = jobs
+        .iter()
+        .map(|j| j["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    // One call open at a time: the other claims wait, stamped, for room.
+    let mut narrow = env.settings.clone();
+    narrow.insert(config::ALIYUN_MAX_OPEN_CALLS.into(), "1".into());
+    let paused = WorkerProcess::start(&["run"], &narrow).await;
+    publish_all(&env.settings, &jobs).await;
+    let ours = |r: &aliyun_sms_worker::fake_aliyun::RecordedRequest| {
+        r.out_id.as_ref().is_some_and(|o| ids.contains(o))
+    };
+    tokio::time::timeout(PATIENCE, env.fake.wait_for(|r| r.iter().any(ours)))
+        .await
+        .expect("the worker is calling");
+    paused.pause();
+
+    // The rest of the fleet takes it for dead and ends what it held.
+    let app = TestApp::start(env).await;
+    crate::helpers::eventually("the paused worker's claims ended by the fleet", || async {
+        let sending: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sms_jobs WHERE id = ANY($1) AND status = 'sending'",
+        )
+        .bind(ids.iter().cloned().collect::<Vec<_>>())
+        .fetch_one(&app.pool)
+        .await
+        .expect("count the claims");
+        (sending == 0).then_some(())
+    })
+    .await;
+
+    let resumed_at = chrono::Utc::now();
+    paused.resume();
+    // It drains what it held (SIGTERM waits for its jobs) and exits.
+    let (status, log) = paused.terminate().await;
+    assert!(status.success(), "{status:?}\n{log}");
+    let late: Vec<_> = app
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| ours(r) && r.at > resumed_at)
+        .map(|r| (r.out_id, r.executed))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "called after the fleet had answered: {late:?}"
+    );
+    for id in &ids {
+        assert!(app.fake.sends_for(id) <= 1, "{id}");
+        assert_ne!(app.job_row(id).await["status"], "sending", "{id}");
+    }
+    app.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_jobs_make_no_aliyun_call() {
     let app = TestApp::spawn().await;
