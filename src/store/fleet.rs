@@ -16,6 +16,12 @@ use super::{JobRow, Store, StoreError, millis};
 /// for longer than the owner's own staleness window and the owner has either stopped beating
 /// for that window or overrun its lease.
 ///
+/// The owner's silence is also read off the claim's own `updated_at`: the heartbeat sits in
+/// another table, which a statement reads as of its start, while the claim row is read again
+/// if it changed meanwhile. An owner that resumed and stamped its claim after the judging
+/// statement began (its fence before a call, see `worker::pipeline`) is then not judged from a
+/// heartbeat it has since renewed.
+///
 /// The judge's own unbroken run matters after a database outage: then every heartbeat is old,
 /// and nobody is judged dead until its owner has had five beats' time to come back. A judge
 /// whose own last beat is more than two beats old (it has not beaten since the outage) judges
@@ -30,7 +36,8 @@ macro_rules! claim_is_stale {
             "
                            AND judge.heartbeat_at > now() - judge.heartbeat_ms * interval '2 milliseconds'
                            AND judge.alive_since <= now() - o.heartbeat_ms * interval '5 milliseconds'
-                           AND (o.heartbeat_at <= now() - o.heartbeat_ms * interval '5 milliseconds'
+                           AND ((o.heartbeat_at <= now() - o.heartbeat_ms * interval '5 milliseconds'
+                                 AND sms_jobs.updated_at <= now() - o.heartbeat_ms * interval '5 milliseconds')
                                 OR sms_jobs.lease_until <= now())))"
         )
     };
@@ -229,6 +236,22 @@ impl Store {
             .execute(self.pool())
             .await?;
         Ok(())
+    }
+
+    /// At a stop whose grace ran out: hands back the claims among `ids` that this worker knows
+    /// it never called Aliyun for (stamped before a call that never left), so that the next
+    /// worker takes them over and sends them instead of ending them `unknown`. Returns how many.
+    pub async fn release_uncalled(&self, me: Uuid, ids: &[String]) -> Result<u64, StoreError> {
+        let _watched = self.watched("release");
+        Ok(sqlx::query(
+            "UPDATE sms_jobs SET called_at = NULL, lease_until = now(), updated_at = now()
+             WHERE id = ANY($2) AND status = 'sending' AND claimed_by = $1",
+        )
+        .bind(me)
+        .bind(ids)
+        .execute(self.pool())
+        .await?
+        .rows_affected())
     }
 
     /// A clean stop: the process is about to exit. Claims it still holds are stale from now on.

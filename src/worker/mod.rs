@@ -142,12 +142,12 @@ pub async fn run(
         metrics.clone(),
     ));
     // Beat before the first claim, so no other worker can take this one for dead.
-    let sent = Instant::now();
+    let sent = liveness::Moment::now();
     pipeline
         .store()
         .heartbeat(pipeline.worker_id(), &options.name, config.heartbeat)
         .await?;
-    pipeline.liveness().beat(sent, Instant::now());
+    pipeline.liveness().beat(sent, liveness::Moment::now());
     // The heartbeat outlives the shutdown signal: a draining worker still owns its claims.
     let (beat_stop, beat_until) = watch::channel(false);
     // Set by the write watch when a write has had no answer past DATABASE_WRITE_TIMEOUT_MS.
@@ -625,9 +625,9 @@ async fn beat(
         tokio::select! {
             _ = tick.tick() => {
                 let beat = async {
-                    let sent = Instant::now();
+                    let sent = liveness::Moment::now();
                     store.heartbeat(worker, &name, every).await?;
-                    pipeline.liveness().beat(sent, Instant::now());
+                    pipeline.liveness().beat(sent, liveness::Moment::now());
                     store
                         .renew_claims(
                             worker,
@@ -703,16 +703,41 @@ async fn drain(tasks: &mut JoinSet<()>, grace: Duration, pipeline: &Pipeline) {
     );
     let all_done = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(grace, all_done).await.is_err() {
-        // A job stopped in its call cannot be repeated: another worker will end it `unknown`.
-        // The rest never reached Aliyun and are taken up again from the queue.
-        let mid_call = pipeline.jobs_mid_call();
-        tracing::warn!(
-            left = tasks.len(),
-            mid_call,
-            "grace period over (SHUTDOWN_GRACE_MS): jobs not yet sent go back to the queue; \
-             jobs in a call to Aliyun end unknown (WORKER_INTERRUPTED), not repeated"
-        );
+        let in_hand = pipeline.jobs_in_hand();
+        let left = tasks.len();
         tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        // A job stopped in its call cannot be repeated: another worker will end it `unknown`.
+        // One never called (waiting for room, a slot, a beat) is handed back, so the worker
+        // that gets its delivery takes it over and sends it; its claim would otherwise be
+        // stamped, and end `unknown` too.
+        let uncalled = pipeline.never_called(&in_hand);
+        let released = tokio::time::timeout(
+            CLOSE_PATIENCE,
+            pipeline
+                .store()
+                .release_uncalled(pipeline.worker_id(), &uncalled),
+        )
+        .await;
+        let handed_back = match released {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not hand back the jobs never called");
+                0
+            }
+            Err(_) => {
+                tracing::warn!("handing back the jobs never called took too long");
+                0
+            }
+        };
+        tracing::warn!(
+            left,
+            handed_back,
+            mid_call = in_hand.len().saturating_sub(uncalled.len()),
+            "grace period over (SHUTDOWN_GRACE_MS): jobs never called go back to the queue and \
+             are sent by the next worker; jobs in a call to Aliyun end unknown \
+             (WORKER_INTERRUPTED), not repeated"
+        );
     }
 }
 

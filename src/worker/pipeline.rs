@@ -32,7 +32,7 @@ use crate::store::{
 };
 use crate::wire::{self, Invalid, Job, JobKind, JobResult, JobType, Status};
 use crate::worker::health::DbHealth;
-use crate::worker::liveness::Liveness;
+use crate::worker::liveness::{Liveness, Moment};
 
 /// A retry must be able to start this long before the job's deadline: its rate-limit slot, the
 /// stamp and the request itself take time after the decision, and must not carry the call past
@@ -620,10 +620,15 @@ impl Pipeline {
     ///
     /// A job whose outcome could not be recorded is not in hand any more, even while a later
     /// delivery of it waits here: its lease must run out so that it ends `unknown`.
-    /// How many jobs are in a call to Aliyun, or past one and not yet recorded: stopped now,
-    /// they end `unknown`.
-    pub fn jobs_mid_call(&self) -> usize {
-        lock_std(&self.unrecorded).len()
+    /// Of `in_hand`, the jobs never called in any attempt: not in a call, nor past one and not
+    /// yet recorded. (A job enters that set right before its request is sent.)
+    pub fn never_called(&self, in_hand: &[String]) -> Vec<String> {
+        let called = lock_std(&self.unrecorded);
+        in_hand
+            .iter()
+            .filter(|id| !called.contains(*id))
+            .cloned()
+            .collect()
     }
 
     pub fn jobs_in_hand(&self) -> Vec<String> {
@@ -694,55 +699,46 @@ impl Pipeline {
         self.fetch(&job.id).await?.to_result().map(Some)
     }
 
-    /// Makes sure, right before a call leaves, that the claim is still this worker's and stays
-    /// so while the call goes out. A worker paused (SIGSTOP, a frozen VM, a stall) between its
-    /// claim and its call is taken for dead: the fleet ends the claim `unknown`, and may later
-    /// reconcile a Dysmsapi send as never sent. Calling after that sends an SMS the fleet has
-    /// already answered for. A claim seen to be ours at `confirmed` stays ours until its lease
-    /// ends, as long as this worker's heartbeat has kept it from being judged stale without a
-    /// break since then (see [`Liveness`]). When the claim was confirmed before a break, or the
-    /// lease or the heartbeat's cover ends within a beat, it is confirmed again (its lease
-    /// renewed) after a fresh beat, before anything leaves. False when it is not ours any more.
+    /// One step of making sure, right before a call leaves, that the claim is still this
+    /// worker's and stays so while the call goes out. A worker paused (SIGSTOP, a frozen VM, a
+    /// stall) between its claim and its call is taken for dead: the fleet ends the claim
+    /// `unknown`, and may later reconcile a Dysmsapi send as never sent. Calling after that
+    /// sends an SMS the fleet has already answered for. A claim seen to be ours at `confirmed`
+    /// stays ours until its lease ends, as long as this worker's heartbeat has kept it from
+    /// being judged stale without a break since then (see [`Liveness`]). `Clear` when that
+    /// holds for a beat more; otherwise this waits for a fresh beat or confirms the claim again
+    /// (renewing its lease) and says `Again`, for the caller to look at its deadline and its
+    /// rate-limit slot before the next step; `Lost` when the claim is not ours any more.
     async fn fence(
         &self,
         job: &Job,
         attempt: u32,
-        mut confirmed: Option<Instant>,
-    ) -> Result<bool, StoreError> {
+        confirmed: &mut Option<Moment>,
+        said: &mut bool,
+    ) -> Result<Fence, StoreError> {
         let lease = self.config.job_lease();
         let margin = self.config.heartbeat.max(Duration::from_millis(100));
-        let mut said = false;
-        loop {
-            let now = Instant::now();
-            if self
-                .liveness
-                .safe_until()
-                .is_none_or(|safe| now + margin >= safe)
-            {
-                // This worker's heartbeat is too old to vouch for it: a claim confirmed now
-                // could be taken the next moment. After a fresh beat, confirm it again.
-                if !std::mem::replace(&mut said, true) {
-                    tracing::warn!(
-                        attempt,
-                        "heartbeat late before a call; waiting for the next"
-                    );
-                }
-                self.liveness.beat_after(now).await;
-                confirmed = None;
-                continue;
+        if !self.liveness.covers(margin) {
+            // This worker's heartbeat is too old to vouch for it: a claim confirmed now could
+            // be taken the next moment. A fresh beat first.
+            if !std::mem::replace(said, true) {
+                tracing::warn!(
+                    attempt,
+                    "heartbeat late before a call; waiting for the next"
+                );
             }
-            let since = self.liveness.safe_since();
-            if confirmed
-                .is_some_and(|at| since.is_some_and(|s| at >= s) && now + margin < at + lease)
-            {
-                return Ok(true);
-            }
-            let sent = Instant::now();
-            if !self.stamp(job, attempt).await? {
-                return Ok(false);
-            }
-            confirmed = Some(sent);
+            self.liveness.beat_after(Moment::now()).await;
+            return Ok(Fence::Again);
         }
+        if confirmed.is_some_and(|at| self.liveness.holds(&at, lease, margin)) {
+            return Ok(Fence::Clear);
+        }
+        let sent = Moment::now();
+        if !self.stamp(job, attempt).await? {
+            return Ok(Fence::Lost);
+        }
+        *confirmed = Some(sent);
+        Ok(Fence::Again)
     }
 
     /// Calls Aliyun (with retries) for a job this worker owns, and records the outcome. `None`
@@ -780,10 +776,12 @@ impl Pipeline {
                 Err(e) => Err(CallError::from(e)),
                 Ok((slot, claim_stamped)) => {
                     // When the claim was last seen to be ours: the paced claim was written
-                    // stamped after its slot was due.
-                    let mut confirmed = claim_stamped.then_some(slot);
+                    // stamped after its slot was due (its wall time read back from the
+                    // monotonic one; a pause since is caught by the heartbeat's run, see
+                    // `fence`).
+                    let mut confirmed = claim_stamped.then(|| Moment::before(slot));
                     if !claim_stamped {
-                        let sent = Instant::now();
+                        let sent = Moment::now();
                         if !self.stamp(job, attempt).await? {
                             return self.claim_lost(job, attempt, stamped).await;
                         }
@@ -793,23 +791,31 @@ impl Pipeline {
                     // is held for the exchange alone; a slot that went stale meanwhile is
                     // replaced below.
                     let _open = self.aliyun.open_call().await;
-                    // The wait for room may have carried the job past its deadline: nothing
-                    // has left for this attempt, and a late code is worse than none.
-                    if deadline.is_some_and(|d| d <= Utc::now()) {
-                        lock_std(&self.unrecorded).remove(&job.id);
-                        return self.expire(job).await.map(Some);
-                    }
-                    let repaced = if slot.elapsed() > SLOT_ALLOWANCE {
-                        self.aliyun.pace(plan.action).await.map(|_| ())
-                    } else {
-                        Ok(())
-                    };
-                    match repaced {
-                        Err(e) => Err(CallError::from(e)),
-                        Ok(()) => {
-                            if !self.fence(job, attempt, confirmed).await? {
-                                return self.claim_lost(job, attempt, stamped).await;
+                    let mut slot = slot;
+                    let mut said = false;
+                    let ready = loop {
+                        // The waits (for room, a slot, a beat) may have carried the job past its
+                        // deadline: nothing has left for this attempt, and a late code is worse
+                        // than none.
+                        if deadline.is_some_and(|d| d <= Utc::now()) {
+                            lock_std(&self.unrecorded).remove(&job.id);
+                            return self.expire(job).await.map(Some);
+                        }
+                        if slot.elapsed() > SLOT_ALLOWANCE {
+                            if let Err(e) = self.aliyun.pace(plan.action).await {
+                                break Err(CallError::from(e));
                             }
+                            slot = Instant::now();
+                        }
+                        match self.fence(job, attempt, &mut confirmed, &mut said).await? {
+                            Fence::Clear => break Ok(()),
+                            Fence::Lost => return self.claim_lost(job, attempt, stamped).await,
+                            Fence::Again => {}
+                        }
+                    };
+                    match ready {
+                        Err(e) => Err(e),
+                        Ok(()) => {
                             stamped = true;
                             lock_std(&self.unrecorded).insert(job.id.clone());
                             // Boxed, like the writes below: the HTTP exchange is the largest
@@ -922,6 +928,16 @@ impl Pipeline {
         );
         Ok(Some(result))
     }
+}
+
+/// What [`Pipeline::fence`] found.
+enum Fence {
+    /// The claim is ours for a beat more: call now.
+    Clear,
+    /// Ended or taken by another worker: do not call.
+    Lost,
+    /// It waited or confirmed the claim: look at the deadline and the slot, then again.
+    Again,
 }
 
 /// Where a job goes next in [`Pipeline::run_job`].

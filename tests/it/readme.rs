@@ -331,3 +331,15 @@ fn anchors_follow_github() {
         ["x.md#b", "#f"]
     );
 }
+
+/// Every family `/metrics` exposes has its row in the operations guide's metrics table.
+#[test]
+fn every_metric_family_is_in_the_operations_table() {
+    let guide = doc("docs/operations.md");
+    for family in aliyun_sms_worker::metrics::FAMILIES {
+        assert!(
+            guide.contains(&format!("| `{family}` |")),
+            "docs/operations.md has no row for {family}"
+        );
+    }
+}

@@ -242,6 +242,79 @@ async fn a_paused_worker_resumed_after_the_fleet_ended_its_claims_calls_nothing(
     app.shutdown().await;
 }
 
+/// A stop whose grace runs out while jobs wait for room to call: those never reached Aliyun,
+/// so the next worker sends them. Their claims were stamped before the wait (the call's
+/// commit saved), and were ended `unknown` like the one caught in its call (found by an
+/// operator's walkthrough: SHUTDOWN_GRACE_MS shorter than a slow call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_never_called_when_the_grace_runs_out_are_sent_by_the_next_worker() {
+    let env = TestEnv::new(|s| {
+        s.insert("RUST_LOG".into(), "info".into());
+        s.insert(config::SHUTDOWN_GRACE_MS.into(), "500".into());
+        s.insert(config::HTTP_REQUEST_TIMEOUT_MS.into(), "20000".into());
+    })
+    .await;
+    let jobs: Vec<Value> = (0..3)
+        .map(|i| send_job(&unique_id(&format!("graceless{i}"))))
+        .collect();
+    let ids: Vec<String> = jobs
+        .iter()
+        .map(|j| j["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    // The first call hangs past the grace; the others wait for room behind it.
+    env.fake.push_fault(
+        FaultRule::every(Fault::HangAfterSend)
+            .on_phone(jobs[0]["phone_number"].as_str().unwrap_or_default())
+            .times(1),
+    );
+    let mut narrow = env.settings.clone();
+    narrow.insert(config::ALIYUN_MAX_OPEN_CALLS.into(), "1".into());
+    let worker = WorkerProcess::start(&["run"], &narrow).await;
+    publish_all(&env.settings, &jobs[..1]).await;
+    tokio::time::timeout(
+        PATIENCE,
+        env.fake
+            .wait_for(|r| r.iter().any(|r| r.out_id.as_deref() == Some(&ids[0]))),
+    )
+    .await
+    .expect("the first call is open");
+    publish_all(&env.settings, &jobs[1..]).await;
+    let pool = sqlx::PgPool::connect(&env.db_url).await.expect("connect");
+    crate::helpers::eventually("the other two claimed behind it", || async {
+        let claimed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sms_jobs WHERE id = ANY($1) AND status = 'sending'",
+        )
+        .bind(&ids[1..])
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+        (claimed == 2).then_some(())
+    })
+    .await;
+    pool.close().await;
+
+    let (status, log) = worker.terminate().await;
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains("handed_back=2"), "{log}");
+    let app = TestApp::start(env).await;
+    let mut finals = HashMap::new();
+    while finals.len() < ids.len() {
+        let (result, _) = app.next_result().await;
+        finals.insert(result.id.clone().unwrap_or_default(), result);
+    }
+    assert_eq!(
+        finals[&ids[0]].status,
+        Status::Unknown,
+        "{:?}",
+        finals[&ids[0]]
+    );
+    for id in &ids[1..] {
+        assert_eq!(finals[id].status, Status::Sent, "{:?}", finals[id]);
+        assert_eq!(app.fake.sends_for(id), 1, "{id}");
+    }
+    app.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_jobs_make_no_aliyun_call() {
     let app = TestApp::spawn().await;
