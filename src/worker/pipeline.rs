@@ -717,7 +717,12 @@ impl Pipeline {
         said: &mut bool,
     ) -> Result<Fence, StoreError> {
         let lease = self.config.job_lease();
-        let margin = self.config.heartbeat.max(Duration::from_millis(100));
+        // Cover for the request to get out, a new connection included; but never more than
+        // three of the five beats, or a healthy worker would wait at every call.
+        let beat = self.config.heartbeat;
+        let margin = beat
+            .max(self.config.aliyun.http.connect_timeout)
+            .min(beat * 3);
         if !self.liveness.covers(margin) {
             // This worker's heartbeat is too old to vouch for it: a claim confirmed now could
             // be taken the next moment. A fresh beat first.

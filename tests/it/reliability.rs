@@ -179,45 +179,62 @@ async fn a_paused_worker_resumed_after_the_fleet_ended_its_claims_calls_nothing(
         s.insert("RUST_LOG".into(), "info".into());
         s.insert(config::WORKER_HEARTBEAT_MS.into(), "200".into());
         s.insert(config::SWEEP_INTERVAL_MS.into(), "200".into());
-        s.insert(config::HTTP_REQUEST_TIMEOUT_MS.into(), "20000".into());
+        s.insert(config::HTTP_REQUEST_TIMEOUT_MS.into(), "3000".into());
         s.insert(config::SHUTDOWN_GRACE_MS.into(), "20000".into());
     })
     .await;
-    env.fake
-        .push_fault(FaultRule::every(Fault::Latency { ms: 1500 }).on_action("SendSmsVerifyCode"));
     let jobs: Vec<Value> = (0..6)
         .map(|i| send_job(&unique_id(&format!("paused{i}"))))
         .collect();
-    let ids: HashSet<String> = jobs
+    let ids: Vec<String> = jobs
         .iter()
         .map(|j| j["id"].as_str().unwrap_or_default().to_owned())
         .collect();
-    // One call open at a time: the other claims wait, stamped, for room.
+    // The first call hangs; with one call open at a time, the other claims wait, stamped, for
+    // room behind it.
+    env.fake.push_fault(
+        FaultRule::every(Fault::HangAfterSend)
+            .on_phone(jobs[0]["phone_number"].as_str().unwrap_or_default())
+            .times(1),
+    );
     let mut narrow = env.settings.clone();
     narrow.insert(config::ALIYUN_MAX_OPEN_CALLS.into(), "1".into());
     let paused = WorkerProcess::start(&["run"], &narrow).await;
-    publish_all(&env.settings, &jobs).await;
-    let ours = |r: &aliyun_sms_worker::fake_aliyun::RecordedRequest| {
-        r.out_id.as_ref().is_some_and(|o| ids.contains(o))
-    };
-    tokio::time::timeout(PATIENCE, env.fake.wait_for(|r| r.iter().any(ours)))
+    publish_all(&env.settings, &jobs[..1]).await;
+    tokio::time::timeout(
+        PATIENCE,
+        env.fake
+            .wait_for(|r| r.iter().any(|r| r.out_id.as_deref() == Some(&ids[0]))),
+    )
+    .await
+    .expect("the first call is open");
+    publish_all(&env.settings, &jobs[1..]).await;
+    let pool = sqlx::PgPool::connect(&env.db_url).await.expect("connect");
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM sms_jobs WHERE id = ANY($1) AND status = 'sending'",
+        )
+        .bind(&ids[1..])
+        .fetch_one(&pool)
         .await
-        .expect("the worker is calling");
+        .expect("count the claims")
+    };
+    crate::helpers::eventually("the others claimed behind it", || async {
+        (waiting().await == 5).then_some(())
+    })
+    .await;
+    let ours = |r: &aliyun_sms_worker::fake_aliyun::RecordedRequest| {
+        r.out_id.as_ref().is_some_and(|o| ids[1..].contains(o))
+    };
     paused.pause();
 
     // The rest of the fleet takes it for dead and ends what it held.
     let app = TestApp::start(env).await;
     crate::helpers::eventually("the paused worker's claims ended by the fleet", || async {
-        let sending: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sms_jobs WHERE id = ANY($1) AND status = 'sending'",
-        )
-        .bind(ids.iter().cloned().collect::<Vec<_>>())
-        .fetch_one(&app.pool)
-        .await
-        .expect("count the claims");
-        (sending == 0).then_some(())
+        (waiting().await == 0).then_some(())
     })
     .await;
+    pool.close().await;
 
     let resumed_at = chrono::Utc::now();
     paused.resume();
