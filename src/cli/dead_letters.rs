@@ -89,6 +89,8 @@ pub struct Redriven {
     pub moved: Vec<String>,
     /// Ids asked for that were not in the dead-letter queue.
     pub not_found: Vec<String>,
+    /// What stopped the redrive part way, after `moved`; the rest stay in the queue.
+    pub stopped: Option<String>,
 }
 
 pub struct DeadLetters {
@@ -186,20 +188,29 @@ impl DeadLetters {
         publish
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let moved = self.move_selected(&get, &publish, selection, present).await;
+        let mut moved = Vec::new();
+        let stopped = self
+            .move_selected(&get, &publish, selection, present, &mut moved)
+            .await
+            .err()
+            .map(|e| e.to_string());
         // Unselected messages were held unacked on `get`; closing it puts them back.
         let _ = get.close(200, short("redriven")).await;
         let _ = publish.close(200, short("redriven")).await;
-        let moved = moved?;
-        let not_found = match selection {
-            Selection::All => Vec::new(),
-            Selection::Ids(ids) => ids
+        let not_found = match (selection, &stopped) {
+            // Stopped part way: what was not reached yet is not known to be missing.
+            (Selection::All, _) | (_, Some(_)) => Vec::new(),
+            (Selection::Ids(ids), None) => ids
                 .iter()
                 .filter(|id| !moved.contains(id))
                 .cloned()
                 .collect(),
         };
-        Ok(Redriven { moved, not_found })
+        Ok(Redriven {
+            moved,
+            not_found,
+            stopped,
+        })
     }
 
     async fn move_selected(
@@ -208,8 +219,8 @@ impl DeadLetters {
         publish: &Channel,
         selection: &Selection,
         present: u32,
-    ) -> Result<Vec<String>, DeadLetterError> {
-        let mut moved = Vec::new();
+        moved: &mut Vec<String>,
+    ) -> Result<(), DeadLetterError> {
         // Held messages are not handed out again on this channel, so this walks the queue once
         // (every copy of a selected id included). It stops after the messages that were there
         // when it began: a redriven job the worker refuses again comes back to this queue, and
@@ -234,10 +245,13 @@ impl DeadLetters {
                 continue;
             };
             self.republish(publish, &delivery).await?;
-            delivery.ack(BasicAckOptions::default()).await?;
+            // Pushed before the ack: a message re-published whose ack failed is in the jobs
+            // queue (and, once the channel closes, back in this one too: the worker answers
+            // the second copy from Postgres).
             moved.push(id);
+            delivery.ack(BasicAckOptions::default()).await?;
         }
-        Ok(moved)
+        Ok(())
     }
 
     async fn republish(

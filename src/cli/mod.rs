@@ -475,6 +475,13 @@ async fn dead_letters(command: DeadLettersCommand) -> anyhow::Result<ExitCode> {
                 for id in &r.not_found {
                     outln!("not in {queue}: {id}")?;
                 }
+                if let Some(e) = &r.stopped {
+                    telemetry::say(&format!(
+                        "error: stopped after the {} above: {e}; the rest stay in {queue}",
+                        r.moved.len()
+                    ));
+                    return Ok(ExitCode::FAILURE);
+                }
                 // Like `jobs show`: 2 tells a script that something asked for was not there.
                 Ok(if r.not_found.is_empty() {
                     ExitCode::SUCCESS

@@ -279,3 +279,63 @@ async fn a_dead_letter_with_headers_too_large_for_the_workers_frames_is_listed_a
     delete(&channel, &jobs).await;
     let _ = connection.close(200, ShortString::from("done")).await;
 }
+
+/// A redrive that RabbitMQ stops part way (here a jobs queue that takes one message more and
+/// then refuses) says which messages it moved before it stopped: it said only the error, and
+/// an operator could not tell what had gone back to the jobs queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_stopped_part_way_names_what_it_moved() {
+    let prefix = format!(
+        "smsw-test-dlstop-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let settings: HashMap<String, String> = queue_settings(&prefix)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .chain([(config::AMQP_URL.to_owned(), amqp_url())])
+        .collect();
+    let (connection, channel) = test_link().await;
+    let dead = settings[config::SMS_DEAD_LETTER_QUEUE].clone();
+    let jobs = settings[config::SMS_JOBS_QUEUE].clone();
+    declare(&channel, &dead, FieldTable::default()).await;
+    let mut full_after_one = FieldTable::default();
+    full_after_one.insert(ShortString::from("x-max-length"), AMQPValue::LongLongInt(1));
+    full_after_one.insert(
+        ShortString::from("x-overflow"),
+        AMQPValue::LongString(LongString::from("reject-publish")),
+    );
+    declare(&channel, &jobs, full_after_one).await;
+    let ids: Vec<String> = (0..3).map(|i| unique_id(&format!("dl-stop{i}"))).collect();
+    for id in &ids {
+        publish_to(
+            &channel,
+            &dead,
+            &serde_json::to_vec(&send_job(id)).expect("json"),
+            BasicProperties::default().with_message_id(ShortString::from(id.as_str())),
+        )
+        .await;
+    }
+
+    let cli = Cli { settings };
+    let (code, out, err) = cli.run(&["dead-letters", "redrive", "--all"]).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("redrove 1 message(s)") && out.contains(&ids[0]),
+        "{out}"
+    );
+    assert!(
+        err.contains("stopped after the 1 above") && err.contains("stay in"),
+        "{err}"
+    );
+    let left: Vec<String> = cli
+        .list_json()
+        .await
+        .iter()
+        .filter_map(|l| l["job_id"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(left, ids[1..].to_vec(), "the rest stay, in order");
+
+    delete(&channel, &dead).await;
+    delete(&channel, &jobs).await;
+    let _ = connection.close(200, ShortString::from("done")).await;
+}
