@@ -201,6 +201,8 @@ pub struct JobRow {
     #[sqlx(rename = "type")]
     pub job_type: String,
     pub status: String,
+    /// The (first) number, as the worker normalised it.
+    pub phone_number: Option<String>,
     pub biz_id: Option<String>,
     pub request_id: Option<String>,
     pub code: Option<String>,
@@ -311,8 +313,8 @@ pub enum Followup {
 /// The columns of [`JobRow`], spelled once for every SELECT and RETURNING.
 macro_rules! job_columns {
     () => {
-        "id, type, status, biz_id, request_id, code, message, attempts, claimed_by, \
-         lease_until, finished_at, reply_to, correlation_id, created_at, called_at, \
+        "id, type, status, phone_number, biz_id, request_id, code, message, attempts, \
+         claimed_by, lease_until, finished_at, reply_to, correlation_id, created_at, called_at, \
          result_published_at"
     };
 }

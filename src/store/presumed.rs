@@ -310,6 +310,7 @@ mod tests {
             id: id.to_owned(),
             job_type: "send_verify_code".into(),
             status: "sent".into(),
+            phone_number: None,
             biz_id: None,
             request_id: None,
             code: None,

@@ -415,7 +415,21 @@ impl Pipeline {
             {
                 Next::Own(row.created_at, None)
             }
-            Claim::Seen(row) => Next::Wait(row),
+            Claim::Seen(row) => {
+                // Ids are the idempotency key: a backend that reuses one for a new job gets
+                // the first job's answer, and nothing is sent. Said, so the reuse is found.
+                if row.job_type != job.job_type().as_str()
+                    || row.phone_number.as_deref() != Some(job.phone().as_str())
+                {
+                    tracing::warn!(
+                        first_type = %row.job_type,
+                        "this id was used before for another job (another number or type): \
+                         that job's answer is replayed and this one is not sent; a new job \
+                         needs a new id"
+                    );
+                }
+                Next::Wait(row)
+            }
         };
         loop {
             next = match next {

@@ -579,3 +579,40 @@ async fn the_local_per_number_limit_holds_across_two_workers() {
     assert!(status.success());
     app.shutdown().await;
 }
+
+/// An id is the idempotency key: a backend that reuses one for a new job (another number) gets
+/// the first job's answer and nothing is sent, which is right, but it was silent: the log said
+/// "replaying its stored result" under the new number, as if that number had been sent to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_reused_for_another_number_is_answered_from_the_first_and_said_so() {
+    let env = TestEnv::new(|s| {
+        s.insert("RUST_LOG".into(), "info".into());
+    })
+    .await;
+    let mut worker = WorkerProcess::start(&["run"], &env.settings).await;
+    let id = unique_id("reused");
+    let first = crate::helpers::unique_phone();
+    let second = crate::helpers::unique_phone();
+    let sent = crate::cli::enqueue(
+        &env.settings,
+        &["send-verify-code", "--phone", &first, "--id", &id],
+    )
+    .await;
+    assert_eq!(sent["status"], "sent", "{sent}");
+    let replayed = crate::cli::enqueue(
+        &env.settings,
+        &["send-verify-code", "--phone", &second, "--id", &id],
+    )
+    .await;
+    assert_eq!(replayed["biz_id"], sent["biz_id"], "{replayed}");
+    assert!(
+        worker.wait_for_log("this id was used before").await,
+        "{}",
+        worker.log.join("\n")
+    );
+    assert_eq!(env.fake.sends_for(&id), 1);
+    let (status, log) = worker.terminate().await;
+    assert!(status.success(), "{log}");
+    assert!(!log.contains(&second), "a full number in the log: {log}");
+    env.remove().await;
+}
