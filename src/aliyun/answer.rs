@@ -174,4 +174,12 @@ pub mod codes {
     pub const RESPONSE_TOO_LARGE: &str = "ALIYUN_RESPONSE_TOO_LARGE";
     pub const BAD_RESPONSE: &str = "ALIYUN_BAD_RESPONSE";
     pub const NOT_PACED: &str = "RATE_LIMIT_UNAVAILABLE";
+    pub const ALL: &[&str] = &[
+        NOT_CONNECTED,
+        TIMEOUT,
+        CONNECTION_BROKEN,
+        RESPONSE_TOO_LARGE,
+        BAD_RESPONSE,
+        NOT_PACED,
+    ];
 }

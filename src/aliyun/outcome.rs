@@ -135,12 +135,6 @@ const WELL_KNOWN: &[&str] = &[
     "isv.BLACK_KEY_CONTROL_LIMIT",
     "isv.DENY_IP_RANGE",
     "MissingPhoneNumber",
-    codes::NOT_CONNECTED,
-    codes::TIMEOUT,
-    codes::CONNECTION_BROKEN,
-    codes::RESPONSE_TOO_LARGE,
-    codes::BAD_RESPONSE,
-    codes::NOT_PACED,
 ];
 
 /// The canonical spelling of a code this module knows, for use as a bounded metric label;
@@ -154,6 +148,7 @@ pub fn known_code(code: &str) -> Option<&'static str> {
         SERVER_ERROR,
         TRANSIENT,
         WELL_KNOWN,
+        codes::ALL,
     ]
     .into_iter()
     .flatten()
@@ -557,13 +552,7 @@ mod tests {
     #[test]
     fn the_workers_own_codes_have_their_own_meaning() {
         let aliyuns = meaning("isv.SOMETHING_NEW");
-        for code in [
-            codes::NOT_CONNECTED,
-            codes::TIMEOUT,
-            codes::CONNECTION_BROKEN,
-            codes::RESPONSE_TOO_LARGE,
-            codes::BAD_RESPONSE,
-            codes::NOT_PACED,
+        for code in codes::ALL.iter().copied().chain([
             "WORKER_INTERRUPTED",
             "ABANDONED",
             "NOT_SENT",
@@ -582,7 +571,7 @@ mod tests {
             "MISSING_ID",
             "ID_TOO_LONG",
             "UNKNOWN_TYPE",
-        ] {
+        ]) {
             assert_ne!(meaning(code), aliyuns, "{code}");
         }
     }

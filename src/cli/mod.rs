@@ -534,10 +534,7 @@ fn one_of(s: &str, names: &[&str]) -> Result<String, String> {
 }
 
 fn known_status(s: &str) -> Result<String, String> {
-    let names: Vec<&str> = std::iter::once(Status::Sending)
-        .chain(Status::FINAL.iter().copied())
-        .map(Status::as_str)
-        .collect();
+    let names: Vec<&str> = Status::all().map(Status::as_str).collect();
     one_of(s, &names)
 }
 

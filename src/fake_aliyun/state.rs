@@ -63,10 +63,19 @@ pub struct FaultRule {
 impl Fault {
     /// A business refusal as Aliyun sends most of them: HTTP 200 with a code.
     pub fn error(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::error_with_status(code, message, 200)
+    }
+
+    /// A refusal with a code, at an HTTP status of its own (a gateway error: 400, 403, 404 …).
+    pub fn error_with_status(
+        code: impl Into<String>,
+        message: impl Into<String>,
+        http_status: u16,
+    ) -> Self {
         Fault::Error {
             code: code.into(),
             message: message.into(),
-            http_status: 200,
+            http_status,
         }
     }
 }

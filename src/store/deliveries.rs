@@ -214,11 +214,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         let _watched = self.watched("reconciliation");
         sqlx::query(
-            "UPDATE sms_jobs SET next_reconcile_at = CASE
-                    WHEN reconcile_until > now()
-                    THEN LEAST(now() + make_interval(secs => $2::double precision / 1000),
-                               reconcile_until)
-                    ELSE now() + make_interval(secs => $2::double precision / 1000) END
+            // LEAST skips the NULL a past grace period gives.
+            "UPDATE sms_jobs SET next_reconcile_at = LEAST(
+                    now() + make_interval(secs => $2::double precision / 1000),
+                    CASE WHEN reconcile_until > now() THEN reconcile_until END)
              WHERE id = $1 AND status = 'unknown'",
         )
         .bind(job_id)
@@ -266,19 +265,14 @@ impl Store {
     /// No lookup could decide while Aliyun kept the send's details: it stays `unknown`, now for
     /// good, and its second result says so.
     pub async fn reconcile_given_up(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
-        let _watched = self.watched("reconciliation");
-        Ok(sqlx::query_as::<_, JobRow>(concat!(
-            "UPDATE sms_jobs SET code = 'NOT_RECONCILED',
-                    message = 'the answer was lost, and QuerySendDetails could not tell while Aliyun kept the send''s details (30 days): whether it was sent will not be known',
-                    updated_at = now(), finished_at = now(),
-                    reconcile_until = NULL, next_reconcile_at = NULL, result_published_at = NULL
-             WHERE id = $1 AND status = 'unknown'
-             RETURNING ",
-            job_columns!()
-        ))
-        .bind(job_id)
-        .fetch_optional(self.pool())
-        .await?)
+        self.end_reconciliation(
+            job_id,
+            "unknown",
+            "NOT_RECONCILED",
+            "the answer was lost, and QuerySendDetails could not tell while Aliyun kept the \
+             send's details (30 days): whether it was sent will not be known",
+        )
+        .await
     }
 
     /// Not found at Aliyun within the grace period: it was never sent.
@@ -286,10 +280,27 @@ impl Store {
         &self,
         job_id: &str,
     ) -> Result<Option<JobRow>, StoreError> {
+        self.end_reconciliation(
+            job_id,
+            "failed",
+            "NOT_SENT",
+            "the answer was lost and Aliyun has no send with this OutId: it was never sent",
+        )
+        .await
+    }
+
+    /// Ends the reconciliation of an `unknown` send with its final answer, for the outbox to
+    /// publish as the job's second result; `None` if it was not `unknown` any more.
+    async fn end_reconciliation(
+        &self,
+        job_id: &str,
+        status: &str,
+        code: &str,
+        message: &str,
+    ) -> Result<Option<JobRow>, StoreError> {
         let _watched = self.watched("reconciliation");
         Ok(sqlx::query_as::<_, JobRow>(concat!(
-            "UPDATE sms_jobs SET status = 'failed', code = 'NOT_SENT',
-                    message = 'the answer was lost and Aliyun has no send with this OutId: it was never sent',
+            "UPDATE sms_jobs SET status = $2, code = $3, message = $4,
                     updated_at = now(), finished_at = now(),
                     reconcile_until = NULL, next_reconcile_at = NULL, result_published_at = NULL
              WHERE id = $1 AND status = 'unknown'
@@ -297,6 +308,9 @@ impl Store {
             job_columns!()
         ))
         .bind(job_id)
+        .bind(status)
+        .bind(code)
+        .bind(message)
         .fetch_optional(self.pool())
         .await?)
     }

@@ -123,13 +123,17 @@ impl Status {
     }
 }
 
+impl Status {
+    /// Every status a row can have: `sending`, then the final ones.
+    pub fn all() -> impl Iterator<Item = Status> {
+        std::iter::once(Status::Sending).chain(Status::FINAL.iter().copied())
+    }
+}
+
 impl FromStr for Status {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
-        std::iter::once(Status::Sending)
-            .chain(Status::FINAL.iter().copied())
-            .find(|st| st.as_str() == s)
-            .ok_or(())
+        Status::all().find(|st| st.as_str() == s).ok_or(())
     }
 }
 

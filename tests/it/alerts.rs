@@ -280,12 +280,8 @@ async fn a_wrong_clock_the_accounts_cap_or_a_wrong_endpoint_raises_the_account_a
     })
     .await;
     let refused = |code: &str, http_status: u16, action: &str| {
-        FaultRule::every(Fault::Error {
-            code: code.into(),
-            message: "from the fake".into(),
-            http_status,
-        })
-        .on_action(action)
+        FaultRule::every(Fault::error_with_status(code, "from the fake", http_status))
+            .on_action(action)
     };
 
     let skewed = send_job(&unique_id("clock"));

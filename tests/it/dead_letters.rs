@@ -35,6 +35,19 @@ impl Cli {
     }
 }
 
+/// Settings for the CLI alone, with no worker: RabbitMQ and queue names of their own.
+fn cli_only_settings(label: &str) -> HashMap<String, String> {
+    let prefix = format!(
+        "smsw-test-{label}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    queue_settings(&prefix)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .chain([(config::AMQP_URL.to_owned(), amqp_url())])
+        .collect()
+}
+
 async fn declare(channel: &Channel, name: &str, args: FieldTable) {
     channel
         .queue_declare(
@@ -226,15 +239,7 @@ async fn dead_letters_are_listed_without_loss_and_redriven_to_the_worker() {
 /// redriven.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_with_headers_too_large_for_the_workers_frames_is_listed_and_passed() {
-    let prefix = format!(
-        "smsw-test-dlbig-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let settings: HashMap<String, String> = queue_settings(&prefix)
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .chain([(config::AMQP_URL.to_owned(), amqp_url())])
-        .collect();
+    let settings = cli_only_settings("dlbig");
     let (connection, channel) = test_link().await;
     let dead = settings[config::SMS_DEAD_LETTER_QUEUE].clone();
     let jobs = settings[config::SMS_JOBS_QUEUE].clone();
@@ -285,15 +290,7 @@ async fn a_dead_letter_with_headers_too_large_for_the_workers_frames_is_listed_a
 /// an operator could not tell what had gone back to the jobs queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redrive_stopped_part_way_names_what_it_moved() {
-    let prefix = format!(
-        "smsw-test-dlstop-{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let settings: HashMap<String, String> = queue_settings(&prefix)
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .chain([(config::AMQP_URL.to_owned(), amqp_url())])
-        .collect();
+    let settings = cli_only_settings("dlstop");
     let (connection, channel) = test_link().await;
     let dead = settings[config::SMS_DEAD_LETTER_QUEUE].clone();
     let jobs = settings[config::SMS_JOBS_QUEUE].clone();

@@ -236,14 +236,31 @@ async fn an_unknown_send_that_aliyun_never_got_ends_failed_after_the_grace_perio
     app.shutdown().await;
 }
 
-fn lookups_refused(phone: &str) -> FaultRule {
-    FaultRule::every(Fault::Error {
-        code: "Forbidden.RAM".into(),
-        message: "RAM permission denied".into(),
-        http_status: 403,
-    })
-    .on_action("QuerySendDetails")
-    .on_phone(phone.to_owned())
+/// Publishes a `send_sms` to one new number whose call gets `fault` (its answer lost) and
+/// whose lookups QuerySendDetails refuses (403 `Forbidden.RAM`, a RAM policy that allows
+/// `dysms:SendSms` only), and waits for its `unknown`. Returns the job's id and its number.
+async fn lost_with_lookups_refused(app: &TestApp, label: &str, fault: Fault) -> (String, String) {
+    let id = unique_id(label);
+    let numbers = phones(1);
+    let phone = numbers[0].clone();
+    app.fake.push_fault(
+        FaultRule::every(fault)
+            .on_action("SendSms")
+            .on_phone(phone.clone())
+            .times(1),
+    );
+    app.fake.push_fault(
+        FaultRule::every(Fault::error_with_status(
+            "Forbidden.RAM",
+            "RAM permission denied",
+            403,
+        ))
+        .on_action("QuerySendDetails")
+        .on_phone(phone.clone()),
+    );
+    app.publish(&sms_job(&id, &numbers)).await;
+    assert_eq!(app.next_result().await.0.status, Status::Unknown);
+    (id, phone)
 }
 
 /// A lost send whose lookups keep failing past the grace period (a RAM policy that allows
@@ -258,18 +275,7 @@ async fn an_unknown_send_whose_lookups_keep_failing_is_asked_less_and_less_often
         s.insert(config::RECEIPTS_POLL_INTERVAL_MS.into(), "100".into());
     })
     .await;
-    let id = unique_id("lost-unasked");
-    let numbers = phones(1);
-    let phone = numbers[0].clone();
-    app.fake.push_fault(
-        FaultRule::every(Fault::Hang)
-            .on_action("SendSms")
-            .on_phone(phone.clone())
-            .times(1),
-    );
-    app.fake.push_fault(lookups_refused(&phone));
-    app.publish(&sms_job(&id, &numbers)).await;
-    assert_eq!(app.next_result().await.0.status, Status::Unknown);
+    let (id, phone) = lost_with_lookups_refused(&app, "lost-unasked", Fault::Hang).await;
     let grace_over: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT reconcile_until FROM sms_jobs WHERE id = $1")
             .bind(&id)
@@ -311,18 +317,7 @@ async fn an_unknown_send_older_than_aliyuns_details_is_never_called_never_sent()
         s.insert(config::RECEIPTS_POLL_INTERVAL_MS.into(), "100".into());
     })
     .await;
-    let id = unique_id("lost-forgotten");
-    let numbers = phones(1);
-    let phone = numbers[0].clone();
-    app.fake.push_fault(
-        FaultRule::every(Fault::HangAfterSend)
-            .on_action("SendSms")
-            .on_phone(phone.clone())
-            .times(1),
-    );
-    app.fake.push_fault(lookups_refused(&phone));
-    app.publish(&sms_job(&id, &numbers)).await;
-    assert_eq!(app.next_result().await.0.status, Status::Unknown);
+    let (id, _) = lost_with_lookups_refused(&app, "lost-forgotten", Fault::HangAfterSend).await;
     // Thirty-two days of refused lookups, then QuerySendDetails answers again. Aged between
     // two rounds: a round that has claimed the row (its next lookup pushed a lease away) would
     // still look it up by the day it was really sent.

@@ -168,6 +168,57 @@ async fn a_closed_log_pipe_neither_stops_the_worker_nor_deafens_it_to_sigterm() 
     app.shutdown().await;
 }
 
+/// How many of `ids` are still claimed (`sending`).
+async fn still_sending(pool: &sqlx::PgPool, ids: &[String]) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM sms_jobs WHERE id = ANY($1) AND status = 'sending'")
+        .bind(ids)
+        .fetch_one(pool)
+        .await
+        .expect("count the claims")
+}
+
+/// A worker process with room for one call at a time, given `count` jobs: the first one's call
+/// hangs (the fake executed it and never answers), and the others are claimed, stamped, and
+/// wait for room behind it. Returns the worker and the jobs' ids, the hanging one first.
+async fn waiting_behind_a_hanging_call(
+    env: &TestEnv,
+    label: &str,
+    count: usize,
+) -> (WorkerProcess, Vec<String>) {
+    let jobs: Vec<Value> = (0..count)
+        .map(|i| send_job(&unique_id(&format!("{label}{i}"))))
+        .collect();
+    let ids: Vec<String> = jobs
+        .iter()
+        .map(|j| j["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    env.fake.push_fault(
+        FaultRule::every(Fault::HangAfterSend)
+            .on_phone(jobs[0]["phone_number"].as_str().unwrap_or_default())
+            .times(1),
+    );
+    let mut narrow = env.settings.clone();
+    narrow.insert(config::ALIYUN_MAX_OPEN_CALLS.into(), "1".into());
+    let worker = WorkerProcess::start(&["run"], &narrow).await;
+    publish_all(&env.settings, &jobs[..1]).await;
+    tokio::time::timeout(
+        PATIENCE,
+        env.fake
+            .wait_for(|r| r.iter().any(|r| r.out_id.as_deref() == Some(&ids[0]))),
+    )
+    .await
+    .expect("the first call is open");
+    publish_all(&env.settings, &jobs[1..]).await;
+    let pool = sqlx::PgPool::connect(&env.db_url).await.expect("connect");
+    let behind = i64::try_from(count - 1).unwrap_or(i64::MAX);
+    crate::helpers::eventually("the others claimed behind it", || async {
+        (still_sending(&pool, &ids[1..]).await == behind).then_some(())
+    })
+    .await;
+    pool.close().await;
+    (worker, ids)
+}
+
 /// A worker paused (SIGSTOP, a frozen VM) while its claimed jobs wait for room to call is
 /// taken for dead: the fleet ends those claims `unknown` and answers for them. Resumed, it
 /// must not call Aliyun for them: it did, sending codes the backend had been told were
@@ -183,46 +234,8 @@ async fn a_paused_worker_resumed_after_the_fleet_ended_its_claims_calls_nothing(
         s.insert(config::SHUTDOWN_GRACE_MS.into(), "20000".into());
     })
     .await;
-    let jobs: Vec<Value> = (0..6)
-        .map(|i| send_job(&unique_id(&format!("paused{i}"))))
-        .collect();
-    let ids: Vec<String> = jobs
-        .iter()
-        .map(|j| j["id"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    // The first call hangs; with one call open at a time, the other claims wait, stamped, for
-    // room behind it.
-    env.fake.push_fault(
-        FaultRule::every(Fault::HangAfterSend)
-            .on_phone(jobs[0]["phone_number"].as_str().unwrap_or_default())
-            .times(1),
-    );
-    let mut narrow = env.settings.clone();
-    narrow.insert(config::ALIYUN_MAX_OPEN_CALLS.into(), "1".into());
-    let paused = WorkerProcess::start(&["run"], &narrow).await;
-    publish_all(&env.settings, &jobs[..1]).await;
-    tokio::time::timeout(
-        PATIENCE,
-        env.fake
-            .wait_for(|r| r.iter().any(|r| r.out_id.as_deref() == Some(&ids[0]))),
-    )
-    .await
-    .expect("the first call is open");
-    publish_all(&env.settings, &jobs[1..]).await;
+    let (paused, ids) = waiting_behind_a_hanging_call(&env, "paused", 6).await;
     let pool = sqlx::PgPool::connect(&env.db_url).await.expect("connect");
-    let waiting = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM sms_jobs WHERE id = ANY($1) AND status = 'sending'",
-        )
-        .bind(&ids[1..])
-        .fetch_one(&pool)
-        .await
-        .expect("count the claims")
-    };
-    crate::helpers::eventually("the others claimed behind it", || async {
-        (waiting().await == 5).then_some(())
-    })
-    .await;
     let ours = |r: &aliyun_sms_worker::fake_aliyun::RecordedRequest| {
         r.out_id.as_ref().is_some_and(|o| ids[1..].contains(o))
     };
@@ -231,7 +244,7 @@ async fn a_paused_worker_resumed_after_the_fleet_ended_its_claims_calls_nothing(
     // The rest of the fleet takes it for dead and ends what it held.
     let app = TestApp::start(env).await;
     crate::helpers::eventually("the paused worker's claims ended by the fleet", || async {
-        (waiting().await == 0).then_some(())
+        (still_sending(&pool, &ids[1..]).await == 0).then_some(())
     })
     .await;
     pool.close().await;
@@ -271,44 +284,7 @@ async fn jobs_never_called_when_the_grace_runs_out_are_sent_by_the_next_worker()
         s.insert(config::HTTP_REQUEST_TIMEOUT_MS.into(), "20000".into());
     })
     .await;
-    let jobs: Vec<Value> = (0..3)
-        .map(|i| send_job(&unique_id(&format!("graceless{i}"))))
-        .collect();
-    let ids: Vec<String> = jobs
-        .iter()
-        .map(|j| j["id"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    // The first call hangs past the grace; the others wait for room behind it.
-    env.fake.push_fault(
-        FaultRule::every(Fault::HangAfterSend)
-            .on_phone(jobs[0]["phone_number"].as_str().unwrap_or_default())
-            .times(1),
-    );
-    let mut narrow = env.settings.clone();
-    narrow.insert(config::ALIYUN_MAX_OPEN_CALLS.into(), "1".into());
-    let worker = WorkerProcess::start(&["run"], &narrow).await;
-    publish_all(&env.settings, &jobs[..1]).await;
-    tokio::time::timeout(
-        PATIENCE,
-        env.fake
-            .wait_for(|r| r.iter().any(|r| r.out_id.as_deref() == Some(&ids[0]))),
-    )
-    .await
-    .expect("the first call is open");
-    publish_all(&env.settings, &jobs[1..]).await;
-    let pool = sqlx::PgPool::connect(&env.db_url).await.expect("connect");
-    crate::helpers::eventually("the other two claimed behind it", || async {
-        let claimed: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM sms_jobs WHERE id = ANY($1) AND status = 'sending'",
-        )
-        .bind(&ids[1..])
-        .fetch_one(&pool)
-        .await
-        .expect("count");
-        (claimed == 2).then_some(())
-    })
-    .await;
-    pool.close().await;
+    let (worker, ids) = waiting_behind_a_hanging_call(&env, "graceless", 3).await;
 
     let (status, log) = worker.terminate().await;
     assert!(status.success(), "{status:?}\n{log}");
